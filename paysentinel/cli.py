@@ -1,0 +1,187 @@
+"""The ``paysentinel`` command: run the whole system or one part of it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from paysentinel.config import Settings, get_settings
+from paysentinel.runner import PARTS, run_parts
+
+app = typer.Typer(help="paysentinel: trustworthy payment results on Temporal.", no_args_is_help=True)
+db_app = typer.Typer(help="Application database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+console = Console()
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "httpcore", "alembic", "temporalio.activity", "temporalio.workflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _migrate(settings: Settings) -> None:
+    from paysentinel import db
+
+    db.upgrade(settings.effective_database_url)
+
+
+def _run(settings: Settings, parts: list[str]) -> None:
+    try:
+        asyncio.run(run_parts(settings, parts))
+    except RuntimeError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from err
+
+
+@app.command()
+def up(
+    parts: str = typer.Option(",".join(PARTS), help="Comma-separated parts to run: " + ", ".join(PARTS)),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the whole system locally: Temporal dev server (unless TEMPORAL_ADDRESS is set),
+    the provider simulator, the worker, the checkout API and the webhook receiver."""
+    _logging(verbose)
+    settings = get_settings()
+    chosen = [p.strip() for p in parts.split(",") if p.strip()]
+    unknown = sorted(set(chosen) - set(PARTS))
+    if unknown:
+        raise typer.BadParameter(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    server = None
+    if not settings.temporal_address:
+        from paysentinel.devserver import DevServer, DevServerError, TemporalCliUnavailable, ensure_temporal_cli
+
+        try:
+            cli = ensure_temporal_cli(settings.cache_dir, log=lambda line: console.print(f"[dim]{line}[/dim]"))
+        except TemporalCliUnavailable as err:
+            console.print(f"[red]cannot obtain the Temporal CLI:[/red]\n{err}")
+            raise typer.Exit(1) from err
+        server = DevServer(
+            cli,
+            log_file=settings.data_dir / "temporal.log",
+            ip=settings.host,
+            port=settings.temporal_port,
+            ui_port=settings.temporal_ui_port,
+            db_filename=settings.data_dir / "temporal.db",
+            namespace=settings.temporal_namespace,
+        )
+        try:
+            server.start()
+            asyncio.run(server.wait_ready(60))
+        except DevServerError as err:
+            server.stop()
+            console.print(f"[red]Temporal dev server did not start:[/red] {err}")
+            raise typer.Exit(1) from err
+    _migrate(settings)
+    _print_where(settings, chosen, server)
+    try:
+        _run(settings, chosen)
+    finally:
+        if server is not None:
+            console.print("stopping the Temporal dev server")
+            server.stop()
+
+
+def _print_where(settings: Settings, parts: list[str], server) -> None:
+    table = Table(title="paysentinel is running (Ctrl-C stops everything)", show_header=True)
+    table.add_column("part")
+    table.add_column("where")
+    if server is not None:
+        table.add_row("Temporal dev server", f"{server.address}  (state: {server.db_filename})")
+        table.add_row("Temporal Web UI", server.ui_url or "-")
+    else:
+        table.add_row("Temporal", f"{settings.effective_temporal_address} (TEMPORAL_ADDRESS)")
+    where = {
+        "simulator": f"{settings.effective_simulator_url}  (control API /control, payer pages /pay)",
+        "worker": f"task queue {settings.task_queue}",
+        "api": f"http://{settings.host}:{settings.api_port}  (POST /payments, docs at /docs)",
+        "webhooks": f"{settings.effective_webhook_base_url}/webhooks/<provider>",
+    }
+    for part in parts:
+        table.add_row(part, where[part])
+    table.add_row("app database", settings.effective_database_url)
+    console.print(table)
+    console.print("Try it: [bold]paysentinel demo[/bold] in another terminal.")
+
+
+@app.command()
+def worker(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Run only the worker (workflows and activities)."""
+    _logging(verbose)
+    _run(get_settings(), ["worker"])
+
+
+@app.command()
+def api(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Run only the checkout API."""
+    _logging(verbose)
+    _run(get_settings(), ["api"])
+
+
+@app.command()
+def webhooks(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Run only the webhook receiver."""
+    _logging(verbose)
+    _run(get_settings(), ["webhooks"])
+
+
+@app.command()
+def simulator(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Run only the provider simulator."""
+    _logging(verbose)
+    _run(get_settings(), ["simulator"])
+
+
+@app.command()
+def demo(
+    api_url: Optional[str] = typer.Option(None, help="Checkout API (default: from settings)"),
+    simulator_url: Optional[str] = typer.Option(None, help="Provider simulator (default: from settings)"),
+) -> None:
+    """Drive one payment through each scenario against the running system and compare outcomes."""
+    from paysentinel.demo import run_demo
+
+    settings = get_settings()
+    ok = asyncio.run(
+        run_demo(
+            api_url or f"http://{settings.host}:{settings.api_port}",
+            simulator_url or settings.effective_simulator_url,
+            ui_url=f"http://{settings.host}:{settings.temporal_ui_port}" if not settings.temporal_address else None,
+            console=console,
+        )
+    )
+    raise typer.Exit(0 if ok else 1)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the Alembic migrations to the configured database."""
+    settings = get_settings()
+    _migrate(settings)
+    console.print(f"database at {settings.effective_database_url} is up to date")
+
+
+@app.command("temporal-cli")
+def temporal_cli() -> None:
+    """Find or build the Temporal CLI (PATH, cache, SDK download, go install) and print its path."""
+    from paysentinel.devserver import TemporalCliUnavailable, ensure_temporal_cli
+
+    try:
+        path = ensure_temporal_cli(get_settings().cache_dir, log=lambda line: console.print(f"[dim]{line}[/dim]"))
+    except TemporalCliUnavailable as err:
+        console.print(f"[red]cannot obtain the Temporal CLI:[/red]\n{err}")
+        raise typer.Exit(1) from err
+    print(path)
+
+
+if __name__ == "__main__":
+    app()

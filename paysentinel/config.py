@@ -1,0 +1,96 @@
+"""All configuration comes from environment variables (prefix ``PAYSENTINEL_``).
+
+Defaults run the whole system on one machine with no set-up: a Temporal dev server
+started by ``paysentinel up``, a SQLite application database and the provider simulator.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "paysentinel"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "paysentinel"
+# A development secret in the Standard Webhooks format. Production sets its own.
+DEV_WEBHOOK_SECRET = "whsec_cGF5c2VudGluZWwtbG9jYWwtZGV2ZWxvcG1lbnQtc2VjcmV0"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PAYSENTINEL_", env_file=".env", extra="ignore")
+
+    # Temporal. An empty address means "start a local dev server" (paysentinel up).
+    temporal_address: str = Field("", validation_alias="TEMPORAL_ADDRESS")
+    temporal_namespace: str = "default"
+    temporal_port: int = 7233
+    temporal_ui_port: int = 8233
+    task_queue: str = "paysentinel-payments"
+
+    # Where local state lives (Temporal's SQLite file, the app's SQLite file, caches).
+    data_dir: Path = DEFAULT_DATA_DIR
+    cache_dir: Path = DEFAULT_CACHE_DIR
+
+    # Application database: SQLite by default, PostgreSQL (asyncpg) in production.
+    database_url: str = ""
+
+    # HTTP services.
+    host: str = "127.0.0.1"
+    api_port: int = 8000
+    webhook_port: int = 8001
+    simulator_port: int = 8002
+    # Where the provider should send callbacks (our webhook receiver, as the provider sees it).
+    public_webhook_base_url: str = ""
+    simulator_url: str = ""
+
+    # Webhooks from providers.
+    simulator_webhook_secret: str = DEV_WEBHOOK_SECRET
+    webhook_tolerance_seconds: int = 300
+    webhook_max_body_bytes: int = 64 * 1024
+
+    # Payment timing (the workflow receives these in its input, so they are in its history).
+    callback_timeout_seconds: float = 10.0
+    query_backoff_seconds: Annotated[list[float], NoDecode] = [5, 10, 30, 60, 120, 300]
+    payment_ttl_seconds: float = 900.0
+    resend_window_seconds: float = 25 * 3600.0
+    close_attempts: int = 5
+    provider_timeout_seconds: float = 5.0
+    provider_retry_initial_seconds: float = 1.0
+    provider_max_attempts: int = 4
+    checkout_wait_seconds: float = 10.0
+
+    # Provider simulator (callback resend schedule, like a real provider's backoff).
+    simulator_resend_seconds: Annotated[list[float], NoDecode] = [1, 2, 4, 8, 16, 32, 64, 128]
+    simulator_hang_seconds: float = 30.0
+
+    @field_validator("query_backoff_seconds", "simulator_resend_seconds", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip().startswith("["):
+            return [float(part) for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'paysentinel.db'}"
+
+    @property
+    def effective_temporal_address(self) -> str:
+        return self.temporal_address or f"127.0.0.1:{self.temporal_port}"
+
+    @property
+    def effective_simulator_url(self) -> str:
+        return self.simulator_url or f"http://{self.host}:{self.simulator_port}"
+
+    @property
+    def effective_webhook_base_url(self) -> str:
+        return self.public_webhook_base_url or f"http://{self.host}:{self.webhook_port}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

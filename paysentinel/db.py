@@ -1,0 +1,171 @@
+"""Application database: payments and the provider callbacks we received.
+
+SQLAlchemy 2 async; SQLite (aiosqlite) by default, PostgreSQL (asyncpg) in production.
+The schema is owned by Alembic (``paysentinel db upgrade``). This database is never
+Temporal's own persistence.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+from sqlalchemy import BigInteger, Boolean, DateTime, Integer, String, Text, UniqueConstraint, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from paysentinel.models import CheckoutRequest, PaymentRecord, PaymentStatus
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Payment(Base):
+    __tablename__ = "payments"
+
+    payment_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    order_id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    subject: Mapped[str] = mapped_column(String(128), default="")
+    customer_email: Mapped[Optional[str]] = mapped_column(String(254))
+    customer_phone: Mapped[Optional[str]] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    status_seq: Mapped[int] = mapped_column(Integer, default=0)
+    trade_no: Mapped[Optional[str]] = mapped_column(String(64))
+    pay_url: Mapped[Optional[str]] = mapped_column(Text)
+    reason: Mapped[Optional[str]] = mapped_column(Text)
+    review_reason: Mapped[Optional[str]] = mapped_column(String(64))
+    paid_amount_minor: Mapped[Optional[int]] = mapped_column(BigInteger)
+    paid_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class Callback(Base):
+    """Every verified provider callback, stored before it is acknowledged."""
+
+    __tablename__ = "callbacks"
+    __table_args__ = (UniqueConstraint("provider", "event_id", name="uq_callbacks_provider_event"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    event_id: Mapped[str] = mapped_column(String(128))
+    order_id: Mapped[Optional[str]] = mapped_column(String(64), index=True)
+    payment_id: Mapped[Optional[str]] = mapped_column(String(80), index=True)
+    trade_status: Mapped[Optional[str]] = mapped_column(String(32))
+    raw_body: Mapped[str] = mapped_column(Text)
+    signature_verified: Mapped[bool] = mapped_column(Boolean)
+    # pending -> delivered | unknown_payment | payment_completed
+    delivery: Mapped[str] = mapped_column(String(24), default="pending", index=True)
+    delivery_error: Mapped[Optional[str]] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    delivered_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+
+
+def make_engine(url: str) -> AsyncEngine:
+    if url.startswith("sqlite"):
+        Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+        return create_async_engine(url, connect_args={"timeout": 30})
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def upgrade(url: str) -> None:
+    """Bring the schema to the newest Alembic revision (sync; call before serving)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    config.set_main_option("sqlalchemy.url", url)
+    if url.startswith("sqlite"):
+        Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+    command.upgrade(config, "head")
+
+
+# --- Queries used by more than one part -----------------------------------------------
+
+
+class OrderConflict(Exception):
+    """The order id is already used by a payment with other parameters."""
+
+    def __init__(self, order_id: str, differences: dict[str, tuple[object, object]]):
+        self.order_id = order_id
+        self.differences = differences
+        details = ", ".join(f"{k}: existing {a!r} vs requested {b!r}" for k, (a, b) in differences.items())
+        super().__init__(f"order {order_id} already has a payment with different parameters ({details})")
+
+
+def _differences(row: Payment, request: CheckoutRequest) -> dict[str, tuple[object, object]]:
+    pairs = {
+        "amount_minor": (row.amount_minor, request.amount_minor),
+        "currency": (row.currency, request.currency),
+        "provider": (row.provider, request.provider),
+    }
+    return {k: v for k, v in pairs.items() if v[0] != v[1]}
+
+
+async def claim_order(
+    sessions: async_sessionmaker[AsyncSession], payment_id: str, request: CheckoutRequest, expires_at: datetime | None
+) -> tuple[Payment, bool]:
+    """Insert the payment for this order, or return the existing one.
+
+    Returns (row, created). Raises OrderConflict when the order exists with another
+    amount, currency or provider. Safe under concurrency: the unique order id decides.
+    """
+    async with sessions() as session:
+        existing = await session.scalar(select(Payment).where(Payment.order_id == request.order_id))
+        if existing is None:
+            row = Payment(
+                payment_id=payment_id,
+                order_id=request.order_id,
+                provider=request.provider,
+                amount_minor=request.amount_minor,
+                currency=request.currency,
+                subject=request.subject,
+                customer_email=request.customer.email,
+                customer_phone=request.customer.phone,
+                status=PaymentStatus.CREATED.value,
+                status_seq=0,
+                expires_at=expires_at,
+            )
+            session.add(row)
+            try:
+                await session.commit()
+                return row, True
+            except IntegrityError:
+                await session.rollback()
+                existing = await session.scalar(select(Payment).where(Payment.order_id == request.order_id))
+                if existing is None:
+                    raise
+        differences = _differences(existing, request)
+        if differences:
+            raise OrderConflict(request.order_id, differences)
+        return existing, False
+
+
+async def apply_record(sessions: async_sessionmaker[AsyncSession], record: PaymentRecord) -> bool:
+    """Write the workflow's snapshot if it is newer than the stored one. Returns applied."""
+    values = record.model_dump(exclude={"payment_id", "seq", "event"}, exclude_none=True)
+    values["status"] = record.status.value
+    async with sessions() as session:
+        result = await session.execute(
+            update(Payment)
+            .where(Payment.payment_id == record.payment_id, Payment.status_seq < record.seq)
+            .values(**values, status_seq=record.seq, updated_at=utcnow())
+        )
+        await session.commit()
+        return result.rowcount == 1

@@ -1,0 +1,123 @@
+"""``paysentinel demo``: one payment per scenario through the running system.
+
+Each scenario scripts the provider simulator for a fresh order, starts the payment
+through the checkout API, and waits for the outcome the product promises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Optional
+
+import httpx
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+
+@dataclass
+class Scenario:
+    name: str
+    story: str
+    expected: str
+    script: dict = field(default_factory=dict)
+    expires_in_seconds: float = 60
+    expected_review: Optional[str] = None
+    actual: str = "…"
+    actual_review: Optional[str] = None
+    seconds: float = 0.0
+    order_id: str = ""
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.actual == self.expected and self.actual_review == self.expected_review
+
+
+def scenarios() -> list[Scenario]:
+    return [
+        Scenario("paid", "payer pays at once, callback arrives", "SUCCEEDED", {"pay": "immediately"}),
+        Scenario("paid later", "payer pays after 3 s", "SUCCEEDED", {"pay": "after_delay", "pay_delay_seconds": 3}),
+        Scenario("callback lost", "paid, callback never sent: found by query", "SUCCEEDED",
+                 {"pay": "immediately", "callback": "drop"}),
+        Scenario("callback twice", "paid, callback delivered twice: one transition", "SUCCEEDED",
+                 {"pay": "immediately", "callback": "duplicate"}),
+        Scenario("callback late", "paid, callback 25 s late: query settles it first", "SUCCEEDED",
+                 {"pay": "immediately", "callback": "delay", "callback_delay_seconds": 25}),
+        Scenario("never pays", "payer walks away: closed at the provider", "CLOSED", {"pay": "never"},
+                 expires_in_seconds=15),
+        Scenario("flaky create", "provider answers 5xx twice on create, then works", "SUCCEEDED",
+                 {"pay": "immediately", "faults": {"create": {"mode": "error", "times": 2}}}),
+        Scenario("provider down", "create always 5xx: bounded retries, clear failure", "FAILED",
+                 {"faults": {"create": {"mode": "error", "times": -1}}}),
+        Scenario("paid after close", "money taken after we closed: flagged for refund", "IN_REVIEW",
+                 {"pay": "never", "after_close": "pay"}, expires_in_seconds=15, expected_review="paid_after_close"),
+        Scenario("wrong amount", "callback amount differs from the order", "IN_REVIEW",
+                 {"pay": "immediately", "callback_amount": "0.01"}, expected_review="amount_mismatch"),
+    ]
+
+
+async def _drive(api: httpx.AsyncClient, sim: httpx.AsyncClient, s: Scenario, run_id: str, timeout: float) -> None:
+    s.order_id = f"demo-{run_id}-{s.name.replace(' ', '-')}"
+    started = time.monotonic()
+    try:
+        (await sim.put(f"/control/scripts/{s.order_id}", json=s.script)).raise_for_status()
+        response = await api.post(
+            "/payments",
+            json={"order_id": s.order_id, "amount_minor": 9990, "currency": "CNY", "subject": f"demo: {s.name}",
+                  "customer": {"email": "buyer@example.com"}, "expires_in_seconds": s.expires_in_seconds},
+        )
+        response.raise_for_status()
+        payment_id = response.json()["payment_id"]
+        while time.monotonic() - started < timeout:
+            view = (await api.get(f"/payments/{payment_id}")).json()
+            s.actual, s.actual_review = view["status"], view.get("review_reason")
+            if s.ok:
+                break
+            await asyncio.sleep(0.5)
+    except httpx.HTTPError as err:
+        s.actual, s.error = "ERROR", str(err) or type(err).__name__
+    s.seconds = time.monotonic() - started
+
+
+def _table(items: list[Scenario]) -> Table:
+    table = Table(title="paysentinel demo: expected vs actual")
+    for column in ("scenario", "what happens", "order id", "expected", "actual", "seconds", ""):
+        table.add_column(column)
+    for s in items:
+        expected = s.expected + (f" ({s.expected_review})" if s.expected_review else "")
+        actual = s.actual + (f" ({s.actual_review})" if s.actual_review else "")
+        mark = "[green]ok[/green]" if s.ok else ("[red]DIFFERS[/red]" if s.seconds else "")
+        table.add_row(s.name, s.story + (f" [red]{s.error}[/red]" if s.error else ""), s.order_id, expected,
+                      actual, f"{s.seconds:.1f}" if s.seconds else "", mark)
+    return table
+
+
+async def run_demo(api_url: str, simulator_url: str, ui_url: Optional[str], console: Console,
+                   timeout: float = 120.0) -> bool:
+    items = scenarios()
+    run_id = time.strftime("%H%M%S")
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as api, \
+            httpx.AsyncClient(base_url=simulator_url, timeout=10) as sim:
+        try:
+            (await api.get("/health")).raise_for_status()
+            (await sim.get("/health")).raise_for_status()
+        except httpx.HTTPError as err:
+            console.print(f"[red]the system is not reachable ({err}).[/red] Start it first: paysentinel up")
+            return False
+        with Live(_table(items), console=console, refresh_per_second=2) as live:
+            work = asyncio.gather(*(_drive(api, sim, s, run_id, timeout) for s in items))
+            while not work.done():
+                live.update(_table(items))
+                await asyncio.sleep(0.5)
+            await work
+            live.update(_table(items))
+    passed = sum(s.ok for s in items)
+    console.print(f"{passed} of {len(items)} scenarios as expected.")
+    if ui_url:
+        query = urllib.parse.quote(f'OrderId STARTS_WITH "demo-{run_id}"')
+        console.print(f"See them in the Temporal Web UI: {ui_url}/namespaces/default/workflows?query={query}")
+    return passed == len(items)

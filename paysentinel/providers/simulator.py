@@ -1,0 +1,121 @@
+"""Adapter for the bundled provider simulator (Alipay-like semantics, Standard Webhooks)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from paysentinel import signing
+from paysentinel.models import CreateTradeInput, ProviderCallback, Trade, TradeStatus, to_major, to_minor
+from paysentinel.providers.base import MalformedCallback, ProviderRejected, ProviderUnavailable
+
+# Provider sub-codes that mean "try again later" rather than "no".
+TRANSIENT_CODES = {"ACQ.SYSTEM_ERROR", "ACQ.RATE_LIMITED"}
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _trade(body: dict[str, Any]) -> Trade:
+    currency = body["currency"]
+    return Trade(
+        order_id=body["out_trade_no"],
+        trade_no=body["trade_no"],
+        status=TradeStatus(body["trade_status"]),
+        amount_minor=to_minor(body["total_amount"], currency),
+        currency=currency,
+        pay_url=body.get("pay_url"),
+        paid_at=_parse_time(body.get("gmt_payment")),
+    )
+
+
+class SimulatorProvider:
+    name = "simulator"
+
+    def __init__(self, http: httpx.AsyncClient, base_url: str, webhook_secret: str, tolerance_seconds: int = 300):
+        self._http = http
+        self._base_url = base_url.rstrip("/")
+        self._secret = webhook_secret
+        self._tolerance = tolerance_seconds
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+        try:
+            response = await self._http.request(method, self._base_url + path, **kwargs)
+        except httpx.TimeoutException as err:
+            raise ProviderUnavailable(f"{method} {path}: provider timed out ({type(err).__name__})") from err
+        except httpx.TransportError as err:
+            raise ProviderUnavailable(f"{method} {path}: provider unreachable ({err!r})") from err
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        sub_code = body.get("sub_code", "")
+        if response.status_code >= 500 or response.status_code == 429 or sub_code in TRANSIENT_CODES:
+            raise ProviderUnavailable(f"{method} {path}: HTTP {response.status_code} {sub_code} {body.get('msg', '')}".strip())
+        return response.status_code, body
+
+    async def create_trade(self, request: CreateTradeInput) -> Trade:
+        status, body = await self._call(
+            "POST",
+            "/v1/trades",
+            headers={"Idempotency-Key": request.idempotency_key},
+            json={
+                "out_trade_no": request.order_id,
+                "total_amount": to_major(request.amount_minor, request.currency),
+                "currency": request.currency,
+                "subject": request.subject or request.order_id,
+                "notify_url": request.notify_url,
+                "time_expire": request.expires_at.isoformat(),
+            },
+        )
+        if status != 200:
+            raise ProviderRejected(body.get("sub_code", f"HTTP_{status}"), body.get("msg", "trade not created"))
+        return _trade(body["trade"])
+
+    async def query_trade(self, order_id: str) -> Trade:
+        status, body = await self._call("GET", f"/v1/trades/{order_id}")
+        if status == 404 and body.get("sub_code") == "ACQ.TRADE_NOT_EXIST":
+            return Trade(exists=False, order_id=order_id)
+        if status != 200:
+            raise ProviderRejected(body.get("sub_code", f"HTTP_{status}"), body.get("msg", "query rejected"))
+        return _trade(body["trade"])
+
+    async def close_trade(self, order_id: str, idempotency_key: str) -> Trade:
+        status, body = await self._call(
+            "POST", f"/v1/trades/{order_id}/close", headers={"Idempotency-Key": idempotency_key}
+        )
+        if status == 404 and body.get("sub_code") == "ACQ.TRADE_NOT_EXIST":
+            return Trade(exists=False, order_id=order_id)
+        if "trade" in body:  # closed now, already closed, or ACQ.TRADE_STATUS_ERROR: already paid
+            return _trade(body["trade"])
+        raise ProviderRejected(body.get("sub_code", f"HTTP_{status}"), body.get("msg", "close rejected"))
+
+    def parse_callback(self, headers: Mapping[str, str], body: bytes) -> ProviderCallback:
+        event_id = signing.verify(self._secret, headers, body, self._tolerance)
+        try:
+            event = json.loads(body)
+            data = event["data"]
+            currency = data["currency"]
+            if event["id"] != event_id:
+                raise MalformedCallback("webhook-id header and body id differ")
+            return ProviderCallback(
+                event_id=event_id,
+                provider=self.name,
+                order_id=data["out_trade_no"],
+                trade_no=data["trade_no"],
+                trade_status=TradeStatus(data["trade_status"]),
+                amount_minor=to_minor(data["total_amount"], currency),
+                currency=currency,
+                paid_at=_parse_time(data.get("gmt_payment")),
+                received_at=datetime.now(timezone.utc),
+            )
+        except MalformedCallback:
+            raise
+        except (ValueError, KeyError, TypeError, ValidationError, ArithmeticError) as err:
+            raise MalformedCallback(f"callback body is not a valid trade event: {err}") from err

@@ -1,0 +1,168 @@
+"""Checkout API: the checkout service starts payments here and reads their status.
+
+POST /payments           start (idempotent by order id) -> payment id, status, pay URL
+GET  /payments/{id}      status and timeline
+GET  /callbacks          verified callbacks that could not be delivered to a payment
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timedelta, timezone
+from typing import Optional
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Response
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy import select
+from temporalio.client import WorkflowUpdateFailedError
+from temporalio.common import TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
+
+from paysentinel import db
+from paysentinel.config import Settings
+from paysentinel.models import CheckoutRequest, PaymentInput, PaymentStatus, PaymentTiming, PaymentView
+from paysentinel.providers import SUPPORTED_PROVIDERS
+from starters.common import Resources, error_body, lifespan_for, readable_validation_error, resources
+from workflows.payment import AMOUNT_MINOR, CURRENCY, ORDER_ID, PAYMENT_STATUS, PROVIDER, PaymentWorkflow, payment_workflow_id
+
+log = logging.getLogger("paysentinel.api")
+
+
+def timing_from(settings: Settings) -> PaymentTiming:
+    return PaymentTiming(
+        callback_timeout_seconds=settings.callback_timeout_seconds,
+        query_backoff_seconds=settings.query_backoff_seconds,
+        payment_ttl_seconds=settings.payment_ttl_seconds,
+        resend_window_seconds=settings.resend_window_seconds,
+        close_attempts=settings.close_attempts,
+        provider_retry_initial_seconds=settings.provider_retry_initial_seconds,
+        provider_max_attempts=settings.provider_max_attempts,
+    )
+
+
+def view_from_row(row: db.Payment) -> PaymentView:
+    return PaymentView(
+        payment_id=row.payment_id,
+        order_id=row.order_id,
+        status=PaymentStatus(row.status),
+        amount_minor=row.amount_minor,
+        currency=row.currency,
+        provider=row.provider,
+        pay_url=row.pay_url,
+        trade_no=row.trade_no,
+        reason=row.reason,
+        review_reason=row.review_reason,
+        expires_at=row.expires_at,
+    )
+
+
+async def start_payment(res: Resources, request: CheckoutRequest) -> tuple[PaymentView, bool]:
+    """Record the order and start (or find) its workflow. Returns (view, created)."""
+    settings = res.settings
+    payment_id = payment_workflow_id(request.order_id)
+    ttl = request.expires_in_seconds or settings.payment_ttl_seconds
+    row, created = await db.claim_order(
+        res.sessions, payment_id, request, datetime.now(timezone.utc) + timedelta(seconds=ttl)
+    )
+    stored_request = request if created else request.model_copy(update={"subject": row.subject})
+    try:
+        handle = await res.client.start_workflow(
+            PaymentWorkflow.run,
+            PaymentInput(
+                payment_id=payment_id,
+                request=stored_request,
+                notify_url=f"{settings.effective_webhook_base_url}/webhooks/{request.provider}",
+                timing=timing_from(settings),
+            ),
+            id=payment_id,
+            task_queue=settings.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            search_attributes=TypedSearchAttributes(
+                [
+                    PAYMENT_STATUS.value_set(PaymentStatus.CREATED.value),
+                    ORDER_ID.value_set(request.order_id),
+                    PROVIDER.value_set(request.provider),
+                    AMOUNT_MINOR.value_set(request.amount_minor),
+                    CURRENCY.value_set(request.currency),
+                ]
+            ),
+            static_summary=f"Payment for order {request.order_id}",
+        )
+    except WorkflowAlreadyStartedError:
+        handle = res.client.get_workflow_handle(payment_id)  # an earlier, finished run of this order
+    try:
+        view = await asyncio.wait_for(
+            handle.execute_update(PaymentWorkflow.checkout), timeout=settings.checkout_wait_seconds
+        )
+        return view, created
+    except (asyncio.TimeoutError, WorkflowUpdateFailedError, RPCError) as err:
+        log.info("payment %s: answering from the database (%s)", payment_id, type(err).__name__)
+    async with res.sessions() as session:
+        row = await session.get(db.Payment, payment_id)
+    return view_from_row(row), created
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(title="paysentinel checkout API", version="0.1.0", lifespan=lifespan_for(settings))
+    app.add_exception_handler(RequestValidationError, readable_validation_error)
+    app.add_exception_handler(HTTPException, error_body)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/payments", response_model=PaymentView, status_code=201)
+    async def create_payment(
+        request: CheckoutRequest, response: Response, res: Resources = Depends(resources)
+    ) -> PaymentView:
+        if request.provider not in SUPPORTED_PROVIDERS:
+            raise HTTPException(422, f"unknown provider {request.provider!r}; supported: {', '.join(SUPPORTED_PROVIDERS)}")
+        try:
+            view, created = await start_payment(res, request)
+        except db.OrderConflict as err:
+            raise HTTPException(409, str(err)) from err
+        if not created:
+            response.status_code = 200
+        return view
+
+    @app.get("/payments/{payment_id}", response_model=PaymentView)
+    async def get_payment(payment_id: str, res: Resources = Depends(resources)) -> PaymentView:
+        async with res.sessions() as session:
+            row = await session.get(db.Payment, payment_id)
+        if row is None:
+            raise HTTPException(404, f"no payment {payment_id!r}; payment ids look like 'payment-<order id>'")
+        view = view_from_row(row)
+        try:
+            live = await asyncio.wait_for(res.client.get_workflow_handle(payment_id).query(PaymentWorkflow.view), 5)
+            view.timeline = live.timeline
+        except Exception as err:  # timeout, worker down, query failed: the row alone is still correct
+            log.info("payment %s: no timeline (%s)", payment_id, err)
+        return view
+
+    @app.get("/callbacks")
+    async def list_callbacks(
+        delivery: Optional[str] = Query(None, description="pending, delivered, unknown_payment, payment_completed"),
+        order_id: Optional[str] = None,
+        limit: int = Query(100, le=1000),
+        res: Resources = Depends(resources),
+    ) -> list[dict]:
+        query = select(db.Callback).order_by(db.Callback.id.desc()).limit(limit)
+        if delivery:
+            query = query.where(db.Callback.delivery == delivery)
+        if order_id:
+            query = query.where(db.Callback.order_id == order_id)
+        async with res.sessions() as session:
+            rows = (await session.scalars(query)).all()
+        return [
+            {
+                "event_id": r.event_id, "provider": r.provider, "order_id": r.order_id, "payment_id": r.payment_id,
+                "trade_status": r.trade_status, "delivery": r.delivery, "delivery_error": r.delivery_error,
+                "received_at": r.received_at, "delivered_at": r.delivered_at,
+            }
+            for r in rows
+        ]
+
+    return app

@@ -1,0 +1,60 @@
+"""What the HTTP starters share: the Temporal client and database built once per app."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.client import Client
+
+from paysentinel import db
+from paysentinel.config import Settings
+from paysentinel.providers import Provider, build_providers
+from paysentinel.temporal import connect
+
+
+@dataclass
+class Resources:
+    settings: Settings
+    client: Client
+    sessions: async_sessionmaker[AsyncSession]
+    providers: dict[str, Provider]
+
+
+def lifespan_for(settings: Settings):
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = await connect(settings)
+        engine = db.make_engine(settings.effective_database_url)
+        async with httpx.AsyncClient(timeout=settings.provider_timeout_seconds) as http:
+            app.state.resources = Resources(settings, client, db.make_sessionmaker(engine), build_providers(settings, http))
+            try:
+                yield
+            finally:
+                await engine.dispose()
+
+    return lifespan
+
+
+def resources(request: Request) -> Resources:
+    return request.app.state.resources
+
+
+async def readable_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with one readable line per problem, e.g. "amount_minor: Input should be greater than 0"."""
+    problems = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"] if part != "body")
+        problems.append(f"{location or 'body'}: {error['msg']}")
+    return JSONResponse(status_code=422, content={"error": "invalid request", "problems": problems})
+
+
+async def error_body(_: Request, exc: HTTPException) -> JSONResponse:
+    """Every error answers {"error": "what went wrong and what to do"}."""
+    return JSONResponse(status_code=exc.status_code, content={"error": exc.detail}, headers=exc.headers)

@@ -1,0 +1,194 @@
+"""Real parts for the tests: a Temporal dev server, PostgreSQL, and the running system.
+
+Nothing here skips: when a part is missing the session fails and says what to do.
+Timings are seconds, set through the same environment variables users set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from paysentinel.config import DEFAULT_CACHE_DIR
+from paysentinel.devserver import DevServer, ensure_temporal_cli, free_port
+
+DEFAULT_TEST_DATABASE = "postgresql+asyncpg://paysentinel:paysentinel@127.0.0.1:5432/paysentinel_test"
+
+# Fast timings for the running system under test (seconds).
+TEST_TIMINGS = {
+    "PAYSENTINEL_CALLBACK_TIMEOUT_SECONDS": "1.5",
+    "PAYSENTINEL_QUERY_BACKOFF_SECONDS": "0.5,1,1",
+    "PAYSENTINEL_PAYMENT_TTL_SECONDS": "8",
+    "PAYSENTINEL_RESEND_WINDOW_SECONDS": "6",
+    "PAYSENTINEL_CLOSE_ATTEMPTS": "2",
+    "PAYSENTINEL_PROVIDER_TIMEOUT_SECONDS": "1",
+    "PAYSENTINEL_PROVIDER_RETRY_INITIAL_SECONDS": "0.2",
+    "PAYSENTINEL_PROVIDER_MAX_ATTEMPTS": "3",
+    "PAYSENTINEL_CHECKOUT_WAIT_SECONDS": "8",
+    "PAYSENTINEL_SIMULATOR_RESEND_SECONDS": "0.5,1,2,4",
+    "PAYSENTINEL_SIMULATOR_HANG_SECONDS": "3",
+}
+
+
+@pytest.fixture(scope="session")
+def temporal_cli() -> Path:
+    cache = Path(os.environ.get("PAYSENTINEL_CACHE_DIR", DEFAULT_CACHE_DIR))
+    return ensure_temporal_cli(cache, log=lambda line: print(line, file=sys.stderr))
+
+
+@pytest.fixture(scope="session")
+async def temporal_server(temporal_cli: Path, tmp_path_factory) -> AsyncIterator[DevServer]:
+    server = DevServer(temporal_cli, log_file=tmp_path_factory.mktemp("temporal") / "temporal.log", port=free_port())
+    async with server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+async def client(temporal_server: DevServer) -> Client:
+    return await Client.connect(temporal_server.address, data_converter=pydantic_data_converter)
+
+
+@pytest.fixture(scope="session")
+async def database_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database for this session, migrated with Alembic."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    base = make_url(os.environ.get("PAYSENTINEL_TEST_DATABASE_URL", DEFAULT_TEST_DATABASE))
+    dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        admin = await asyncpg.connect(dsn, timeout=10)
+    except (OSError, asyncpg.PostgresError) as err:
+        pytest.fail(
+            f"PostgreSQL is not reachable at {base.render_as_string()} ({err}). "
+            "Run `bash scripts/ensure-postgres.sh` (installs and starts it on loopback), "
+            "or set PAYSENTINEL_TEST_DATABASE_URL.",
+            pytrace=False,
+        )
+    name = f"paysentinel_t{uuid.uuid4().hex[:10]}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = base.set(database=name).render_as_string(hide_password=False)
+    from paysentinel import db
+
+    await asyncio.to_thread(db.upgrade, url)
+    try:
+        yield url
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@dataclass
+class Stack:
+    api_url: str
+    webhook_url: str
+    simulator_url: str
+    task_queue: str
+    env: dict[str, str]
+    log_file: Path
+
+
+def _wait_healthy(urls: list[str], process: subprocess.Popen, log_file: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(urls)
+    while pending and time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"paysentinel up exited with {process.returncode}:\n{log_file.read_text()[-4000:]}")
+        try:
+            if httpx.get(pending[0] + "/health", timeout=1).status_code == 200:
+                pending.pop(0)
+                continue
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    if pending:
+        raise RuntimeError(f"{pending} not healthy after {timeout}s:\n{log_file.read_text()[-4000:]}")
+
+
+def start_parts(env: dict[str, str], parts: str, log_file: Path) -> subprocess.Popen:
+    with open(log_file, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "paysentinel.cli", "up", "--parts", parts],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def stack(temporal_server: DevServer, database_url: str, tmp_path_factory) -> Iterator[Stack]:
+    """The system as users run it (`paysentinel up`), on the test's Temporal and PostgreSQL."""
+    ports = {name: free_port() for name in ("api", "webhook", "simulator")}
+    task_queue = f"payments-test-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        **TEST_TIMINGS,
+        "TEMPORAL_ADDRESS": temporal_server.address,
+        "PAYSENTINEL_DATABASE_URL": database_url,
+        "PAYSENTINEL_TASK_QUEUE": task_queue,
+        "PAYSENTINEL_API_PORT": str(ports["api"]),
+        "PAYSENTINEL_WEBHOOK_PORT": str(ports["webhook"]),
+        "PAYSENTINEL_SIMULATOR_PORT": str(ports["simulator"]),
+        "PAYSENTINEL_DATA_DIR": str(tmp_path_factory.mktemp("data")),
+    }
+    log_file = tmp_path_factory.mktemp("stack") / "paysentinel.log"
+    stack = Stack(
+        api_url=f"http://127.0.0.1:{ports['api']}",
+        webhook_url=f"http://127.0.0.1:{ports['webhook']}",
+        simulator_url=f"http://127.0.0.1:{ports['simulator']}",
+        task_queue=task_queue,
+        env=env,
+        log_file=log_file,
+    )
+    process = start_parts(env, "simulator,worker,api,webhooks", log_file)
+    try:
+        _wait_healthy([stack.simulator_url, stack.api_url, stack.webhook_url], process, log_file)
+        yield stack
+    finally:
+        stop_process(process)
+        print(f"\n[paysentinel log: {log_file}]", file=sys.stderr)
+
+
+@pytest.fixture
+async def api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        yield http
+
+
+@pytest.fixture
+async def sim(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.simulator_url, timeout=30) as http:
+        yield http
+
+
+@pytest.fixture
+async def sessions(database_url: str):
+    from paysentinel import db
+
+    engine = db.make_engine(database_url)
+    yield db.make_sessionmaker(engine)
+    await engine.dispose()
+
+
+def new_order(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,73 @@
+"""Small helpers shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+from sqlalchemy import select
+from temporalio.client import Client
+
+from paysentinel import db
+
+
+async def start_payment(api: httpx.AsyncClient, order_id: str, amount_minor: int = 9990, **extra) -> httpx.Response:
+    body = {"order_id": order_id, "amount_minor": amount_minor, "currency": "CNY", "subject": "test order",
+            "customer": {"email": "buyer@example.com"}, **extra}
+    return await api.post("/payments", json=body)
+
+
+async def script(sim: httpx.AsyncClient, order_id: str, **behaviour) -> None:
+    response = await sim.put(f"/control/scripts/{order_id}", json=behaviour)
+    assert response.status_code == 200, response.text
+
+
+async def wait_status(api: httpx.AsyncClient, payment_id: str, status: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    view: dict = {}
+    while time.monotonic() < deadline:
+        view = (await api.get(f"/payments/{payment_id}")).json()
+        if view.get("status") == status:
+            return view
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{payment_id} did not reach {status} in {timeout}s; last view: {view}")
+
+
+async def wait_for(predicate, timeout: float = 20, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def payment_row(sessions, payment_id: str) -> db.Payment | None:
+    async with sessions() as session:
+        return await session.get(db.Payment, payment_id)
+
+
+async def callback_rows(sessions, order_id: str) -> list[db.Callback]:
+    async with sessions() as session:
+        return list((await session.scalars(select(db.Callback).where(db.Callback.order_id == order_id))).all())
+
+
+async def sim_trade(sim: httpx.AsyncClient, order_id: str) -> dict:
+    response = await sim.get(f"/control/trades/{order_id}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def search_count(client: Client, query: str, expected: int, timeout: float = 15) -> int:
+    """Visibility is eventually consistent: wait until the query finds ``expected`` workflows."""
+    async def count() -> bool:
+        return (await client.count_workflows(query)).count == expected
+
+    await wait_for(count, timeout, f"{expected} workflow(s) matching {query}")
+    return expected
+
+
+def events(view: dict, name: str) -> list[dict]:
+    return [entry for entry in view["timeline"] if entry["event"] == name]

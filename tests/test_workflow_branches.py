@@ -1,0 +1,182 @@
+"""PaymentWorkflow's branch logic with stubbed activities, on the real dev server."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
+from temporalio.worker import Worker
+
+from activities.payment import PROVIDER_REJECTED
+from paysentinel.models import (
+    CheckoutRequest,
+    CreateTradeInput,
+    PaymentInput,
+    PaymentRecord,
+    PaymentTiming,
+    PaymentView,
+    ProviderCallback,
+    RecordPaymentInput,
+    Trade,
+    TradeRef,
+    TradeStatus,
+)
+from workflows.payment import PaymentWorkflow
+
+TIMING = PaymentTiming(
+    callback_timeout_seconds=0.3,
+    query_backoff_seconds=[0.2],
+    payment_ttl_seconds=3,
+    resend_window_seconds=0.3,
+    close_attempts=2,
+    provider_retry_initial_seconds=0.05,
+    provider_max_attempts=2,
+)
+
+
+class FakeProvider:
+    """Scripted provider results; records every call and database snapshot."""
+
+    def __init__(self, queries: list[str | None] | None = None, close: str | None = "TRADE_CLOSED",
+                 close_fails: bool = False, create_error: Exception | None = None):
+        self.queries = list(queries or [])
+        self.close = close
+        self.close_fails = close_fails
+        self.create_error = create_error
+        self.calls: list[str] = []
+        self.records: list[PaymentRecord] = []
+
+    def trade(self, order_id: str, status: str | None) -> Trade:
+        if status is None:
+            return Trade(exists=False, order_id=order_id)
+        return Trade(order_id=order_id, trade_no="T1", status=TradeStatus(status), amount_minor=1000, currency="CNY",
+                     pay_url="http://pay/T1")
+
+    def activities(self) -> list:
+        @activity.defn(name="record_payment")
+        async def record_payment(payload: RecordPaymentInput) -> None:
+            self.calls.append("record")
+
+        @activity.defn(name="save_payment_state")
+        async def save_payment_state(record: PaymentRecord) -> bool:
+            self.records.append(record)
+            return True
+
+        @activity.defn(name="create_trade")
+        async def create_trade(payload: CreateTradeInput) -> Trade:
+            self.calls.append(f"create:{payload.idempotency_key}")
+            if self.create_error:
+                raise self.create_error
+            return self.trade(payload.order_id, "WAIT_BUYER_PAY")
+
+        @activity.defn(name="query_trade")
+        async def query_trade(ref: TradeRef) -> Trade:
+            self.calls.append("query")
+            status = self.queries.pop(0) if self.queries else "WAIT_BUYER_PAY"
+            return self.trade(ref.order_id, status)
+
+        @activity.defn(name="close_trade")
+        async def close_trade(ref: TradeRef) -> Trade:
+            self.calls.append(f"close:{ref.idempotency_key}")
+            if self.close_fails:
+                raise RuntimeError("provider down")
+            return self.trade(ref.order_id, self.close)
+
+        return [record_payment, save_payment_state, create_trade, query_trade, close_trade]
+
+
+async def run_payment(client: Client, provider: FakeProvider, signals: list[ProviderCallback] = ()) -> PaymentView:
+    task_queue = f"branches-{uuid.uuid4().hex[:8]}"
+    order = f"wf-{uuid.uuid4().hex[:8]}"
+    payment_input = PaymentInput(
+        payment_id=f"payment-{order}",
+        request=CheckoutRequest(order_id=order, amount_minor=1000, currency="CNY"),
+        notify_url="http://127.0.0.1:1/webhooks/simulator",
+        timing=TIMING,
+    )
+    async with Worker(client, task_queue=task_queue, workflows=[PaymentWorkflow], activities=provider.activities()):
+        handle = await client.start_workflow(PaymentWorkflow.run, payment_input, id=payment_input.payment_id,
+                                             task_queue=task_queue)
+        for event in signals:
+            await handle.signal(PaymentWorkflow.callback, event.model_copy(update={"order_id": order}))
+        return await handle.result()
+
+
+def callback(status: str = "TRADE_SUCCESS", amount: int = 1000, event_id: str = "evt_1") -> ProviderCallback:
+    return ProviderCallback(event_id=event_id, provider="simulator", order_id="", trade_no="T1",
+                            trade_status=TradeStatus(status), amount_minor=amount, currency="CNY",
+                            received_at=datetime.now(timezone.utc))
+
+
+def statuses(provider: FakeProvider) -> list[str]:
+    return [r.status.value for r in provider.records]
+
+
+async def test_callback_timeout_then_query_finds_payment(client):
+    provider = FakeProvider(queries=["WAIT_BUYER_PAY", "TRADE_SUCCESS"])
+    view = await run_payment(client, provider)
+    assert view.status.value == "SUCCEEDED", [(e.event, e.detail) for e in view.timeline]
+    assert provider.calls.count("query") == 2
+    assert statuses(provider) == ["PENDING", "SUCCEEDED"]
+    assert [r.seq for r in provider.records] == [1, 2]
+
+
+async def test_unpaid_payment_is_closed_at_provider_first(client):
+    provider = FakeProvider(close="TRADE_CLOSED")
+    view = await run_payment(client, provider)
+    assert view.status.value == "CLOSED"
+    assert provider.calls[-1] == f"close:{view.payment_id}:close"
+
+
+async def test_close_that_reveals_payment_means_paid(client):
+    provider = FakeProvider(close="TRADE_SUCCESS")
+    view = await run_payment(client, provider)
+    assert view.status.value == "SUCCEEDED"
+    assert "confirmed by close" in [e for e in view.timeline if e.event == "paid"][0].detail
+
+
+async def test_provider_unreachable_at_close_goes_to_review(client):
+    provider = FakeProvider(close_fails=True)
+    view = await run_payment(client, provider)
+    assert (view.status.value, view.review_reason) == ("IN_REVIEW", "status_unknown")
+    assert sum(c.startswith("close") for c in provider.calls) == 2 * 2  # rounds x attempts, bounded
+
+
+async def test_provider_rejection_on_create_fails_without_retry(client):
+    error = ApplicationError("ACQ.INVALID_PARAMETER: bad", type=PROVIDER_REJECTED, non_retryable=True)
+    provider = FakeProvider(create_error=error)
+    view = await run_payment(client, provider)
+    assert view.status.value == "FAILED" and "rejected" in view.reason
+    assert [c for c in provider.calls if c.startswith("create")] == [f"create:{view.payment_id}:create"]
+
+
+async def test_duplicate_signal_makes_one_transition(client):
+    provider = FakeProvider()
+    view = await run_payment(client, provider, [callback(), callback()])
+    assert view.status.value == "SUCCEEDED"
+    assert statuses(provider) == ["PENDING", "SUCCEEDED"]
+    assert [e.event for e in view.timeline].count("callback duplicate") == 1
+
+
+async def test_wrong_amount_goes_to_review(client):
+    provider = FakeProvider()
+    view = await run_payment(client, provider, [callback(amount=1)])
+    assert (view.status.value, view.review_reason) == ("IN_REVIEW", "amount_mismatch")
+
+
+async def test_terminal_status_never_regresses(client):
+    provider = FakeProvider()
+    later = [callback(), callback("TRADE_CLOSED", event_id="evt_2"), callback("WAIT_BUYER_PAY", event_id="evt_3")]
+    view = await run_payment(client, provider, later)
+    assert view.status.value == "SUCCEEDED"
+    assert statuses(provider) == ["PENDING", "SUCCEEDED"]
+
+
+async def test_success_after_closed_callback_goes_to_review(client):
+    provider = FakeProvider()
+    view = await run_payment(client, provider, [callback("TRADE_CLOSED", event_id="evt_a"), callback(event_id="evt_b")])
+    assert (view.status.value, view.review_reason) == ("IN_REVIEW", "paid_after_close")
+    assert statuses(provider) == ["PENDING", "CLOSED", "IN_REVIEW"]

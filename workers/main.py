@@ -1,0 +1,54 @@
+"""The worker process: hosts the payment workflow and its activities."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+from temporalio.worker import Worker
+
+from activities.payment import PaymentActivities
+from paysentinel import db
+from paysentinel.config import Settings
+from paysentinel.devserver import ensure_search_attributes
+from paysentinel.providers import build_providers
+from paysentinel.temporal import connect
+from workflows.payment import PaymentWorkflow
+
+log = logging.getLogger("paysentinel.worker")
+
+WORKFLOWS = [PaymentWorkflow]
+
+
+def activities_of(payment: PaymentActivities) -> list:
+    return [
+        payment.record_payment,
+        payment.save_payment_state,
+        payment.create_trade,
+        payment.query_trade,
+        payment.close_trade,
+    ]
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Poll the task queue until ``stop`` is set (or forever)."""
+    client = await connect(settings)
+    if settings.temporal_address:  # a server we did not start: make sure operators can search
+        await ensure_search_attributes(client)
+    engine = db.make_engine(settings.effective_database_url)
+    timeout = httpx.Timeout(settings.provider_timeout_seconds)
+    async with httpx.AsyncClient(timeout=timeout) as http:
+        payment = PaymentActivities(build_providers(settings, http), db.make_sessionmaker(engine))
+        worker = Worker(
+            client,
+            task_queue=settings.task_queue,
+            workflows=WORKFLOWS,
+            activities=activities_of(payment),
+        )
+        log.info("worker polling task queue %s on %s", settings.task_queue, settings.effective_temporal_address)
+        try:
+            async with worker:
+                await (stop or asyncio.Event()).wait()
+        finally:
+            await engine.dispose()
