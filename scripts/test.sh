@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs everything the tests need, then runs them against real parts:
+# Python packages, the Temporal CLI (found, downloaded, or built with `go install`
+# and cached in ~/.cache/paysentinel), and PostgreSQL on 127.0.0.1:5432.
+# Extra arguments go to pytest, e.g.  bash scripts/test.sh -k webhook
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+echo "==> Python packages"
+"$PYTHON" -m pip install --quiet --disable-pip-version-check -e '.[test]'
+
+echo "==> Temporal CLI"
+"$PYTHON" -m paysentinel.cli temporal-cli
+
+echo "==> PostgreSQL"
+bash scripts/ensure-postgres.sh
+
+echo "==> Tests"
+exec "$PYTHON" -m pytest "$@"

@@ -1,0 +1,71 @@
+"""Replay recorded histories against today's workflow code.
+
+Two sources: histories committed under tests/histories/ (runs of earlier code: a change
+that breaks determinism for payments already in flight fails here), and every history
+this test session produced on the real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from temporalio.client import Client, WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+from tests.conftest import new_order
+from tests.helpers import script, start_payment, wait_for
+from workflows.payment import PaymentWorkflow
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+def replayer() -> Replayer:
+    return Replayer(workflows=[PaymentWorkflow], data_converter=pydantic_data_converter)
+
+
+async def test_committed_histories_replay():
+    files = sorted(HISTORIES.glob("*.json"))
+    assert files, f"no recorded histories in {HISTORIES}"
+    histories = [WorkflowHistory.from_json(f.stem, f.read_text()) for f in files]
+    results = await replayer().replay_workflows(histories, raise_on_replay_failure=False)
+    assert results.replay_failures == {}
+
+
+async def test_histories_of_this_session_replay(client: Client, stack, api, sim):
+    scenarios = {
+        "paid": {"pay": "immediately"},
+        "lost": {"pay": "immediately", "callback": "drop"},
+        "never": {"pay": "never"},
+        "down": {"faults": {"create": {"mode": "error", "times": -1}}},
+        "late": {"pay": "never", "after_close": "pay"},
+    }
+    ids = []
+    for name, behaviour in scenarios.items():
+        order = new_order(f"replay-{name}")
+        await script(sim, order, **behaviour)
+        ids.append((name, (await start_payment(api, order, expires_in_seconds=5)).json()["payment_id"]))
+    # Wait until they are complete so the recorded histories cover the whole life.
+    await asyncio.gather(*(client.get_workflow_handle(payment_id).result() for _, payment_id in ids))
+
+    query = f'TaskQueue = "{stack.task_queue}"'
+    await wait_for(lambda: _counted(client, query, len(ids)), what="visibility to list this session's runs")
+    histories = [
+        await client.get_workflow_handle(execution.id, run_id=execution.run_id).fetch_history()
+        async for execution in client.list_workflows(query)
+    ]
+    results = await replayer().replay_workflows(histories, raise_on_replay_failure=False)
+    assert results.replay_failures == {}
+
+    record_to = os.environ.get("PAYSENTINEL_RECORD_HISTORIES")
+    if record_to:  # refresh tests/histories/ from a run of the current code
+        Path(record_to).mkdir(parents=True, exist_ok=True)
+        for name, payment_id in ids:
+            history = await client.get_workflow_handle(payment_id).fetch_history()
+            Path(record_to, f"{name}.json").write_text(history.to_json())
+
+
+async def _counted(client: Client, query: str, at_least: int) -> bool:
+    return (await client.count_workflows(query)).count >= at_least
