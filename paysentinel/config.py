@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     # Where the provider should send callbacks (our webhook receiver, as the provider sees it).
     public_webhook_base_url: str = ""
     simulator_url: str = ""
+    # Base of the pay URLs the simulator hands out (what a payer's browser can reach).
+    simulator_public_url: str = ""
 
     # Webhooks from providers.
     simulator_webhook_secret: str = DEV_WEBHOOK_SECRET

@@ -16,7 +16,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Response
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import select
 from temporalio.client import WorkflowUpdateFailedError
-from temporalio.common import TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
@@ -82,11 +82,11 @@ async def start_payment(res: Resources, request: CheckoutRequest) -> tuple[Payme
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             search_attributes=TypedSearchAttributes(
                 [
-                    PAYMENT_STATUS.value_set(PaymentStatus.CREATED.value),
-                    ORDER_ID.value_set(request.order_id),
-                    PROVIDER.value_set(request.provider),
-                    AMOUNT_MINOR.value_set(request.amount_minor),
-                    CURRENCY.value_set(request.currency),
+                    SearchAttributePair(PAYMENT_STATUS, PaymentStatus.CREATED.value),
+                    SearchAttributePair(ORDER_ID, request.order_id),
+                    SearchAttributePair(PROVIDER, request.provider),
+                    SearchAttributePair(AMOUNT_MINOR, request.amount_minor),
+                    SearchAttributePair(CURRENCY, request.currency),
                 ]
             ),
             static_summary=f"Payment for order {request.order_id}",

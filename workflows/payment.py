@@ -20,6 +20,9 @@ from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    import email_validator  # noqa: F401  (pydantic loads it lazily to validate EmailStr)
+    import idna.uts46data  # noqa: F401
+
     from activities.payment import ORDER_CONFLICT, PROVIDER_REJECTED, PaymentActivities
     from paysentinel.models import (
         CreateTradeInput,
