@@ -1,0 +1,146 @@
+"""The provider simulator over real HTTP: trade semantics, faults, signed callbacks with resend."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request, Response
+
+from paysentinel import signing
+from paysentinel.config import DEV_WEBHOOK_SECRET
+from paysentinel.devserver import free_port
+from tests.conftest import new_order
+from tests.helpers import script, sim_trade, wait_for
+
+
+def trade_body(order: str, amount: str = "12.30", **extra) -> dict:
+    return {"out_trade_no": order, "total_amount": amount, "currency": "CNY", "subject": "sim test", **extra}
+
+
+async def test_create_is_idempotent_by_order_number(sim):
+    order = new_order("sim-create")
+    first = await sim.post("/v1/trades", json=trade_body(order), headers={"Idempotency-Key": "k1"})
+    again = await sim.post("/v1/trades", json=trade_body(order, "12.3"), headers={"Idempotency-Key": "k1"})
+    assert first.status_code == again.status_code == 200
+    assert first.json()["trade"]["trade_no"] == again.json()["trade"]["trade_no"]
+    assert first.json()["trade"]["trade_status"] == "WAIT_BUYER_PAY"
+    assert first.json()["trade"]["pay_url"].endswith("/pay/" + first.json()["trade"]["trade_no"])
+
+    other = await sim.post("/v1/trades", json=trade_body(order, "99.00"))
+    assert other.status_code == 400 and other.json()["sub_code"] == "ACQ.CONTEXT_INCONSISTENT"
+    invalid = await sim.post("/v1/trades", json=trade_body("bad order!", "-1"))
+    assert invalid.status_code == 400 and invalid.json()["sub_code"] == "ACQ.INVALID_PARAMETER"
+    assert "out_trade_no" in invalid.json()["sub_msg"] and "total_amount" in invalid.json()["sub_msg"]
+    assert (await sim_trade(sim, order))["calls"]["create"] == 3
+
+
+async def test_query_close_and_pay_follow_trade_rules(sim):
+    order = new_order("sim-rules")
+    missing = await sim.get(f"/v1/trades/{order}")
+    assert missing.status_code == 404 and missing.json()["sub_code"] == "ACQ.TRADE_NOT_EXIST"
+    await sim.post("/v1/trades", json=trade_body(order))
+
+    paid = await sim.post(f"/control/trades/{order}/pay")
+    assert paid.json()["trade"]["trade_status"] == "TRADE_SUCCESS" and paid.json()["trade"]["gmt_payment"]
+    refused = await sim.post(f"/v1/trades/{order}/close", headers={"Idempotency-Key": "c1"})
+    assert refused.status_code == 400 and refused.json()["sub_code"] == "ACQ.TRADE_STATUS_ERROR"
+    assert refused.json()["trade"]["trade_status"] == "TRADE_SUCCESS"
+
+    unpaid = new_order("sim-close")
+    await sim.post("/v1/trades", json=trade_body(unpaid))
+    closed = await sim.post(f"/v1/trades/{unpaid}/close")
+    again = await sim.post(f"/v1/trades/{unpaid}/close")
+    assert closed.json()["trade"]["trade_status"] == again.json()["trade"]["trade_status"] == "TRADE_CLOSED"
+    late = await sim.post(f"/control/trades/{unpaid}/pay")
+    assert late.status_code == 409 and "closed" in late.json()["sub_msg"]
+    assert (await sim.get(f"/v1/trades/{unpaid}")).json()["trade"]["trade_status"] == "TRADE_CLOSED"
+
+
+async def test_scripted_faults_fail_the_given_number_of_calls(sim):
+    order = new_order("sim-faults")
+    await script(sim, order, faults={"create": {"mode": "error", "times": 2}, "query": {"mode": "hang", "times": 1}})
+    codes = [(await sim.post("/v1/trades", json=trade_body(order))).status_code for _ in range(3)]
+    assert codes == [500, 500, 200]
+    hung = await sim.get(f"/v1/trades/{order}")  # answers after PAYSENTINEL_SIMULATOR_HANG_SECONDS
+    assert hung.status_code == 504 and hung.json()["sub_code"] == "ACQ.SYSTEM_ERROR"
+    assert (await sim.get(f"/v1/trades/{order}")).status_code == 200
+    assert (await sim_trade(sim, order))["calls"] == {"create": 3, "query": 2, "close": 0}
+
+
+async def test_cashier_page_lets_the_payer_pay(sim):
+    order = new_order("sim-cashier")
+    trade = (await sim.post("/v1/trades", json=trade_body(order))).json()["trade"]
+    page = await sim.get(f"/pay/{trade['trade_no']}")
+    assert page.status_code == 200 and "Pay 12.30 CNY" in page.text and "<form" in page.text
+    done = await sim.post(f"/pay/{trade['trade_no']}")
+    assert done.status_code == 200 and "You paid 12.30 CNY" in done.text
+    assert (await sim.post(f"/pay/{trade['trade_no']}")).status_code == 409
+    assert (await sim.get("/pay/nope")).status_code == 404
+
+
+@asynccontextmanager
+async def receiver(answers: list[int]):
+    """A merchant endpoint that answers the given status codes in turn and records what it got."""
+    received: list[tuple[dict, str]] = []
+    app = FastAPI()
+
+    @app.post("/hook")
+    async def hook(request: Request) -> Response:
+        body = await request.body()
+        event_id = signing.verify(DEV_WEBHOOK_SECRET, request.headers, body, tolerance_seconds=60)
+        received.append((await request.json(), event_id))
+        return Response(status_code=answers[min(len(received), len(answers)) - 1])
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/hook", received
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_callbacks_are_signed_and_resent_until_acknowledged(sim):
+    order = new_order("sim-resend")
+    await script(sim, order, pay="immediately")
+    async with receiver([500, 503, 200]) as (url, received):
+        await sim.post("/v1/trades", json=trade_body(order, notify_url=url))
+        await wait_for(lambda: _delivered(sim, order, 3), what="three delivery attempts")
+        await asyncio.sleep(1.5)  # the acknowledged event is not sent again
+    deliveries = (await sim_trade(sim, order))["deliveries"]
+    assert [(d["attempt"], d["status_code"]) for d in deliveries] == [(1, 500), (2, 503), (3, 200)]
+    assert len(received) == 3 and len({event_id for _, event_id in received}) == 1
+    event, event_id = received[0]
+    assert event["id"] == event_id and event["type"] == "trade.status_changed"
+    assert event["data"]["trade_status"] == "TRADE_SUCCESS" and event["data"]["total_amount"] == "12.30"
+
+
+async def test_callback_scripts_drop_and_duplicate(sim):
+    dropped, doubled = new_order("sim-drop"), new_order("sim-twice")
+    await script(sim, dropped, pay="immediately", callback="drop")
+    await script(sim, doubled, pay="immediately", callback="duplicate", callback_amount="0.01")
+    async with receiver([200]) as (url, received):
+        await sim.post("/v1/trades", json=trade_body(dropped, notify_url=url))
+        await sim.post("/v1/trades", json=trade_body(doubled, notify_url=url))
+        await wait_for(lambda: _delivered(sim, doubled, 2), what="the duplicated callback")
+    assert [d["error"] for d in (await sim_trade(sim, dropped))["deliveries"]] == ["dropped by script"]
+    assert [event["data"]["out_trade_no"] for event, _ in received] == [doubled, doubled]
+    assert received[0][1] == received[1][1]  # the same event twice
+    assert received[0][0]["data"]["total_amount"] == "0.01"  # the scripted wrong amount
+
+
+async def _delivered(sim, order: str, count: int) -> bool:
+    return len((await sim_trade(sim, order))["deliveries"]) >= count
+
+
+async def test_control_api_rejects_bad_scripts(sim):
+    bad = await sim.put(f"/control/scripts/{new_order('sim-bad')}", json={"pay": "sometimes"})
+    assert bad.status_code == 400 and "pay" in bad.json()["sub_msg"]
+    unknown = await sim.put(f"/control/scripts/{new_order('sim-bad')}", json={"colour": "red"})
+    assert unknown.status_code == 400
+    assert (await sim.post(f"/control/trades/{new_order('sim-none')}/pay")).status_code == 404
