@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from typing import Optional
 
@@ -18,6 +19,8 @@ app = typer.Typer(help="paysentinel: trustworthy payment results on Temporal.", 
 db_app = typer.Typer(help="Application database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 console = Console()
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    console.width = 120  # piped or logged: wide enough for the tables
 
 
 def _logging(verbose: bool) -> None:

@@ -85,13 +85,18 @@ async def _drive(api: httpx.AsyncClient, sim: httpx.AsyncClient, s: Scenario, ru
 
 def _table(items: list[Scenario]) -> Table:
     table = Table(title="paysentinel demo: expected vs actual")
-    for column in ("scenario", "what happens", "order id", "expected", "actual", "seconds", ""):
-        table.add_column(column)
+    table.add_column("scenario", ratio=3)
+    table.add_column("order id", no_wrap=True)
+    for column in ("expected", "actual"):
+        table.add_column(column, ratio=2)
+    table.add_column("seconds", justify="right")
+    table.add_column("")
     for s in items:
         expected = s.expected + (f" ({s.expected_review})" if s.expected_review else "")
         actual = s.actual + (f" ({s.actual_review})" if s.actual_review else "")
         mark = "[green]ok[/green]" if s.ok else ("[red]DIFFERS[/red]" if s.seconds else "")
-        table.add_row(s.name, s.story + (f" [red]{s.error}[/red]" if s.error else ""), s.order_id, expected,
+        story = f"[bold]{s.name}[/bold]\n[dim]{s.story}[/dim]" + (f"\n[red]{s.error}[/red]" if s.error else "")
+        table.add_row(story, s.order_id, expected,
                       actual, f"{s.seconds:.1f}" if s.seconds else "", mark)
     return table
 
@@ -99,7 +104,7 @@ def _table(items: list[Scenario]) -> Table:
 async def run_demo(api_url: str, simulator_url: str, ui_url: Optional[str], console: Console,
                    timeout: float = 120.0) -> bool:
     items = scenarios()
-    run_id = time.strftime("%H%M%S")
+    run_id = time.strftime("%m%d%H%M%S")
     async with httpx.AsyncClient(base_url=api_url, timeout=30) as api, \
             httpx.AsyncClient(base_url=simulator_url, timeout=10) as sim:
         try:
@@ -115,9 +120,11 @@ async def run_demo(api_url: str, simulator_url: str, ui_url: Optional[str], cons
                 await asyncio.sleep(0.5)
             await work
             live.update(_table(items))
+    console.print()
     passed = sum(s.ok for s in items)
     console.print(f"{passed} of {len(items)} scenarios as expected.")
     if ui_url:
         query = urllib.parse.quote(f'OrderId STARTS_WITH "demo-{run_id}"')
-        console.print(f"See them in the Temporal Web UI: {ui_url}/namespaces/default/workflows?query={query}")
+        console.print(f"See them in the Temporal Web UI: {ui_url}/namespaces/default/workflows?query={query}",
+                      soft_wrap=True)
     return passed == len(items)
