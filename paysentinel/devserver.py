@@ -97,7 +97,8 @@ def ensure_temporal_cli(cache_dir: Path, log: Callable[[str], None] = print) -> 
         if found:
             return found
 
-    go = shutil.which("go")
+    # Go's official tarball installs to /usr/local/go, often not on a service's PATH.
+    go = shutil.which("go") or shutil.which("go", path="/usr/local/go/bin")
     target = f"{TEMPORAL_CLI_MODULE}@{TEMPORAL_CLI_VERSION}"
     if go is None:
         log("Temporal CLI: `go` is not on PATH, cannot build it from source")
