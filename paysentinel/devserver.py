@@ -56,6 +56,10 @@ class DevServerError(RuntimeError):
 # --- Finding or obtaining the CLI -------------------------------------------------------------
 
 
+# Go's official tarball installs here, often not on a service's PATH.
+GO_FALLBACK_DIRS: tuple[str, ...] = ("/usr/local/go/bin",)
+
+
 def ensure_temporal_cli(cache_dir: Path, log: Callable[[str], None] = print) -> Path:
     """Return a working ``temporal`` CLI, obtaining it into ``cache_dir/bin`` if needed.
 
@@ -97,8 +101,7 @@ def ensure_temporal_cli(cache_dir: Path, log: Callable[[str], None] = print) -> 
         if found:
             return found
 
-    # Go's official tarball installs to /usr/local/go, often not on a service's PATH.
-    go = shutil.which("go") or shutil.which("go", path="/usr/local/go/bin")
+    go = shutil.which("go") or shutil.which("go", path=os.pathsep.join(GO_FALLBACK_DIRS))
     target = f"{TEMPORAL_CLI_MODULE}@{TEMPORAL_CLI_VERSION}"
     if go is None:
         log("Temporal CLI: `go` is not on PATH, cannot build it from source")

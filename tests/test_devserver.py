@@ -50,6 +50,7 @@ def empty_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path_dir = tmp_path / "path"
     path_dir.mkdir()
     monkeypatch.setenv("PATH", str(path_dir))
+    monkeypatch.setattr(devserver, "GO_FALLBACK_DIRS", ())
     return path_dir
 
 
