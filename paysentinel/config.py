@@ -65,6 +65,21 @@ class Settings(BaseSettings):
     provider_max_attempts: int = 4
     checkout_wait_seconds: float = 10.0
 
+    # Refunds and manual reviews.
+    refund_window_seconds: float = 90 * 86400.0  # how long after payment a refund may be asked for
+    refund_submissions: int = 3  # submissions of a failing refund before it goes to review
+    review_escalate_seconds: float = 3600.0  # an undecided review raises the alarm after this
+    review_deadline_seconds: float = 86400.0  # then the safe default applies
+    # Operators: "name:token" pairs (comma-separated) accepted as bearer tokens by the operator API.
+    operator_tokens: Annotated[list[str], NoDecode] = ["operator:dev-operator-token"]
+    operator_token: str = ""  # what the CLI sends (default: the first configured token)
+
+    # Risk rules evaluated before a trade is created.
+    risk_window_seconds: float = 600.0
+    risk_max_distinct_amounts: int = 3  # same IP or device trying this many different amounts
+    risk_failure_window_seconds: float = 3600.0
+    risk_max_failures: int = 3  # same device or customer with this many unpaid payments
+
     # Provider simulator (callback resend schedule, like a real provider's backoff).
     simulator_resend_seconds: Annotated[list[float], NoDecode] = [1, 2, 4, 8, 16, 32, 64, 128]
     simulator_hang_seconds: float = 30.0
@@ -75,6 +90,26 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip().startswith("["):
             return [float(part) for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("operator_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        for pair in value:  # type: ignore[union-attr]
+            name, _, token = str(pair).partition(":")
+            if not name or len(token) < 12:
+                raise ValueError("operator tokens are 'name:token' pairs with tokens of at least 12 characters")
+        return value
+
+    @property
+    def operators(self) -> dict[str, str]:
+        """token -> operator name."""
+        return {pair.partition(":")[2]: pair.partition(":")[0] for pair in self.operator_tokens}
+
+    @property
+    def effective_operator_token(self) -> str:
+        return self.operator_token or self.operator_tokens[0].partition(":")[2]
 
     @property
     def effective_database_url(self) -> str:

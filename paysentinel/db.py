@@ -11,12 +11,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Integer, TypeDecorator, String, Text, UniqueConstraint, select, update
+from sqlalchemy import BigInteger, Boolean, DateTime, Integer, TypeDecorator, String, Text, UniqueConstraint, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from paysentinel.models import CheckoutRequest, PaymentRecord, PaymentStatus
+from paysentinel.models import CheckoutRequest, PaymentRecord, PaymentStatus, RefundRecord
 
 
 def utcnow() -> datetime:
@@ -55,13 +55,18 @@ class Payment(Base):
     subject: Mapped[str] = mapped_column(String(128), default="")
     customer_email: Mapped[Optional[str]] = mapped_column(String(254))
     customer_phone: Mapped[Optional[str]] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[str] = mapped_column(String(24), index=True)
     status_seq: Mapped[int] = mapped_column(Integer, default=0)
     trade_no: Mapped[Optional[str]] = mapped_column(String(64))
     pay_url: Mapped[Optional[str]] = mapped_column(Text)
     reason: Mapped[Optional[str]] = mapped_column(Text)
     review_reason: Mapped[Optional[str]] = mapped_column(String(64))
     paid_amount_minor: Mapped[Optional[int]] = mapped_column(BigInteger)
+    refunded_minor: Mapped[int] = mapped_column(BigInteger, default=0)
+    client_ip: Mapped[Optional[str]] = mapped_column(String(45), index=True)
+    device_id: Mapped[Optional[str]] = mapped_column(String(128), index=True)
+    # Provider calls that had to be retried (transient errors), over the payment's life.
+    provider_retries: Mapped[int] = mapped_column(Integer, default=0)
     paid_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
     expires_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -87,6 +92,47 @@ class Callback(Base):
     delivery_error: Mapped[Optional[str]] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     delivered_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+
+
+class Refund(Base):
+    """One refund of one paid trade; ``refund_id`` is the provider's out_request_no."""
+
+    __tablename__ = "refunds"
+
+    refund_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    payment_id: Mapped[str] = mapped_column(String(80), index=True)
+    order_id: Mapped[str] = mapped_column(String(64), index=True)
+    trade_no: Mapped[str] = mapped_column(String(64))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str] = mapped_column(Text)
+    requested_by: Mapped[str] = mapped_column(String(64))
+    submissions: Mapped[int] = mapped_column(Integer, default=0)
+    detail: Mapped[Optional[str]] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class Review(Base):
+    """A manual review: why it was opened, the evidence, and who decided what and why."""
+
+    __tablename__ = "reviews"
+
+    review_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    payment_id: Mapped[str] = mapped_column(String(80), index=True)
+    order_id: Mapped[str] = mapped_column(String(64), index=True)
+    reason: Mapped[str] = mapped_column(String(32), index=True)
+    evidence: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # OPEN, ESCALATED, DECIDED
+    default_action: Mapped[str] = mapped_column(String(16))
+    deadline_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    escalated_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    action: Mapped[Optional[str]] = mapped_column(String(16))
+    decided_by: Mapped[Optional[str]] = mapped_column(String(64))
+    decision_reason: Mapped[Optional[str]] = mapped_column(Text)
+    decided_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -155,6 +201,8 @@ async def claim_order(
                 subject=request.subject,
                 customer_email=request.customer.email,
                 customer_phone=request.customer.phone,
+                client_ip=request.client_ip,
+                device_id=request.device_id,
                 status=PaymentStatus.CREATED.value,
                 status_seq=0,
                 expires_at=expires_at,
@@ -186,3 +234,59 @@ async def apply_record(sessions: async_sessionmaker[AsyncSession], record: Payme
         )
         await session.commit()
         return result.rowcount == 1
+
+
+async def save_refund(sessions: async_sessionmaker[AsyncSession], record: RefundRecord) -> None:
+    """Insert or update a refund row (idempotent: the refund id is the key)."""
+    async with sessions() as session:
+        row = await session.get(Refund, record.refund_id)
+        if row is None:
+            row = Refund(refund_id=record.refund_id)
+            session.add(row)
+        for key, value in record.model_dump().items():
+            setattr(row, key, value.value if key == "status" else value)
+        try:
+            await session.commit()
+        except IntegrityError:  # a concurrent insert of the same refund: update it instead
+            await session.rollback()
+            await save_refund(sessions, record)
+
+
+async def save_review(sessions: async_sessionmaker[AsyncSession], review_id: str, **values: object) -> None:
+    """Insert or update a review row."""
+    async with sessions() as session:
+        row = await session.get(Review, review_id)
+        if row is None:
+            row = Review(review_id=review_id)
+            session.add(row)
+        for key, value in values.items():
+            setattr(row, key, value)
+        await session.commit()
+
+
+async def count_retry(sessions: async_sessionmaker[AsyncSession], payment_id: str) -> None:
+    async with sessions() as session:
+        await session.execute(
+            update(Payment).where(Payment.payment_id == payment_id)
+            .values(provider_retries=Payment.provider_retries + 1)
+        )
+        await session.commit()
+
+
+async def recent_attempts(
+    sessions: async_sessionmaker[AsyncSession], since: datetime, *, exclude: str, client_ip: str | None,
+    device_id: str | None, customer_email: str | None,
+) -> list[Payment]:
+    """Payments since ``since`` from the same IP, device or customer (risk rules read these)."""
+    matches = []
+    if client_ip:
+        matches.append(Payment.client_ip == client_ip)
+    if device_id:
+        matches.append(Payment.device_id == device_id)
+    if customer_email:
+        matches.append(Payment.customer_email == customer_email)
+    if not matches:
+        return []
+    async with sessions() as session:
+        query = select(Payment).where(Payment.created_at >= since, Payment.payment_id != exclude, or_(*matches))
+        return list((await session.scalars(query)).all())

@@ -24,7 +24,10 @@ class PaymentStatus(str, Enum):
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"  # no money moved; the trade could not be created
     CLOSED = "CLOSED"  # unpaid: closed at the provider when its time to live ended
-    IN_REVIEW = "IN_REVIEW"  # money state needs a person (contradicting or unknown result)
+    IN_REVIEW = "IN_REVIEW"  # a person decides (risk, contradicting or unknown result, failed refund)
+    REFUNDING = "REFUNDING"  # captured money is being returned
+    PARTIALLY_REFUNDED = "PARTIALLY_REFUNDED"
+    REFUNDED = "REFUNDED"  # everything captured was returned
 
     @property
     def is_final(self) -> bool:
@@ -32,8 +35,40 @@ class PaymentStatus(str, Enum):
 
 
 FINAL_STATUSES = frozenset(
-    {PaymentStatus.SUCCEEDED, PaymentStatus.FAILED, PaymentStatus.CLOSED, PaymentStatus.IN_REVIEW}
+    {PaymentStatus.SUCCEEDED, PaymentStatus.FAILED, PaymentStatus.CLOSED, PaymentStatus.IN_REVIEW,
+     PaymentStatus.REFUNDING, PaymentStatus.PARTIALLY_REFUNDED, PaymentStatus.REFUNDED}
 )
+
+
+class ReviewReason(str, Enum):
+    RISK_RULE = "risk_rule"  # our own rules flagged the payment before any money moved
+    PROVIDER_RISK = "provider_risk"  # the provider's risk control held the payment
+    AMOUNT_MISMATCH = "amount_mismatch"  # paid amount or currency differs from the order
+    STATUS_UNKNOWN = "status_unknown"  # the provider never confirmed paid or unpaid
+    REFUND_FAILED = "refund_failed"  # a refund exhausted its retries
+
+
+class ReviewAction(str, Enum):
+    APPROVE = "approve"  # let the payment go on as it is
+    REJECT = "reject"  # stop it; money already captured is refunded
+    REFUND = "refund"  # refund what was captured (or retry a failed refund)
+    MARK_PAID = "mark_paid"  # the operator confirmed the payment with the provider
+
+
+# What an operator may do for each reason, and what happens when nobody decides in time.
+REVIEW_ACTIONS: dict[ReviewReason, tuple[list[ReviewAction], ReviewAction]] = {
+    ReviewReason.RISK_RULE: ([ReviewAction.APPROVE, ReviewAction.REJECT], ReviewAction.REJECT),
+    ReviewReason.PROVIDER_RISK: ([ReviewAction.APPROVE, ReviewAction.REJECT], ReviewAction.REJECT),
+    ReviewReason.AMOUNT_MISMATCH: ([ReviewAction.APPROVE, ReviewAction.REJECT, ReviewAction.REFUND], ReviewAction.REFUND),
+    ReviewReason.STATUS_UNKNOWN: ([ReviewAction.MARK_PAID, ReviewAction.REJECT], ReviewAction.REJECT),
+    ReviewReason.REFUND_FAILED: ([ReviewAction.REFUND, ReviewAction.REJECT], ReviewAction.REFUND),
+}
+
+
+class RefundStatus(str, Enum):
+    PROCESSING = "PROCESSING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
 
 
 class TradeStatus(str, Enum):
@@ -84,6 +119,8 @@ class CheckoutRequest(BaseModel):
     provider: str = Field("simulator", description="Payment provider adapter")
     subject: str = Field("", max_length=128, description="What the customer pays for")
     customer: Customer = Field(default_factory=Customer)
+    client_ip: Optional[str] = Field(None, max_length=45, description="Payer's IP, for risk rules")
+    device_id: Optional[str] = Field(None, max_length=128, description="Payer's device, for risk rules")
     expires_in_seconds: Optional[float] = Field(
         None, ge=5, le=7 * 24 * 3600, description="Payment time to live; default from settings"
     )
@@ -95,6 +132,24 @@ class CheckoutRequest(BaseModel):
         if value not in CURRENCY_EXPONENTS:
             raise ValueError(f"unsupported currency {value!r}; use one of {sorted(CURRENCY_EXPONENTS)}")
         return value
+
+
+class RefundCreate(BaseModel):
+    """A merchant-initiated refund (``POST /payments/{id}/refunds``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    amount_minor: int = Field(..., gt=0, le=10**12)
+    reason: str = Field(..., min_length=1, max_length=256)
+
+
+class RefundView(BaseModel):
+    refund_id: str  # also the provider's out_request_no
+    trade_no: str
+    amount_minor: int
+    status: RefundStatus
+    reason: str
+    requested_by: str
+    detail: Optional[str] = None
 
 
 class TimelineEntry(BaseModel):
@@ -116,7 +171,11 @@ class PaymentView(BaseModel):
     trade_no: Optional[str] = None
     reason: Optional[str] = None
     review_reason: Optional[str] = None
+    review_id: Optional[str] = None
+    captured_minor: int = 0
+    refunded_minor: int = 0
     expires_at: Optional[datetime] = None
+    refunds: list[RefundView] = Field(default_factory=list)
     timeline: list[TimelineEntry] = Field(default_factory=list)
 
 
@@ -131,6 +190,10 @@ class PaymentTiming(BaseModel):
     close_attempts: int
     provider_retry_initial_seconds: float
     provider_max_attempts: int
+    refund_window_seconds: float = 0.0
+    refund_submissions: int = 3
+    review_escalate_seconds: float = 3600.0
+    review_deadline_seconds: float = 86400.0
 
 
 class PaymentInput(BaseModel):
@@ -152,6 +215,72 @@ class ProviderCallback(BaseModel):
     currency: str
     paid_at: Optional[datetime] = None
     received_at: datetime
+
+
+class RefundCommand(BaseModel):
+    """The ``refund`` update: a refund asked for by the merchant (idempotent by ``key``)."""
+
+    key: str = Field(..., pattern=r"^[A-Za-z0-9_\-]{1,24}$")
+    amount_minor: int = Field(..., gt=0)
+    reason: str = Field(..., min_length=1, max_length=256)
+    requested_by: str = "merchant"
+
+
+class RefundInput(BaseModel):
+    """RefundWorkflow's input: one refund of one paid trade."""
+
+    payment_id: str
+    provider: str
+    order_id: str
+    trade_no: str
+    refund_id: str
+    amount_minor: int
+    currency: str
+    reason: str
+    requested_by: str
+    timing: PaymentTiming
+
+
+class ReviewDecision(BaseModel):
+    """The ``decide`` update on a review: what an operator decided and why."""
+
+    action: ReviewAction
+    reason: str = Field(..., min_length=3, max_length=500)
+    operator: str = Field(..., min_length=1, max_length=64)
+
+
+class ReviewInput(BaseModel):
+    review_id: str
+    payment_id: str
+    order_id: str
+    reason: ReviewReason
+    evidence: str
+    amount_minor: int
+    currency: str
+    captured_minor: int
+    escalate_after_seconds: float
+    deadline_seconds: float
+
+
+class ReviewOutcome(BaseModel):
+    review_id: str
+    action: ReviewAction
+    operator: str
+    reason: str
+    by_deadline: bool = False
+
+
+class ReviewView(BaseModel):
+    review_id: str
+    payment_id: str
+    order_id: str
+    reason: ReviewReason
+    evidence: str
+    status: Literal["OPEN", "ESCALATED", "DECIDED"]
+    allowed_actions: list[ReviewAction]
+    default_action: ReviewAction
+    deadline_at: Optional[datetime] = None
+    decision: Optional[ReviewOutcome] = None
 
 
 # --- Activity inputs and results ----------------------------------------------------
@@ -187,6 +316,40 @@ class Trade(BaseModel):
     paid_at: Optional[datetime] = None
 
 
+class ProviderRefund(BaseModel):
+    """The provider's view of a refund."""
+
+    refund_id: str
+    trade_no: str
+    amount_minor: int
+    status: RefundStatus
+    fail_reason: Optional[str] = None
+
+
+class RefundRecord(BaseModel):
+    refund_id: str
+    payment_id: str
+    order_id: str
+    trade_no: str
+    amount_minor: int
+    currency: str
+    status: RefundStatus
+    reason: str
+    requested_by: str
+    submissions: int = 0
+    detail: Optional[str] = None
+
+
+class RiskCheckInput(BaseModel):
+    payment_id: str
+    request: CheckoutRequest
+
+
+class RiskVerdict(BaseModel):
+    flagged: bool
+    hits: list[str] = Field(default_factory=list)
+
+
 class PaymentRecord(BaseModel):
     """A snapshot of the payment that the workflow writes to the database.
 
@@ -202,6 +365,7 @@ class PaymentRecord(BaseModel):
     reason: Optional[str] = None
     review_reason: Optional[str] = None
     paid_amount_minor: Optional[int] = None
+    refunded_minor: int = 0
     paid_at: Optional[datetime] = None
     expires_at: Optional[datetime] = None
     event: str = ""

@@ -1,8 +1,10 @@
 """Checkout API: the checkout service starts payments here and reads their status.
 
-POST /payments           start (idempotent by order id) -> payment id, status, pay URL
-GET  /payments/{id}      status and timeline
-GET  /callbacks          verified callbacks that could not be delivered to a payment
+POST /payments                start (idempotent by order id) -> payment id, status, pay URL
+GET  /payments/{id}           status, refunds and timeline
+POST /payments/{id}/refunds   refund part or all of a paid payment (idempotent by Idempotency-Key)
+GET  /callbacks               verified callbacks that could not be delivered to a payment
+/operator/...                 reviews and decisions (see starters/operator_api.py)
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 from datetime import datetime, timedelta, timezone
 from typing import Optional
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Response
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import select
 from temporalio.client import WorkflowUpdateFailedError
@@ -22,9 +24,26 @@ from temporalio.service import RPCError
 
 from paysentinel import db
 from paysentinel.config import Settings
-from paysentinel.models import CheckoutRequest, PaymentInput, PaymentStatus, PaymentTiming, PaymentView
+from paysentinel.models import (
+    CheckoutRequest,
+    PaymentInput,
+    PaymentStatus,
+    PaymentTiming,
+    PaymentView,
+    RefundCommand,
+    RefundCreate,
+    RefundView,
+)
 from paysentinel.providers import SUPPORTED_PROVIDERS
-from starters.common import Resources, error_body, lifespan_for, readable_validation_error, resources
+from starters.common import (
+    Resources,
+    error_body,
+    lifespan_for,
+    readable_validation_error,
+    resources,
+    update_error,
+)
+from starters.operator_api import router as operator_router
 from workflows.payment import AMOUNT_MINOR, CURRENCY, ORDER_ID, PAYMENT_STATUS, PROVIDER, PaymentWorkflow, payment_workflow_id
 
 log = logging.getLogger("paysentinel.api")
@@ -39,6 +58,10 @@ def timing_from(settings: Settings) -> PaymentTiming:
         close_attempts=settings.close_attempts,
         provider_retry_initial_seconds=settings.provider_retry_initial_seconds,
         provider_max_attempts=settings.provider_max_attempts,
+        refund_window_seconds=settings.refund_window_seconds,
+        refund_submissions=settings.refund_submissions,
+        review_escalate_seconds=settings.review_escalate_seconds,
+        review_deadline_seconds=settings.review_deadline_seconds,
     )
 
 
@@ -109,6 +132,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="paysentinel checkout API", version="0.1.0", lifespan=lifespan_for(settings))
     app.add_exception_handler(RequestValidationError, readable_validation_error)
     app.add_exception_handler(HTTPException, error_body)
+    app.include_router(operator_router)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -134,13 +158,30 @@ def create_app(settings: Settings) -> FastAPI:
             row = await session.get(db.Payment, payment_id)
         if row is None:
             raise HTTPException(404, f"no payment {payment_id!r}; payment ids look like 'payment-<order id>'")
-        view = view_from_row(row)
         try:
-            live = await asyncio.wait_for(res.client.get_workflow_handle(payment_id).query(PaymentWorkflow.view), 5)
-            view.timeline = live.timeline
+            return await asyncio.wait_for(res.client.get_workflow_handle(payment_id).query(PaymentWorkflow.view), 5)
         except Exception as err:  # timeout, worker down, query failed: the row alone is still correct
-            log.info("payment %s: no timeline (%s)", payment_id, err)
-        return view
+            log.info("payment %s: answering from the database (%s)", payment_id, err)
+            return view_from_row(row)
+
+    @app.post("/payments/{payment_id}/refunds", response_model=RefundView, status_code=202)
+    async def refund_payment(
+        payment_id: str,
+        body: RefundCreate,
+        idempotency_key: str = Header(
+            ..., pattern=r"^[A-Za-z0-9_\-]{1,24}$",
+            description="Your key for this refund: the same key again returns the same refund",
+        ),
+        res: Resources = Depends(resources),
+    ) -> RefundView:
+        async with res.sessions() as session:
+            if await session.get(db.Payment, payment_id) is None:
+                raise HTTPException(404, f"no payment {payment_id!r}; payment ids look like 'payment-<order id>'")
+        command = RefundCommand(key=idempotency_key, amount_minor=body.amount_minor, reason=body.reason)
+        try:
+            return await res.client.get_workflow_handle(payment_id).execute_update(PaymentWorkflow.refund, command)
+        except (WorkflowUpdateFailedError, RPCError) as err:
+            raise update_error(err, f"payment {payment_id}") from err
 
     @app.get("/callbacks")
     async def list_callbacks(

@@ -11,7 +11,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from paysentinel import db
 from paysentinel.config import Settings
@@ -58,3 +59,15 @@ async def readable_validation_error(_: Request, exc: RequestValidationError) -> 
 async def error_body(_: Request, exc: HTTPException) -> JSONResponse:
     """Every error answers {"error": "what went wrong and what to do"}."""
     return JSONResponse(status_code=exc.status_code, content={"error": exc.detail}, headers=exc.headers)
+
+
+def update_error(err: Exception, what: str) -> HTTPException:
+    """A refused Temporal update as an HTTP error that says why."""
+    if isinstance(err, WorkflowUpdateFailedError):
+        cause = err.cause
+        while getattr(cause, "cause", None) is not None:
+            cause = cause.cause
+        return HTTPException(409, str(getattr(cause, "message", None) or cause or err))
+    if isinstance(err, RPCError) and err.status == RPCStatusCode.NOT_FOUND:
+        return HTTPException(409, f"{what} is no longer running (its refund and review windows are over)")
+    return HTTPException(503, f"Temporal did not take the request ({err}); try again")

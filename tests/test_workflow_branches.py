@@ -19,12 +19,22 @@ from paysentinel.models import (
     PaymentTiming,
     PaymentView,
     ProviderCallback,
+    ProviderRefund,
     RecordPaymentInput,
+    RefundInput,
+    RefundRecord,
+    RefundStatus,
+    ReviewInput,
+    ReviewOutcome,
+    RiskCheckInput,
+    RiskVerdict,
     Trade,
     TradeRef,
     TradeStatus,
 )
 from workflows.payment import PaymentWorkflow
+from workflows.refund import RefundWorkflow
+from workflows.review import ManualReviewWorkflow
 
 TIMING = PaymentTiming(
     callback_timeout_seconds=0.3,
@@ -34,6 +44,10 @@ TIMING = PaymentTiming(
     close_attempts=2,
     provider_retry_initial_seconds=0.05,
     provider_max_attempts=2,
+    refund_window_seconds=0.3,
+    refund_submissions=2,
+    review_escalate_seconds=0.2,
+    review_deadline_seconds=0.5,  # nobody decides in these tests: the safe default applies
 )
 
 
@@ -41,8 +55,13 @@ class FakeProvider:
     """Scripted provider results; records every call and database snapshot."""
 
     def __init__(self, queries: list[str | None] | None = None, close: str | None = "TRADE_CLOSED",
-                 close_fails: bool = False, create_error: Exception | None = None):
+                 close_fails: bool = False, create_error: Exception | None = None,
+                 refund_fails: bool = False, risk_hits: list[str] | None = None):
         self.queries = list(queries or [])
+        self.refund_fails = refund_fails
+        self.risk_hits = risk_hits or []
+        self.refund_calls: list[str] = []
+        self.reviews: list[str] = []
         self.close = close
         self.close_fails = close_fails
         self.create_error = create_error
@@ -85,7 +104,39 @@ class FakeProvider:
                 raise RuntimeError("provider down")
             return self.trade(ref.order_id, self.close)
 
-        return [record_payment, save_payment_state, create_trade, query_trade, close_trade]
+        @activity.defn(name="refund_trade")
+        async def refund_trade(request: RefundInput) -> ProviderRefund:
+            self.refund_calls.append(f"{request.trade_no}:{request.amount_minor}:{request.refund_id}")
+            status = RefundStatus.FAILED if self.refund_fails else RefundStatus.SUCCEEDED
+            return ProviderRefund(refund_id=request.refund_id, trade_no=request.trade_no,
+                                  amount_minor=request.amount_minor, status=status, fail_reason="no balance")
+
+        @activity.defn(name="query_refund")
+        async def query_refund(request: RefundInput) -> ProviderRefund | None:
+            return None
+
+        @activity.defn(name="save_refund")
+        async def save_refund(record: RefundRecord) -> None:
+            pass
+
+        @activity.defn(name="open_review")
+        async def open_review(review: ReviewInput) -> None:
+            self.reviews.append(review.reason.value)
+
+        @activity.defn(name="escalate_review")
+        async def escalate_review(review: ReviewInput) -> None:
+            self.calls.append("escalate")
+
+        @activity.defn(name="close_review")
+        async def close_review(outcome: ReviewOutcome) -> None:
+            self.calls.append(f"decided:{outcome.action.value}:{outcome.operator}")
+
+        @activity.defn(name="assess_risk")
+        async def assess_risk(check: RiskCheckInput) -> RiskVerdict:
+            return RiskVerdict(flagged=bool(self.risk_hits), hits=self.risk_hits)
+
+        return [record_payment, save_payment_state, create_trade, query_trade, close_trade, refund_trade,
+                query_refund, save_refund, open_review, escalate_review, close_review, assess_risk]
 
 
 async def run_payment(client: Client, provider: FakeProvider, signals: list[ProviderCallback] = ()) -> PaymentView:
@@ -97,7 +148,8 @@ async def run_payment(client: Client, provider: FakeProvider, signals: list[Prov
         notify_url="http://127.0.0.1:1/webhooks/simulator",
         timing=TIMING,
     )
-    async with Worker(client, task_queue=task_queue, workflows=[PaymentWorkflow], activities=provider.activities()):
+    workflows = [PaymentWorkflow, RefundWorkflow, ManualReviewWorkflow]
+    async with Worker(client, task_queue=task_queue, workflows=workflows, activities=provider.activities()):
         handle = await client.start_workflow(PaymentWorkflow.run, payment_input, id=payment_input.payment_id,
                                              task_queue=task_queue)
         for event in signals:
@@ -105,8 +157,36 @@ async def run_payment(client: Client, provider: FakeProvider, signals: list[Prov
         return await handle.result()
 
 
-def callback(status: str = "TRADE_SUCCESS", amount: int = 1000, event_id: str = "evt_1") -> ProviderCallback:
-    return ProviderCallback(event_id=event_id, provider="simulator", order_id="", trade_no="T1",
+async def run_payment_until(client: Client, provider: FakeProvider, signals: list[ProviderCallback], status: str,
+                            reviews: int) -> PaymentView:
+    """For payments that wait for a person: run until the status shows and ``reviews`` were opened."""
+    import asyncio
+
+    task_queue = f"branches-{uuid.uuid4().hex[:8]}"
+    order = f"wf-{uuid.uuid4().hex[:8]}"
+    payment_input = PaymentInput(payment_id=f"payment-{order}", request=CheckoutRequest(order_id=order, amount_minor=1000),
+                                 notify_url="http://127.0.0.1:1/webhooks/simulator", timing=TIMING)
+    workflows = [PaymentWorkflow, RefundWorkflow, ManualReviewWorkflow]
+    async with Worker(client, task_queue=task_queue, workflows=workflows, activities=provider.activities()):
+        handle = await client.start_workflow(PaymentWorkflow.run, payment_input, id=payment_input.payment_id,
+                                             task_queue=task_queue)
+        for event in signals:
+            await handle.signal(PaymentWorkflow.callback, event.model_copy(update={"order_id": order}))
+        for _ in range(150):
+            view = await handle.query(PaymentWorkflow.view)
+            if view.status.value == status and len(provider.reviews) >= reviews:
+                await asyncio.sleep(1.0)  # nothing more happens by itself
+                view = await handle.query(PaymentWorkflow.view)
+                await handle.terminate("test done")
+                return view
+            await asyncio.sleep(0.2)
+        await handle.terminate("test timed out")
+        raise AssertionError(f"never reached {status} with {reviews} reviews: {view}")
+
+
+def callback(status: str = "TRADE_SUCCESS", amount: int = 1000, event_id: str = "evt_1",
+             trade_no: str = "T1") -> ProviderCallback:
+    return ProviderCallback(event_id=event_id, provider="simulator", order_id="", trade_no=trade_no,
                             trade_status=TradeStatus(status), amount_minor=amount, currency="CNY",
                             received_at=datetime.now(timezone.utc))
 
@@ -141,8 +221,11 @@ async def test_close_that_reveals_payment_means_paid(client):
 async def test_provider_unreachable_at_close_goes_to_review(client):
     provider = FakeProvider(close_fails=True)
     view = await run_payment(client, provider)
-    assert (view.status.value, view.review_reason) == ("IN_REVIEW", "status_unknown")
     assert sum(c.startswith("close") for c in provider.calls) == 2 * 2  # rounds x attempts, bounded
+    assert provider.reviews == ["status_unknown"]
+    assert "escalate" in provider.calls and "decided:reject:system" in provider.calls  # deadline default
+    assert (view.status.value, view.review_reason) == ("CLOSED", "status_unknown")
+    assert statuses(provider) == ["PENDING", "IN_REVIEW", "CLOSED"]
 
 
 async def test_provider_rejection_on_create_fails_without_retry(client):
@@ -161,10 +244,14 @@ async def test_duplicate_signal_makes_one_transition(client):
     assert [e.event for e in view.timeline].count("callback duplicate") == 1
 
 
-async def test_wrong_amount_goes_to_review(client):
-    provider = FakeProvider()
+async def test_wrong_amount_goes_to_review_and_defaults_to_refund(client):
+    provider = FakeProvider(queries=["TRADE_SUCCESS"])  # the provider's own view: 1000 taken
     view = await run_payment(client, provider, [callback(amount=1)])
-    assert (view.status.value, view.review_reason) == ("IN_REVIEW", "amount_mismatch")
+    assert provider.reviews == ["amount_mismatch"]
+    assert "decided:refund:system" in provider.calls
+    assert [c.split(":")[:2] for c in provider.refund_calls] == [["T1", "1000"]]  # what the provider took
+    assert (view.status.value, view.captured_minor, view.refunded_minor) == ("REFUNDED", 1000, 1000)
+    assert statuses(provider) == ["PENDING", "IN_REVIEW", "REFUNDING", "REFUNDED"]
 
 
 async def test_terminal_status_never_regresses(client):
@@ -175,8 +262,34 @@ async def test_terminal_status_never_regresses(client):
     assert statuses(provider) == ["PENDING", "SUCCEEDED"]
 
 
-async def test_success_after_closed_callback_goes_to_review(client):
+async def test_success_after_closed_callback_is_refunded(client):
     provider = FakeProvider()
     view = await run_payment(client, provider, [callback("TRADE_CLOSED", event_id="evt_a"), callback(event_id="evt_b")])
-    assert (view.status.value, view.review_reason) == ("IN_REVIEW", "paid_after_close")
-    assert statuses(provider) == ["PENDING", "CLOSED", "IN_REVIEW"]
+    assert statuses(provider) == ["PENDING", "CLOSED", "REFUNDING", "REFUNDED"]
+    assert len(provider.refund_calls) == 1 and view.refunds[0].reason == "paid after the payment was CLOSED"
+
+
+async def test_second_paid_trade_is_refunded_once(client):
+    provider = FakeProvider()
+    second = callback(event_id="evt_2", trade_no="T2")
+    view = await run_payment(client, provider, [callback(), second, second.model_copy(update={"event_id": "evt_3"})])
+    assert [c.split(":")[:2] for c in provider.refund_calls] == [["T2", "1000"]]
+    assert (view.status.value, view.trade_no, view.captured_minor, view.refunded_minor) == ("SUCCEEDED", "T1", 2000, 1000)
+    assert statuses(provider) == ["PENDING", "SUCCEEDED", "REFUNDING", "SUCCEEDED"]
+
+
+async def test_failing_refund_goes_to_review_and_is_bounded(client):
+    provider = FakeProvider(refund_fails=True)
+    view = await run_payment_until(client, provider, [callback("TRADE_CLOSED", event_id="evt_a"),
+                                                      callback(event_id="evt_b")], "IN_REVIEW", reviews=3)
+    assert provider.reviews == ["refund_failed"] * 3
+    assert len(provider.refund_calls) == 3 * TIMING.refund_submissions  # deadline default retried twice, then waits
+    assert view.review_reason == "refund_failed"
+
+
+async def test_risk_rule_hit_is_rejected_by_default_before_any_money_moves(client):
+    provider = FakeProvider(risk_hits=["device d1 tried 3 different amounts within 600s"])
+    view = await run_payment(client, provider)
+    assert provider.reviews == ["risk_rule"]
+    assert not [c for c in provider.calls if c.startswith("create")]
+    assert view.status.value == "FAILED" and "risk review" in view.reason

@@ -8,17 +8,19 @@ import logging
 import httpx
 from temporalio.worker import Worker
 
-from activities.payment import PaymentActivities
+from activities.payment import PaymentActivities, RiskRules
 from paysentinel import db
 from paysentinel.config import Settings
 from paysentinel.devserver import ensure_search_attributes
 from paysentinel.providers import build_providers
 from paysentinel.temporal import connect
 from workflows.payment import PaymentWorkflow
+from workflows.refund import RefundWorkflow
+from workflows.review import ManualReviewWorkflow
 
 log = logging.getLogger("paysentinel.worker")
 
-WORKFLOWS = [PaymentWorkflow]
+WORKFLOWS = [PaymentWorkflow, RefundWorkflow, ManualReviewWorkflow]
 
 
 def activities_of(payment: PaymentActivities) -> list:
@@ -28,6 +30,13 @@ def activities_of(payment: PaymentActivities) -> list:
         payment.create_trade,
         payment.query_trade,
         payment.close_trade,
+        payment.refund_trade,
+        payment.query_refund,
+        payment.save_refund,
+        payment.open_review,
+        payment.escalate_review,
+        payment.close_review,
+        payment.assess_risk,
     ]
 
 
@@ -39,7 +48,13 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     engine = db.make_engine(settings.effective_database_url)
     timeout = httpx.Timeout(settings.provider_timeout_seconds)
     async with httpx.AsyncClient(timeout=timeout) as http:
-        payment = PaymentActivities(build_providers(settings, http), db.make_sessionmaker(engine))
+        risk = RiskRules(
+            window_seconds=settings.risk_window_seconds,
+            max_distinct_amounts=settings.risk_max_distinct_amounts,
+            failure_window_seconds=settings.risk_failure_window_seconds,
+            max_failures=settings.risk_max_failures,
+        )
+        payment = PaymentActivities(build_providers(settings, http), db.make_sessionmaker(engine), risk)
         worker = Worker(
             client,
             task_queue=settings.task_queue,

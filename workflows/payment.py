@@ -1,10 +1,16 @@
 """PaymentWorkflow: one durable workflow per payment, from checkout to a final state.
 
-record the payment -> create the trade at the provider -> wait for the callback
-(timeout) -> query the provider with a bounded backoff -> at the end of the payment's
-time to live, close the trade at the provider (a close that reveals a payment means it
-was paid) -> final state -> keep listening for late callbacks for the provider's resend
-window.
+risk rules (a flagged payment goes to review before any money moves) -> record the
+payment -> create the trade at the provider -> wait for the callback (timeout) -> query
+the provider with a bounded backoff -> at the end of the payment's time to live, close
+the trade at the provider (a close that reveals a payment means it was paid) -> final
+state -> keep listening for late callbacks for the provider's resend window, and for
+refund requests for the refund window.
+
+Money that moved but disagrees with the order branches into child workflows: a second
+paid trade or a payment after close is refunded (RefundWorkflow); a wrong amount, a
+provider risk hold, a status nobody could confirm or a refund that keeps failing goes to
+a person (ManualReviewWorkflow).
 
 Deterministic orchestration only: every side effect is an activity.
 """
@@ -12,18 +18,24 @@ Deterministic orchestration only: every side effect is an activity.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from datetime import timedelta
 from typing import Optional
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.common import SearchAttributeKey
+from temporalio.exceptions import ActivityError
+from temporalio.workflow import ParentClosePolicy
+
+from workflows.common import cause, db_call, provider_call, rejection_code
+from workflows.refund import RefundWorkflow, refund_workflow_id
+from workflows.review import ManualReviewWorkflow, review_workflow_id
 
 with workflow.unsafe.imports_passed_through():
     import email_validator  # noqa: F401  (pydantic loads it lazily to validate EmailStr)
     import idna.uts46data  # noqa: F401
 
-    from activities.payment import ORDER_CONFLICT, PROVIDER_REJECTED, PaymentActivities
+    from activities.payment import PaymentActivities
     from paysentinel.models import (
         CreateTradeInput,
         PaymentInput,
@@ -32,6 +44,15 @@ with workflow.unsafe.imports_passed_through():
         PaymentView,
         ProviderCallback,
         RecordPaymentInput,
+        RefundCommand,
+        RefundInput,
+        RefundStatus,
+        RefundView,
+        ReviewAction,
+        ReviewInput,
+        ReviewOutcome,
+        ReviewReason,
+        RiskCheckInput,
         TimelineEntry,
         Trade,
         TradeRef,
@@ -47,6 +68,11 @@ CURRENCY = SearchAttributeKey.for_keyword("Currency")
 REVIEW_REASON = SearchAttributeKey.for_keyword("ReviewReason")
 
 OPEN = (PaymentStatus.CREATED, PaymentStatus.PENDING)
+RISK_HOLD = "ACQ.RISK_HOLD"
+# A failed refund is retried by a review's deadline default this many times; after that
+# its review has no deadline: a person must decide.
+AUTOMATIC_REFUND_ROUNDS = 2
+NO_DEADLINE_SECONDS = 10 * 365 * 86400.0
 
 
 def payment_workflow_id(order_id: str) -> str:
@@ -54,9 +80,9 @@ def payment_workflow_id(order_id: str) -> str:
     return f"payment-{order_id}"
 
 
-DB_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30), maximum_attempts=10
-)
+def refund_id_for(order_id: str, key: str) -> str:
+    """The provider's out_request_no: derived from the order and the request, never random."""
+    return "rf" + hashlib.sha256(f"{order_id}:{key}".encode()).hexdigest()[:30]
 
 
 @workflow.defn
@@ -66,6 +92,7 @@ class PaymentWorkflow:
         self._input = input
         self._request = input.request
         self._status = PaymentStatus.CREATED
+        self._base = PaymentStatus.CREATED  # the lifecycle's own outcome, before refunds and reviews
         self._seq = 0
         self._timeline: list[TimelineEntry] = []
         self._inbox: list[ProviderCallback] = []
@@ -74,9 +101,16 @@ class PaymentWorkflow:
         self._pay_url: Optional[str] = None
         self._reason: Optional[str] = None
         self._review_reason: Optional[str] = None
-        self._paid_amount_minor: Optional[int] = None
         self._paid_at = None
         self._expires_at = None
+        self._captured: dict[str, int] = {}  # trade_no -> amount the provider took
+        self._refunded: dict[str, int] = {}  # trade_no -> amount refunded
+        self._accepted: Optional[str] = None  # the trade this order is paid with
+        self._refunds: dict[str, RefundView] = {}  # refund key -> refund
+        self._open_reviews: dict[str, str] = {}  # review id -> reason
+        self._reviews = 0
+        self._busy = 0  # refunds and reviews still running
+        self._final_at = None
 
     # --- Messages -------------------------------------------------------------------
 
@@ -95,6 +129,38 @@ class PaymentWorkflow:
         await workflow.wait_condition(lambda: self._pay_url is not None or self._status not in OPEN)
         return self._view()
 
+    @workflow.update
+    async def refund(self, command: RefundCommand) -> RefundView:
+        """A merchant's refund of the paid amount; the same key again is the same refund."""
+        if command.key in self._refunds:
+            return self._refunds[command.key]
+        assert self._accepted is not None
+        return self._start_refund(self._accepted, command.amount_minor, command.key, command.reason,
+                                  command.requested_by)
+
+    @refund.validator
+    def _check_refund(self, command: RefundCommand) -> None:
+        existing = self._refunds.get(command.key)
+        if existing is not None:
+            if existing.amount_minor != command.amount_minor:
+                raise ValueError(
+                    f"refund key {command.key!r} was already used for {self._money(existing.amount_minor)}"
+                )
+            return
+        if self._accepted is None:
+            raise ValueError(f"the payment is {self._status.value}; only a paid payment can be refunded")
+        if self._open_reviews:
+            raise ValueError("the payment is under review; the review decides what happens to the money first")
+        trade = self._accepted
+        taken = self._refunding_or_refunded(trade)
+        refundable = self._captured[trade] - taken
+        if command.amount_minor > refundable:
+            raise ValueError(
+                f"a refund of {self._money(command.amount_minor)} exceeds what is refundable: "
+                f"{self._money(refundable)} (captured {self._money(self._captured[trade])}, "
+                f"refunded or refunding {self._money(taken)})"
+            )
+
     @workflow.query
     def view(self) -> PaymentView:
         return self._view()
@@ -103,79 +169,113 @@ class PaymentWorkflow:
 
     @workflow.run
     async def run(self, input: PaymentInput) -> PaymentView:
-        request, timing = input.request, input.timing
-        ttl = request.expires_in_seconds or timing.payment_ttl_seconds
-        self._expires_at = workflow.now() + timedelta(seconds=ttl)
+        request = input.request
+        self._set_expiry()
         self._note(
             "created",
-            f"order {request.order_id}, {to_major(request.amount_minor, request.currency)} {request.currency} "
-            f"via {request.provider}, expires {self._expires_at.isoformat()}",
+            f"order {request.order_id}, {self._money(request.amount_minor)} via {request.provider}, "
+            f"expires {self._expires_at.isoformat()}",
         )
-        await self._db(
+        await db_call(
             PaymentActivities.record_payment,
             RecordPaymentInput(payment_id=input.payment_id, request=request, expires_at=self._expires_at),
             "record payment",
         )
-
-        trade = await self._create_trade()
-        if trade is not None:
-            self._trade_no, self._pay_url = trade.trade_no, trade.pay_url
-            await self._transition(PaymentStatus.PENDING, "trade created", f"trade {trade.trade_no}; waiting for the payer")
-            await self._await_outcome()
-
-        await self._listen_for_late_callbacks()
+        if await self._passes_risk_rules():
+            trade = await self._create_trade()
+            if trade is not None:
+                self._trade_no, self._pay_url = trade.trade_no, trade.pay_url
+                await self._transition(PaymentStatus.PENDING, "trade created",
+                                       f"trade {trade.trade_no}; waiting for the payer")
+                await self._await_outcome()
+        self._final_at = workflow.now()
+        await self._serve_late_events()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._view()
 
+    def _set_expiry(self) -> None:
+        ttl = self._request.expires_in_seconds or self._input.timing.payment_ttl_seconds
+        self._expires_at = workflow.now() + timedelta(seconds=ttl)
+
+    async def _passes_risk_rules(self) -> bool:
+        verdict = await db_call(
+            PaymentActivities.assess_risk,
+            RiskCheckInput(payment_id=self._input.payment_id, request=self._request),
+            "risk rules",
+        )
+        if not verdict.flagged:
+            return True
+        outcome = await self._review(ReviewReason.RISK_RULE, "; ".join(verdict.hits))
+        if outcome.action is ReviewAction.APPROVE:
+            self._set_expiry()  # the payer's time starts now that the payment may go on
+            return True
+        await self._transition(PaymentStatus.FAILED, "rejected", f"risk review: {outcome.reason}; no money moved")
+        return False
+
     async def _create_trade(self) -> Optional[Trade]:
         request = self._request
-        try:
-            return await self._provider_call(
-                PaymentActivities.create_trade,
-                CreateTradeInput(
-                    provider=request.provider,
-                    order_id=request.order_id,
-                    amount_minor=request.amount_minor,
-                    currency=request.currency,
-                    subject=request.subject,
-                    notify_url=self._input.notify_url,
-                    expires_at=self._expires_at,
-                    idempotency_key=f"{workflow.info().workflow_id}:create",
-                ),
-                "create trade",
-            )
-        except ActivityError as err:
-            if _is_rejection(err):
-                await self._transition(PaymentStatus.FAILED, "create rejected", f"provider rejected the trade: {_cause(err)}")
-                return None
+        for attempt in (1, 2):
+            try:
+                return await provider_call(
+                    PaymentActivities.create_trade,
+                    CreateTradeInput(
+                        provider=request.provider,
+                        order_id=request.order_id,
+                        amount_minor=request.amount_minor,
+                        currency=request.currency,
+                        subject=request.subject,
+                        notify_url=self._input.notify_url,
+                        expires_at=self._expires_at,
+                        idempotency_key=f"{workflow.info().workflow_id}:create" + ("" if attempt == 1 else ":after-review"),
+                    ),
+                    self._input.timing,
+                    "create trade",
+                )
+            except ActivityError as err:
+                code = rejection_code(err)
+                if code == RISK_HOLD and attempt == 1:
+                    outcome = await self._review(ReviewReason.PROVIDER_RISK, f"provider held the payment: {cause(err)}")
+                    if outcome.action is ReviewAction.APPROVE:
+                        self._note("create again", "the operator approved; asking the provider again")
+                        continue
+                    await self._transition(PaymentStatus.FAILED, "rejected", f"provider risk hold: {outcome.reason}")
+                    return None
+                if code is not None:
+                    await self._transition(PaymentStatus.FAILED, "create rejected",
+                                           f"provider rejected the trade: {cause(err)}")
+                    return None
+                break
         # Retries exhausted: the provider may still have created the trade. Close it so
         # nobody can pay it; only then is "failed, no money moved" true.
         self._note("create failed", "provider unavailable after bounded retries; closing the order at the provider")
         closed = await self._close_trade(attempts=1)
         if closed is not None:
             await self._apply_trade(closed, "close after failed create")
-        if self._status in OPEN:
+        if self._status in OPEN and not self._captured:
             await self._transition(
                 PaymentStatus.FAILED, "create failed", "the provider did not answer within the retry limit; no money moved"
             )
         return None
+
+    def _undecided(self) -> bool:
+        return self._status in OPEN and not self._captured
 
     async def _await_outcome(self) -> None:
         timing = self._input.timing
         await self._wait_for_callback(min(timing.callback_timeout_seconds, self._seconds_left()), "callback timeout")
         await self._process_inbox()
         attempt = 0
-        while self._status in OPEN and self._seconds_left() > 0:
+        while self._undecided() and self._seconds_left() > 0:
             trade = await self._query_trade(attempt + 1)
             if trade is not None:
                 await self._apply_trade(trade, f"query #{attempt + 1}")
-            if self._status not in OPEN:
+            if not self._undecided():
                 break
             delay = timing.query_backoff_seconds[min(attempt, len(timing.query_backoff_seconds) - 1)]
             attempt += 1
             await self._wait_for_callback(min(delay, self._seconds_left()), f"next query in {delay:g}s")
             await self._process_inbox()
-        if self._status in OPEN:
+        if self._undecided():
             await self._expire()
 
     async def _expire(self) -> None:
@@ -183,31 +283,44 @@ class PaymentWorkflow:
         self._note("expired", "time to live ended; closing the trade at the provider")
         trade = await self._close_trade(attempts=self._input.timing.close_attempts)
         await self._process_inbox()
-        if self._status not in OPEN:
+        if not self._undecided():
             return
-        if trade is None:
-            await self._transition(
-                PaymentStatus.IN_REVIEW, "status unknown",
-                "the provider could not be reached to close the trade; a person must check it",
-                review_reason="status_unknown",
-            )
-        elif not trade.exists:
+        if trade is not None and not trade.exists:
             await self._transition(PaymentStatus.CLOSED, "closed", "the provider has no such trade; nothing was paid")
-        else:
+            return
+        if trade is not None:
             await self._apply_trade(trade, "close")
-            if self._status in OPEN:
-                await self._transition(
-                    PaymentStatus.IN_REVIEW, "status unknown",
-                    f"provider still reports {trade.status} after close", review_reason="status_unknown",
-                )
+            if not self._undecided():
+                return
+        evidence = (
+            "the provider could not be reached to close the trade" if trade is None
+            else f"the provider still reports {trade.status} after close"
+        )
+        outcome = await self._review(ReviewReason.STATUS_UNKNOWN, evidence)
+        if outcome.action is ReviewAction.MARK_PAID and self._trade_no:
+            self._captured[self._trade_no] = self._request.amount_minor
+            self._accepted, self._base = self._trade_no, PaymentStatus.SUCCEEDED
+            await self._settle("marked paid", f"by {outcome.operator}: {outcome.reason}")
+        else:
+            self._base = PaymentStatus.CLOSED
+            await self._settle("closed", f"by {outcome.operator}: {outcome.reason}")
 
-    async def _listen_for_late_callbacks(self) -> None:
-        """Providers resend callbacks for hours; late and contradicting ones are handled here."""
-        window = self._input.timing.resend_window_seconds
-        end = workflow.now() + timedelta(seconds=window)
-        self._note("listening", f"for late callbacks until {end.isoformat()}")
-        while (left := (end - workflow.now()).total_seconds()) > 0:
-            await self._wait_for_callback(left, "late-callback window")
+    async def _serve_late_events(self) -> None:
+        """Providers resend callbacks for hours, and paid money may be refunded for longer."""
+        timing = self._input.timing
+        listen_end = workflow.now() + timedelta(seconds=timing.resend_window_seconds)
+        self._note("listening", f"for late callbacks until {listen_end.isoformat()}")
+        while True:
+            end = listen_end
+            if self._accepted is not None:
+                end = max(end, self._final_at + timedelta(seconds=timing.refund_window_seconds))
+            left = (end - workflow.now()).total_seconds()
+            if left <= 0 and self._busy == 0 and not self._inbox:
+                break
+            if left > 0:
+                await self._wait_for_callback(left, "late-callback and refund window")
+            else:  # the window is over; let running refunds and reviews finish
+                await workflow.wait_condition(lambda: bool(self._inbox) or self._busy == 0)
             await self._process_inbox()
         self._note("completed", f"final status {self._status.value}")
 
@@ -219,7 +332,7 @@ class PaymentWorkflow:
             self._note(
                 "callback",
                 f"{event.trade_status.value} for trade {event.trade_no}, "
-                f"{to_major(event.amount_minor, event.currency)} {event.currency} (event {event.event_id})",
+                f"{self._money(event.amount_minor, event.currency)} (event {event.event_id})",
             )
             await self._apply_trade(
                 Trade(
@@ -234,58 +347,168 @@ class PaymentWorkflow:
             )
 
     async def _apply_trade(self, trade: Trade, source: str) -> None:
-        change = self._apply_trade_result(trade, source)
-        if change is not None:
-            await self._transition(*change[0:3], review_reason=change[3])
-
-    def _apply_trade_result(self, trade: Trade, source: str):
-        """Decide what a provider result means for this payment; never move backwards.
-
-        Returns (status, event, detail, review_reason) for a transition, or None after
-        recording a no-op in the timeline."""
+        """Decide what a provider result means for this payment; never move backwards."""
         request = self._request
         status = trade.status
         if not trade.exists or status is None:
             self._note(f"{source}: no trade", "the provider has no trade for this order yet")
-            return None
-        if status.is_paid:
-            if trade.amount_minor != request.amount_minor or trade.currency != request.currency:
-                return (
-                    PaymentStatus.IN_REVIEW, "amount mismatch",
-                    f"{source} reports {trade.amount_minor} {trade.currency}, order is "
-                    f"{request.amount_minor} {request.currency}", "amount_mismatch",
-                )
-            if self._status in OPEN:
-                self._trade_no = trade.trade_no
-                self._paid_amount_minor, self._paid_at = trade.amount_minor, trade.paid_at
-                return (PaymentStatus.SUCCEEDED, "paid", f"confirmed by {source}, trade {trade.trade_no}", None)
-            if self._status is PaymentStatus.SUCCEEDED and trade.trade_no == self._trade_no:
-                self._note(f"{source}: no change", "already succeeded; duplicate confirmation")
-                return None
-            if self._status is PaymentStatus.SUCCEEDED:
-                return (
-                    PaymentStatus.IN_REVIEW, "duplicate charge",
-                    f"second paid trade {trade.trade_no} for the order (first {self._trade_no}); needs a refund",
-                    "duplicate_charge",
-                )
-            if self._status in (PaymentStatus.CLOSED, PaymentStatus.FAILED):
-                return (
-                    PaymentStatus.IN_REVIEW, "paid after close",
-                    f"{source} reports trade {trade.trade_no} paid after the payment was "
-                    f"{self._status.value}; the money must be refunded", "paid_after_close",
-                )
-            self._note(f"{source}: recorded", f"paid trade {trade.trade_no} while {self._status.value}")
-            return None
-        if status is TradeStatus.TRADE_CLOSED and self._status in OPEN:
-            return (PaymentStatus.CLOSED, "closed", f"closed at the provider ({source}); nothing was paid", None)
-        self._note(f"{source}: no change", f"provider reports {status.value}; payment stays {self._status.value}")
-        return None
+            return
+        if not status.is_paid:
+            if status is TradeStatus.TRADE_CLOSED and self._undecided():
+                await self._transition(PaymentStatus.CLOSED, "closed", f"closed at the provider ({source}); nothing was paid")
+            else:
+                self._note(f"{source}: no change", f"provider reports {status.value}; payment stays {self._status.value}")
+            return
+        trade_no = trade.trade_no or ""
+        if trade_no in self._captured:
+            self._note(f"{source}: no change", f"trade {trade_no} is already recorded as paid")
+            return
+        self._captured[trade_no] = trade.amount_minor or 0
+        if trade.amount_minor != request.amount_minor or trade.currency != request.currency:
+            self._spawn(self._amount_mismatch(trade, source))
+        elif self._status in OPEN:
+            self._trade_no, self._accepted, self._paid_at = trade_no, trade_no, trade.paid_at
+            await self._transition(PaymentStatus.SUCCEEDED, "paid", f"confirmed by {source}, trade {trade_no}")
+        elif self._accepted is not None:
+            self._note("duplicate charge", f"second paid trade {trade_no} for the order (paid with {self._accepted})")
+            self._start_refund(trade_no, self._captured[trade_no], f"dup-{trade_no}",
+                               f"duplicate charge: the order is already paid with trade {self._accepted}", "system")
+        else:
+            self._note("paid after close", f"{source} reports trade {trade_no} paid after the payment was "
+                                           f"{self._status.value}")
+            self._start_refund(trade_no, self._captured[trade_no], f"late-{trade_no}",
+                               f"paid after the payment was {self._base.value}", "system")
 
-    # --- Helpers --------------------------------------------------------------------
+    async def _amount_mismatch(self, trade: Trade, source: str) -> None:
+        request, trade_no = self._request, trade.trade_no or ""
+        claimed = self._money(trade.amount_minor or 0, trade.currency)
+        evidence = f"{source} reports {claimed} for trade {trade_no}, order is {self._money(request.amount_minor)}"
+        found = await self._query_trade(0)
+        if found is not None and found.trade_no == trade_no and found.status is not None and found.status.is_paid:
+            self._captured[trade_no] = found.amount_minor or 0  # refunds use what the provider really took
+            evidence += f"; the provider's query says {self._money(found.amount_minor or 0, found.currency)}"
+        outcome = await self._review(ReviewReason.AMOUNT_MISMATCH, evidence)
+        if outcome.action is ReviewAction.APPROVE:
+            self._trade_no, self._accepted, self._base = trade_no, trade_no, PaymentStatus.SUCCEEDED
+            await self._settle("accepted", f"{self._money(self._captured[trade_no])} accepted by {outcome.operator}")
+        else:
+            self._base = PaymentStatus.CLOSED
+            self._start_refund(trade_no, self._captured[trade_no], f"review-{outcome.review_id.rsplit('-', 1)[1]}",
+                               f"amount mismatch, {outcome.action.value} by {outcome.operator}: {outcome.reason}",
+                               outcome.operator)
+
+    # --- Refunds and reviews (child workflows) -----------------------------------------
+
+    def _start_refund(self, trade_no: str, amount: int, key: str, reason: str, requested_by: str) -> RefundView:
+        view = RefundView(
+            refund_id=refund_id_for(self._request.order_id, key), trade_no=trade_no, amount_minor=amount,
+            status=RefundStatus.PROCESSING, reason=reason, requested_by=requested_by,
+        )
+        self._refunds[key] = view
+        self._spawn(self._run_refund(key, view, round=0))
+        return view
+
+    async def _run_refund(self, key: str, view: RefundView, round: int) -> None:
+        request, timing = self._request, self._input.timing
+        await self._settle("refund started", f"{self._money(view.amount_minor)} of trade {view.trade_no}: {view.reason}")
+        result = await workflow.execute_child_workflow(
+            RefundWorkflow.run,
+            RefundInput(
+                payment_id=self._input.payment_id, provider=request.provider, order_id=request.order_id,
+                trade_no=view.trade_no, refund_id=view.refund_id, amount_minor=view.amount_minor,
+                currency=request.currency, reason=view.reason, requested_by=view.requested_by, timing=timing,
+            ),
+            id=refund_workflow_id(self._input.payment_id, key if round == 0 else f"{key}-again{round}"),
+            parent_close_policy=ParentClosePolicy.ABANDON,
+            static_summary=f"Refund {self._money(view.amount_minor)} of order {request.order_id}",
+        )
+        self._refunds[key] = result
+        if result.status is RefundStatus.SUCCEEDED:
+            self._refunded[view.trade_no] = self._refunded.get(view.trade_no, 0) + view.amount_minor
+            await self._settle("refunded", f"{self._money(view.amount_minor)} of trade {view.trade_no}")
+            return
+        self._note("refund failed", result.detail or "")
+        outcome = await self._review(
+            ReviewReason.REFUND_FAILED,
+            f"refund {view.refund_id} of {self._money(view.amount_minor)} (round {round + 1}): {result.detail}",
+            deadline_seconds=None if round < AUTOMATIC_REFUND_ROUNDS else NO_DEADLINE_SECONDS,
+        )
+        if outcome.action is ReviewAction.REFUND:
+            retry = view.model_copy(update={"status": RefundStatus.PROCESSING, "detail": None})
+            self._refunds[key] = retry
+            await self._run_refund(key, retry, round + 1)
+        else:
+            await self._settle("refund abandoned", f"by {outcome.operator}: {outcome.reason}")
+
+    def _refunding_or_refunded(self, trade_no: str) -> int:
+        return sum(r.amount_minor for r in self._refunds.values()
+                   if r.trade_no == trade_no and r.status is not RefundStatus.FAILED)
+
+    async def _review(
+        self, reason: ReviewReason, evidence: str, deadline_seconds: Optional[float] = None
+    ) -> ReviewOutcome:
+        """Open a manual review (a child workflow) and wait for its decision."""
+        self._reviews += 1
+        review_id = review_workflow_id(self._input.payment_id, self._reviews)
+        self._open_reviews[review_id] = reason.value
+        self._review_reason = reason.value
+        timing = self._input.timing
+        await self._settle("review opened", f"{reason.value}: {evidence}", review_reason=reason.value)
+        outcome = await workflow.execute_child_workflow(
+            ManualReviewWorkflow.run,
+            ReviewInput(
+                review_id=review_id, payment_id=self._input.payment_id, order_id=self._request.order_id,
+                reason=reason, evidence=evidence, amount_minor=self._request.amount_minor,
+                currency=self._request.currency, captured_minor=sum(self._captured.values()),
+                escalate_after_seconds=timing.review_escalate_seconds,
+                deadline_seconds=deadline_seconds or timing.review_deadline_seconds,
+            ),
+            id=review_id,
+            parent_close_policy=ParentClosePolicy.ABANDON,
+            static_summary=f"Review of order {self._request.order_id}: {reason.value}",
+        )
+        del self._open_reviews[review_id]
+        self._note("review decided", f"{outcome.action.value} by {outcome.operator}: {outcome.reason}")
+        return outcome
+
+    def _spawn(self, work) -> None:
+        """Run a refund or review alongside the main line; the workflow waits for it before ending."""
+        self._busy += 1
+
+        async def run() -> None:
+            try:
+                await work
+            finally:
+                self._busy -= 1
+
+        asyncio.create_task(run())
+
+    # --- Status -------------------------------------------------------------------------
+
+    def _money_status(self) -> PaymentStatus:
+        """The status the money says: reviews first, then refunds, then the accepted charge."""
+        if self._open_reviews:
+            return PaymentStatus.IN_REVIEW
+        if any(r.status is RefundStatus.PROCESSING for r in self._refunds.values()):
+            return PaymentStatus.REFUNDING
+        if self._accepted is not None:
+            refunded = self._refunded.get(self._accepted, 0)
+            if refunded == 0:
+                return PaymentStatus.SUCCEEDED
+            return PaymentStatus.REFUNDED if refunded >= self._captured[self._accepted] else PaymentStatus.PARTIALLY_REFUNDED
+        if self._captured and all(self._refunded.get(t, 0) >= a for t, a in self._captured.items()):
+            return PaymentStatus.REFUNDED
+        return self._base
+
+    async def _settle(self, event: str, detail: str, review_reason: Optional[str] = None) -> None:
+        await self._transition(self._money_status(), event, detail, review_reason)
 
     async def _transition(
         self, status: PaymentStatus, event: str, detail: str, review_reason: Optional[str] = None
     ) -> None:
+        if status in (PaymentStatus.CREATED, PaymentStatus.PENDING, PaymentStatus.SUCCEEDED,
+                      PaymentStatus.FAILED, PaymentStatus.CLOSED):
+            self._base = status
         self._status = status
         self._seq += 1
         if status in (PaymentStatus.FAILED, PaymentStatus.CLOSED, PaymentStatus.IN_REVIEW):
@@ -298,10 +521,10 @@ class PaymentWorkflow:
             updates.append(REVIEW_REASON.value_set(review_reason))
         workflow.upsert_search_attributes(updates)
         try:
-            await self._db(PaymentActivities.save_payment_state, self._record(event), f"save {status.value}")
+            await db_call(PaymentActivities.save_payment_state, self._record(event), f"save {status.value}")
         except ActivityError as err:
             # The next transition writes the full snapshot again; the history keeps the truth.
-            self._note("database sync failed", f"{_cause(err)}; the next transition writes the full state")
+            self._note("database sync failed", f"{cause(err)}; the next transition writes the full state")
 
     def _record(self, event: str) -> PaymentRecord:
         return PaymentRecord(
@@ -312,17 +535,21 @@ class PaymentWorkflow:
             pay_url=self._pay_url,
             reason=self._reason,
             review_reason=self._review_reason,
-            paid_amount_minor=self._paid_amount_minor,
+            paid_amount_minor=sum(self._captured.values()) if self._captured else None,
+            refunded_minor=sum(self._refunded.values()),
             paid_at=self._paid_at,
             expires_at=self._expires_at,
             event=event,
         )
 
+    # --- Provider calls --------------------------------------------------------------
+
     async def _query_trade(self, number: int) -> Optional[Trade]:
+        label = f"query trade #{number}" if number else "query trade"
         try:
-            return await self._provider_call(PaymentActivities.query_trade, self._ref("query"), f"query trade #{number}")
+            return await provider_call(PaymentActivities.query_trade, self._ref("query"), self._input.timing, label)
         except ActivityError as err:
-            self._note(f"query #{number} failed", _cause(err))
+            self._note(f"query #{number} failed" if number else "query failed", cause(err))
             return None
 
     async def _close_trade(self, attempts: int) -> Optional[Trade]:
@@ -330,14 +557,16 @@ class PaymentWorkflow:
         backoff = self._input.timing.query_backoff_seconds
         for number in range(1, attempts + 1):
             try:
-                return await self._provider_call(PaymentActivities.close_trade, self._ref("close"), f"close trade #{number}")
+                return await provider_call(
+                    PaymentActivities.close_trade, self._ref("close"), self._input.timing, f"close trade #{number}"
+                )
             except ActivityError as err:
-                self._note(f"close #{number} failed", _cause(err))
+                self._note(f"close #{number} failed", cause(err))
                 if number < attempts:
                     delay = backoff[min(number - 1, len(backoff) - 1)]
                     await self._wait_for_callback(delay, f"retry close in {delay:g}s")
                     await self._process_inbox()
-                    if self._status not in OPEN:
+                    if not self._undecided():
                         return None
         return None
 
@@ -348,36 +577,7 @@ class PaymentWorkflow:
             idempotency_key=f"{workflow.info().workflow_id}:{purpose}",
         )
 
-    async def _provider_call(self, activity, arg, summary: str):
-        timing = self._input.timing
-        initial = timing.provider_retry_initial_seconds
-        return await workflow.execute_activity_method(
-            activity,
-            arg,
-            start_to_close_timeout=timedelta(seconds=15),
-            retry_policy=RetryPolicy(
-                initial_interval=timedelta(seconds=initial),
-                backoff_coefficient=2.0,
-                maximum_interval=timedelta(seconds=initial * 8),
-                maximum_attempts=timing.provider_max_attempts,
-                non_retryable_error_types=[PROVIDER_REJECTED],
-            ),
-            summary=summary,
-        )
-
-    async def _db(self, activity, arg, summary: str):
-        return await workflow.execute_activity_method(
-            activity,
-            arg,
-            start_to_close_timeout=timedelta(seconds=15),
-            retry_policy=RetryPolicy(
-                initial_interval=DB_RETRY.initial_interval,
-                maximum_interval=DB_RETRY.maximum_interval,
-                maximum_attempts=DB_RETRY.maximum_attempts,
-                non_retryable_error_types=[ORDER_CONFLICT],
-            ),
-            summary=summary,
-        )
+    # --- Helpers --------------------------------------------------------------------
 
     async def _wait_for_callback(self, seconds: float, summary: str) -> None:
         if self._inbox or seconds <= 0:
@@ -389,6 +589,10 @@ class PaymentWorkflow:
 
     def _seconds_left(self) -> float:
         return max(0.0, (self._expires_at - workflow.now()).total_seconds())
+
+    def _money(self, amount_minor: int, currency: Optional[str] = None) -> str:
+        currency = currency or self._request.currency
+        return f"{to_major(amount_minor, currency)} {currency}"
 
     def _note(self, event: str, detail: str = "") -> None:
         self._timeline.append(TimelineEntry(at=workflow.now(), event=event, detail=detail))
@@ -407,15 +611,10 @@ class PaymentWorkflow:
             trade_no=self._trade_no,
             reason=self._reason,
             review_reason=self._review_reason,
+            review_id=next(reversed(self._open_reviews), None) if self._open_reviews else None,
+            captured_minor=sum(self._captured.values()),
+            refunded_minor=sum(self._refunded.values()),
             expires_at=self._expires_at,
+            refunds=list(self._refunds.values()),
             timeline=list(self._timeline),
         )
-
-
-def _cause(err: ActivityError) -> str:
-    cause = err.cause
-    return str(cause) if cause is not None else str(err)
-
-
-def _is_rejection(err: ActivityError) -> bool:
-    return isinstance(err.cause, ApplicationError) and err.cause.type == PROVIDER_REJECTED

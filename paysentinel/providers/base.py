@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from paysentinel.models import CreateTradeInput, ProviderCallback, Trade
+from typing import Optional
+
+from paysentinel.models import CreateTradeInput, ProviderCallback, ProviderRefund, RefundInput, Trade
 
 
 class ProviderUnavailable(Exception):
@@ -17,7 +19,8 @@ class ProviderUnavailable(Exception):
 
 
 class ProviderRejected(Exception):
-    """A definitive answer (invalid parameters, inconsistent request): never retried."""
+    """A definitive answer (invalid parameters, inconsistent request, risk hold, refund
+    over the paid amount): never retried."""
 
     def __init__(self, code: str, message: str):
         self.code = code
@@ -40,6 +43,14 @@ class Provider(Protocol):
     async def close_trade(self, order_id: str, idempotency_key: str) -> Trade:
         """Close an unpaid trade. Returns the trade after the call: closed, or paid if the
         payer was faster; ``exists=False`` when the provider never had the trade."""
+
+    async def refund(self, request: RefundInput, idempotency_key: str) -> ProviderRefund:
+        """Refund part or all of a paid trade. Idempotent by ``request.refund_id`` (the
+        provider's out_request_no): the same id again never refunds twice; resubmitting
+        a failed refund with the same id retries it."""
+
+    async def query_refund(self, order_id: str, refund_id: str) -> Optional[ProviderRefund]:
+        """The refund's current status; None when the provider has no such refund."""
 
     def parse_callback(self, headers: Mapping[str, str], body: bytes) -> ProviderCallback:
         """Verify the signature over the raw body and decode it.

@@ -11,7 +11,17 @@ import httpx
 from pydantic import ValidationError
 
 from paysentinel import signing
-from paysentinel.models import CreateTradeInput, ProviderCallback, Trade, TradeStatus, to_major, to_minor
+from paysentinel.models import (
+    CreateTradeInput,
+    ProviderCallback,
+    ProviderRefund,
+    RefundInput,
+    RefundStatus,
+    Trade,
+    TradeStatus,
+    to_major,
+    to_minor,
+)
 from paysentinel.providers.base import MalformedCallback, ProviderRejected, ProviderUnavailable
 
 # Provider sub-codes that mean "try again later" rather than "no".
@@ -20,6 +30,27 @@ TRANSIENT_CODES = {"ACQ.SYSTEM_ERROR", "ACQ.RATE_LIMITED"}
 
 def _parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
+
+
+def _rejected(status: int, body: dict[str, Any], default: str) -> ProviderRejected:
+    return ProviderRejected(body.get("sub_code", f"HTTP_{status}"), body.get("sub_msg") or default)
+
+
+REFUND_STATUSES = {
+    "REFUND_PROCESSING": RefundStatus.PROCESSING,
+    "REFUND_SUCCESS": RefundStatus.SUCCEEDED,
+    "REFUND_FAILED": RefundStatus.FAILED,
+}
+
+
+def _refund(body: dict[str, Any]) -> ProviderRefund:
+    return ProviderRefund(
+        refund_id=body["out_request_no"],
+        trade_no=body["trade_no"],
+        amount_minor=to_minor(body["refund_amount"], body["currency"]),
+        status=REFUND_STATUSES[body["refund_status"]],
+        fail_reason=body.get("fail_reason"),
+    )
 
 
 def _trade(body: dict[str, Any]) -> Trade:
@@ -75,7 +106,7 @@ class SimulatorProvider:
             },
         )
         if status != 200:
-            raise ProviderRejected(body.get("sub_code", f"HTTP_{status}"), body.get("msg", "trade not created"))
+            raise _rejected(status, body, "trade not created")
         return _trade(body["trade"])
 
     async def query_trade(self, order_id: str) -> Trade:
@@ -83,7 +114,7 @@ class SimulatorProvider:
         if status == 404 and body.get("sub_code") == "ACQ.TRADE_NOT_EXIST":
             return Trade(exists=False, order_id=order_id)
         if status != 200:
-            raise ProviderRejected(body.get("sub_code", f"HTTP_{status}"), body.get("msg", "query rejected"))
+            raise _rejected(status, body, "query rejected")
         return _trade(body["trade"])
 
     async def close_trade(self, order_id: str, idempotency_key: str) -> Trade:
@@ -94,7 +125,31 @@ class SimulatorProvider:
             return Trade(exists=False, order_id=order_id)
         if "trade" in body:  # closed now, already closed, or ACQ.TRADE_STATUS_ERROR: already paid
             return _trade(body["trade"])
-        raise ProviderRejected(body.get("sub_code", f"HTTP_{status}"), body.get("msg", "close rejected"))
+        raise _rejected(status, body, "close rejected")
+
+    async def refund(self, request: RefundInput, idempotency_key: str) -> ProviderRefund:
+        status, body = await self._call(
+            "POST",
+            f"/v1/trades/{request.order_id}/refunds",
+            headers={"Idempotency-Key": idempotency_key},
+            json={
+                "out_request_no": request.refund_id,
+                "trade_no": request.trade_no,
+                "refund_amount": to_major(request.amount_minor, request.currency),
+                "refund_reason": request.reason[:256],
+            },
+        )
+        if status != 200:
+            raise _rejected(status, body, "refund rejected")
+        return _refund(body["refund"])
+
+    async def query_refund(self, order_id: str, refund_id: str) -> ProviderRefund | None:
+        status, body = await self._call("GET", f"/v1/trades/{order_id}/refunds/{refund_id}")
+        if status == 404:
+            return None
+        if status != 200:
+            raise _rejected(status, body, "refund query rejected")
+        return _refund(body["refund"])
 
     def parse_callback(self, headers: Mapping[str, str], body: bytes) -> ProviderCallback:
         event_id = signing.verify(self._secret, headers, body, self._tolerance)

@@ -1,0 +1,55 @@
+"""How every workflow calls activities: explicit timeouts and bounded retries."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.payment import ORDER_CONFLICT, PROVIDER_REJECTED
+    from paysentinel.models import PaymentTiming
+
+DB_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30), maximum_attempts=10,
+    non_retryable_error_types=[ORDER_CONFLICT],
+)
+
+
+async def provider_call(activity, arg, timing: PaymentTiming, summary: str):
+    """A provider call: transient failures retried with backoff up to a limit, rejections never."""
+    initial = timing.provider_retry_initial_seconds
+    return await workflow.execute_activity_method(
+        activity,
+        arg,
+        start_to_close_timeout=timedelta(seconds=15),
+        retry_policy=RetryPolicy(
+            initial_interval=timedelta(seconds=initial),
+            backoff_coefficient=2.0,
+            maximum_interval=timedelta(seconds=initial * 8),
+            maximum_attempts=timing.provider_max_attempts,
+            non_retryable_error_types=[PROVIDER_REJECTED],
+        ),
+        summary=summary,
+    )
+
+
+async def db_call(activity, arg, summary: str):
+    """A database write: idempotent, so retried a bounded number of times."""
+    return await workflow.execute_activity_method(
+        activity, arg, start_to_close_timeout=timedelta(seconds=15), retry_policy=DB_RETRY, summary=summary
+    )
+
+
+def cause(err: ActivityError) -> str:
+    return str(err.cause) if err.cause is not None else str(err)
+
+
+def rejection_code(err: ActivityError) -> str | None:
+    """The provider's code when the activity failed with a definitive rejection, else None."""
+    if isinstance(err.cause, ApplicationError) and err.cause.type == PROVIDER_REJECTED:
+        details = err.cause.details
+        return str(details[0]) if details else "REJECTED"
+    return None
