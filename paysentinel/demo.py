@@ -53,10 +53,13 @@ def scenarios() -> list[Scenario]:
                  {"pay": "immediately", "faults": {"create": {"mode": "error", "times": 2}}}),
         Scenario("provider down", "create always 5xx: bounded retries, clear failure", "FAILED",
                  {"faults": {"create": {"mode": "error", "times": -1}}}),
-        Scenario("paid after close", "money taken after we closed: flagged for refund", "IN_REVIEW",
-                 {"pay": "never", "after_close": "pay"}, expires_in_seconds=15, expected_review="paid_after_close"),
-        Scenario("wrong amount", "callback amount differs from the order", "IN_REVIEW",
+        Scenario("paid after close", "money taken after we closed: refunded", "REFUNDED",
+                 {"pay": "never", "after_close": "pay"}, expires_in_seconds=15),
+        Scenario("wrong amount", "callback amount differs from the order: a person decides", "IN_REVIEW",
                  {"pay": "immediately", "callback_amount": "0.01"}, expected_review="amount_mismatch"),
+        Scenario("refund fails", "paid after close, the refund keeps failing: a person decides", "IN_REVIEW",
+                 {"pay": "never", "after_close": "pay", "refund": "fail"}, expires_in_seconds=15,
+                 expected_review="refund_failed"),
     ]
 
 

@@ -39,7 +39,12 @@ TEST_TIMINGS = {
     "PAYSENTINEL_CHECKOUT_WAIT_SECONDS": "8",
     "PAYSENTINEL_SIMULATOR_RESEND_SECONDS": "0.5,1,2,4",
     "PAYSENTINEL_SIMULATOR_HANG_SECONDS": "3",
+    "PAYSENTINEL_REFUND_WINDOW_SECONDS": "120",
+    "PAYSENTINEL_REFUND_SUBMISSIONS": "2",
+    "PAYSENTINEL_REVIEW_ESCALATE_SECONDS": "4",
+    "PAYSENTINEL_REVIEW_DEADLINE_SECONDS": "10",
 }
+OPERATORS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
 
 
 @pytest.fixture(scope="session")
@@ -98,6 +103,17 @@ class Stack:
     task_queue: str
     env: dict[str, str]
     log_file: Path
+    app: subprocess.Popen | None = None  # worker, API and webhook receiver (the simulator runs apart)
+
+    def start_app(self) -> None:
+        self.app = start_parts(self.env, "worker,api,webhooks", self.log_file)
+        _wait_healthy([self.api_url, self.webhook_url], self.app, self.log_file)
+
+    def restart_app(self) -> None:
+        """Stop the worker, API and webhook receiver (SIGTERM) and start them again."""
+        assert self.app is not None
+        stop_process(self.app)
+        self.start_app()
 
 
 def _wait_healthy(urls: list[str], process: subprocess.Popen, log_file: Path, timeout: float = 60) -> None:
@@ -150,6 +166,7 @@ def stack(temporal_server: DevServer, database_url: str, tmp_path_factory) -> It
         "PAYSENTINEL_WEBHOOK_PORT": str(ports["webhook"]),
         "PAYSENTINEL_SIMULATOR_PORT": str(ports["simulator"]),
         "PAYSENTINEL_DATA_DIR": str(tmp_path_factory.mktemp("data")),
+        "PAYSENTINEL_OPERATOR_TOKENS": ",".join(f"{name}:{token}" for name, token in OPERATORS.items()),
     }
     log_file = tmp_path_factory.mktemp("stack") / "paysentinel.log"
     stack = Stack(
@@ -160,12 +177,15 @@ def stack(temporal_server: DevServer, database_url: str, tmp_path_factory) -> It
         env=env,
         log_file=log_file,
     )
-    process = start_parts(env, "simulator,worker,api,webhooks", log_file)
+    simulator = start_parts(env, "simulator", log_file)
     try:
-        _wait_healthy([stack.simulator_url, stack.api_url, stack.webhook_url], process, log_file)
+        _wait_healthy([stack.simulator_url], simulator, log_file)
+        stack.start_app()
         yield stack
     finally:
-        stop_process(process)
+        if stack.app is not None:
+            stop_process(stack.app)
+        stop_process(simulator)
         print(f"\n[paysentinel log: {log_file}]", file=sys.stderr)
 
 

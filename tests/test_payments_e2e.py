@@ -115,19 +115,6 @@ async def test_closed_callback_after_close_is_recorded_and_changes_nothing(api, 
     assert (row.status, row.status_seq) == ("CLOSED", 2)
 
 
-async def test_success_after_close_goes_to_review(api, sim, sessions, client):
-    order = new_order("paidlate")
-    await script(sim, order, pay="never", after_close="pay", after_close_delay_seconds=0.3)
-    payment_id = (await start_payment(api, order, expires_in_seconds=5)).json()["payment_id"]
-    view = await wait_status(api, payment_id, "IN_REVIEW", timeout=30)
-    assert view["review_reason"] == "paid_after_close"
-    assert [e["event"] for e in view["timeline"] if e["event"] in ("closed", "paid after close")] == [
-        "closed", "paid after close"]
-    row = await payment_row(sessions, payment_id)
-    assert (row.status, row.review_reason) == ("IN_REVIEW", "paid_after_close")
-    await search_count(client, f'OrderId = "{order}" AND PaymentStatus = "IN_REVIEW" AND ReviewReason = "paid_after_close"', 1)
-
-
 async def test_wrong_amount_callback_goes_to_review(api, sim, sessions):
     order = new_order("amount")
     await script(sim, order, pay="immediately", callback_amount="0.01")

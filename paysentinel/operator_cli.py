@@ -1,0 +1,132 @@
+"""Operator commands: ``paysentinel review ...`` and ``paysentinel payment show``.
+
+They talk to the checkout API's operator endpoints with PAYSENTINEL_OPERATOR_TOKEN, so
+every decision is authenticated and recorded under the operator's name.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from paysentinel.config import get_settings
+from paysentinel.models import to_major
+
+review_app = typer.Typer(help="Manual reviews: list, show and decide.", no_args_is_help=True)
+payment_app = typer.Typer(help="Look up payments.", no_args_is_help=True)
+console = Console()
+if not console.is_terminal:
+    console.width = 140
+
+API_OPTION = typer.Option(None, "--api", help="Checkout API base URL (default: from settings)")
+REASON_OPTION = typer.Option(..., "--reason", "-r", help="Why: recorded with the decision")
+
+
+def _client(api: Optional[str]) -> httpx.Client:
+    settings = get_settings()
+    return httpx.Client(
+        base_url=api or f"http://{settings.host}:{settings.api_port}",
+        headers={"Authorization": f"Bearer {settings.effective_operator_token}"},
+        timeout=30,
+    )
+
+
+def _call(api: Optional[str], method: str, path: str, **kwargs) -> object:
+    try:
+        with _client(api) as http:
+            response = http.request(method, path, **kwargs)
+    except httpx.HTTPError as err:
+        console.print(f"[red]cannot reach the API ({err}).[/red] Is it running? (paysentinel up)")
+        raise typer.Exit(2) from err
+    if response.status_code >= 400:
+        try:
+            message = response.json().get("error") or response.json()
+        except ValueError:
+            message = response.text
+        console.print(f"[red]refused ({response.status_code}):[/red] {message}")
+        raise typer.Exit(1)
+    return response.json()
+
+
+@review_app.command("list")
+def review_list(
+    status: str = typer.Option("open", help="open, decided or all"),
+    order_id: Optional[str] = typer.Option(None, "--order"),
+    api: Optional[str] = API_OPTION,
+) -> None:
+    """Reviews waiting for a decision (or all of them)."""
+    reviews = _call(api, "GET", "/operator/reviews", params={"status": status, **({"order_id": order_id} if order_id else {})})
+    table = Table(title=f"reviews ({status})")
+    for column in ("review id", "order", "reason", "status", "default", "deadline", "decision"):
+        table.add_column(column)
+    for r in reviews:  # type: ignore[union-attr]
+        decision = r["decision"]
+        table.add_row(r["review_id"], r["order_id"], r["reason"], r["status"], r["default_action"],
+                      (r["deadline_at"] or "")[:19],
+                      f"{decision['action']} by {decision['operator']}" if decision else "")
+    console.print(table)
+
+
+@review_app.command("show")
+def review_show(review_id: str, api: Optional[str] = API_OPTION) -> None:
+    """One review: reason, evidence, what may be done, and the payment's timeline."""
+    r = _call(api, "GET", f"/operator/reviews/{review_id}")
+    console.print(f"[bold]{r['review_id']}[/bold]  {r['reason']}  {r['status']}")  # type: ignore[index]
+    console.print(f"evidence: {r['evidence']}")  # type: ignore[index]
+    console.print(f"possible: {', '.join(r['allowed_actions'])}; at the deadline {(r['deadline_at'] or '')[:19]}: "  # type: ignore[index]
+                  f"{r['default_action']}")  # type: ignore[index]
+    if r["decision"]:  # type: ignore[index]
+        d = r["decision"]  # type: ignore[index]
+        console.print(f"decided: {d['action']} by {d['operator']}: {d['reason']}")
+    _print_payment(_call(api, "GET", f"/payments/{r['payment_id']}"))  # type: ignore[index]
+
+
+def _decide(action: str):
+    def command(review_id: str, reason: str = REASON_OPTION, api: Optional[str] = API_OPTION) -> None:
+        outcome = _call(api, "POST", f"/operator/reviews/{review_id}/decision", json={"action": action, "reason": reason})
+        console.print(f"[green]{outcome['action']}[/green] by {outcome['operator']}: {outcome['reason']}")  # type: ignore[index]
+
+    command.__doc__ = {
+        "approve": "Let the payment go on as it is (risk holds, an accepted amount).",
+        "reject": "Stop the payment; money already taken is refunded.",
+        "refund": "Refund what was taken, or retry a failed refund.",
+        "mark_paid": "The provider confirmed the payment by other means: mark it paid.",
+    }[action]
+    return command
+
+
+for _action in ("approve", "reject", "refund", "mark_paid"):
+    review_app.command(_action.replace("_", "-"))(_decide(_action))
+
+
+@payment_app.command("show")
+def payment_show(order_id: str, api: Optional[str] = API_OPTION) -> None:
+    """A payment by its order id: status, money, refunds and timeline."""
+    _print_payment(_call(api, "GET", f"/payments/payment-{order_id}"))
+
+
+def _print_payment(p) -> None:
+    currency = p["currency"]
+    console.print(
+        f"[bold]{p['payment_id']}[/bold]  {p['status']}  {to_major(p['amount_minor'], currency)} {currency}  "
+        f"taken {to_major(p['captured_minor'], currency)}, refunded {to_major(p['refunded_minor'], currency)}"
+        + (f"  review: {p['review_reason']}" if p.get("review_reason") else "")
+    )
+    if p["refunds"]:
+        refunds = Table(title="refunds")
+        for column in ("refund id", "trade", "amount", "status", "by", "reason"):
+            refunds.add_column(column)
+        for r in p["refunds"]:
+            refunds.add_row(r["refund_id"], r["trade_no"], to_major(r["amount_minor"], currency), r["status"],
+                            r["requested_by"], r["reason"])
+        console.print(refunds)
+    timeline = Table(title="timeline")
+    for column in ("at", "event", "detail"):
+        timeline.add_column(column)
+    for entry in p["timeline"]:
+        timeline.add_row(entry["at"][11:23], entry["event"], entry["detail"])
+    console.print(timeline)
