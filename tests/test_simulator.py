@@ -66,7 +66,8 @@ async def test_scripted_faults_fail_the_given_number_of_calls(sim):
     hung = await sim.get(f"/v1/trades/{order}")  # answers after PAYSENTINEL_SIMULATOR_HANG_SECONDS
     assert hung.status_code == 504 and hung.json()["sub_code"] == "ACQ.SYSTEM_ERROR"
     assert (await sim.get(f"/v1/trades/{order}")).status_code == 200
-    assert (await sim_trade(sim, order))["calls"] == {"create": 3, "query": 2, "close": 0}
+    assert (await sim_trade(sim, order))["calls"] == {"create": 3, "query": 2, "close": 0, "refund": 0,
+                                                      "refund_query": 0}
 
 
 async def test_cashier_page_lets_the_payer_pay(sim):

@@ -9,6 +9,12 @@ Provider API (what the worker calls), shaped after Alipay's trade API:
 - ``POST /v1/trades/{out_trade_no}/close`` close an unpaid trade; a paid one answers
   ``ACQ.TRADE_STATUS_ERROR`` with the trade, so the caller learns it was paid.
 
+- ``POST /v1/trades/{out_trade_no}/refunds`` refund part or all of a paid trade
+  (``trade_no`` picks one of the order's trades); idempotent by ``out_request_no``;
+  never more than the trade's total; a failed refund is retried by submitting the same
+  ``out_request_no`` again.
+- ``GET /v1/trades/{out_trade_no}/refunds/{out_request_no}`` query a refund.
+
 Every status change produces an event ``evt_...`` sent to the trade's ``notify_url``,
 signed in the Standard Webhooks scheme and resent with backoff until acknowledged.
 
@@ -16,7 +22,8 @@ Control API (what tests, the demo and people call): ``PUT /control/scripts/{orde
 scripts an order's behaviour, ``GET /control/trades/{order}`` shows the trade, the
 calls the provider received and every callback delivery, ``POST
 /control/trades/{order}/pay`` makes the payer pay now. ``/pay/{trade_no}`` is the
-cashier page a payer opens from the pay URL.
+cashier page a payer opens from the pay URL. ``GET /control/ledger/{order}`` is the
+provider's books for the order: captured, refunded, net.
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ log = logging.getLogger("paysentinel.simulator")
 
 ORDER_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 AMOUNT_PATTERN = r"^\d{1,10}(\.\d{1,2})?$"
-Operation = Literal["create", "query", "close"]
+Operation = Literal["create", "query", "close", "refund", "refund_query"]
+OPERATIONS = ("create", "query", "close", "refund", "refund_query")
 
 
 # --- Scripts ------------------------------------------------------------------------
@@ -66,6 +74,8 @@ class Faults(BaseModel):
     create: Optional[Fault] = None
     query: Optional[Fault] = None
     close: Optional[Fault] = None
+    refund: Optional[Fault] = None
+    refund_query: Optional[Fault] = None
 
 
 class Script(BaseModel):
@@ -79,6 +89,12 @@ class Script(BaseModel):
     callback_amount: Optional[str] = Field(None, pattern=AMOUNT_PATTERN, description="amount the callback claims")
     after_close: Literal["nothing", "closed_callback", "pay"] = "nothing"
     after_close_delay_seconds: float = Field(1.0, ge=0, le=86400)
+    second_charge: bool = Field(False, description="after paying, the payer pays the order again elsewhere")
+    second_charge_delay_seconds: float = Field(1.0, ge=0, le=86400)
+    risk_hold: bool = Field(False, description="the provider's risk control refuses to create the trade")
+    refund: Literal["succeed", "fail"] = "succeed"
+    refund_fail_times: int = Field(-1, ge=-1, description="submissions that fail when refund=fail; -1: all")
+    refund_delay_seconds: float = Field(0.0, ge=0, le=86400, description="time a refund stays processing")
     faults: Faults = Faults()
 
 
@@ -95,6 +111,35 @@ class TradeCreate(BaseModel):
     time_expire: Optional[datetime] = None
 
 
+class RefundCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    out_request_no: str = Field(pattern=ORDER_PATTERN)
+    refund_amount: str = Field(pattern=AMOUNT_PATTERN)
+    trade_no: Optional[str] = Field(None, max_length=64)
+    refund_reason: Optional[str] = Field(None, max_length=256)
+
+
+@dataclass
+class SimRefund:
+    out_request_no: str
+    trade_no: str
+    out_trade_no: str
+    refund_amount: str
+    currency: str
+    refund_status: str = "REFUND_PROCESSING"
+    fail_reason: Optional[str] = None
+    gmt_refund: Optional[datetime] = None
+    submissions: int = 1
+
+    def out(self) -> dict[str, Any]:
+        return {
+            "out_request_no": self.out_request_no, "trade_no": self.trade_no, "out_trade_no": self.out_trade_no,
+            "refund_amount": self.refund_amount, "currency": self.currency, "refund_status": self.refund_status,
+            "fail_reason": self.fail_reason, "gmt_refund": self.gmt_refund.isoformat() if self.gmt_refund else None,
+            "submissions": self.submissions,
+        }
+
+
 @dataclass
 class SimTrade:
     trade_no: str
@@ -109,6 +154,15 @@ class SimTrade:
     gmt_create: datetime = field(default_factory=lambda: _now())
     gmt_payment: Optional[datetime] = None
     gmt_close: Optional[datetime] = None
+    refunds: dict[str, SimRefund] = field(default_factory=dict)
+
+    @property
+    def paid(self) -> bool:
+        return self.gmt_payment is not None
+
+    def refunded(self, *, including_processing: bool = False) -> Decimal:
+        counted = ("REFUND_SUCCESS", "REFUND_PROCESSING") if including_processing else ("REFUND_SUCCESS",)
+        return sum((Decimal(r.refund_amount) for r in self.refunds.values() if r.refund_status in counted), Decimal(0))
 
     def out(self) -> dict[str, Any]:
         def iso(value: Optional[datetime]) -> Optional[str]:
@@ -130,6 +184,10 @@ class SimTrade:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def new_trade_no() -> str:
+    return _now().strftime("%Y%m%d") + "2200" + "".join(secrets.choice("0123456789") for _ in range(16))
 
 
 def _ok(trade: SimTrade) -> dict[str, Any]:
@@ -163,6 +221,8 @@ class Provider:
         self.faults_left: dict[str, dict[str, int]] = {}
         self.calls: dict[str, Counter[str]] = {}
         self.deliveries: dict[str, list[dict[str, Any]]] = {}
+        self.extra_trades: dict[str, list[SimTrade]] = {}  # second charges of an order
+        self.refund_failures_left: dict[str, int] = {}
         self.http: Optional[httpx.AsyncClient] = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -171,9 +231,8 @@ class Provider:
 
     def set_script(self, order: str, script: Script) -> None:
         self.scripts[order] = script
-        self.faults_left[order] = {
-            op: fault.times for op in ("create", "query", "close") if (fault := getattr(script.faults, op))
-        }
+        self.faults_left[order] = {op: fault.times for op in OPERATIONS if (fault := getattr(script.faults, op))}
+        self.refund_failures_left[order] = script.refund_fail_times if script.refund == "fail" else 0
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -213,7 +272,64 @@ class Provider:
         trade.gmt_payment = _now()
         log.info("trade %s (%s) paid", trade.trade_no, trade.out_trade_no)
         self.emit(trade)
+        script = self.script(trade.out_trade_no)
+        if script.second_charge and trade is self.trades.get(trade.out_trade_no):
+            self.spawn(self._later(script.second_charge_delay_seconds, lambda: self.charge_again(trade)))
         return None
+
+    def charge_again(self, first: SimTrade) -> None:
+        """The payer pays the same order a second time, through another channel."""
+        second = SimTrade(
+            trade_no=new_trade_no(), out_trade_no=first.out_trade_no, total_amount=first.total_amount,
+            currency=first.currency, subject=first.subject, notify_url=first.notify_url, time_expire=None,
+            pay_url=first.pay_url, trade_status="TRADE_SUCCESS", gmt_payment=_now(),
+        )
+        self.extra_trades.setdefault(first.out_trade_no, []).append(second)
+        self.orders_by_trade_no[second.trade_no] = first.out_trade_no
+        log.info("trade %s (%s) paid a second time", second.trade_no, second.out_trade_no)
+        self.emit(second)
+
+    def trades_of(self, order: str) -> list[SimTrade]:
+        primary = self.trades.get(order)
+        return ([primary] if primary else []) + self.extra_trades.get(order, [])
+
+    # Refunds -----------------------------------------------------------------------
+
+    def submit_refund(self, refund: SimRefund) -> None:
+        """Start (or restart) a refund; its scripted outcome comes now or after the delay."""
+        refund.refund_status, refund.fail_reason = "REFUND_PROCESSING", None
+        delay = self.script(refund.out_trade_no).refund_delay_seconds
+        if delay:
+            self.spawn(self._later(delay, lambda: self._finish_refund(refund)))
+        else:
+            self._finish_refund(refund)
+
+    def _finish_refund(self, refund: SimRefund) -> None:
+        left = self.refund_failures_left.get(refund.out_trade_no, 0)
+        if left != 0:
+            self.refund_failures_left[refund.out_trade_no] = left - 1 if left > 0 else left
+            refund.refund_status, refund.fail_reason = "REFUND_FAILED", "insufficient merchant balance (scripted)"
+        else:
+            refund.refund_status, refund.gmt_refund = "REFUND_SUCCESS", _now()
+            trade = next(t for t in self.trades_of(refund.out_trade_no) if t.trade_no == refund.trade_no)
+            if trade.refunded() >= Decimal(trade.total_amount):
+                trade.trade_status, trade.gmt_close = "TRADE_CLOSED", _now()  # fully refunded
+        log.info("refund %s of trade %s: %s", refund.out_request_no, refund.trade_no, refund.refund_status)
+
+    def ledger(self, order: str) -> dict[str, Any]:
+        trades = self.trades_of(order)
+        captured = sum((Decimal(t.total_amount) for t in trades if t.paid), Decimal(0))
+        refunded = sum((t.refunded() for t in trades), Decimal(0))
+        return {
+            "order": order,
+            "currency": trades[0].currency if trades else None,
+            "captured_minor": int(captured * 100),
+            "refunded_minor": int(refunded * 100),
+            "net_minor": int((captured - refunded) * 100),
+            "trades": [{"trade_no": t.trade_no, "trade_status": t.trade_status, "total_amount": t.total_amount,
+                        "paid": t.paid, "refunded_amount": f"{t.refunded():.2f}"} for t in trades],
+            "refunds": [r.out() for t in trades for r in t.refunds.values()],
+        }
 
     def close(self, trade: SimTrade) -> None:
         trade.trade_status = "TRADE_CLOSED"
@@ -329,6 +445,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def create_trade(body: TradeCreate, request: Request, idempotency_key: Optional[str] = Header(None)):
         if (failed := await provider.fault(body.out_trade_no, "create")) is not None:
             return failed
+        if provider.script(body.out_trade_no).risk_hold:
+            return _error(400, "ACQ.RISK_HOLD", "the payment was held by the provider's risk control")
         if Decimal(body.total_amount) <= 0:
             return _error(400, "ACQ.INVALID_PARAMETER", "total_amount must be positive")
         existing = provider.trades.get(body.out_trade_no)
@@ -337,7 +455,7 @@ def create_app(settings: Settings) -> FastAPI:
                 return _error(400, "ACQ.CONTEXT_INCONSISTENT",
                               f"order {body.out_trade_no} exists with {existing.total_amount} {existing.currency}")
             return _ok(existing)  # the same request again (a retry): the same trade
-        trade_no = _now().strftime("%Y%m%d") + "2200" + "".join(secrets.choice("0123456789") for _ in range(16))
+        trade_no = new_trade_no()
         base = (settings.simulator_public_url or str(request.base_url)).rstrip("/")
         trade = SimTrade(
             trade_no=trade_no,
@@ -381,6 +499,51 @@ def create_app(settings: Settings) -> FastAPI:
             provider.close(trade)
         return _ok(trade)
 
+    @app.post("/v1/trades/{out_trade_no}/refunds")
+    async def refund_trade(out_trade_no: str, body: RefundCreate, idempotency_key: Optional[str] = Header(None)):
+        if (failed := await provider.fault(out_trade_no, "refund")) is not None:
+            return failed
+        trades = provider.trades_of(out_trade_no)
+        trade = next((t for t in trades if t.trade_no == (body.trade_no or t.trade_no)), None)
+        if trade is None:
+            which = f"trade {body.trade_no}" if body.trade_no else "trade"
+            return _error(404, "ACQ.TRADE_NOT_EXIST", f"no {which} for order {out_trade_no}")
+        amount = Decimal(body.refund_amount)
+        if not trade.paid:
+            return _error(400, "ACQ.TRADE_STATUS_ERROR", f"trade {trade.trade_no} is not paid ({trade.trade_status})")
+        existing = trade.refunds.get(body.out_request_no)
+        if existing is not None:
+            if Decimal(existing.refund_amount) != amount:
+                return _error(400, "ACQ.CONTEXT_INCONSISTENT",
+                              f"refund {body.out_request_no} exists with amount {existing.refund_amount}")
+            if existing.refund_status == "REFUND_FAILED":  # the caller retries a failed refund
+                existing.submissions += 1
+                provider.submit_refund(existing)
+            return {"code": "10000", "msg": "Success", "refund": existing.out()}
+        if amount <= 0 or trade.refunded(including_processing=True) + amount > Decimal(trade.total_amount):
+            return _error(400, "ACQ.REFUND_AMT_NOT_EQUAL_TOTAL",
+                          f"refund {body.refund_amount} exceeds trade total {trade.total_amount} less "
+                          f"{trade.refunded(including_processing=True):.2f} already refunded")
+        refund = SimRefund(out_request_no=body.out_request_no, trade_no=trade.trade_no, out_trade_no=out_trade_no,
+                           refund_amount=f"{amount:.2f}", currency=trade.currency)
+        trade.refunds[refund.out_request_no] = refund
+        log.info("refund %s of %s on trade %s requested (key %s)", refund.out_request_no, refund.refund_amount,
+                 trade.trade_no, idempotency_key)
+        provider.submit_refund(refund)
+        return {"code": "10000", "msg": "Success", "refund": refund.out()}
+
+    @app.get("/v1/trades/{out_trade_no}/refunds/{out_request_no}")
+    async def query_refund(out_trade_no: str, out_request_no: str):
+        if (failed := await provider.fault(out_trade_no, "refund_query")) is not None:
+            return failed
+        trades = provider.trades_of(out_trade_no)
+        if not trades:
+            return _error(404, "ACQ.TRADE_NOT_EXIST", f"no trade for order {out_trade_no}")
+        refund = next((t.refunds[out_request_no] for t in trades if out_request_no in t.refunds), None)
+        if refund is None:
+            return _error(404, "ACQ.REFUND_NOT_EXIST", f"no refund {out_request_no} for order {out_trade_no}")
+        return {"code": "10000", "msg": "Success", "refund": refund.out()}
+
     # Control API ---------------------------------------------------------------------
 
     @app.put("/control/scripts/{order}")
@@ -396,9 +559,15 @@ def create_app(settings: Settings) -> FastAPI:
         return {
             "trade": trade.out() if trade else None,
             "script": provider.script(order).model_dump(),
-            "calls": {op: provider.calls.get(order, Counter())[op] for op in ("create", "query", "close")},
+            "calls": {op: provider.calls.get(order, Counter())[op] for op in OPERATIONS},
             "deliveries": provider.deliveries.get(order, []),
+            "extra_trades": [t.out() for t in provider.extra_trades.get(order, [])],
+            "refunds": provider.ledger(order)["refunds"],
         }
+
+    @app.get("/control/ledger/{order}")
+    async def get_ledger(order: str):
+        return provider.ledger(order)
 
     @app.post("/control/trades/{order}/pay")
     async def pay_now(order: str):
