@@ -147,10 +147,10 @@ class PaymentWorkflow:
                     f"refund key {command.key!r} was already used for {self._money(existing.amount_minor)}"
                 )
             return
-        if self._accepted is None:
-            raise ValueError(f"the payment is {self._status.value}; only a paid payment can be refunded")
         if self._open_reviews:
             raise ValueError("the payment is under review; the review decides what happens to the money first")
+        if self._accepted is None:
+            raise ValueError(f"the payment is {self._status.value}; only a paid payment can be refunded")
         trade = self._accepted
         taken = self._refunding_or_refunded(trade)
         refundable = self._captured[trade] - taken

@@ -87,7 +87,8 @@ class ManualReviewWorkflow:
             if not await self._wait(rest, f"default '{self._default.value}' at the deadline"):
                 self._outcome = ReviewOutcome(
                     review_id=input.review_id, action=self._default, operator="system",
-                    reason=f"no decision within {input.deadline_seconds:g}s: safe default applied", by_deadline=True,
+                    reason=f"no decision by the deadline ({input.deadline_seconds:g}s): safe default applied",
+                    by_deadline=True,
                 )
         assert self._outcome is not None
         await db_call(PaymentActivities.close_review, self._outcome, f"decided: {self._outcome.action.value}")
