@@ -17,6 +17,7 @@ from temporalio.worker import Replayer
 
 from tests.conftest import new_order
 from tests.helpers import script, start_payment, wait_for
+from workers.main import WORKFLOWS
 from workflows.payment import PaymentWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -27,7 +28,7 @@ async def replay(histories: list[WorkflowHistory]):
         for history in histories:
             yield history
 
-    replayer = Replayer(workflows=[PaymentWorkflow], data_converter=pydantic_data_converter)
+    replayer = Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter)
     return await replayer.replay_workflows(each(), raise_on_replay_failure=False)
 
 
@@ -46,14 +47,17 @@ async def test_histories_of_this_session_replay(client: Client, stack, api, sim)
         "never": {"pay": "never"},
         "down": {"faults": {"create": {"mode": "error", "times": -1}}},
         "late": {"pay": "never", "after_close": "pay"},
+        "twice": {"pay": "immediately", "second_charge": True, "second_charge_delay_seconds": 0.3},
     }
     ids = []
     for name, behaviour in scenarios.items():
         order = new_order(f"replay-{name}")
         await script(sim, order, **behaviour)
         ids.append((name, (await start_payment(api, order, expires_in_seconds=5)).json()["payment_id"]))
-    # Wait until they are complete so the recorded histories cover the whole life.
-    await asyncio.gather(*(client.get_workflow_handle(payment_id).result() for _, payment_id in ids))
+    # Wait until each is settled, so the recorded histories cover every branch taken.
+    # (Paid payments stay open for refunds; a history in progress replays just the same.)
+    await asyncio.gather(*(wait_for(lambda p=payment_id: _settled(client, p), timeout=60,
+                                    what=f"{payment_id} settled") for _, payment_id in ids))
 
     query = f'TaskQueue = "{stack.task_queue}"'
     await wait_for(lambda: _counted(client, query, len(ids)), what="visibility to list this session's runs")
@@ -71,6 +75,12 @@ async def test_histories_of_this_session_replay(client: Client, stack, api, sim)
         for name, payment_id in ids:
             history = await client.get_workflow_handle(payment_id).fetch_history()
             Path(record_to, f"{name}.json").write_text(history.to_json())
+
+
+async def _settled(client: Client, payment_id: str) -> bool:
+    view = await client.get_workflow_handle(payment_id).query(PaymentWorkflow.view)
+    return view.status.value in ("SUCCEEDED", "FAILED", "CLOSED", "REFUNDED") and any(
+        e.event == "listening" for e in view.timeline)
 
 
 async def _counted(client: Client, query: str, at_least: int) -> bool:
