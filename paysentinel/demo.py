@@ -71,7 +71,7 @@ async def _drive(api: httpx.AsyncClient, sim: httpx.AsyncClient, s: Scenario, ru
         response = await api.post(
             "/payments",
             json={"order_id": s.order_id, "amount_minor": 9990, "currency": "CNY", "subject": f"demo: {s.name}",
-                  "customer": {"email": "buyer@example.com"}, "expires_in_seconds": s.expires_in_seconds},
+                  "customer": {"email": f"{s.order_id}@example.com"}, "expires_in_seconds": s.expires_in_seconds},
         )
         response.raise_for_status()
         payment_id = response.json()["payment_id"]

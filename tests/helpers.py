@@ -14,7 +14,7 @@ from paysentinel import db
 
 async def start_payment(api: httpx.AsyncClient, order_id: str, amount_minor: int = 9990, **extra) -> httpx.Response:
     body = {"order_id": order_id, "amount_minor": amount_minor, "currency": "CNY", "subject": "test order",
-            "customer": {"email": "buyer@example.com"}, **extra}
+            "customer": {"email": f"{order_id}@example.com"}, **extra}
     return await api.post("/payments", json=body)
 
 

@@ -145,3 +145,82 @@ async def test_control_api_rejects_bad_scripts(sim):
     unknown = await sim.put(f"/control/scripts/{new_order('sim-bad')}", json={"colour": "red"})
     assert unknown.status_code == 400
     assert (await sim.post(f"/control/trades/{new_order('sim-none')}/pay")).status_code == 404
+
+
+async def paid_trade(sim, prefix: str, **behaviour) -> str:
+    order = new_order(prefix)
+    await script(sim, order, **behaviour)
+    await sim.post("/v1/trades", json=trade_body(order))
+    assert (await sim.post(f"/control/trades/{order}/pay")).status_code == 200
+    return order
+
+
+def refund_body(request_no: str, amount: str, **extra) -> dict:
+    return {"out_request_no": request_no, "refund_amount": amount, **extra}
+
+
+async def test_refunds_never_exceed_the_trade_and_are_idempotent(sim):
+    order = await paid_trade(sim, "sim-refund")
+    first = await sim.post(f"/v1/trades/{order}/refunds", json=refund_body("r1", "10.00"), headers={"Idempotency-Key": "a"})
+    assert first.status_code == 200 and first.json()["refund"]["refund_status"] == "REFUND_SUCCESS"
+    again = await sim.post(f"/v1/trades/{order}/refunds", json=refund_body("r1", "10.00"))
+    assert again.json()["refund"]["submissions"] == 1  # the same refund, not a second one
+    other = await sim.post(f"/v1/trades/{order}/refunds", json=refund_body("r1", "1.00"))
+    assert other.status_code == 400 and other.json()["sub_code"] == "ACQ.CONTEXT_INCONSISTENT"
+    over = await sim.post(f"/v1/trades/{order}/refunds", json=refund_body("r2", "2.31"))
+    assert over.status_code == 400 and over.json()["sub_code"] == "ACQ.REFUND_AMT_NOT_EQUAL_TOTAL"
+    rest = await sim.post(f"/v1/trades/{order}/refunds", json=refund_body("r3", "2.30"))
+    assert rest.json()["refund"]["refund_status"] == "REFUND_SUCCESS"
+    query = await sim.get(f"/v1/trades/{order}/refunds/r3")
+    assert query.json()["refund"]["refund_amount"] == "2.30"
+    assert (await sim.get(f"/v1/trades/{order}/refunds/nope")).json()["sub_code"] == "ACQ.REFUND_NOT_EXIST"
+    books = (await sim.get(f"/control/ledger/{order}")).json()
+    assert (books["captured_minor"], books["refunded_minor"], books["net_minor"]) == (1230, 1230, 0)
+    assert books["trades"][0]["trade_status"] == "TRADE_CLOSED"  # fully refunded
+
+    unpaid = new_order("sim-unpaid")
+    await sim.post("/v1/trades", json=trade_body(unpaid))
+    refused = await sim.post(f"/v1/trades/{unpaid}/refunds", json=refund_body("r1", "1.00"))
+    assert refused.status_code == 400 and refused.json()["sub_code"] == "ACQ.TRADE_STATUS_ERROR"
+    assert (await sim.post(f"/v1/trades/{new_order('none')}/refunds", json=refund_body("r1", "1"))).status_code == 404
+
+
+async def test_scripted_refund_failure_delay_and_faults(sim):
+    order = await paid_trade(sim, "sim-refail", refund="fail", refund_fail_times=1, refund_delay_seconds=0.3,
+                             faults={"refund": {"mode": "error", "times": 1}})
+    assert (await sim.post(f"/v1/trades/{order}/refunds", json=refund_body("r1", "12.30"))).status_code == 500
+    first = await sim.post(f"/v1/trades/{order}/refunds", json=refund_body("r1", "12.30"))
+    assert first.json()["refund"]["refund_status"] == "REFUND_PROCESSING"
+    failed = await wait_for(lambda: _refund_in(sim, order, "r1", "REFUND_FAILED"), what="the scripted failure")
+    assert "insufficient merchant balance" in failed["fail_reason"]
+    retried = await sim.post(f"/v1/trades/{order}/refunds", json=refund_body("r1", "12.30"))
+    assert retried.json()["refund"]["submissions"] == 2
+    await wait_for(lambda: _refund_in(sim, order, "r1", "REFUND_SUCCESS"), what="the resubmitted refund")
+    assert (await sim.get(f"/control/ledger/{order}")).json()["refunded_minor"] == 1230
+
+
+async def _refund_in(sim, order: str, request_no: str, status: str):
+    refund = (await sim.get(f"/v1/trades/{order}/refunds/{request_no}")).json().get("refund")
+    return refund if refund and refund["refund_status"] == status else None
+
+
+async def test_second_charge_and_risk_hold(sim):
+    order = new_order("sim-second")
+    await script(sim, order, pay="immediately", second_charge=True, second_charge_delay_seconds=0.2)
+    async with receiver([200]) as (url, received):
+        await sim.post("/v1/trades", json=trade_body(order, notify_url=url))
+        await wait_for(lambda: _delivered(sim, order, 2), what="callbacks of both charges")
+    trades = {event["data"]["trade_no"] for event, _ in received}
+    assert len(trades) == 2
+    books = (await sim.get(f"/control/ledger/{order}")).json()
+    assert books["captured_minor"] == 2460 and len(books["trades"]) == 2
+    second = (await sim_trade(sim, order))["extra_trades"][0]["trade_no"]
+    refund = await sim.post(f"/v1/trades/{order}/refunds", json=refund_body("dup", "12.30", trade_no=second))
+    assert refund.json()["refund"]["trade_no"] == second
+    assert (await sim.get(f"/control/ledger/{order}")).json()["net_minor"] == 1230
+
+    held = new_order("sim-risk")
+    await script(sim, held, risk_hold=True)
+    response = await sim.post("/v1/trades", json=trade_body(held))
+    assert response.status_code == 400 and response.json()["sub_code"] == "ACQ.RISK_HOLD"
+    assert (await sim_trade(sim, held))["trade"] is None

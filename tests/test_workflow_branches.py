@@ -293,3 +293,13 @@ async def test_risk_rule_hit_is_rejected_by_default_before_any_money_moves(clien
     assert provider.reviews == ["risk_rule"]
     assert not [c for c in provider.calls if c.startswith("create")]
     assert view.status.value == "FAILED" and "risk review" in view.reason
+
+
+async def test_provider_risk_hold_goes_to_review_and_is_rejected_by_default(client):
+    error = ApplicationError("ACQ.RISK_HOLD: held by risk control", "ACQ.RISK_HOLD", type=PROVIDER_REJECTED,
+                             non_retryable=True)
+    provider = FakeProvider(create_error=error)
+    view = await run_payment(client, provider)
+    assert provider.reviews == ["provider_risk"]
+    assert [c for c in provider.calls if c.startswith("create")] == [f"create:{view.payment_id}:create"]
+    assert view.status.value == "FAILED" and "provider risk hold" in view.reason
