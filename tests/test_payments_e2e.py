@@ -139,13 +139,14 @@ async def test_provider_5xx_on_create_fails_after_bounded_retries(api, sim, sess
     assert (await payment_row(sessions, view["payment_id"])).status == "FAILED"
 
 
-async def test_provider_recovers_within_retries(api, sim):
+async def test_provider_recovers_within_retries(api, sim, sessions):
     order = new_order("flaky")
     await script(sim, order, pay="immediately", faults={"create": {"mode": "error", "times": 2},
                                                         "query": {"mode": "hang", "times": 1}})
     payment_id = (await start_payment(api, order)).json()["payment_id"]
     await wait_status(api, payment_id, "SUCCEEDED")
     assert (await sim_trade(sim, order))["calls"]["create"] == 3
+    assert (await payment_row(sessions, payment_id)).provider_retries >= 2  # retries are counted per payment
 
 
 async def test_idempotent_start_same_order_concurrently(api, sim):

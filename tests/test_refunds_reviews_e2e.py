@@ -7,6 +7,8 @@ what it refunded equals what our database says was paid minus refunded.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -26,10 +28,19 @@ async def ledger(sim: httpx.AsyncClient, order: str) -> dict:
 async def assert_books_agree(sim, sessions, order: str) -> dict:
     """The provider's books and ours agree on the money for this order."""
     books = await ledger(sim, order)
-    row = await payment_row(sessions, f"payment-{order}")
-    ours = (row.paid_amount_minor or 0) - row.refunded_minor
-    assert books["net_minor"] == ours, f"provider net {books['net_minor']} vs ours {ours}: {books}"
+
+    async def ours() -> int:
+        row = await payment_row(sessions, f"payment-{order}")
+        return (row.paid_amount_minor or 0) - row.refunded_minor
+
+    # The row follows the workflow's transitions a moment later: give it that moment.
+    await wait_for(lambda: _equal(ours(), books["net_minor"]), timeout=10,
+                   what=f"our database to show net {books['net_minor']} like the provider: {books}")
     return books
+
+
+async def _equal(value, expected) -> bool:
+    return await value == expected
 
 
 async def refund(api, payment_id: str, key: str, amount: int, reason: str = "customer returned the goods"):
@@ -244,3 +255,30 @@ async def test_worker_restart_during_refund_still_refunds_once(api, sim, session
 
 async def _refund_submitted(sim, order: str) -> bool:
     return bool((await ledger(sim, order))["refunds"])
+
+
+def run_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
+    env = {**stack.env, "PAYSENTINEL_OPERATOR_TOKEN": OPERATORS["bob"], "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "paysentinel.cli", *args, "--api", stack.api_url],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+async def test_operator_cli_lists_shows_and_decides(api, sim, sessions, operator, stack: Stack):
+    order = new_order("cli")
+    await script(sim, order, pay="immediately", callback_amount="0.01")
+    payment_id = (await start_payment(api, order)).json()["payment_id"]
+    await wait_status(api, payment_id, "IN_REVIEW")
+    review_id = (await open_review(operator, order))["review_id"]
+
+    listed = await asyncio.to_thread(run_cli, stack, "review", "list", "--order", order)
+    assert listed.returncode == 0 and review_id in listed.stdout and "amount_mismatch" in listed.stdout
+    shown = await asyncio.to_thread(run_cli, stack, "review", "show", review_id)
+    assert shown.returncode == 0 and "possible: approve, reject, refund" in shown.stdout and "timeline" in shown.stdout
+    refused = await asyncio.to_thread(run_cli, stack, "review", "mark-paid", review_id, "--reason", "looks fine")
+    assert refused.returncode == 1 and "is not possible for a amount_mismatch review" in refused.stdout
+    decided = await asyncio.to_thread(run_cli, stack, "review", "reject", review_id, "--reason", "tampered amount")
+    assert decided.returncode == 0 and "reject by bob" in decided.stdout, decided.stdout + decided.stderr
+    await wait_status(api, payment_id, "REFUNDED", timeout=30)
+    payment = await asyncio.to_thread(run_cli, stack, "payment", "show", order)
+    assert payment.returncode == 0 and "REFUNDED" in payment.stdout and "refunded 99.90" in payment.stdout
+    await assert_books_agree(sim, sessions, order)
