@@ -61,11 +61,12 @@ def review_list(
     """Reviews waiting for a decision (or all of them)."""
     reviews = _call(api, "GET", "/operator/reviews", params={"status": status, **({"order_id": order_id} if order_id else {})})
     table = Table(title=f"reviews ({status})")
-    for column in ("review id", "order", "reason", "status", "default", "deadline", "decision"):
-        table.add_column(column)
+    table.add_column("review id (payment-<order>-review-<n>)", no_wrap=True)  # never shortened: operators copy it
+    for column in ("reason", "status", "default", "deadline", "decision"):
+        table.add_column(column, overflow="fold")
     for r in reviews:  # type: ignore[union-attr]
         decision = r["decision"]
-        table.add_row(r["review_id"], r["order_id"], r["reason"], r["status"], r["default_action"],
+        table.add_row(r["review_id"], r["reason"], r["status"], r["default_action"],
                       (r["deadline_at"] or "")[:19],
                       f"{decision['action']} by {decision['operator']}" if decision else "")
     console.print(table)
