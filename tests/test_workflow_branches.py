@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 
 from temporalio import activity
@@ -32,9 +34,8 @@ from paysentinel.models import (
     TradeRef,
     TradeStatus,
 )
+from workers.main import WORKFLOWS
 from workflows.payment import PaymentWorkflow
-from workflows.refund import RefundWorkflow
-from workflows.review import ManualReviewWorkflow
 
 TIMING = PaymentTiming(
     callback_timeout_seconds=0.3,
@@ -139,7 +140,9 @@ class FakeProvider:
                 query_refund, save_refund, open_review, escalate_review, close_review, assess_risk]
 
 
-async def run_payment(client: Client, provider: FakeProvider, signals: list[ProviderCallback] = ()) -> PaymentView:
+@asynccontextmanager
+async def started_payment(client: Client, provider: FakeProvider, signals: list[ProviderCallback]):
+    """A payment on its own task queue, with a worker running the stubbed activities."""
     task_queue = f"branches-{uuid.uuid4().hex[:8]}"
     order = f"wf-{uuid.uuid4().hex[:8]}"
     payment_input = PaymentInput(
@@ -148,30 +151,23 @@ async def run_payment(client: Client, provider: FakeProvider, signals: list[Prov
         notify_url="http://127.0.0.1:1/webhooks/simulator",
         timing=TIMING,
     )
-    workflows = [PaymentWorkflow, RefundWorkflow, ManualReviewWorkflow]
-    async with Worker(client, task_queue=task_queue, workflows=workflows, activities=provider.activities()):
+    async with Worker(client, task_queue=task_queue, workflows=WORKFLOWS, activities=provider.activities()):
         handle = await client.start_workflow(PaymentWorkflow.run, payment_input, id=payment_input.payment_id,
                                              task_queue=task_queue)
         for event in signals:
             await handle.signal(PaymentWorkflow.callback, event.model_copy(update={"order_id": order}))
+        yield handle
+
+
+async def run_payment(client: Client, provider: FakeProvider, signals: list[ProviderCallback] = ()) -> PaymentView:
+    async with started_payment(client, provider, list(signals)) as handle:
         return await handle.result()
 
 
 async def run_payment_until(client: Client, provider: FakeProvider, signals: list[ProviderCallback], status: str,
                             reviews: int) -> PaymentView:
     """For payments that wait for a person: run until the status shows and ``reviews`` were opened."""
-    import asyncio
-
-    task_queue = f"branches-{uuid.uuid4().hex[:8]}"
-    order = f"wf-{uuid.uuid4().hex[:8]}"
-    payment_input = PaymentInput(payment_id=f"payment-{order}", request=CheckoutRequest(order_id=order, amount_minor=1000),
-                                 notify_url="http://127.0.0.1:1/webhooks/simulator", timing=TIMING)
-    workflows = [PaymentWorkflow, RefundWorkflow, ManualReviewWorkflow]
-    async with Worker(client, task_queue=task_queue, workflows=workflows, activities=provider.activities()):
-        handle = await client.start_workflow(PaymentWorkflow.run, payment_input, id=payment_input.payment_id,
-                                             task_queue=task_queue)
-        for event in signals:
-            await handle.signal(PaymentWorkflow.callback, event.model_copy(update={"order_id": order}))
+    async with started_payment(client, provider, signals) as handle:
         for _ in range(150):
             view = await handle.query(PaymentWorkflow.view)
             if view.status.value == status and len(provider.reviews) >= reviews:
