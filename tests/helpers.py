@@ -44,9 +44,15 @@ async def wait_for(predicate, timeout: float = 20, what: str = "condition"):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-async def payment_row(sessions, payment_id: str) -> db.Payment | None:
-    async with sessions() as session:
-        return await session.get(db.Payment, payment_id)
+async def payment_row(sessions, payment_id: str, status: str | None = None) -> db.Payment | None:
+    """The payment's row; with ``status``, once the row shows it (it follows the workflow a moment later)."""
+    deadline = time.monotonic() + 10
+    while True:
+        async with sessions() as session:
+            row = await session.get(db.Payment, payment_id)
+        if status is None or (row is not None and row.status == status) or time.monotonic() > deadline:
+            return row
+        await asyncio.sleep(0.1)
 
 
 async def callback_rows(sessions, order_id: str) -> list[db.Callback]:

@@ -31,7 +31,7 @@ async def test_happy_path_paid_by_callback(api, sim, sessions, client):
     assert [e["event"] for e in view["timeline"] if e["event"] == "paid"] == ["paid"]
     assert "confirmed by callback" in events(view, "paid")[0]["detail"]
 
-    row = await payment_row(sessions, created["payment_id"])
+    row = await payment_row(sessions, created["payment_id"], "SUCCEEDED")
     assert (row.status, row.paid_amount_minor, row.trade_no) == ("SUCCEEDED", 9990, created["trade_no"])
     callbacks = await callback_rows(sessions, order)
     assert [(c.delivery, c.signature_verified, c.trade_status) for c in callbacks] == [("delivered", True, "TRADE_SUCCESS")]
@@ -50,7 +50,7 @@ async def test_callback_lost_is_resolved_by_query(api, sim, sessions):
     assert "confirmed by query" in events(view, "paid")[0]["detail"]
     assert events(view, "callback") == []
     assert await callback_rows(sessions, order) == []
-    assert (await payment_row(sessions, payment_id)).status == "SUCCEEDED"
+    assert (await payment_row(sessions, payment_id, "SUCCEEDED")).status == "SUCCEEDED"
 
 
 async def test_duplicated_callback_makes_one_transition(api, sim, sessions):
@@ -65,7 +65,7 @@ async def test_duplicated_callback_makes_one_transition(api, sim, sessions):
     view = (await api.get(f"/payments/{payment_id}")).json()
     assert len(events(view, "paid")) == 1
     assert len(await callback_rows(sessions, order)) == 1  # deduplicated by event id
-    row = await payment_row(sessions, payment_id)
+    row = await payment_row(sessions, payment_id, "SUCCEEDED")
     assert (row.status, row.status_seq) == ("SUCCEEDED", 2)  # PENDING, SUCCEEDED
 
 
@@ -83,7 +83,7 @@ async def test_payer_never_pays_is_closed_at_provider(api, sim, sessions, client
     trade = await sim_trade(sim, order)
     assert trade["trade"]["trade_status"] == "TRADE_CLOSED"
     assert trade["calls"]["close"] == 1 and trade["calls"]["query"] >= 1
-    assert (await payment_row(sessions, payment_id)).status == "CLOSED"
+    assert (await payment_row(sessions, payment_id, "CLOSED")).status == "CLOSED"
     await search_count(client, f'OrderId = "{order}" AND PaymentStatus = "CLOSED"', 1)
 
 
@@ -95,7 +95,7 @@ async def test_close_reveals_payment_when_queries_fail(api, sim, sessions):
     view = await wait_status(api, payment_id, "SUCCEEDED", timeout=30)
     assert "confirmed by close" in events(view, "paid")[0]["detail"]
     assert any(e["event"].startswith("query #") and e["event"].endswith("failed") for e in view["timeline"])
-    assert (await payment_row(sessions, payment_id)).status == "SUCCEEDED"
+    assert (await payment_row(sessions, payment_id, "SUCCEEDED")).status == "SUCCEEDED"
 
 
 async def test_closed_callback_after_close_is_recorded_and_changes_nothing(api, sim, sessions):
@@ -111,7 +111,7 @@ async def test_closed_callback_after_close_is_recorded_and_changes_nothing(api, 
     view = await wait_for(recorded, what="the late TRADE_CLOSED callback in the timeline")
     assert view["status"] == "CLOSED"
     assert [c.delivery for c in await callback_rows(sessions, order)] == ["delivered"]
-    row = await payment_row(sessions, payment_id)
+    row = await payment_row(sessions, payment_id, "CLOSED")
     assert (row.status, row.status_seq) == ("CLOSED", 2)
 
 
@@ -136,7 +136,7 @@ async def test_provider_5xx_on_create_fails_after_bounded_retries(api, sim, sess
     assert trade["calls"]["create"] == 3  # PAYSENTINEL_PROVIDER_MAX_ATTEMPTS
     assert trade["calls"]["close"] >= 1  # made sure no trade can be paid
     assert trade["trade"] is None
-    assert (await payment_row(sessions, view["payment_id"])).status == "FAILED"
+    assert (await payment_row(sessions, view["payment_id"], "FAILED")).status == "FAILED"
 
 
 async def test_provider_recovers_within_retries(api, sim, sessions):
@@ -146,7 +146,8 @@ async def test_provider_recovers_within_retries(api, sim, sessions):
     payment_id = (await start_payment(api, order)).json()["payment_id"]
     await wait_status(api, payment_id, "SUCCEEDED")
     assert (await sim_trade(sim, order))["calls"]["create"] == 3
-    assert (await payment_row(sessions, payment_id)).provider_retries >= 2  # retries are counted per payment
+    row = await payment_row(sessions, payment_id, "SUCCEEDED")
+    assert row.provider_retries >= 2  # retries are counted per payment
 
 
 async def test_idempotent_start_same_order_concurrently(api, sim):

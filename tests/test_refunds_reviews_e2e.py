@@ -228,7 +228,7 @@ async def test_invalid_operator_actions_change_nothing(api, sim, sessions, opera
 
     assert (await _review_status(operator, review["review_id"], "OPEN")) is not None
     assert (await api.get(f"/payments/{payment_id}")).json()["status"] == "IN_REVIEW"
-    assert (await payment_row(sessions, payment_id)).status == "IN_REVIEW"
+    assert (await payment_row(sessions, payment_id, "IN_REVIEW")).status == "IN_REVIEW"
 
     ok = await operator.post(decision, json={"action": "approve", "reason": "customer paid the difference offline"})
     assert ok.status_code == 200

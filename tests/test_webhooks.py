@@ -12,7 +12,7 @@ import pytest
 from paysentinel import signing
 from paysentinel.config import DEV_WEBHOOK_SECRET
 from tests.conftest import new_order
-from tests.helpers import callback_rows, payment_row, script, start_payment, wait_status
+from tests.helpers import callback_rows, payment_row, script, start_payment, wait_for, wait_status
 
 
 def trade_event(order_id: str, trade_no: str, status: str = "TRADE_SUCCESS", amount: str = "99.90") -> tuple[str, bytes]:
@@ -40,6 +40,12 @@ async def pending_payment(api, sim, sessions):
     await script(sim, order, pay="never")
     view = (await start_payment(api, order, expires_in_seconds=120)).json()
     await wait_status(api, view["payment_id"], "PENDING")
+
+    async def row_pending() -> bool:  # the row follows the workflow a moment later
+        row = await payment_row(sessions, view["payment_id"])
+        return row is not None and row.status == "PENDING"
+
+    await wait_for(row_pending, timeout=10, what="the payment row to show PENDING")
     return view
 
 
