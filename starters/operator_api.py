@@ -99,9 +99,16 @@ async def get_review(review_id: str, _: str = Depends(operator), res: Resources 
 async def decide(
     review_id: str, body: DecisionBody, who: str = Depends(operator), res: Resources = Depends(resources)
 ) -> ReviewOutcome:
-    await _row(res, review_id)
+    if (row := await _row(res, review_id)).status == "DECIDED":
+        raise HTTPException(409, _already_decided(row))
     decision = ReviewDecision(action=body.action, reason=body.reason, operator=who)
     try:
         return await res.client.get_workflow_handle(review_id).execute_update(ManualReviewWorkflow.decide, decision)
     except (WorkflowUpdateFailedError, RPCError) as err:
+        if (row := await _row(res, review_id)).status == "DECIDED":  # decided (and closed) meanwhile
+            raise HTTPException(409, _already_decided(row)) from err
         raise update_error(err, f"review {review_id}") from err
+
+
+def _already_decided(row: db.Review) -> str:
+    return f"review {row.review_id} is already decided: {row.action} by {row.decided_by} ({row.decision_reason})"
