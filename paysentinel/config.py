@@ -74,6 +74,17 @@ class Settings(BaseSettings):
     operator_tokens: Annotated[list[str], NoDecode] = ["operator:dev-operator-token"]
     operator_token: str = ""  # what the CLI sends (default: the first configured token)
 
+    # Notifications: e-mail to the customer (off while smtp_host is empty) and a signed
+    # webhook to the merchant's notify_url (Standard Webhooks, this secret).
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_from: str = "payments@paysentinel.local"
+    merchant_webhook_secret: str = DEV_WEBHOOK_SECRET
+    # Host names exempt from the "no internal addresses" rule for notify_url (e.g. a test receiver).
+    notify_allowed_hosts: Annotated[list[str], NoDecode] = []
+    notify_max_attempts: int = 8
+    notify_retry_initial_seconds: float = 2.0
+
     # Risk rules evaluated before a trade is created.
     risk_window_seconds: float = 600.0
     risk_max_distinct_amounts: int = 3  # same IP or device trying this many different amounts
@@ -89,6 +100,13 @@ class Settings(BaseSettings):
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip().startswith("["):
             return [float(part) for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("notify_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("operator_tokens", mode="before")

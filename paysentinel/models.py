@@ -65,6 +65,17 @@ REVIEW_ACTIONS: dict[ReviewReason, tuple[list[ReviewAction], ReviewAction]] = {
 }
 
 
+class NotifyKind(str, Enum):
+    """Outcomes the customer (and the merchant's notification URL) hears about."""
+
+    PAID = "paid"
+    FAILED = "failed"
+    CLOSED = "closed"
+    REFUND_STARTED = "refund_started"
+    REFUNDED = "refunded"
+    IN_REVIEW = "in_review"
+
+
 class RefundStatus(str, Enum):
     PROCESSING = "PROCESSING"
     SUCCEEDED = "SUCCEEDED"
@@ -119,6 +130,9 @@ class CheckoutRequest(BaseModel):
     provider: str = Field("simulator", description="Payment provider adapter")
     subject: str = Field("", max_length=128, description="What the customer pays for")
     customer: Customer = Field(default_factory=Customer)
+    notify_url: Optional[str] = Field(
+        None, max_length=2048, description="Merchant URL that receives a signed notification for every outcome"
+    )
     client_ip: Optional[str] = Field(None, max_length=45, description="Payer's IP, for risk rules")
     device_id: Optional[str] = Field(None, max_length=128, description="Payer's device, for risk rules")
     expires_in_seconds: Optional[float] = Field(
@@ -194,6 +208,8 @@ class PaymentTiming(BaseModel):
     refund_submissions: int = 3
     review_escalate_seconds: float = 3600.0
     review_deadline_seconds: float = 86400.0
+    notify_max_attempts: int = 8
+    notify_retry_initial_seconds: float = 2.0
 
 
 class PaymentInput(BaseModel):
@@ -338,6 +354,20 @@ class RefundRecord(BaseModel):
     requested_by: str
     submissions: int = 0
     detail: Optional[str] = None
+
+
+class NotificationInput(BaseModel):
+    """One outcome to tell the customer and the merchant; ``key`` makes it once per event."""
+
+    key: str
+    payment_id: str
+    order_id: str
+    kind: NotifyKind
+    amount_minor: int
+    currency: str
+    detail: str
+    email: Optional[str] = None
+    webhook_url: Optional[str] = None
 
 
 class RiskCheckInput(BaseModel):

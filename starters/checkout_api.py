@@ -34,6 +34,7 @@ from paysentinel.models import (
     RefundCreate,
     RefundView,
 )
+from paysentinel.notify import UnsafeTarget, check_target
 from paysentinel.providers import SUPPORTED_PROVIDERS
 from starters.common import (
     Resources,
@@ -62,6 +63,8 @@ def timing_from(settings: Settings) -> PaymentTiming:
         refund_submissions=settings.refund_submissions,
         review_escalate_seconds=settings.review_escalate_seconds,
         review_deadline_seconds=settings.review_deadline_seconds,
+        notify_max_attempts=settings.notify_max_attempts,
+        notify_retry_initial_seconds=settings.notify_retry_initial_seconds,
     )
 
 
@@ -144,6 +147,11 @@ def create_app(settings: Settings) -> FastAPI:
     ) -> PaymentView:
         if request.provider not in SUPPORTED_PROVIDERS:
             raise HTTPException(422, f"unknown provider {request.provider!r}; supported: {', '.join(SUPPORTED_PROVIDERS)}")
+        if request.notify_url:
+            try:
+                check_target(request.notify_url, res.settings.notify_allowed_hosts)
+            except UnsafeTarget as err:
+                raise HTTPException(422, f"notify_url rejected: {err}") from err
         try:
             view, created = await start_payment(res, request)
         except db.OrderConflict as err:

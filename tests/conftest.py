@@ -43,6 +43,9 @@ TEST_TIMINGS = {
     "PAYSENTINEL_REFUND_SUBMISSIONS": "2",
     "PAYSENTINEL_REVIEW_ESCALATE_SECONDS": "4",
     "PAYSENTINEL_REVIEW_DEADLINE_SECONDS": "10",
+    "PAYSENTINEL_NOTIFY_RETRY_INITIAL_SECONDS": "0.3",
+    "PAYSENTINEL_NOTIFY_MAX_ATTEMPTS": "4",
+    "PAYSENTINEL_NOTIFY_ALLOWED_HOSTS": "localhost",  # the tests' merchant endpoint
 }
 OPERATORS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
 
@@ -151,8 +154,43 @@ def stop_process(process: subprocess.Popen) -> None:
             process.wait()
 
 
+class Mailbox:
+    """A real SMTP server (aiosmtpd) on loopback; ``messages`` holds what arrived."""
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.messages: list = []
+        self.port = free_port()
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    async def handle_DATA(self, server, session, envelope):  # aiosmtpd handler hook
+        import email
+        from email import policy
+
+        self.messages.append(email.message_from_bytes(envelope.content, policy=policy.default))
+        return "250 Message accepted for delivery"
+
+    def to(self, address: str) -> list:
+        return [m for m in self.messages if m["To"] == address]
+
+    def start(self) -> None:
+        self._controller.start()
+
+    def stop(self) -> None:
+        self._controller.stop()
+
+
 @pytest.fixture(scope="session")
-def stack(temporal_server: DevServer, database_url: str, tmp_path_factory) -> Iterator[Stack]:
+def mailbox() -> Iterator[Mailbox]:
+    box = Mailbox()
+    box.start()
+    yield box
+    box.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(temporal_server: DevServer, database_url: str, mailbox: Mailbox, tmp_path_factory) -> Iterator[Stack]:
     """The system as users run it (`paysentinel up`), on the test's Temporal and PostgreSQL."""
     ports = {name: free_port() for name in ("api", "webhook", "simulator")}
     task_queue = f"payments-test-{uuid.uuid4().hex[:8]}"
@@ -167,6 +205,8 @@ def stack(temporal_server: DevServer, database_url: str, tmp_path_factory) -> It
         "PAYSENTINEL_SIMULATOR_PORT": str(ports["simulator"]),
         "PAYSENTINEL_DATA_DIR": str(tmp_path_factory.mktemp("data")),
         "PAYSENTINEL_OPERATOR_TOKENS": ",".join(f"{name}:{token}" for name, token in OPERATORS.items()),
+        "PAYSENTINEL_SMTP_HOST": "127.0.0.1",
+        "PAYSENTINEL_SMTP_PORT": str(mailbox.port),
     }
     log_file = tmp_path_factory.mktemp("stack") / "paysentinel.log"
     stack = Stack(

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import asynccontextmanager
 
 import httpx
+import uvicorn
+from fastapi import FastAPI, Request, Response
 from sqlalchemy import select
 from temporalio.client import Client
 
-from paysentinel import db
+from paysentinel import db, signing
+from paysentinel.config import DEV_WEBHOOK_SECRET
+from paysentinel.devserver import free_port
 
 
 async def start_payment(api: httpx.AsyncClient, order_id: str, amount_minor: int = 9990, **extra) -> httpx.Response:
@@ -77,3 +82,29 @@ async def search_count(client: Client, query: str, expected: int, timeout: float
 
 def events(view: dict, name: str) -> list[dict]:
     return [entry for entry in view["timeline"] if entry["event"] == name]
+
+
+@asynccontextmanager
+async def receiver(answers: list[int], host: str = "127.0.0.1", secret: str = DEV_WEBHOOK_SECRET):
+    """A real HTTP endpoint that checks Standard Webhooks signatures, answers the given
+    status codes in turn (the last one repeats) and records (event, event id) it got."""
+    received: list[tuple[dict, str]] = []
+    app = FastAPI()
+
+    @app.post("/hook")
+    async def hook(request: Request) -> Response:
+        body = await request.body()
+        event_id = signing.verify(secret, request.headers, body, tolerance_seconds=60)
+        received.append((await request.json(), event_id))
+        return Response(status_code=answers[min(len(received), len(answers)) - 1])
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}/hook", received
+    finally:
+        server.should_exit = True
+        await task

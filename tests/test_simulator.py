@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from contextlib import asynccontextmanager
 
-import uvicorn
-from fastapi import FastAPI, Request, Response
-
-from paysentinel import signing
-from paysentinel.config import DEV_WEBHOOK_SECRET
-from paysentinel.devserver import free_port
 from tests.conftest import new_order
-from tests.helpers import script, sim_trade, wait_for
+from tests.helpers import receiver, script, sim_trade, wait_for
 
 
 def trade_body(order: str, amount: str = "12.30", **extra) -> dict:
@@ -79,31 +72,6 @@ async def test_cashier_page_lets_the_payer_pay(sim):
     assert done.status_code == 200 and "You paid 12.30 CNY" in done.text
     assert (await sim.post(f"/pay/{trade['trade_no']}")).status_code == 409
     assert (await sim.get("/pay/nope")).status_code == 404
-
-
-@asynccontextmanager
-async def receiver(answers: list[int]):
-    """A merchant endpoint that answers the given status codes in turn and records what it got."""
-    received: list[tuple[dict, str]] = []
-    app = FastAPI()
-
-    @app.post("/hook")
-    async def hook(request: Request) -> Response:
-        body = await request.body()
-        event_id = signing.verify(DEV_WEBHOOK_SECRET, request.headers, body, tolerance_seconds=60)
-        received.append((await request.json(), event_id))
-        return Response(status_code=answers[min(len(received), len(answers)) - 1])
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/hook", received
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def test_callbacks_are_signed_and_resent_until_acknowledged(sim):

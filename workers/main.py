@@ -8,6 +8,7 @@ import logging
 import httpx
 from temporalio.worker import Worker
 
+from activities.notify import Channels, NotificationActivities
 from activities.payment import PaymentActivities, RiskRules
 from paysentinel import db
 from paysentinel.config import Settings
@@ -23,8 +24,9 @@ log = logging.getLogger("paysentinel.worker")
 WORKFLOWS = [PaymentWorkflow, RefundWorkflow, ManualReviewWorkflow]
 
 
-def activities_of(payment: PaymentActivities) -> list:
+def activities_of(payment: PaymentActivities, notifications: NotificationActivities) -> list:
     return [
+        notifications.notify,
         payment.record_payment,
         payment.save_payment_state,
         payment.create_trade,
@@ -54,12 +56,20 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
             failure_window_seconds=settings.risk_failure_window_seconds,
             max_failures=settings.risk_max_failures,
         )
-        payment = PaymentActivities(build_providers(settings, http), db.make_sessionmaker(engine), risk)
+        sessions = db.make_sessionmaker(engine)
+        payment = PaymentActivities(build_providers(settings, http), sessions, risk)
+        channels = Channels(
+            smtp_host=settings.smtp_host, smtp_port=settings.smtp_port, smtp_from=settings.smtp_from,
+            webhook_secret=settings.merchant_webhook_secret, allowed_hosts=tuple(settings.notify_allowed_hosts),
+        )
+        if not settings.smtp_host:
+            log.info("customer e-mail is off (set PAYSENTINEL_SMTP_HOST to send it)")
+        notifications = NotificationActivities(channels, http, sessions)
         worker = Worker(
             client,
             task_queue=settings.task_queue,
             workflows=WORKFLOWS,
-            activities=activities_of(payment),
+            activities=activities_of(payment, notifications),
         )
         log.info("worker polling task queue %s on %s", settings.task_queue, settings.effective_temporal_address)
         try:

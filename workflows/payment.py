@@ -23,7 +23,7 @@ from datetime import timedelta
 from typing import Optional
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeKey
+from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError
 from temporalio.workflow import ParentClosePolicy
 
@@ -35,9 +35,12 @@ with workflow.unsafe.imports_passed_through():
     import email_validator  # noqa: F401  (pydantic loads it lazily to validate EmailStr)
     import idna.uts46data  # noqa: F401
 
+    from activities.notify import UNSAFE_TARGET, NotificationActivities
     from activities.payment import PaymentActivities
     from paysentinel.models import (
         CreateTradeInput,
+        NotificationInput,
+        NotifyKind,
         PaymentInput,
         PaymentRecord,
         PaymentStatus,
@@ -75,9 +78,28 @@ AUTOMATIC_REFUND_ROUNDS = 2
 NO_DEADLINE_SECONDS = 10 * 365 * 86400.0
 
 
+# The customer hears about these outcomes once each (refunds and reviews: once per event).
+TELL = {
+    PaymentStatus.SUCCEEDED: (NotifyKind.PAID, "the payment provider confirmed your payment"),
+    PaymentStatus.FAILED: (NotifyKind.FAILED, "the payment could not be made"),
+    PaymentStatus.CLOSED: (NotifyKind.CLOSED, "the payment was not completed in time"),
+}
+
+
 def payment_workflow_id(order_id: str) -> str:
     """The business key: one payment workflow per merchant order."""
     return f"payment-{order_id}"
+
+
+def customer_reason(refund: RefundView) -> str:
+    """Why the money goes back, in the customer's words."""
+    if refund.reason.startswith("duplicate charge"):
+        return "you were charged twice for this order; the extra payment is being returned"
+    if refund.reason.startswith("paid after"):
+        return "your payment arrived after the order had been closed, so it is being returned"
+    if refund.requested_by == "merchant":
+        return f"the shop refunds you: {refund.reason}"
+    return "after checking the payment, the money is being returned"
 
 
 def refund_id_for(order_id: str, key: str) -> str:
@@ -109,7 +131,8 @@ class PaymentWorkflow:
         self._refunds: dict[str, RefundView] = {}  # refund key -> refund
         self._open_reviews: dict[str, str] = {}  # review id -> reason
         self._reviews = 0
-        self._busy = 0  # refunds and reviews still running
+        self._busy = 0  # refunds, reviews and notifications still running
+        self._told: set[NotifyKind] = set()
         self._final_at = None
 
     # --- Messages -------------------------------------------------------------------
@@ -411,6 +434,7 @@ class PaymentWorkflow:
     async def _run_refund(self, key: str, view: RefundView, round: int) -> None:
         request, timing = self._request, self._input.timing
         await self._settle("refund started", f"{self._money(view.amount_minor)} of trade {view.trade_no}: {view.reason}")
+        self._tell(NotifyKind.REFUND_STARTED, f"refund-{key}-{round}", customer_reason(view), view.amount_minor)
         result = await workflow.execute_child_workflow(
             RefundWorkflow.run,
             RefundInput(
@@ -426,6 +450,8 @@ class PaymentWorkflow:
         if result.status is RefundStatus.SUCCEEDED:
             self._refunded[view.trade_no] = self._refunded.get(view.trade_no, 0) + view.amount_minor
             await self._settle("refunded", f"{self._money(view.amount_minor)} of trade {view.trade_no}")
+            self._tell(NotifyKind.REFUNDED, f"refund-{key}-done", f"the refund of {self._money(view.amount_minor)} "
+                       "was completed", view.amount_minor)
             return
         self._note("refund failed", result.detail or "")
         outcome = await self._review(
@@ -454,6 +480,8 @@ class PaymentWorkflow:
         self._review_reason = reason.value
         timing = self._input.timing
         await self._settle("review opened", f"{reason.value}: {evidence}", review_reason=reason.value)
+        self._tell(NotifyKind.IN_REVIEW, f"review-{self._reviews}", "the payment needs a check before we can "
+                   "confirm it", sum(self._captured.values()) or self._request.amount_minor)
         outcome = await workflow.execute_child_workflow(
             ManualReviewWorkflow.run,
             ReviewInput(
@@ -470,6 +498,39 @@ class PaymentWorkflow:
         del self._open_reviews[review_id]
         self._note("review decided", f"{outcome.action.value} by {outcome.operator}: {outcome.reason}")
         return outcome
+
+    def _tell(self, kind: NotifyKind, key: str, detail: str, amount_minor: int) -> None:
+        """Tell the customer and the merchant, alongside the main line; once per ``key``."""
+        request = self._request
+        if not request.customer.email and not request.notify_url:
+            return
+        notification = NotificationInput(
+            key=f"{self._input.payment_id}:{key}", payment_id=self._input.payment_id, order_id=request.order_id,
+            kind=kind, amount_minor=amount_minor, currency=request.currency, detail=detail,
+            email=request.customer.email, webhook_url=request.notify_url,
+        )
+        self._spawn(self._send(notification))
+
+    async def _send(self, notification: NotificationInput) -> None:
+        timing = self._input.timing
+        initial = timing.notify_retry_initial_seconds
+        try:
+            await workflow.execute_activity_method(
+                NotificationActivities.notify,
+                notification,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(
+                    initial_interval=timedelta(seconds=initial),
+                    backoff_coefficient=2.0,
+                    maximum_interval=timedelta(seconds=initial * 64),
+                    maximum_attempts=timing.notify_max_attempts,
+                    non_retryable_error_types=[UNSAFE_TARGET],
+                ),
+                summary=f"notify customer: {notification.kind.value}",
+            )
+            self._note("notified", f"{notification.kind.value}: {notification.detail}")
+        except ActivityError as err:
+            self._note("notification failed", f"{notification.kind.value}: {cause(err)}")
 
     def _spawn(self, work) -> None:
         """Run a refund or review alongside the main line; the workflow waits for it before ending."""
@@ -509,7 +570,7 @@ class PaymentWorkflow:
         if status in (PaymentStatus.CREATED, PaymentStatus.PENDING, PaymentStatus.SUCCEEDED,
                       PaymentStatus.FAILED, PaymentStatus.CLOSED):
             self._base = status
-        self._status = status
+        previous, self._status = self._status, status
         self._seq += 1
         if status in (PaymentStatus.FAILED, PaymentStatus.CLOSED, PaymentStatus.IN_REVIEW):
             self._reason = detail
@@ -520,6 +581,9 @@ class PaymentWorkflow:
         if review_reason:
             updates.append(REVIEW_REASON.value_set(review_reason))
         workflow.upsert_search_attributes(updates)
+        if status in TELL and status is not previous and TELL[status][0] not in self._told:
+            self._told.add(TELL[status][0])
+            self._tell(TELL[status][0], TELL[status][0].value, TELL[status][1], self._request.amount_minor)
         try:
             await db_call(PaymentActivities.save_payment_state, self._record(event), f"save {status.value}")
         except ActivityError as err:

@@ -1,0 +1,95 @@
+"""Customer notifications: what each outcome tells the customer, and where it may be sent.
+
+Every message states the order number, the amount and currency, and what happens next,
+so nobody is left guessing. Merchant notification URLs are checked so they cannot be
+pointed at internal addresses (the worker would otherwise fetch them from inside).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+from paysentinel.models import NotificationInput, NotifyKind, to_major
+
+
+class UnsafeTarget(ValueError):
+    """A notification URL that points somewhere it must not (internal, loopback, odd scheme)."""
+
+
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_global and not ip.is_multicast
+
+
+def check_target(url: str, allowed_hosts: Iterable[str] = (), resolve: bool = False) -> None:
+    """Raise UnsafeTarget unless ``url`` is http(s) to a public host (or an allowed one).
+
+    With ``resolve``, every address the host name resolves to must be public too (checked
+    again right before sending, so a DNS answer cannot be switched after validation)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise UnsafeTarget(f"notification URLs must be http or https, not {parts.scheme or 'none'!r}")
+    if parts.username or parts.password:
+        raise UnsafeTarget("notification URLs must not carry credentials")
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise UnsafeTarget("notification URL has no host")
+    if host in {h.lower() for h in allowed_hosts}:
+        return
+    if host == "localhost" or host.endswith((".localhost", ".local", ".internal")):
+        raise UnsafeTarget(f"{host} is an internal host name")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass  # a host name: checked by resolving it
+    else:
+        if not _is_public(host):
+            raise UnsafeTarget(f"{host} is not a public address")
+        return
+    if resolve:
+        try:
+            infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80))
+        except socket.gaierror as err:
+            raise UnsafeTarget(f"{host} does not resolve: {err}") from err
+        for info in infos:
+            if not _is_public(str(info[4][0])):
+                raise UnsafeTarget(f"{host} resolves to {info[4][0]}, which is not a public address")
+
+
+SUBJECTS = {
+    NotifyKind.PAID: "Order {order}: payment of {amount} received",
+    NotifyKind.FAILED: "Order {order}: payment failed, nothing was charged",
+    NotifyKind.CLOSED: "Order {order}: payment not completed, nothing was charged",
+    NotifyKind.REFUND_STARTED: "Order {order}: refund of {amount} started",
+    NotifyKind.REFUNDED: "Order {order}: {amount} refunded",
+    NotifyKind.IN_REVIEW: "Order {order}: we are checking your payment",
+}
+
+NEXT_STEPS = {
+    NotifyKind.PAID: "Your order is confirmed; nothing else is needed from you.",
+    NotifyKind.FAILED: "No money was taken. You can place the order again and pay.",
+    NotifyKind.CLOSED: "The payment window has closed and no money was taken. Place the order again to pay.",
+    NotifyKind.REFUND_STARTED: "The money goes back to the account you paid with; banks usually show it within "
+                               "1-5 working days.",
+    NotifyKind.REFUNDED: "The refund is complete on our side; your bank shows it within 1-5 working days.",
+    NotifyKind.IN_REVIEW: "Our team is checking the payment. You do not need to do anything or pay again; "
+                          "we will write to you with the outcome.",
+}
+
+
+def compose(n: NotificationInput) -> tuple[str, str]:
+    """(subject, body) of the customer's message."""
+    amount = f"{to_major(n.amount_minor, n.currency)} {n.currency}"
+    subject = SUBJECTS[n.kind].format(order=n.order_id, amount=amount)
+    body = "\n".join([
+        subject + ".",
+        "",
+        f"Order number: {n.order_id}",
+        f"Amount: {amount}",
+        f"What happened: {n.detail}",
+        f"What happens next: {NEXT_STEPS[n.kind]}",
+    ])
+    return subject, body
