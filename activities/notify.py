@@ -21,8 +21,8 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from paysentinel import db, signing
-from paysentinel.models import NotificationInput, to_major
-from paysentinel.notify import UnsafeTarget, check_target, compose
+from paysentinel.models import Incident, NotificationInput, to_major
+from paysentinel.notify import UnsafeTarget, check_target, compose, compose_alert
 
 UNSAFE_TARGET = "UnsafeTarget"
 
@@ -34,6 +34,9 @@ class Channels:
     smtp_from: str = "payments@paysentinel.local"
     webhook_secret: str = ""
     allowed_hosts: tuple[str, ...] = ()
+    # Where the monitor's alerts go (operators' mailbox, an incident webhook); set by operators.
+    alert_email: str = ""
+    alert_webhook_url: str = ""
 
 
 class NotificationActivities:
@@ -48,24 +51,52 @@ class NotificationActivities:
         subject, body = compose(n)
         sent = []
         if n.email and self._channels.smtp_host:
-            if await self._claim(n, "email", n.email, subject):
-                await asyncio.to_thread(self._send_email, n, subject, body)
-                await self._done(n, "email")
+            if await self._claim(n.key, "email", n.email, subject, n.payment_id, n.kind.value):
+                await asyncio.to_thread(self._send_email, n.key, n.email, subject, body)
+                await self._done(n.key, "email")
                 sent.append("email")
         if n.webhook_url:
-            if await self._claim(n, "webhook", n.webhook_url, subject):
+            if await self._claim(n.key, "webhook", n.webhook_url, subject, n.payment_id, n.kind.value):
                 await self._send_webhook(n, subject, body)
-                await self._done(n, "webhook")
+                await self._done(n.key, "webhook")
                 sent.append("webhook")
         activity.logger.info("payment %s: %s notification sent via %s", n.payment_id, n.kind.value, sent or "nothing new")
         return sent
 
-    async def _claim(self, n: NotificationInput, channel: str, target: str, subject: str) -> bool:
+    @activity.defn
+    async def send_alert(self, incident: Incident) -> list[str]:
+        """Tell operators an incident opened or is over; once per incident and channel."""
+        subject, body = compose_alert(incident)
+        owner, channels = f"monitor:{incident.monitor}", self._channels
+        sent = []
+        if channels.alert_email and channels.smtp_host:
+            if await self._claim(incident.key, "email", channels.alert_email, subject, owner, "alert"):
+                await asyncio.to_thread(self._send_email, incident.key, channels.alert_email, subject, body)
+                await self._done(incident.key, "email")
+                sent.append("email")
+        if channels.alert_webhook_url:
+            if await self._claim(incident.key, "webhook", channels.alert_webhook_url, subject, owner, "alert"):
+                event = {"id": incident.key, "type": f"alert.{incident.status.lower()}",
+                         "data": {**incident.model_dump(mode="json", exclude={"to_send"}), "message": body}}
+                await self._post_signed(channels.alert_webhook_url, incident.key, event)
+                await self._done(incident.key, "webhook")
+                sent.append("webhook")
+        if not (channels.alert_email and channels.smtp_host) and not channels.alert_webhook_url:
+            if await self._claim(incident.key, "log", "worker log", subject, owner, "alert"):
+                activity.logger.warning("ALERT %s (set PAYSENTINEL_ALERT_EMAIL or PAYSENTINEL_ALERT_WEBHOOK_URL "
+                                        "to have alerts sent)", subject)
+                await self._done(incident.key, "log")
+                sent.append("log")
+        else:
+            activity.logger.warning("alert %s: %s; sent via %s", incident.key, subject, sent or "nothing new")
+        return sent
+
+    async def _claim(self, key: str, channel: str, target: str, subject: str, owner: str, kind: str) -> bool:
         """True when this channel still has to be sent for the event."""
         async with self._sessions() as session:
-            row = await session.get(db.Notification, f"{n.key}:{channel}")
+            row = await session.get(db.Notification, f"{key}:{channel}")
             if row is None:
-                row = db.Notification(key=f"{n.key}:{channel}", payment_id=n.payment_id, kind=n.kind.value,
+                row = db.Notification(key=f"{key}:{channel}", payment_id=owner, kind=kind,
                                       channel=channel, target=target, subject=subject, status="sending", attempts=0)
                 session.add(row)
             if row.status == "sent":
@@ -74,20 +105,20 @@ class NotificationActivities:
             await session.commit()
             return True
 
-    async def _done(self, n: NotificationInput, channel: str, error: str | None = None) -> None:
+    async def _done(self, key: str, channel: str, error: str | None = None) -> None:
         async with self._sessions() as session:
-            row = await session.get(db.Notification, f"{n.key}:{channel}")
+            row = await session.get(db.Notification, f"{key}:{channel}")
             row.status, row.sent_at, row.error = "sent", db.utcnow(), error
             await session.commit()
 
-    def _send_email(self, n: NotificationInput, subject: str, body: str) -> None:
+    def _send_email(self, key: str, to: str, subject: str, body: str) -> None:
         message = EmailMessage()
         message["From"] = self._channels.smtp_from
-        message["To"] = n.email
+        message["To"] = to
         message["Subject"] = subject
         # Derived from the event: a receiving system can tell a resend from a new message.
-        message["Message-ID"] = make_msgid(idstring=n.key.replace(":", "."), domain="paysentinel")
-        message["X-Paysentinel-Event"] = n.key
+        message["Message-ID"] = make_msgid(idstring=key.replace(":", "."), domain="paysentinel")
+        message["X-Paysentinel-Event"] = key
         message.set_content(body)
         with smtplib.SMTP(self._channels.smtp_host, self._channels.smtp_port, timeout=10) as smtp:
             smtp.send_message(message)
@@ -97,7 +128,7 @@ class NotificationActivities:
         try:
             check_target(n.webhook_url, self._channels.allowed_hosts, resolve=True)
         except UnsafeTarget as err:
-            await self._done(n, "webhook", error=f"not sent: {err}")
+            await self._done(n.key, "webhook", error=f"not sent: {err}")
             raise ApplicationError(str(err), type=UNSAFE_TARGET, non_retryable=True) from err
         event = {
             "id": n.key,
@@ -108,8 +139,12 @@ class NotificationActivities:
                 "currency": n.currency, "detail": n.detail, "message": body,
             },
         }
+        await self._post_signed(n.webhook_url, n.key, event)
+
+    async def _post_signed(self, url: str, key: str, event: dict) -> None:
+        """POST a Standard Webhooks message; the message id is the event key."""
         payload = json.dumps(event, separators=(",", ":")).encode()
-        headers = signing.signed_headers(self._channels.webhook_secret, n.key, payload)
-        response = await self._http.post(n.webhook_url, content=payload, headers=headers, follow_redirects=False)
+        headers = signing.signed_headers(self._channels.webhook_secret, key, payload)
+        response = await self._http.post(url, content=payload, headers=headers, follow_redirects=False)
         if not response.is_success:
-            raise RuntimeError(f"merchant answered HTTP {response.status_code}; resending with backoff")
+            raise RuntimeError(f"{url} answered HTTP {response.status_code}; resending with backoff")

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from paysentinel import db
+from paysentinel import db, metrics
 from paysentinel.models import (
     REVIEW_ACTIONS,
     CreateTradeInput,
@@ -28,6 +28,7 @@ from paysentinel.models import (
     RecordPaymentInput,
     RefundInput,
     RefundRecord,
+    RefundStatus,
     ReviewInput,
     ReviewOutcome,
     RiskCheckInput,
@@ -67,10 +68,12 @@ class PaymentActivities:
             raise ApplicationError(f"unknown provider {name!r}", type=PROVIDER_REJECTED, non_retryable=True) from None
 
     @asynccontextmanager
-    async def _calling(self, order_id: str):
+    async def _calling(self, order_id: str, provider: str):
         """Around every provider call: count retries on the payment, classify rejections."""
-        if activity.info().attempt > 1:
+        info = activity.info()
+        if info.attempt > 1:
             await db.count_retry(self._sessions, f"payment-{order_id}")
+            metrics.provider_retries.labels(provider, info.activity_type).inc()
         try:
             yield
         except ProviderRejected as err:
@@ -87,42 +90,50 @@ class PaymentActivities:
     @activity.defn
     async def save_payment_state(self, record: PaymentRecord) -> bool:
         """Write the workflow's newest snapshot; an older snapshot never overwrites a newer one."""
-        applied = await db.apply_record(self._sessions, record)
+        result = await db.apply_record(self._sessions, record)
         activity.logger.info(
             "payment %s -> %s (seq %s, %s)", record.payment_id, record.status.value, record.seq,
-            "applied" if applied else "already newer",
+            "applied" if result.applied else "already newer",
         )
-        return applied
+        if result.applied:
+            async with self._sessions() as session:
+                row = await session.get(db.Payment, record.payment_id)
+            metrics.count_transition(record, row, finished=result.finished)
+        return result.applied
 
     @activity.defn
     async def create_trade(self, payload: CreateTradeInput) -> Trade:
-        async with self._calling(payload.order_id):
+        async with self._calling(payload.order_id, payload.provider):
             return await self._provider(payload.provider).create_trade(payload)
 
     @activity.defn
     async def query_trade(self, ref: TradeRef) -> Trade:
-        async with self._calling(ref.order_id):
+        async with self._calling(ref.order_id, ref.provider):
             return await self._provider(ref.provider).query_trade(ref.order_id)
 
     @activity.defn
     async def close_trade(self, ref: TradeRef) -> Trade:
-        async with self._calling(ref.order_id):
+        async with self._calling(ref.order_id, ref.provider):
             return await self._provider(ref.provider).close_trade(ref.order_id, ref.idempotency_key)
 
     @activity.defn
     async def refund_trade(self, request: RefundInput) -> ProviderRefund:
         """Submit the refund; the refund id (out_request_no) makes a retry the same refund."""
-        async with self._calling(request.order_id):
+        async with self._calling(request.order_id, request.provider):
             return await self._provider(request.provider).refund(request, f"refund:{request.refund_id}")
 
     @activity.defn
     async def query_refund(self, request: RefundInput) -> Optional[ProviderRefund]:
-        async with self._calling(request.order_id):
+        async with self._calling(request.order_id, request.provider):
             return await self._provider(request.provider).query_refund(request.order_id, request.refund_id)
 
     @activity.defn
     async def save_refund(self, record: RefundRecord) -> None:
         await db.save_refund(self._sessions, record)
+        if record.status is not RefundStatus.PROCESSING and record.submissions > 0:
+            metrics.refunds.labels(record.status.value).inc()
+            if record.status is RefundStatus.SUCCEEDED:
+                metrics.refunded_minor.labels(record.currency).inc(record.amount_minor)
         activity.logger.info("refund %s of %s -> %s", record.refund_id, record.payment_id, record.status.value)
 
     @activity.defn

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-import sys
 from typing import Optional
 
 import typer
@@ -27,13 +25,9 @@ if not console.is_terminal and "COLUMNS" not in os.environ:
 
 
 def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("httpx", "httpcore", "alembic", "temporalio.activity", "temporalio.workflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from paysentinel import logs
+
+    logs.configure(get_settings().log_format, verbose)
 
 
 def _migrate(settings: Settings) -> None:

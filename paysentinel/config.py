@@ -7,7 +7,7 @@ started by ``paysentinel up``, a SQLite application database and the provider si
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -84,6 +84,26 @@ class Settings(BaseSettings):
     notify_allowed_hosts: Annotated[list[str], NoDecode] = []
     notify_max_attempts: int = 8
     notify_retry_initial_seconds: float = 2.0
+
+    # Metrics: /metrics on the checkout API and the webhook receiver; the Temporal SDK's
+    # worker metrics on their own port (0 turns them off); the app's metrics of a worker
+    # started alone (`paysentinel worker`) on metrics_port.
+    sdk_metrics_port: int = 8003
+    metrics_port: int = 8004
+
+    # The monitor: a Temporal Schedule runs it every monitor_interval_seconds (0: no schedule)
+    # over the payments that finished in the last monitor_window_seconds.
+    monitor_interval_seconds: float = 60.0
+    monitor_window_seconds: float = 900.0
+    monitor_failure_threshold: float = 0.05
+    monitor_timeout_threshold: float = 0.30
+    monitor_min_payments: int = 20
+    # Where alerts go (both optional; without either they are logged as warnings).
+    alert_email: str = ""
+    alert_webhook_url: str = ""
+
+    # Logs: "text" for people, "json" (one object per line) for log pipelines.
+    log_format: Literal["text", "json"] = "text"
 
     # Risk rules evaluated before a trade is created.
     risk_window_seconds: float = 600.0

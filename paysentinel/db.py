@@ -7,11 +7,14 @@ Temporal's own persistence.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Integer, TypeDecorator, String, Text, UniqueConstraint, or_, select, update
+from sqlalchemy import (
+    BigInteger, Boolean, DateTime, Float, Integer, String, Text, TypeDecorator, UniqueConstraint, func, or_, select, update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -67,6 +70,9 @@ class Payment(Base):
     device_id: Mapped[Optional[str]] = mapped_column(String(128), index=True)
     # Provider calls that had to be retried (transient errors), over the payment's life.
     provider_retries: Mapped[int] = mapped_column(Integer, default=0)
+    # The lifecycle's outcome (SUCCEEDED, FAILED, CLOSED) and when it was reached.
+    outcome: Mapped[Optional[str]] = mapped_column(String(16))
+    finished_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime(), index=True)
     paid_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
     expires_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -151,6 +157,24 @@ class Notification(Base):
     error: Mapped[Optional[str]] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     sent_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+
+
+class Alert(Base):
+    """An incident raised by the monitor: one open row per monitor and kind at a time."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    monitor: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # failure_rate, timeout_rate
+    status: Mapped[str] = mapped_column(String(16), index=True)  # OPEN, RESOLVED
+    rate: Mapped[float] = mapped_column(Float)  # the rate that opened it
+    peak_rate: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    payments: Mapped[int] = mapped_column(Integer)  # finished payments in the window that opened it
+    detail: Mapped[str] = mapped_column(Text, default="")
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    resolved_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -240,9 +264,17 @@ async def claim_order(
         return existing, False
 
 
-async def apply_record(sessions: async_sessionmaker[AsyncSession], record: PaymentRecord) -> bool:
-    """Write the workflow's snapshot if it is newer than the stored one. Returns applied."""
-    values = record.model_dump(exclude={"payment_id", "seq", "event"}, exclude_none=True)
+@dataclass(frozen=True)
+class Applied:
+    applied: bool  # the snapshot was newer than the stored one and was written
+    finished: bool  # this write recorded the payment's outcome for the first time
+
+
+async def apply_record(sessions: async_sessionmaker[AsyncSession], record: PaymentRecord) -> Applied:
+    """Write the workflow's snapshot if it is newer than the stored one."""
+    values = record.model_dump(
+        exclude={"payment_id", "seq", "event", "callback_received_at", "outcome"}, exclude_none=True
+    )
     values["status"] = record.status.value
     async with sessions() as session:
         result = await session.execute(
@@ -250,8 +282,15 @@ async def apply_record(sessions: async_sessionmaker[AsyncSession], record: Payme
             .where(Payment.payment_id == record.payment_id, Payment.status_seq < record.seq)
             .values(**values, status_seq=record.seq, updated_at=utcnow())
         )
+        finished = None
+        if result.rowcount == 1 and record.outcome is not None:
+            finished = await session.execute(
+                update(Payment)
+                .where(Payment.payment_id == record.payment_id, Payment.finished_at.is_(None))
+                .values(outcome=record.outcome.value, finished_at=utcnow())
+            )
         await session.commit()
-        return result.rowcount == 1
+        return Applied(result.rowcount == 1, finished is not None and finished.rowcount == 1)
 
 
 async def save_refund(sessions: async_sessionmaker[AsyncSession], record: RefundRecord) -> None:
@@ -308,3 +347,76 @@ async def recent_attempts(
     async with sessions() as session:
         query = select(Payment).where(Payment.created_at >= since, Payment.payment_id != exclude, or_(*matches))
         return list((await session.scalars(query)).all())
+
+
+# --- What the monitor and /metrics read ----------------------------------------------
+
+STUCK_GRACE_SECONDS = 300  # a payment past its time to live by this much is stuck
+
+
+async def open_figures(sessions: async_sessionmaker[AsyncSession]) -> dict[str, float]:
+    """Payments still waiting, stuck ones, open reviews and the oldest review's age."""
+    now = utcnow()
+    waiting = Payment.status.in_(("CREATED", "PENDING"))
+    async with sessions() as session:
+        pending = await session.scalar(select(func.count()).where(waiting))
+        stuck = await session.scalar(
+            select(func.count()).where(waiting, Payment.expires_at < now - timedelta(seconds=STUCK_GRACE_SECONDS))
+        )
+        reviews, oldest = (
+            await session.execute(
+                select(func.count(), func.min(Review.created_at)).where(Review.status.in_(("OPEN", "ESCALATED")))
+            )
+        ).one()
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=timezone.utc)
+    return {
+        "pending": pending or 0,
+        "stuck": stuck or 0,
+        "open_reviews": reviews or 0,
+        "oldest_review_seconds": (now - oldest).total_seconds() if oldest else 0.0,
+    }
+
+
+async def outcomes_since(sessions: async_sessionmaker[AsyncSession], since: datetime) -> dict[str, int]:
+    """Outcome -> number of payments that reached it since ``since``."""
+    async with sessions() as session:
+        rows = await session.execute(
+            select(Payment.outcome, func.count()).where(Payment.finished_at >= since).group_by(Payment.outcome)
+        )
+        return {outcome: count for outcome, count in rows.all()}
+
+
+async def track_incident(
+    sessions: async_sessionmaker[AsyncSession], monitor: str, kind: str, *, breach: bool, rate: float,
+    threshold: float, payments: int, detail: str,
+) -> Optional[Alert]:
+    """Open an incident on a breach (one per monitor and kind), resolve it when over.
+
+    Returns the newest incident of this monitor and kind (open, or resolved), or None.
+    Running it twice with the same figures changes nothing the second time."""
+    async with sessions() as session:
+        current = await session.scalar(
+            select(Alert).where(Alert.monitor == monitor, Alert.kind == kind).order_by(Alert.id.desc()).limit(1)
+        )
+        if current is not None and current.status == "RESOLVED":
+            if not breach:
+                return current
+            current = None
+        if current is None and breach:
+            current = Alert(monitor=monitor, kind=kind, status="OPEN", rate=rate, peak_rate=rate, threshold=threshold,
+                            payments=payments, detail=detail, opened_at=utcnow())
+            session.add(current)
+        elif current is not None and breach:
+            current.peak_rate = max(current.peak_rate, rate)
+        elif current is not None:
+            current.status, current.resolved_at = "RESOLVED", utcnow()
+        await session.commit()
+        return current
+
+
+async def notification_sent(sessions: async_sessionmaker[AsyncSession], key: str) -> bool:
+    """Whether the message with this event key went out on every channel it was claimed for."""
+    async with sessions() as session:
+        rows = (await session.scalars(select(Notification).where(Notification.key.like(f"{key}:%")))).all()
+    return bool(rows) and all(row.status == "sent" for row in rows)

@@ -399,6 +399,10 @@ class PaymentRecord(BaseModel):
     paid_at: Optional[datetime] = None
     expires_at: Optional[datetime] = None
     event: str = ""
+    # The lifecycle's own outcome (SUCCEEDED, FAILED or CLOSED) once there is one; later
+    # refunds and reviews do not change it. The monitor's failure and timeout rates read it.
+    outcome: Optional[PaymentStatus] = None
+    callback_received_at: Optional[datetime] = None  # when a callback caused this transition
 
 
 class RecordPaymentInput(BaseModel):
@@ -413,3 +417,65 @@ class CallbackOutcome(BaseModel):
     result: Literal["delivered", "duplicate", "unknown_payment", "payment_completed"]
     event_id: str
     payment_id: Optional[str] = None
+
+
+# --- The monitor (alerting without Prometheus) -----------------------------------------
+
+
+class MonitorInput(BaseModel):
+    """One look at the last ``window_seconds``: rates against thresholds."""
+
+    name: str = "default"  # incidents are tracked per monitor name
+    window_seconds: float = Field(900.0, gt=0)
+    failure_threshold: float = Field(0.05, ge=0, le=1)  # FAILED / finished payments
+    timeout_threshold: float = Field(0.30, ge=0, le=1)  # CLOSED (unpaid) / finished payments
+    min_payments: int = Field(20, ge=1)  # fewer finished payments than this never alert
+
+
+class WindowFigures(BaseModel):
+    finished: int
+    succeeded: int
+    failed: int
+    closed: int
+    pending: int
+    stuck: int
+    open_reviews: int
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failed / self.finished if self.finished else 0.0
+
+    @property
+    def timeout_rate(self) -> float:
+        return self.closed / self.finished if self.finished else 0.0
+
+
+class IncidentInput(BaseModel):
+    monitor: str
+    kind: str  # failure_rate, timeout_rate
+    breach: bool
+    rate: float
+    threshold: float
+    payments: int
+    detail: str
+
+
+class Incident(BaseModel):
+    """The incident a monitor run concerns, and whether its news still has to be sent."""
+
+    id: int
+    monitor: str
+    kind: str
+    status: str  # OPEN, RESOLVED
+    rate: float
+    peak_rate: float
+    threshold: float
+    payments: int
+    detail: str
+    opened_at: datetime
+    resolved_at: Optional[datetime] = None
+    to_send: bool = False  # the alert (OPEN) or the all-clear (RESOLVED) has not been sent yet
+
+    @property
+    def key(self) -> str:
+        return f"alert-{self.id}-{self.status.lower()}"

@@ -12,7 +12,7 @@ import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from paysentinel.models import NotificationInput, NotifyKind, to_major
+from paysentinel.models import Incident, NotificationInput, NotifyKind, to_major
 
 
 class UnsafeTarget(ValueError):
@@ -91,5 +91,31 @@ def compose(n: NotificationInput) -> tuple[str, str]:
         f"Amount: {amount}",
         f"What happened: {n.detail}",
         f"What happens next: {NEXT_STEPS[n.kind]}",
+    ])
+    return subject, body
+
+
+ALERT_NAMES = {"failure_rate": "payment failure rate", "timeout_rate": "unpaid (timed-out) payment rate"}
+
+
+def compose_alert(incident: Incident) -> tuple[str, str]:
+    """(subject, body) of an operator alert: what crossed which line, and where to look."""
+    name = ALERT_NAMES.get(incident.kind, incident.kind)
+    if incident.status == "OPEN":
+        subject = f"[paysentinel] {name} {incident.rate:.1%} is above {incident.threshold:.1%} (monitor {incident.monitor})"
+        next_step = ("Find the failed or closed payments in the Temporal Web UI (PaymentStatus = \"FAILED\" or "
+                     "\"CLOSED\") and read their histories: provider errors, rejections or callbacks that never came. "
+                     "You get one message per incident, and another when it is over.")
+    else:
+        subject = f"[paysentinel] resolved: {name} back under {incident.threshold:.1%} (monitor {incident.monitor})"
+        next_step = "Nothing to do; the incident is closed."
+    body = "\n".join([
+        subject + ".",
+        "",
+        f"Incident: {incident.id} ({incident.kind}), opened {incident.opened_at:%Y-%m-%d %H:%M:%S} UTC",
+        f"When opened: {incident.detail}",
+        f"Highest rate seen: {incident.peak_rate:.1%}",
+        *( [f"Resolved: {incident.resolved_at:%Y-%m-%d %H:%M:%S} UTC"] if incident.resolved_at else [] ),
+        f"What to do: {next_step}",
     ])
     return subject, body

@@ -38,13 +38,13 @@ async def serve_app(app: FastAPI, host: str, port: int, stop: asyncio.Event) -> 
         raise RuntimeError(f"could not serve on {host}:{port} (port in use?)")
 
 
-async def run_worker_until(settings: Settings, stop: asyncio.Event) -> None:
+async def run_worker_until(settings: Settings, stop: asyncio.Event, serve_metrics: bool) -> None:
     from workers.main import run_worker
 
-    await run_worker(settings, stop)
+    await run_worker(settings, stop, serve_metrics=serve_metrics)
 
 
-def part_runners(settings: Settings) -> dict[str, Callable[[asyncio.Event], Awaitable[None]]]:
+def part_runners(settings: Settings, parts: list[str]) -> dict[str, Callable[[asyncio.Event], Awaitable[None]]]:
     def app_runner(factory: Callable[[Settings], FastAPI], port: int):
         return lambda stop: serve_app(factory(settings), settings.host, port, stop)
 
@@ -54,7 +54,8 @@ def part_runners(settings: Settings) -> dict[str, Callable[[asyncio.Event], Awai
 
     return {
         "simulator": app_runner(simulator_app, settings.simulator_port),
-        "worker": lambda stop: run_worker_until(settings, stop),
+        # Alone, the worker serves its own /metrics; with the API or receiver they serve it.
+        "worker": lambda stop: run_worker_until(settings, stop, not {"api", "webhooks"} & set(parts)),
         "api": app_runner(api_app, settings.api_port),
         "webhooks": app_runner(webhook_app, settings.webhook_port),
     }
@@ -67,7 +68,7 @@ async def run_parts(settings: Settings, parts: list[str], stop: asyncio.Event | 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    runners = part_runners(settings)
+    runners = part_runners(settings, parts)
     tasks = {asyncio.create_task(runners[name](stop), name=name) for name in parts}
     try:
         while tasks:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from temporalio.client import Client
+from temporalio.runtime import Runtime
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from paysentinel.config import Settings
 
 
-async def connect(settings: Settings) -> Client:
+async def connect(settings: Settings, runtime: Optional[Runtime] = None) -> Client:
     try:
         return await Client.connect(
             settings.effective_temporal_address,
             namespace=settings.temporal_namespace,
             data_converter=pydantic_data_converter,
+            runtime=runtime,
         )
     except RuntimeError as err:
         raise RuntimeError(

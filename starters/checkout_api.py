@@ -36,8 +36,10 @@ from paysentinel.models import (
 )
 from paysentinel.notify import UnsafeTarget, check_target
 from paysentinel.providers import SUPPORTED_PROVIDERS
+from paysentinel.logs import bind
 from starters.common import (
     Resources,
+    add_metrics,
     error_body,
     lifespan_for,
     readable_validation_error,
@@ -136,6 +138,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, readable_validation_error)
     app.add_exception_handler(HTTPException, error_body)
     app.include_router(operator_router)
+    add_metrics(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -145,6 +148,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def create_payment(
         request: CheckoutRequest, response: Response, res: Resources = Depends(resources)
     ) -> PaymentView:
+        bind(payment_workflow_id(request.order_id))
         if request.provider not in SUPPORTED_PROVIDERS:
             raise HTTPException(422, f"unknown provider {request.provider!r}; supported: {', '.join(SUPPORTED_PROVIDERS)}")
         if request.notify_url:
@@ -162,6 +166,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/payments/{payment_id}", response_model=PaymentView)
     async def get_payment(payment_id: str, res: Resources = Depends(resources)) -> PaymentView:
+        bind(payment_id)
         async with res.sessions() as session:
             row = await session.get(db.Payment, payment_id)
         if row is None:
@@ -182,6 +187,7 @@ def create_app(settings: Settings) -> FastAPI:
         ),
         res: Resources = Depends(resources),
     ) -> RefundView:
+        bind(payment_id)
         async with res.sessions() as session:
             if await session.get(db.Payment, payment_id) is None:
                 raise HTTPException(404, f"no payment {payment_id!r}; payment ids look like 'payment-<order id>'")

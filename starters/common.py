@@ -9,12 +9,13 @@ from dataclasses import dataclass
 import httpx
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from paysentinel import db
+from paysentinel import db, metrics
 from paysentinel.config import Settings
 from paysentinel.providers import Provider, build_providers
 from paysentinel.temporal import connect
@@ -45,6 +46,19 @@ def lifespan_for(settings: Settings):
 
 def resources(request: Request) -> Resources:
     return request.app.state.resources
+
+
+def add_metrics(app: FastAPI) -> None:
+    """GET /metrics: this process's counters, plus what is open right now (from the database)."""
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus(request: Request) -> Response:
+        figures = await db.open_figures(resources(request).sessions)
+        metrics.pending_payments.set(figures["pending"])
+        metrics.stuck_payments.set(figures["stuck"])
+        metrics.open_reviews.set(figures["open_reviews"])
+        metrics.oldest_review_seconds.set(figures["oldest_review_seconds"])
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def readable_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

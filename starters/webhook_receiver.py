@@ -17,13 +17,14 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from temporalio.service import RPCError, RPCStatusCode
 
-from paysentinel import db
+from paysentinel import db, metrics
 from paysentinel.config import Settings
 from paysentinel.models import CallbackOutcome, ProviderCallback
 from paysentinel.providers import MalformedCallback
 from paysentinel.signing import SignatureError
-from starters.common import Resources, error_body, lifespan_for
-from workflows.payment import PaymentWorkflow
+from paysentinel.logs import bind
+from starters.common import Resources, add_metrics, error_body, lifespan_for
+from workflows.payment import PaymentWorkflow, payment_workflow_id
 
 log = logging.getLogger("paysentinel.webhooks")
 
@@ -95,6 +96,7 @@ async def deliver(res: Resources, event: ProviderCallback, raw: bytes) -> Callba
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="paysentinel webhook receiver", version="0.1.0", lifespan=lifespan_for(settings))
     app.add_exception_handler(HTTPException, error_body)
+    add_metrics(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -106,16 +108,24 @@ def create_app(settings: Settings) -> FastAPI:
         adapter = res.providers.get(provider)
         if adapter is None:
             raise HTTPException(404, f"unknown provider {provider!r}")
-        raw = await read_limited(request, settings.webhook_max_body_bytes)
+        try:
+            raw = await read_limited(request, settings.webhook_max_body_bytes)
+        except HTTPException:
+            metrics.callbacks.labels(provider, "rejected_too_large").inc()
+            raise
         try:
             event = adapter.parse_callback(request.headers, raw)
         except SignatureError as err:
             log.warning("rejected %s callback: %s", provider, err)
+            metrics.callbacks.labels(provider, "rejected_signature").inc()
             raise HTTPException(401, f"signature check failed: {err}") from err
         except MalformedCallback as err:
             log.warning("rejected %s callback: %s", provider, err)
+            metrics.callbacks.labels(provider, "rejected_malformed").inc()
             raise HTTPException(400, str(err)) from err
+        bind(payment_workflow_id(event.order_id))
         outcome = await deliver(res, event, raw)
+        metrics.callbacks.labels(provider, outcome.result).inc()
         log.info("callback %s for order %s: %s", event.event_id, event.order_id, outcome.result)
         return outcome
 

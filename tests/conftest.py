@@ -46,6 +46,9 @@ TEST_TIMINGS = {
     "PAYSENTINEL_NOTIFY_RETRY_INITIAL_SECONDS": "0.3",
     "PAYSENTINEL_NOTIFY_MAX_ATTEMPTS": "4",
     "PAYSENTINEL_NOTIFY_ALLOWED_HOSTS": "localhost",  # the tests' merchant endpoint
+    "PAYSENTINEL_MONITOR_INTERVAL_SECONDS": "3600",  # tests run the monitor themselves
+    "PAYSENTINEL_ALERT_EMAIL": "ops@paysentinel.test",
+    "PAYSENTINEL_LOG_FORMAT": "json",
 }
 OPERATORS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
 
@@ -104,6 +107,7 @@ class Stack:
     webhook_url: str
     simulator_url: str
     task_queue: str
+    sdk_metrics_url: str
     env: dict[str, str]
     log_file: Path
     app: subprocess.Popen | None = None  # worker, API and webhook receiver (the simulator runs apart)
@@ -192,7 +196,7 @@ def mailbox() -> Iterator[Mailbox]:
 @pytest.fixture(scope="session")
 def stack(temporal_server: DevServer, database_url: str, mailbox: Mailbox, tmp_path_factory) -> Iterator[Stack]:
     """The system as users run it (`paysentinel up`), on the test's Temporal and PostgreSQL."""
-    ports = {name: free_port() for name in ("api", "webhook", "simulator")}
+    ports = {name: free_port() for name in ("api", "webhook", "simulator", "sdk_metrics")}
     task_queue = f"payments-test-{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
@@ -203,6 +207,7 @@ def stack(temporal_server: DevServer, database_url: str, mailbox: Mailbox, tmp_p
         "PAYSENTINEL_API_PORT": str(ports["api"]),
         "PAYSENTINEL_WEBHOOK_PORT": str(ports["webhook"]),
         "PAYSENTINEL_SIMULATOR_PORT": str(ports["simulator"]),
+        "PAYSENTINEL_SDK_METRICS_PORT": str(ports["sdk_metrics"]),
         "PAYSENTINEL_DATA_DIR": str(tmp_path_factory.mktemp("data")),
         "PAYSENTINEL_OPERATOR_TOKENS": ",".join(f"{name}:{token}" for name, token in OPERATORS.items()),
         "PAYSENTINEL_SMTP_HOST": "127.0.0.1",
@@ -214,6 +219,7 @@ def stack(temporal_server: DevServer, database_url: str, mailbox: Mailbox, tmp_p
         webhook_url=f"http://127.0.0.1:{ports['webhook']}",
         simulator_url=f"http://127.0.0.1:{ports['simulator']}",
         task_queue=task_queue,
+        sdk_metrics_url=f"http://127.0.0.1:{ports['sdk_metrics']}/metrics",
         env=env,
         log_file=log_file,
     )

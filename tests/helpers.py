@@ -49,6 +49,15 @@ async def wait_for(predicate, timeout: float = 20, what: str = "condition"):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+async def mails_to(mailbox, address: str, count: int, timeout: float = 20) -> list:
+    """The e-mails to ``address`` once at least ``count`` have arrived."""
+    async def arrived():
+        found = mailbox.to(address)
+        return found if len(found) >= count else None
+
+    return await wait_for(arrived, timeout=timeout, what=f"{count} e-mail(s) to {address}")
+
+
 async def payment_row(sessions, payment_id: str, status: str | None = None) -> db.Payment | None:
     """The payment's row; with ``status``, once the row shows it (it follows the workflow a moment later)."""
     deadline = time.monotonic() + 10

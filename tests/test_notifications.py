@@ -10,7 +10,7 @@ from sqlalchemy import select
 from paysentinel import db
 from paysentinel.notify import UnsafeTarget, check_target
 from tests.conftest import new_order
-from tests.helpers import receiver, script, start_payment, wait_for, wait_status
+from tests.helpers import mails_to, receiver, script, start_payment, wait_for, wait_status
 
 
 @pytest.mark.parametrize("url", [
@@ -39,21 +39,13 @@ def subject(mail) -> str:
     return " ".join(str(mail["Subject"]).split())  # long subjects arrive folded
 
 
-async def _mails(mailbox, address: str, count: int):
-    async def arrived():
-        found = mailbox.to(address)
-        return found if len(found) >= count else None
-
-    return await wait_for(arrived, timeout=20, what=f"{count} e-mail(s) to {address}")
-
-
 async def test_paid_payment_tells_customer_and_merchant_once(api, sim, mailbox, sessions):
     order = new_order("mail")
     await script(sim, order, pay="immediately", callback="duplicate")
     async with receiver([200], host="localhost") as (url, received):
         payment_id = (await start_payment(api, order, notify_url=url)).json()["payment_id"]
         await wait_status(api, payment_id, "SUCCEEDED")
-        mails = await _mails(mailbox, f"{order}@example.com", 1)
+        mails = await mails_to(mailbox, f"{order}@example.com", 1)
         await wait_for(lambda: _received(received, 1), what="the merchant notification")
         await asyncio.sleep(1.5)  # a duplicate callback or a retry must not send again
     mails = mailbox.to(f"{order}@example.com")
@@ -93,7 +85,7 @@ async def test_refunds_and_unpaid_outcomes_are_told(api, sim, mailbox):
     await wait_status(api, payment_id, "SUCCEEDED")
     await api.post(f"/payments/{payment_id}/refunds", json={"amount_minor": 3000, "reason": "one item returned"},
                    headers={"Idempotency-Key": "r1"})
-    mails = await _mails(mailbox, f"{order}@example.com", 3)
+    mails = await mails_to(mailbox, f"{order}@example.com", 3)
     subjects = [subject(m) for m in mails]
     assert subjects == [f"Order {order}: payment of 99.90 CNY received", f"Order {order}: refund of 30.00 CNY started",
                         f"Order {order}: 30.00 CNY refunded"]
@@ -103,6 +95,6 @@ async def test_refunds_and_unpaid_outcomes_are_told(api, sim, mailbox):
     await script(sim, unpaid, pay="never")
     payment_id = (await start_payment(api, unpaid, expires_in_seconds=5)).json()["payment_id"]
     await wait_status(api, payment_id, "CLOSED", timeout=30)
-    [mail] = await _mails(mailbox, f"{unpaid}@example.com", 1)
+    [mail] = await mails_to(mailbox, f"{unpaid}@example.com", 1)
     assert subject(mail) == f"Order {unpaid}: payment not completed, nothing was charged"
     assert "no money was taken" in mail.get_content()

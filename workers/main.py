@@ -6,27 +6,38 @@ import asyncio
 import logging
 
 import httpx
+from prometheus_client import start_http_server
+from temporalio.client import Client
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
+from activities.monitor import MonitorActivities
 from activities.notify import Channels, NotificationActivities
 from activities.payment import PaymentActivities, RiskRules
 from paysentinel import db
 from paysentinel.config import Settings
 from paysentinel.devserver import ensure_search_attributes
+from paysentinel.models import MonitorInput
 from paysentinel.providers import build_providers
 from paysentinel.temporal import connect
+from workflows.monitor import MONITOR_SCHEDULE_ID, MonitorWorkflow, ensure_monitor_schedule
 from workflows.payment import PaymentWorkflow
 from workflows.refund import RefundWorkflow
 from workflows.review import ManualReviewWorkflow
 
 log = logging.getLogger("paysentinel.worker")
 
-WORKFLOWS = [PaymentWorkflow, RefundWorkflow, ManualReviewWorkflow]
+WORKFLOWS = [PaymentWorkflow, RefundWorkflow, ManualReviewWorkflow, MonitorWorkflow]
 
 
-def activities_of(payment: PaymentActivities, notifications: NotificationActivities) -> list:
+def activities_of(
+    payment: PaymentActivities, notifications: NotificationActivities, monitor: MonitorActivities
+) -> list:
     return [
         notifications.notify,
+        notifications.send_alert,
+        monitor.measure_window,
+        monitor.track_incident,
         payment.record_payment,
         payment.save_payment_state,
         payment.create_trade,
@@ -42,11 +53,49 @@ def activities_of(payment: PaymentActivities, notifications: NotificationActivit
     ]
 
 
-async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Poll the task queue until ``stop`` is set (or forever)."""
-    client = await connect(settings)
+def monitor_input(settings: Settings) -> MonitorInput:
+    return MonitorInput(
+        window_seconds=settings.monitor_window_seconds,
+        failure_threshold=settings.monitor_failure_threshold,
+        timeout_threshold=settings.monitor_timeout_threshold,
+        min_payments=settings.monitor_min_payments,
+    )
+
+
+async def schedule_monitor(client: Client, settings: Settings) -> None:
+    if settings.monitor_interval_seconds > 0:
+        await ensure_monitor_schedule(client, monitor_input(settings), settings.monitor_interval_seconds,
+                                      settings.task_queue)
+        log.info("monitor scheduled every %gs (schedule %s)", settings.monitor_interval_seconds, MONITOR_SCHEDULE_ID)
+    else:
+        try:
+            await client.get_schedule_handle(MONITOR_SCHEDULE_ID).delete()
+            log.info("monitor schedule removed (monitor_interval_seconds is 0)")
+        except Exception:  # noqa: BLE001 - there was none
+            pass
+
+
+def sdk_runtime(settings: Settings) -> Runtime | None:
+    """A Temporal runtime that serves the SDK's worker metrics for Prometheus (or None: off)."""
+    if not settings.sdk_metrics_port:
+        return None
+    address = f"{settings.host}:{settings.sdk_metrics_port}"
+    log.info("Temporal SDK worker metrics on http://%s/metrics", address)
+    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=address)))
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, serve_metrics: bool = False) -> None:
+    """Poll the task queue until ``stop`` is set (or forever).
+
+    ``serve_metrics``: serve this process's app metrics on metrics_port (a worker running
+    without the API, which otherwise serves them on /metrics)."""
+    client = await connect(settings, sdk_runtime(settings))
     if settings.temporal_address:  # a server we did not start: make sure operators can search
         await ensure_search_attributes(client)
+    if serve_metrics:
+        start_http_server(settings.metrics_port, addr=settings.host)
+        log.info("worker metrics on http://%s:%s/metrics", settings.host, settings.metrics_port)
+    await schedule_monitor(client, settings)
     engine = db.make_engine(settings.effective_database_url)
     timeout = httpx.Timeout(settings.provider_timeout_seconds)
     async with httpx.AsyncClient(timeout=timeout) as http:
@@ -61,6 +110,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         channels = Channels(
             smtp_host=settings.smtp_host, smtp_port=settings.smtp_port, smtp_from=settings.smtp_from,
             webhook_secret=settings.merchant_webhook_secret, allowed_hosts=tuple(settings.notify_allowed_hosts),
+            alert_email=settings.alert_email, alert_webhook_url=settings.alert_webhook_url,
         )
         if not settings.smtp_host:
             log.info("customer e-mail is off (set PAYSENTINEL_SMTP_HOST to send it)")
@@ -69,7 +119,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
             client,
             task_queue=settings.task_queue,
             workflows=WORKFLOWS,
-            activities=activities_of(payment, notifications),
+            activities=activities_of(payment, notifications, MonitorActivities(sessions)),
         )
         log.info("worker polling task queue %s on %s", settings.task_queue, settings.effective_temporal_address)
         try:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Optional
 
 from temporalio import workflow
@@ -107,6 +107,9 @@ def refund_id_for(order_id: str, key: str) -> str:
     return "rf" + hashlib.sha256(f"{order_id}:{key}".encode()).hexdigest()[:30]
 
 
+OUTCOMES = (PaymentStatus.SUCCEEDED, PaymentStatus.FAILED, PaymentStatus.CLOSED)
+
+
 @workflow.defn
 class PaymentWorkflow:
     @workflow.init
@@ -119,6 +122,7 @@ class PaymentWorkflow:
         self._timeline: list[TimelineEntry] = []
         self._inbox: list[ProviderCallback] = []
         self._seen_events: set[str] = set()
+        self._callback_at: Optional[datetime] = None  # set while a callback is being applied
         self._trade_no: Optional[str] = None
         self._pay_url: Optional[str] = None
         self._reason: Optional[str] = None
@@ -357,6 +361,7 @@ class PaymentWorkflow:
                 f"{event.trade_status.value} for trade {event.trade_no}, "
                 f"{self._money(event.amount_minor, event.currency)} (event {event.event_id})",
             )
+            self._callback_at = event.received_at
             await self._apply_trade(
                 Trade(
                     order_id=event.order_id,
@@ -368,6 +373,7 @@ class PaymentWorkflow:
                 ),
                 "callback",
             )
+            self._callback_at = None
 
     async def _apply_trade(self, trade: Trade, source: str) -> None:
         """Decide what a provider result means for this payment; never move backwards."""
@@ -604,6 +610,8 @@ class PaymentWorkflow:
             paid_at=self._paid_at,
             expires_at=self._expires_at,
             event=event,
+            outcome=self._base if self._base in OUTCOMES else None,
+            callback_received_at=self._callback_at,
         )
 
     # --- Provider calls --------------------------------------------------------------

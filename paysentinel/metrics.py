@@ -1,0 +1,70 @@
+"""Prometheus metrics of the payment flow (prometheus-client).
+
+Counted where a fact becomes durable, exactly once: a payment transition when its
+database snapshot is applied (a retried write is not counted again), a refund when its
+final state is saved, a callback when the receiver answers it. Rates such as the failure
+rate are PromQL over these counters (see deploy/prometheus/alerts.yml); the monitor
+workflow also publishes its own window figures as gauges.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from paysentinel.db import Payment
+    from paysentinel.models import PaymentRecord
+
+payments_started = Counter("paysentinel_payments_started_total", "Payments whose trade was created", ["provider"])
+payments_final = Counter(
+    "paysentinel_payments_final_total",
+    "Payments reaching their outcome: SUCCEEDED, FAILED (no trade) or CLOSED (unpaid, timed out)",
+    ["status", "provider"],
+)
+payments_reviewed = Counter("paysentinel_reviews_opened_total", "Manual reviews opened", ["reason"])
+transitions = Counter("paysentinel_payment_transitions_total", "Payment status transitions", ["status"])
+provider_retries = Counter(
+    "paysentinel_provider_retries_total", "Provider calls retried after a transient error", ["provider", "operation"]
+)
+refunds = Counter("paysentinel_refunds_total", "Refunds reaching a final state", ["status"])
+refunded_minor = Counter("paysentinel_refunded_minor_total", "Refunded amount in minor units", ["currency"])
+callbacks = Counter(
+    "paysentinel_callbacks_total", "Provider callbacks answered by the webhook receiver", ["provider", "result"]
+)
+callback_to_status = Histogram(
+    "paysentinel_callback_to_status_seconds", "From receiving a callback to the payment status it caused",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+time_to_final = Histogram(
+    "paysentinel_time_to_final_seconds", "From checkout to a final lifecycle state", ["status"],
+    buckets=(1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600, 7200),
+)
+# Published by the monitor workflow for its sliding window.
+window_failure_rate = Gauge("paysentinel_window_failure_rate", "FAILED / finished payments in the monitor's window")
+window_timeout_rate = Gauge("paysentinel_window_timeout_rate", "CLOSED (unpaid) / finished payments in the window")
+alerts = Counter("paysentinel_alerts_total", "Incidents opened by the monitor", ["kind"])
+# Read from the database when /metrics is scraped.
+open_reviews = Gauge("paysentinel_open_reviews", "Manual reviews waiting for a decision")
+oldest_review_seconds = Gauge("paysentinel_oldest_open_review_seconds", "Age of the oldest undecided review")
+pending_payments = Gauge("paysentinel_pending_payments", "Payments waiting for the payer or the provider")
+stuck_payments = Gauge(
+    "paysentinel_stuck_payments", "Payments still CREATED or PENDING after their time to live (should stay 0)"
+)
+
+
+def count_transition(record: "PaymentRecord", row: "Payment", *, finished: bool) -> None:
+    """Count one applied transition (``finished``: it recorded the payment's outcome)."""
+    now = datetime.now(timezone.utc)
+    transitions.labels(record.status.value).inc()
+    if record.event == "trade created":
+        payments_started.labels(row.provider).inc()
+    if finished and record.outcome is not None:
+        payments_final.labels(record.outcome.value, row.provider).inc()
+        time_to_final.labels(record.outcome.value).observe((now - row.created_at).total_seconds())
+    if record.event == "review opened" and record.review_reason:
+        payments_reviewed.labels(record.review_reason).inc()
+    if record.callback_received_at is not None:
+        callback_to_status.observe(max(0.0, (now - record.callback_received_at).total_seconds()))

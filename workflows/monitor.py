@@ -1,0 +1,91 @@
+"""MonitorWorkflow: alerting without Prometheus, run by a Temporal Schedule.
+
+Each run reads the failure rate (FAILED / finished) and the timeout rate (CLOSED unpaid /
+finished) of the payments that finished in the last window, opens an incident when a
+rate is above its threshold, and tells operators once per incident: one alert when it
+opens, one all-clear when the rate is back under the line. Incidents live in the
+database, so a run that is retried or repeated never alerts twice.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleUpdate,
+    ScheduleUpdateInput,
+)
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from activities.monitor import MonitorActivities
+    from activities.notify import NotificationActivities
+    from paysentinel.models import Incident, IncidentInput, MonitorInput, WindowFigures
+    from workflows.common import db_call
+
+MONITOR_SCHEDULE_ID = "paysentinel-monitor"
+ALERT_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(seconds=60),
+                          maximum_attempts=5)
+
+
+@workflow.defn
+class MonitorWorkflow:
+    @workflow.run
+    async def run(self, monitor: MonitorInput) -> list[str]:
+        figures: WindowFigures = await db_call(
+            MonitorActivities.measure_window, monitor, f"measure the last {monitor.window_seconds:g}s"
+        )
+        enough = figures.finished >= monitor.min_payments
+        news = []
+        for kind, rate, threshold, count in (
+            ("failure_rate", figures.failure_rate, monitor.failure_threshold, figures.failed),
+            ("timeout_rate", figures.timeout_rate, monitor.timeout_threshold, figures.closed),
+        ):
+            check = IncidentInput(
+                monitor=monitor.name, kind=kind, breach=enough and rate > threshold, rate=rate, threshold=threshold,
+                payments=figures.finished,
+                detail=f"{count} of {figures.finished} payments finished in the last {monitor.window_seconds:g}s "
+                       f"({rate:.1%}; threshold {threshold:.1%}, at least {monitor.min_payments} payments)",
+            )
+            incident: Incident | None = await db_call(
+                MonitorActivities.track_incident, check, f"{kind} {rate:.1%} vs {threshold:.1%}"
+            )
+            if incident is not None and incident.to_send:
+                await workflow.execute_activity_method(
+                    NotificationActivities.send_alert, incident, start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=ALERT_RETRY, summary=f"alert: incident {incident.id} {incident.status.lower()}",
+                )
+                news.append(f"{kind}: incident {incident.id} {'opened' if incident.status == 'OPEN' else 'resolved'}")
+        return news
+
+
+def monitor_schedule(monitor: MonitorInput, interval_seconds: float, task_queue: str) -> Schedule:
+    return Schedule(
+        action=ScheduleActionStartWorkflow(
+            MonitorWorkflow.run, monitor, id=f"monitor-{monitor.name}", task_queue=task_queue,
+            execution_timeout=timedelta(seconds=max(60.0, interval_seconds * 5)),
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=interval_seconds))]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+
+
+async def ensure_monitor_schedule(client: Client, monitor: MonitorInput, interval_seconds: float, task_queue: str) -> None:
+    """Create the monitor's schedule, or bring an existing one to the current settings."""
+    schedule = monitor_schedule(monitor, interval_seconds, task_queue)
+    try:
+        await client.create_schedule(MONITOR_SCHEDULE_ID, schedule)
+    except ScheduleAlreadyRunningError:
+        async def replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
+            return ScheduleUpdate(schedule=schedule)
+
+        await client.get_schedule_handle(MONITOR_SCHEDULE_ID).update(replace)
