@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the tests need, then runs them against real parts:
 # Python packages, the Temporal CLI (found, downloaded, or built with `go install`
-# and cached in ~/.cache/paysentinel), and PostgreSQL on 127.0.0.1:5432.
+# and cached in ~/.cache/paysentinel), PostgreSQL on 127.0.0.1:5432, and Debian's
+# chromium for the test that drives the Temporal Web UI.
 # Extra arguments go to pytest, e.g.  bash scripts/test.sh -k webhook
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,9 @@ echo "==> Temporal CLI"
 
 echo "==> PostgreSQL"
 bash scripts/ensure-postgres.sh
+
+echo "==> Chromium (for the Web UI test)"
+bash scripts/ensure-chromium.sh
 
 echo "==> Tests"
 exec "$PYTHON" -m pytest "$@"

@@ -61,7 +61,10 @@ def temporal_cli() -> Path:
 
 @pytest.fixture(scope="session")
 async def temporal_server(temporal_cli: Path, tmp_path_factory) -> AsyncIterator[DevServer]:
-    server = DevServer(temporal_cli, log_file=tmp_path_factory.mktemp("temporal") / "temporal.log", port=free_port())
+    server = DevServer(
+        temporal_cli, log_file=tmp_path_factory.mktemp("temporal") / "temporal.log", port=free_port(),
+        ui_port=free_port(),  # the Web UI test browses it
+    )
     async with server:
         yield server
 

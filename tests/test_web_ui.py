@@ -1,0 +1,57 @@
+"""The operator's view: the real Temporal Web UI, driven by headless Chromium (Debian's).
+
+Finds a payment started by the test by its OrderId, the way an operator does, and opens
+its history. Screenshots are kept next to the test log (printed at the end)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from urllib.parse import quote
+
+import pytest
+
+from tests.conftest import new_order
+from tests.helpers import script, search_count, start_payment, wait_status
+
+
+def chromium() -> str:
+    path = os.environ.get("PAYSENTINEL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.fail("no Chromium found: run `bash scripts/ensure-chromium.sh` (installs Debian's chromium) "
+                    "or set PAYSENTINEL_CHROMIUM", pytrace=False)
+    return path
+
+
+async def test_operator_finds_a_payment_by_order_id_in_the_web_ui(api, sim, client, temporal_server, tmp_path):
+    from playwright.async_api import async_playwright
+
+    order = new_order("ui")
+    await script(sim, order, pay="immediately")
+    payment_id = (await start_payment(api, order, amount_minor=4200)).json()["payment_id"]
+    await wait_status(api, payment_id, "SUCCEEDED")
+    await search_count(client, f'OrderId = "{order}" AND PaymentStatus = "SUCCEEDED"', 1)
+
+    ui = temporal_server.ui_url
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=chromium(), headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
+        page = await browser.new_page(viewport={"width": 1440, "height": 900})
+        try:
+            query = f'OrderId="{order}"'
+            await page.goto(f"{ui}/namespaces/default/workflows?query={quote(query)}")
+            row = page.get_by_role("link", name=payment_id).first
+            await row.wait_for(timeout=30_000)
+            await page.screenshot(path=tmp_path / "web-ui-search.png", full_page=True)
+            # Only this payment matches its order number.
+            await page.get_by_text("1 Workflow", exact=True).first.wait_for(timeout=10_000)
+
+            await row.click()
+            await page.get_by_text(f"Payment for order {order}").first.wait_for(timeout=30_000)
+            await page.get_by_text("create_trade").first.wait_for(timeout=30_000)
+            await page.screenshot(path=tmp_path / "web-ui-history.png", full_page=True)
+        finally:
+            await browser.close()
+    print(f"\n[Web UI screenshots: {tmp_path}]", file=sys.stderr)
