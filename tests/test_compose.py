@@ -42,3 +42,18 @@ def test_app_configuration_is_valid_settings(monkeypatch):
     published = {int(p.split(":")[1]) for s in APP_SERVICES.values() for p in s.get("ports", [])}
     assert published == {settings.api_port, settings.webhook_port, settings.simulator_port}
     assert (ROOT / "Dockerfile").read_text().count('ENTRYPOINT ["paysentinel"]') == 1
+
+
+def test_monitoring_services_mount_files_that_exist_and_scrape_real_ports():
+    for name in ("prometheus", "grafana"):
+        for volume in SERVICES[name]["volumes"]:
+            source = volume.split(":")[0]
+            assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+    scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    settings = Settings()
+    assert targets == {
+        f"api:{settings.api_port}", f"webhooks:{settings.webhook_port}",
+        f"worker:{settings.metrics_port}", f"worker:{settings.sdk_metrics_port}",
+    }
+    assert scrape["rule_files"] == ["/etc/prometheus/alerts.yml"]
