@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from paysentinel import db, metrics
+from paysentinel import db, metrics, tracing
 from paysentinel.models import (
     REVIEW_ACTIONS,
     CreateTradeInput,
@@ -74,8 +74,13 @@ class PaymentActivities:
         if info.attempt > 1:
             await db.count_retry(self._sessions, f"payment-{order_id}")
             metrics.provider_retries.labels(provider, info.activity_type).inc()
+        span = tracing.tracer.start_as_current_span(
+            f"provider {info.activity_type}",
+            attributes={"paysentinel.order_id": order_id, "paysentinel.provider": provider, "temporal.attempt": info.attempt},
+        )
         try:
-            yield
+            with span:
+                yield
         except ProviderRejected as err:
             raise ApplicationError(str(err), err.code, type=PROVIDER_REJECTED, non_retryable=True) from err
 

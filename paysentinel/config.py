@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     alert_email: str = ""
     alert_webhook_url: str = ""
 
+    # OpenTelemetry tracing: off, otlp (OTEL_EXPORTER_OTLP_ENDPOINT), console, or file.
+    tracing: Literal["off", "otlp", "console", "file"] = "off"
+    tracing_file: str = ""
+    tracing_service_name: str = "paysentinel"
+
     # Logs: "text" for people, "json" (one object per line) for log pipelines.
     log_format: Literal["text", "json"] = "text"
 

@@ -8,6 +8,7 @@ from temporalio.client import Client
 from temporalio.runtime import Runtime
 from temporalio.contrib.pydantic import pydantic_data_converter
 
+from paysentinel import tracing
 from paysentinel.config import Settings
 
 
@@ -18,6 +19,7 @@ async def connect(settings: Settings, runtime: Optional[Runtime] = None) -> Clie
             namespace=settings.temporal_namespace,
             data_converter=pydantic_data_converter,
             runtime=runtime,
+            interceptors=tracing.interceptors(settings),
         )
     except RuntimeError as err:
         raise RuntimeError(

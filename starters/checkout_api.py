@@ -22,7 +22,7 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes, Workfl
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
-from paysentinel import db
+from paysentinel import db, tracing
 from paysentinel.config import Settings
 from paysentinel.models import (
     CheckoutRequest,
@@ -157,7 +157,10 @@ def create_app(settings: Settings) -> FastAPI:
             except UnsafeTarget as err:
                 raise HTTPException(422, f"notify_url rejected: {err}") from err
         try:
-            view, created = await start_payment(res, request)
+            with tracing.tracer.start_as_current_span(
+                "checkout", attributes={"paysentinel.order_id": request.order_id, "paysentinel.provider": request.provider}
+            ):
+                view, created = await start_payment(res, request)
         except db.OrderConflict as err:
             raise HTTPException(409, str(err)) from err
         if not created:

@@ -111,6 +111,7 @@ class Stack:
     simulator_url: str
     task_queue: str
     sdk_metrics_url: str
+    spans_file: Path  # OpenTelemetry spans (PAYSENTINEL_TRACING=file)
     env: dict[str, str]
     log_file: Path
     app: subprocess.Popen | None = None  # worker, API and webhook receiver (the simulator runs apart)
@@ -217,12 +218,15 @@ def stack(temporal_server: DevServer, database_url: str, mailbox: Mailbox, tmp_p
         "PAYSENTINEL_SMTP_PORT": str(mailbox.port),
     }
     log_file = tmp_path_factory.mktemp("stack") / "paysentinel.log"
+    spans_file = log_file.with_name("spans.jsonl")
+    env.update({"PAYSENTINEL_TRACING": "file", "PAYSENTINEL_TRACING_FILE": str(spans_file)})
     stack = Stack(
         api_url=f"http://127.0.0.1:{ports['api']}",
         webhook_url=f"http://127.0.0.1:{ports['webhook']}",
         simulator_url=f"http://127.0.0.1:{ports['simulator']}",
         task_queue=task_queue,
         sdk_metrics_url=f"http://127.0.0.1:{ports['sdk_metrics']}/metrics",
+        spans_file=spans_file,
         env=env,
         log_file=log_file,
     )

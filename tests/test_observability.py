@@ -182,3 +182,32 @@ async def test_log_lines_carry_payment_and_workflow_ids(api, sim, stack):
     for line in lines:
         if payment_id in line["message"] and line["logger"] != "paysentinel.simulator":
             assert line["payment_id"] == payment_id, line
+
+
+async def test_one_trace_from_checkout_through_the_workflow_to_the_provider(api, sim, stack):
+    order = new_order("trace")
+    await script(sim, order, pay="immediately")
+    payment_id = (await start_payment(api, order)).json()["payment_id"]
+    await wait_status(api, payment_id, "SUCCEEDED")
+
+    def spans() -> list[dict]:
+        return [json.loads(line) for line in stack.spans_file.read_text().splitlines()] if stack.spans_file.exists() else []
+
+    [checkout] = [s for s in spans() if s["name"] == "checkout" and s["attributes"].get("paysentinel.order_id") == order]
+    expected = {"checkout", "StartWorkflow:PaymentWorkflow", "RunWorkflow:PaymentWorkflow",
+                "StartActivity:create_trade", "RunActivity:create_trade", "provider create_trade"}
+
+    async def whole_trace():
+        trace = [s for s in spans() if s["trace_id"] == checkout["trace_id"]]
+        return trace if expected <= {s["name"] for s in trace} else None
+
+    trace = await wait_for(whole_trace, what=f"the spans {sorted(expected)} in one trace")
+    by_id = {s["span_id"]: s for s in trace}
+    provider = next(s for s in trace if s["name"] == "provider create_trade")
+    assert provider["attributes"]["paysentinel.order_id"] == order
+    # The provider call's ancestry leads back to the checkout span.
+    chain, span = [], provider
+    while span["parent_id"] in by_id:
+        span = by_id[span["parent_id"]]
+        chain.append(span["name"])
+    assert "checkout" in chain and "RunActivity:create_trade" in chain, chain
