@@ -109,6 +109,13 @@ def _print_where(settings: Settings, parts: list[str], server) -> None:
     }
     for part in parts:
         table.add_row(part, where[part])
+    if "api" in parts:
+        table.add_row("metrics", f"http://{settings.host}:{settings.api_port}/metrics  (Prometheus)")
+    if "worker" in parts and settings.sdk_metrics_port:
+        table.add_row("worker metrics", f"http://{settings.host}:{settings.sdk_metrics_port}/metrics  (Temporal SDK)")
+    if "worker" in parts and settings.monitor_interval_seconds > 0:
+        alerts_to = ", ".join(filter(None, [settings.alert_email, settings.alert_webhook_url])) or "the worker log"
+        table.add_row("monitor", f"every {settings.monitor_interval_seconds:g}s, alerts to {alerts_to}")
     table.add_row("app database", settings.effective_database_url)
     console.print(table)
     console.print("Try it: [bold]paysentinel demo[/bold] in another terminal.")

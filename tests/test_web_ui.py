@@ -55,3 +55,17 @@ async def test_operator_finds_a_payment_by_order_id_in_the_web_ui(api, sim, clie
         finally:
             await browser.close()
     print(f"\n[Web UI screenshots: {tmp_path}]", file=sys.stderr)
+
+
+async def test_the_readme_filters_are_valid_queries(client):
+    """Every list filter the README gives operators is accepted by Temporal's visibility."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Finding payments in the Temporal Web UI", 1)[1].split("\n## ", 1)[0]
+    filters = [m for row in section.splitlines() if row.startswith("| ") for m in re.findall(r"`([^`]+)`", row)]
+    filters = [f for f in filters if "=" in f or "<" in f or ">" in f]
+    assert len(filters) >= 8, filters
+    for query in filters:
+        await client.count_workflows(query)  # raises on an invalid query
