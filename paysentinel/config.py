@@ -116,6 +116,16 @@ class Settings(BaseSettings):
     risk_failure_window_seconds: float = 3600.0
     risk_max_failures: int = 3  # same device or customer with this many unpaid payments
 
+    # Reconciliation: settlement bills are cut by this time zone's days (the provider's).
+    settlement_timezone: str = "Asia/Shanghai"
+    # A Temporal Schedule reconciles yesterday every day at this local time ("HH:MM"),
+    # and catches up days without a finished run within reconcile_catchup_days.
+    reconcile_at: str = "03:00"
+    reconcile_catchup_days: int = 7
+    reconcile_enabled: bool = True
+    reconcile_alert_threshold: int = 0  # alert when more differences than this stay unresolved
+    reconcile_batch_rows: int = 5000
+
     # Provider simulator (callback resend schedule, like a real provider's backoff).
     simulator_resend_seconds: Annotated[list[float], NoDecode] = [1, 2, 4, 8, 16, 32, 64, 128]
     simulator_hang_seconds: float = 30.0

@@ -38,19 +38,21 @@ from collections import Counter
 from collections.abc import Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from decimal import Decimal
 from importlib import resources
 from typing import Any, Literal, Optional
+from zoneinfo import ZoneInfo
 
 import httpx
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
 from paysentinel import signing
 from paysentinel.config import Settings
+from paysentinel.simulator.bills import BillAdjustments, DayBill, SyntheticRows
 
 log = logging.getLogger("paysentinel.simulator")
 
@@ -117,6 +119,17 @@ class RefundCreate(BaseModel):
     refund_amount: str = Field(pattern=AMOUNT_PATTERN)
     trade_no: Optional[str] = Field(None, max_length=64)
     refund_reason: Optional[str] = Field(None, max_length=256)
+
+
+class OrphanTrade(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    out_trade_no: str = Field(pattern=ORDER_PATTERN)
+    total_amount: str = Field(pattern=AMOUNT_PATTERN)
+    currency: str = Field("CNY", pattern=r"^[A-Z]{3}$")
+
+
+class PaidAt(BaseModel):
+    paid_at: datetime
 
 
 @dataclass
@@ -223,6 +236,7 @@ class Provider:
         self.deliveries: dict[str, list[dict[str, Any]]] = {}
         self.extra_trades: dict[str, list[SimTrade]] = {}  # second charges of an order
         self.refund_failures_left: dict[str, int] = {}
+        self.bills: dict[date, DayBill] = {}  # adjustments and synthetic rows per bill day
         self.http: Optional[httpx.AsyncClient] = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -288,6 +302,12 @@ class Provider:
         self.orders_by_trade_no[second.trade_no] = first.out_trade_no
         log.info("trade %s (%s) paid a second time", second.trade_no, second.out_trade_no)
         self.emit(second)
+
+    def all_trades(self) -> list[SimTrade]:
+        return list(self.trades.values()) + [t for extra in list(self.extra_trades.values()) for t in extra]
+
+    def bill(self, day: date) -> DayBill:
+        return self.bills.setdefault(day, DayBill(day, ZoneInfo(self.settings.settlement_timezone)))
 
     def trades_of(self, order: str) -> list[SimTrade]:
         primary = self.trades.get(order)
@@ -544,7 +564,49 @@ def create_app(settings: Settings) -> FastAPI:
             return _error(404, "ACQ.REFUND_NOT_EXIST", f"no refund {out_request_no} for order {out_trade_no}")
         return {"code": "10000", "msg": "Success", "refund": refund.out()}
 
+    @app.get("/v1/bills/{bill_date}")
+    async def download_bill(bill_date: date):
+        """The day's settlement bill (CSV, Alipay layout), streamed."""
+        if bill_date > datetime.now(ZoneInfo(settings.settlement_timezone)).date():
+            return _error(400, "ACQ.INVALID_PARAMETER", f"no bill for {bill_date}: the day has not started")
+        lines = provider.bill(bill_date).lines(provider.all_trades())
+        return StreamingResponse(lines, media_type="text/csv; charset=utf-8", headers={
+            "content-disposition": f'attachment; filename="bill-{bill_date}.csv"'})
+
     # Control API ---------------------------------------------------------------------
+
+    @app.put("/control/bills/{bill_date}/adjustments")
+    async def adjust_bill(bill_date: date, adjustments: BillAdjustments):
+        provider.bill(bill_date).adjustments = adjustments
+        return {"date": str(bill_date), "adjustments": adjustments.model_dump()}
+
+    @app.put("/control/bills/{bill_date}/synthetic")
+    async def synthetic_rows(bill_date: date, rows: SyntheticRows):
+        provider.bill(bill_date).synthetic = [rows]
+        return {"date": str(bill_date), "synthetic": rows.model_dump()}
+
+    @app.post("/control/orphans")
+    async def orphan_trade(body: OrphanTrade):
+        """A trade paid at the provider for an order the merchant never created (no callback)."""
+        if not _valid_order(body.out_trade_no):
+            return _error(400, "ACQ.INVALID_PARAMETER", f"order must match {ORDER_PATTERN}")
+        trade = SimTrade(
+            trade_no=new_trade_no(), out_trade_no=body.out_trade_no, total_amount=body.total_amount,
+            currency=body.currency, subject="paid elsewhere", notify_url=None, time_expire=None, pay_url="",
+            trade_status="TRADE_SUCCESS", gmt_payment=_now(),
+        )
+        provider.trades[trade.out_trade_no] = trade
+        provider.orders_by_trade_no[trade.trade_no] = trade.out_trade_no
+        return _ok(trade)
+
+    @app.post("/control/trades/{order}/paid-at")
+    async def set_paid_at(order: str, body: PaidAt):
+        """Move the provider's payment time of the order's trade (e.g. to just before midnight)."""
+        trade = provider.trades.get(order)
+        if trade is None or not trade.paid:
+            return _error(404, "ACQ.TRADE_NOT_EXIST", f"no paid trade for order {order}")
+        trade.gmt_payment = body.paid_at
+        return _ok(trade)
 
     @app.put("/control/scripts/{order}")
     async def put_script(order: str, script: Script):
