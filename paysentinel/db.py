@@ -177,6 +177,74 @@ class Alert(Base):
     resolved_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
 
 
+class SettlementRowRecord(Base):
+    """One row of a provider's settlement bill, loaded for reconciliation."""
+
+    __tablename__ = "settlement_rows"
+    __table_args__ = (UniqueConstraint("provider", "bill_date", "kind", "trade_no", "refund_no"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    bill_date: Mapped[str] = mapped_column(String(10))  # YYYY-MM-DD
+    kind: Mapped[str] = mapped_column(String(8))  # payment, refund
+    trade_no: Mapped[str] = mapped_column(String(64))
+    order_id: Mapped[str] = mapped_column(String(64), index=True)
+    refund_no: Mapped[str] = mapped_column(String(64), default="")
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ReconciliationRun(Base):
+    """One provider's reconciliation of one day: the report finance reads."""
+
+    __tablename__ = "reconciliation_runs"
+
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # provider:YYYY-MM-DD
+    provider: Mapped[str] = mapped_column(String(32))
+    bill_date: Mapped[str] = mapped_column(String(10), index=True)
+    status: Mapped[str] = mapped_column(String(16))  # RUNNING, DONE
+    rows: Mapped[int] = mapped_column(Integer, default=0)
+    matched: Mapped[int] = mapped_column(Integer, default=0)
+    day_boundary: Mapped[int] = mapped_column(Integer, default=0)
+    classes: Mapped[str] = mapped_column(Text, default="{}")  # JSON: kind -> count, amount, unresolved
+    unresolved: Mapped[int] = mapped_column(Integer, default=0)
+    passes: Mapped[int] = mapped_column(Integer, default=0)  # how many times the day was reconciled
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+
+
+class Discrepancy(Base):
+    """A difference found by reconciliation, and what was done about it (once)."""
+
+    __tablename__ = "discrepancies"
+    __table_args__ = (UniqueConstraint("run_id", "kind", "order_id", "trade_no", "refund_no"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    order_id: Mapped[str] = mapped_column(String(64))
+    trade_no: Mapped[str] = mapped_column(String(64), default="")
+    refund_no: Mapped[str] = mapped_column(String(64), default="")
+    provider_amount_minor: Mapped[Optional[int]] = mapped_column(BigInteger)
+    our_amount_minor: Mapped[Optional[int]] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    detail: Mapped[str] = mapped_column(Text)
+    resolution: Mapped[Optional[str]] = mapped_column(Text)
+    resolved: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    resolved_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+
+
+def insert_ignoring_duplicates(session: AsyncSession, table, rows: list[dict]):
+    """INSERT ... ON CONFLICT DO NOTHING, on PostgreSQL and SQLite alike."""
+    if session.bind.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return session.execute(insert(table).on_conflict_do_nothing(), rows)
+
+
 def make_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
         Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ that speak decimal strings ("99.90") are converted at the adapter.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from enum import Enum
 from typing import Literal, Optional
@@ -46,6 +46,7 @@ class ReviewReason(str, Enum):
     AMOUNT_MISMATCH = "amount_mismatch"  # paid amount or currency differs from the order
     STATUS_UNKNOWN = "status_unknown"  # the provider never confirmed paid or unpaid
     REFUND_FAILED = "refund_failed"  # a refund exhausted its retries
+    SETTLEMENT_MISMATCH = "settlement_mismatch"  # the provider's settlement bill disagrees with us
 
 
 class ReviewAction(str, Enum):
@@ -62,6 +63,8 @@ REVIEW_ACTIONS: dict[ReviewReason, tuple[list[ReviewAction], ReviewAction]] = {
     ReviewReason.AMOUNT_MISMATCH: ([ReviewAction.APPROVE, ReviewAction.REJECT, ReviewAction.REFUND], ReviewAction.REFUND),
     ReviewReason.STATUS_UNKNOWN: ([ReviewAction.MARK_PAID, ReviewAction.REJECT], ReviewAction.REJECT),
     ReviewReason.REFUND_FAILED: ([ReviewAction.REFUND, ReviewAction.REJECT], ReviewAction.REFUND),
+    # approve: our record stands (finance takes it up with the provider); refund: give it back.
+    ReviewReason.SETTLEMENT_MISMATCH: ([ReviewAction.APPROVE, ReviewAction.REFUND], ReviewAction.APPROVE),
 }
 
 
@@ -231,6 +234,7 @@ class ProviderCallback(BaseModel):
     currency: str
     paid_at: Optional[datetime] = None
     received_at: datetime
+    source: str = "callback"  # or "settlement": a row of the provider's daily bill
 
 
 class RefundCommand(BaseModel):
@@ -479,3 +483,65 @@ class Incident(BaseModel):
     @property
     def key(self) -> str:
         return f"alert-{self.id}-{self.status.lower()}"
+
+
+# --- Reconciliation ---------------------------------------------------------------------
+
+
+class ReconcileInput(BaseModel):
+    """One provider's settlement for one day (or, without ``day``, the scheduled run:
+    yesterday plus every earlier day of the catch-up window without a finished run)."""
+
+    provider: str = "simulator"
+    day: Optional[date] = None
+    catchup_days: int = Field(7, ge=0, le=366)
+    batch_rows: int = Field(5000, ge=10, le=100_000)
+    alert_threshold: int = Field(0, ge=0)
+    # Where a continued-as-new run picks up.
+    stage: str = "load"  # load, classify, missing, repair, finish
+    cursor: int = 0
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.provider}:{self.day}"
+
+
+class ReconcileStep(BaseModel):
+    provider: str
+    day: date
+    after: int = 0  # the last row (or discrepancy) id handled
+    limit: int = 5000
+
+
+class StepResult(BaseModel):
+    last: int  # the last id handled; the next step starts after it
+    handled: int
+    done: bool
+
+
+class SettlementFinding(BaseModel):
+    """A difference the reconciliation sends to a payment's workflow (the ``settlement`` signal)."""
+
+    kind: str  # open_payment, closed_order_paid, duplicate_charge, amount_differs, missing_at_provider
+    day: date
+    order_id: str
+    trade_no: str
+    amount_minor: int
+    currency: str
+    paid_at: Optional[datetime] = None
+    detail: str = ""
+
+
+class ReconcileReport(BaseModel):
+    run_id: str
+    provider: str
+    day: date
+    status: str
+    rows: int
+    matched: int
+    day_boundary: int
+    classes: dict[str, dict[str, int]]  # kind -> {"count", "amount_minor", "unresolved"}
+    unresolved: int
+    passes: int
+    started_at: datetime
+    finished_at: Optional[datetime] = None

@@ -6,7 +6,8 @@ Activities call providers only through this interface; the webhook receiver uses
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from datetime import date
 from typing import Protocol
 
 from typing import Optional
@@ -51,6 +52,9 @@ class Provider(Protocol):
 
     async def query_refund(self, order_id: str, refund_id: str) -> Optional[ProviderRefund]:
         """The refund's current status; None when the provider has no such refund."""
+
+    def bill_lines(self, day: date) -> AsyncIterator[str]:
+        """The day's settlement bill as text lines (see paysentinel.settlement)."""
 
     def parse_callback(self, headers: Mapping[str, str], body: bytes) -> ProviderCallback:
         """Verify the signature over the raw body and decode it.

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from datetime import datetime, timezone
+from collections.abc import AsyncIterator, Mapping
+from datetime import date, datetime, timezone
 from typing import Any
 
 import httpx
@@ -108,6 +108,21 @@ class SimulatorProvider:
         if status != 200:
             raise _rejected(status, body, "trade not created")
         return _trade(body["trade"])
+
+    async def bill_lines(self, day: date) -> AsyncIterator[str]:
+        """Stream the day's settlement bill, line by line."""
+        path = f"/v1/bills/{day.isoformat()}"
+        try:
+            async with self._http.stream("GET", self._base_url + path, timeout=60) as response:
+                if response.status_code != 200:
+                    body = (await response.aread()).decode("utf-8", "replace")[:300]
+                    if response.status_code >= 500:
+                        raise ProviderUnavailable(f"GET {path}: HTTP {response.status_code} {body}")
+                    raise ProviderRejected(f"HTTP_{response.status_code}", f"bill for {day} refused: {body}")
+                async for line in response.aiter_lines():
+                    yield line
+        except httpx.TransportError as err:
+            raise ProviderUnavailable(f"GET {path}: provider unreachable ({err!r})") from err
 
     async def query_trade(self, order_id: str) -> Trade:
         status, body = await self._call("GET", f"/v1/trades/{order_id}")
