@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from paysentinel.config import Settings, get_settings
-from paysentinel.operator_cli import payment_app, review_app
+from paysentinel.operator_cli import payment_app, reconcile_app, review_app
 from paysentinel.runner import PARTS, run_parts
 
 app = typer.Typer(help="paysentinel: trustworthy payment results on Temporal.", no_args_is_help=True)
@@ -19,6 +19,7 @@ db_app = typer.Typer(help="Application database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(review_app, name="review")
 app.add_typer(payment_app, name="payment")
+app.add_typer(reconcile_app, name="reconcile")
 console = Console()
 if not console.is_terminal and "COLUMNS" not in os.environ:
     console.width = 120  # piped or logged: wide enough for the tables

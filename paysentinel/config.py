@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     settlement_timezone: str = "Asia/Shanghai"
     # A Temporal Schedule reconciles yesterday every day at this local time ("HH:MM"),
     # and catches up days without a finished run within reconcile_catchup_days.
-    reconcile_at: str = "03:00"
+    reconcile_at: str = Field("03:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
     reconcile_catchup_days: int = 7
     reconcile_enabled: bool = True
     reconcile_alert_threshold: int = 0  # alert when more differences than this stay unresolved
@@ -179,6 +179,26 @@ class Settings(BaseSettings):
     @property
     def effective_webhook_base_url(self) -> str:
         return self.public_webhook_base_url or f"http://{self.host}:{self.webhook_port}"
+
+
+def timing_from(settings: Settings) -> "PaymentTiming":
+    from paysentinel.models import PaymentTiming
+
+    return PaymentTiming(
+        callback_timeout_seconds=settings.callback_timeout_seconds,
+        query_backoff_seconds=settings.query_backoff_seconds,
+        payment_ttl_seconds=settings.payment_ttl_seconds,
+        resend_window_seconds=settings.resend_window_seconds,
+        close_attempts=settings.close_attempts,
+        provider_retry_initial_seconds=settings.provider_retry_initial_seconds,
+        provider_max_attempts=settings.provider_max_attempts,
+        refund_window_seconds=settings.refund_window_seconds,
+        refund_submissions=settings.refund_submissions,
+        review_escalate_seconds=settings.review_escalate_seconds,
+        review_deadline_seconds=settings.review_deadline_seconds,
+        notify_max_attempts=settings.notify_max_attempts,
+        notify_retry_initial_seconds=settings.notify_retry_initial_seconds,
+    )
 
 
 @lru_cache

@@ -1,4 +1,4 @@
-"""Operator commands: ``paysentinel review ...`` and ``paysentinel payment show``.
+"""Operator commands: ``paysentinel review ...``, ``payment show`` and ``reconcile ...``.
 
 They talk to the checkout API's operator endpoints with PAYSENTINEL_OPERATOR_TOKEN, so
 every decision is authenticated and recorded under the operator's name.
@@ -6,6 +6,8 @@ every decision is authenticated and recorded under the operator's name.
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timezone
 from typing import Optional
 
 import httpx
@@ -131,3 +133,80 @@ def _print_payment(p) -> None:
     for entry in p["timeline"]:
         timeline.add_row(entry["at"][11:23], entry["event"], entry["detail"])
     console.print(timeline)
+
+
+reconcile_app = typer.Typer(help="Daily reconciliation with the provider's settlement bill.", no_args_is_help=True)
+DATE_OPTION = typer.Option(..., "--date", "-d", help="The bill's day, YYYY-MM-DD (provider's time zone)")
+PROVIDER_OPTION = typer.Option("simulator", "--provider")
+
+
+@reconcile_app.command("run")
+def reconcile_run(
+    day: str = DATE_OPTION, provider: str = PROVIDER_OPTION, api: Optional[str] = API_OPTION,
+    wait: bool = typer.Option(True, help="Wait for the report, showing progress"),
+) -> None:
+    """Reconcile a day now: load the bill, match it, repair what differs, report.
+    Running a day again repairs nothing twice."""
+    asked = datetime.now(timezone.utc)
+    started = _call(api, "POST", f"/operator/reconciliations/{day}", params={"provider": provider})
+    console.print(f"started {started['workflow_id']} (follow it in the Temporal Web UI)")  # type: ignore[index]
+    if not wait:
+        return
+    with console.status("reconciling") as status:
+        while True:
+            view = _get_run(api, day, provider)
+            report = view["report"] if view else None
+            if report and report["status"] == "DONE" and datetime.fromisoformat(report["finished_at"]) > asked:
+                break
+            if view:
+                status.update(f"reconciling {day}: {view['bill_rows_loaded']} bill rows loaded, "
+                              f"{len(view['discrepancies'])} differences found")
+            time.sleep(1)
+    _print_reconciliation(view)
+
+
+@reconcile_app.command("show")
+def reconcile_show(day: str = DATE_OPTION, provider: str = PROVIDER_OPTION, api: Optional[str] = API_OPTION) -> None:
+    """A day's report: counts and amounts per class, each difference and what was done."""
+    _print_reconciliation(_call(api, "GET", f"/operator/reconciliations/{day}", params={"provider": provider}))
+
+
+@reconcile_app.command("list")
+def reconcile_list(api: Optional[str] = API_OPTION) -> None:
+    """Reconciled days, newest first."""
+    table = Table(title="reconciliations")
+    for column in ("day", "provider", "status", "rows", "matched", "day boundary", "differences", "unresolved", "passes"):
+        table.add_column(column)
+    for r in _call(api, "GET", "/operator/reconciliations"):  # type: ignore[union-attr]
+        differences = sum(c["count"] for k, c in r["classes"].items() if k != "day_boundary")
+        table.add_row(r["day"], r["provider"], r["status"], str(r["rows"]), str(r["matched"]), str(r["day_boundary"]),
+                      str(differences), str(r["unresolved"]), str(r["passes"]))
+    console.print(table)
+
+
+def _get_run(api: Optional[str], day: str, provider: str):
+    with _client(api) as http:
+        response = http.get(f"/operator/reconciliations/{day}", params={"provider": provider})
+    return response.json() if response.status_code == 200 else None
+
+
+def _print_reconciliation(view) -> None:
+    r = view["report"]
+    console.print(f"[bold]reconciliation {r['day']} ({r['provider']})[/bold]  {r['status']}  "
+                  f"{r['rows']} bill rows, {r['matched']} matched ({r['day_boundary']} across the day boundary), "
+                  f"{r['unresolved']} unresolved; reconciled {r['passes']} time(s)")
+    classes = Table(title="differences by class")
+    for column in ("class", "count", "amount", "unresolved"):
+        classes.add_column(column)
+    for kind, c in sorted(r["classes"].items()):
+        classes.add_row(kind, str(c["count"]), to_major(c["amount_minor"], "CNY"), str(c["unresolved"]))
+    console.print(classes)
+    if view["discrepancies"]:
+        items = Table(title="each difference")
+        for column in ("class", "order", "provider", "ours", "detail", "resolution"):
+            items.add_column(column, overflow="fold")
+        for d in view["discrepancies"]:
+            money = lambda v: "" if v is None else to_major(v, d["currency"])  # noqa: E731
+            items.add_row(d["kind"], d["order_id"], money(d["provider_amount_minor"]), money(d["our_amount_minor"]),
+                          d["detail"], ("" if d["resolved"] else "[red]open[/red] ") + (d["resolution"] or "pending"))
+        console.print(items)

@@ -23,12 +23,11 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from paysentinel import db, tracing
-from paysentinel.config import Settings
+from paysentinel.config import Settings, timing_from
 from paysentinel.models import (
     CheckoutRequest,
     PaymentInput,
     PaymentStatus,
-    PaymentTiming,
     PaymentView,
     RefundCommand,
     RefundCreate,
@@ -50,24 +49,6 @@ from starters.operator_api import router as operator_router
 from workflows.payment import AMOUNT_MINOR, CURRENCY, ORDER_ID, PAYMENT_STATUS, PROVIDER, PaymentWorkflow, payment_workflow_id
 
 log = logging.getLogger("paysentinel.api")
-
-
-def timing_from(settings: Settings) -> PaymentTiming:
-    return PaymentTiming(
-        callback_timeout_seconds=settings.callback_timeout_seconds,
-        query_backoff_seconds=settings.query_backoff_seconds,
-        payment_ttl_seconds=settings.payment_ttl_seconds,
-        resend_window_seconds=settings.resend_window_seconds,
-        close_attempts=settings.close_attempts,
-        provider_retry_initial_seconds=settings.provider_retry_initial_seconds,
-        provider_max_attempts=settings.provider_max_attempts,
-        refund_window_seconds=settings.refund_window_seconds,
-        refund_submissions=settings.refund_submissions,
-        review_escalate_seconds=settings.review_escalate_seconds,
-        review_deadline_seconds=settings.review_deadline_seconds,
-        notify_max_attempts=settings.notify_max_attempts,
-        notify_retry_initial_seconds=settings.notify_retry_initial_seconds,
-    )
 
 
 def view_from_row(row: db.Payment) -> PaymentView:

@@ -14,6 +14,7 @@ from temporalio.worker import Worker
 from activities.monitor import MonitorActivities
 from activities.notify import Channels, NotificationActivities
 from activities.payment import PaymentActivities, RiskRules
+from activities.reconcile import ReconciliationActivities
 from paysentinel import db
 from paysentinel.config import Settings
 from paysentinel.devserver import ensure_search_attributes
@@ -22,18 +23,32 @@ from paysentinel.providers import build_providers
 from paysentinel.temporal import connect
 from workflows.monitor import MONITOR_SCHEDULE_ID, MonitorWorkflow, ensure_monitor_schedule
 from workflows.payment import PaymentWorkflow
+from workflows.reconcile import (
+    RECONCILE_SCHEDULE_ID,
+    ReconciliationWorkflow,
+    ensure_reconcile_schedule,
+    reconcile_input,
+)
 from workflows.refund import RefundWorkflow
 from workflows.review import ManualReviewWorkflow
 
 log = logging.getLogger("paysentinel.worker")
 
-WORKFLOWS = [PaymentWorkflow, RefundWorkflow, ManualReviewWorkflow, MonitorWorkflow]
+WORKFLOWS = [PaymentWorkflow, RefundWorkflow, ManualReviewWorkflow, MonitorWorkflow, ReconciliationWorkflow]
 
 
 def activities_of(
-    payment: PaymentActivities, notifications: NotificationActivities, monitor: MonitorActivities
+    payment: PaymentActivities, notifications: NotificationActivities, monitor: MonitorActivities,
+    reconcile: ReconciliationActivities,
 ) -> list:
     return [
+        reconcile.days_to_reconcile,
+        reconcile.start_run,
+        reconcile.load_bill,
+        reconcile.classify,
+        reconcile.find_missing,
+        reconcile.repair,
+        reconcile.finish,
         notifications.notify,
         notifications.send_alert,
         monitor.measure_window,
@@ -75,6 +90,19 @@ async def schedule_monitor(client: Client, settings: Settings) -> None:
             pass
 
 
+async def schedule_reconciliation(client: Client, settings: Settings) -> None:
+    if settings.reconcile_enabled:
+        await ensure_reconcile_schedule(client, reconcile_input(settings), settings.reconcile_at,
+                                        settings.settlement_timezone, settings.task_queue)
+        log.info("reconciliation scheduled daily at %s %s (schedule %s)", settings.reconcile_at,
+                 settings.settlement_timezone, RECONCILE_SCHEDULE_ID)
+    else:
+        try:
+            await client.get_schedule_handle(RECONCILE_SCHEDULE_ID).delete()
+        except Exception:  # noqa: BLE001 - there was none
+            pass
+
+
 def sdk_runtime(settings: Settings) -> Runtime | None:
     """A Temporal runtime that serves the SDK's worker metrics for Prometheus (or None: off)."""
     if not settings.sdk_metrics_port:
@@ -96,6 +124,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
         start_http_server(settings.metrics_port, addr=settings.host)
         log.info("worker metrics on http://%s:%s/metrics", settings.host, settings.metrics_port)
     await schedule_monitor(client, settings)
+    await schedule_reconciliation(client, settings)
     engine = db.make_engine(settings.effective_database_url)
     timeout = httpx.Timeout(settings.provider_timeout_seconds)
     async with httpx.AsyncClient(timeout=timeout) as http:
@@ -106,7 +135,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
             max_failures=settings.risk_max_failures,
         )
         sessions = db.make_sessionmaker(engine)
-        payment = PaymentActivities(build_providers(settings, http), sessions, risk)
+        providers = build_providers(settings, http)
+        payment = PaymentActivities(providers, sessions, risk)
         channels = Channels(
             smtp_host=settings.smtp_host, smtp_port=settings.smtp_port, smtp_from=settings.smtp_from,
             webhook_secret=settings.merchant_webhook_secret, allowed_hosts=tuple(settings.notify_allowed_hosts),
@@ -119,7 +149,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
             client,
             task_queue=settings.task_queue,
             workflows=WORKFLOWS,
-            activities=activities_of(payment, notifications, MonitorActivities(sessions)),
+            activities=activities_of(payment, notifications, MonitorActivities(sessions),
+                                     ReconciliationActivities(sessions, providers, client, settings)),
         )
         log.info("worker polling task queue %s on %s", settings.task_queue, settings.effective_temporal_address)
         try:

@@ -55,6 +55,7 @@ with workflow.unsafe.imports_passed_through():
         ReviewInput,
         ReviewOutcome,
         ReviewReason,
+        SettlementFinding,
         RiskCheckInput,
         TimelineEntry,
         Trade,
@@ -149,6 +150,24 @@ class PaymentWorkflow:
             return
         self._seen_events.add(event.event_id)
         self._inbox.append(event)
+
+    @workflow.signal
+    def settlement(self, finding: SettlementFinding) -> None:
+        """A difference the daily reconciliation found between the provider's bill and us."""
+        key = f"settlement:{finding.kind}:{finding.trade_no}:{finding.amount_minor}"
+        if key in self._seen_events:
+            self._note("settlement duplicate", f"{finding.kind} for trade {finding.trade_no} already received; ignored")
+            return
+        self._seen_events.add(key)
+        if finding.kind == "missing_at_provider":
+            self._note("settlement: missing at the provider", finding.detail)
+            self._spawn(self._settlement_review(finding.trade_no, finding.detail))
+            return
+        self._inbox.append(ProviderCallback(
+            event_id=key, provider=self._request.provider, order_id=finding.order_id, trade_no=finding.trade_no,
+            trade_status=TradeStatus.TRADE_SUCCESS, amount_minor=finding.amount_minor, currency=finding.currency,
+            paid_at=finding.paid_at, received_at=workflow.now(), source="settlement",
+        ))
 
     @workflow.update
     async def checkout(self) -> PaymentView:
@@ -357,7 +376,7 @@ class PaymentWorkflow:
         while self._inbox:
             event = self._inbox.pop(0)
             self._note(
-                "callback",
+                event.source,
                 f"{event.trade_status.value} for trade {event.trade_no}, "
                 f"{self._money(event.amount_minor, event.currency)} (event {event.event_id})",
             )
@@ -371,7 +390,7 @@ class PaymentWorkflow:
                     currency=event.currency,
                     paid_at=event.paid_at,
                 ),
-                "callback",
+                event.source,
             )
             self._callback_at = None
 
@@ -390,6 +409,12 @@ class PaymentWorkflow:
             return
         trade_no = trade.trade_no or ""
         if trade_no in self._captured:
+            captured = self._captured[trade_no]
+            if source == "settlement" and (trade.amount_minor != captured or trade.currency != request.currency):
+                self._spawn(self._settlement_review(
+                    trade_no, f"the settlement bill reports {self._money(trade.amount_minor or 0, trade.currency)} "
+                              f"for trade {trade_no}; we captured {self._money(captured)}"))
+                return
             self._note(f"{source}: no change", f"trade {trade_no} is already recorded as paid")
             return
         self._captured[trade_no] = trade.amount_minor or 0
@@ -425,6 +450,15 @@ class PaymentWorkflow:
             self._start_refund(trade_no, self._captured[trade_no], f"review-{outcome.review_id.rsplit('-', 1)[1]}",
                                f"amount mismatch, {outcome.action.value} by {outcome.operator}: {outcome.reason}",
                                outcome.operator)
+
+    async def _settlement_review(self, trade_no: str, evidence: str) -> None:
+        outcome = await self._review(ReviewReason.SETTLEMENT_MISMATCH, evidence)
+        if outcome.action is ReviewAction.REFUND and self._captured.get(trade_no, 0) > self._refunded.get(trade_no, 0):
+            amount = self._captured[trade_no] - self._refunded.get(trade_no, 0)
+            self._start_refund(trade_no, amount, f"review-{outcome.review_id.rsplit('-', 1)[1]}",
+                               f"settlement mismatch, refund by {outcome.operator}: {outcome.reason}", outcome.operator)
+        else:
+            await self._settle("settlement checked", f"{outcome.action.value} by {outcome.operator}: {outcome.reason}")
 
     # --- Refunds and reviews (child workflows) -----------------------------------------
 

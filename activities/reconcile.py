@@ -1,0 +1,345 @@
+"""Reconciliation's activities: load the provider's bill, match it three ways, repair.
+
+The three sources: the provider's settlement bill (loaded into ``settlement_rows``),
+our database (``payments``, ``refunds``) and the payment workflows (which receive each
+difference as a ``settlement`` signal and act through their usual, idempotent paths).
+Every step works on a bounded batch, so a 100,000-row day never sits in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime, time, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import case, exists, func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from paysentinel import db
+from paysentinel.config import Settings, timing_from
+from paysentinel.models import (
+    RefundInput,
+    ReconcileReport,
+    ReconcileStep,
+    SettlementFinding,
+    StepResult,
+    to_major,
+)
+from paysentinel.providers import Provider
+from paysentinel.settlement import PAYMENT, REFUND, parse_bill
+
+OPEN = ("CREATED", "PENDING")
+UNPAID_OUTCOMES = ("CLOSED", "FAILED")
+PAID = ("SUCCEEDED", "REFUNDING", "PARTIALLY_REFUNDED", "REFUNDED", "IN_REVIEW")
+# What each class of difference gets: the payment's workflow, a refund of its own, or a person.
+TO_WORKFLOW = {"open_payment", "closed_order_paid", "duplicate_charge", "amount_differs", "missing_at_provider"}
+REFUND_IF_FINISHED = {"closed_order_paid", "duplicate_charge"}
+INFORMATIONAL = {"day_boundary"}
+
+
+def run_id(provider: str, day: date) -> str:
+    return f"{provider}:{day.isoformat()}"
+
+
+class ReconciliationActivities:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], providers: dict[str, Provider], client: Client,
+                 settings: Settings):
+        self._sessions = sessions
+        self._providers = providers
+        self._client = client
+        self._settings = settings
+        self._tz = ZoneInfo(settings.settlement_timezone)
+
+    def _day_bounds(self, day: date) -> tuple[datetime, datetime]:
+        start = datetime.combine(day, time(), self._tz).astimezone(timezone.utc)
+        return start, start + timedelta(days=1)
+
+    def _local_day(self, moment: datetime) -> date:
+        return moment.astimezone(self._tz).date()
+
+    @activity.defn
+    async def days_to_reconcile(self, catchup_days: int) -> list[date]:
+        """Yesterday (in the settlement time zone) and every earlier day of the catch-up
+        window that has no finished run, oldest first."""
+        yesterday = datetime.now(self._tz).date() - timedelta(days=1)
+        days = [yesterday - timedelta(days=n) for n in range(catchup_days + 1)]
+        async with self._sessions() as session:
+            done = set((await session.scalars(
+                select(db.ReconciliationRun.bill_date).where(db.ReconciliationRun.status == "DONE",
+                                                            db.ReconciliationRun.bill_date.in_([d.isoformat() for d in days]))
+            )).all())
+        return sorted(d for d in days if d.isoformat() not in done)
+
+    @activity.defn
+    async def start_run(self, step: ReconcileStep) -> None:
+        async with self._sessions() as session:
+            run = await session.get(db.ReconciliationRun, run_id(step.provider, step.day))
+            if run is None:
+                run = db.ReconciliationRun(run_id=run_id(step.provider, step.day), provider=step.provider,
+                                           bill_date=step.day.isoformat(), passes=0)
+                session.add(run)
+            run.status, run.started_at, run.finished_at = "RUNNING", db.utcnow(), None
+            run.passes += 1
+            await session.commit()
+
+    @activity.defn
+    async def load_bill(self, step: ReconcileStep) -> StepResult:
+        """Stream the provider's bill into settlement_rows in batches (a row loaded twice is
+        ignored), heartbeating the count so a retry skips what is already in."""
+        provider = self._providers[step.provider]
+        details = activity.info().heartbeat_details
+        resume = int(details[0]) if details else 0
+        count, batch = 0, []
+
+        async def flush() -> None:
+            async with self._sessions() as session:
+                await db.insert_ignoring_duplicates(session, db.SettlementRowRecord.__table__, batch)
+                await session.commit()
+            batch.clear()
+            activity.heartbeat(count)
+
+        async for row in parse_bill(provider.bill_lines(step.day), self._tz):
+            count += 1
+            if count <= resume:
+                continue
+            batch.append({"provider": step.provider, "bill_date": step.day.isoformat(), **row.model_dump()})
+            if len(batch) >= step.limit:
+                await flush()
+        if batch:
+            await flush()
+        activity.logger.info("bill %s %s: %d rows loaded", step.provider, step.day, count)
+        return StepResult(last=count, handled=count, done=True)
+
+    @activity.defn
+    async def classify(self, step: ReconcileStep) -> StepResult:
+        """Match the next batch of bill rows against our payments and refunds."""
+        async with self._sessions() as session:
+            rows = (await session.scalars(
+                select(db.SettlementRowRecord).where(
+                    db.SettlementRowRecord.provider == step.provider,
+                    db.SettlementRowRecord.bill_date == step.day.isoformat(),
+                    db.SettlementRowRecord.id > step.after,
+                ).order_by(db.SettlementRowRecord.id).limit(step.limit)
+            )).all()
+            orders = {r.order_id for r in rows}
+            payments = {p.order_id: p for p in (await session.scalars(
+                select(db.Payment).where(db.Payment.order_id.in_(orders)))).all()} if orders else {}
+            refunds = (await session.scalars(select(db.Refund).where(db.Refund.order_id.in_(orders)))).all() if orders else []
+        refunds_by_id = {r.refund_id: r for r in refunds}
+        refunded_trades = {r.trade_no for r in refunds}
+        found = []
+        for row in rows:
+            if row.kind == PAYMENT:
+                found += self._classify_payment(step, row, payments.get(row.order_id), refunded_trades)
+            elif row.kind == REFUND:
+                found += self._classify_refund(step, row, refunds_by_id.get(row.refund_no))
+        if found:
+            async with self._sessions() as session:
+                await db.insert_ignoring_duplicates(session, db.Discrepancy.__table__, found)
+                await session.commit()
+        activity.heartbeat(len(rows))
+        return StepResult(last=rows[-1].id if rows else step.after, handled=len(rows), done=len(rows) < step.limit)
+
+    def _finding(self, step: ReconcileStep, kind: str, row, ours: int | None, detail: str, **extra) -> dict:
+        return {"run_id": run_id(step.provider, step.day), "kind": kind, "order_id": row.order_id,
+                "trade_no": row.trade_no, "refund_no": row.refund_no, "provider_amount_minor": row.amount_minor,
+                "our_amount_minor": ours, "currency": row.currency, "detail": detail, "resolution": None,
+                "resolved": False, "created_at": db.utcnow(), "resolved_at": None, **extra}
+
+    def _classify_payment(self, step, row, payment, refunded_trades: set[str]) -> list[dict]:
+        money = f"{to_major(row.amount_minor, row.currency)} {row.currency}"
+        if payment is None:
+            return [self._finding(step, "unknown_order", row, None,
+                                  f"the provider took {money} (trade {row.trade_no}) for an order we have no record of")]
+        if payment.status in OPEN:
+            return [self._finding(step, "open_payment", row, payment.amount_minor,
+                                  f"paid at the provider ({money}) while our payment is still {payment.status}")]
+        if row.trade_no in refunded_trades:
+            return []  # an extra or late charge we already know and refunded
+        if payment.status in UNPAID_OUTCOMES:
+            return [self._finding(step, "closed_order_paid", row, 0,
+                                  f"paid at the provider ({money}) after our payment was {payment.status}")]
+        if payment.trade_no != row.trade_no:
+            return [self._finding(step, "duplicate_charge", row, payment.paid_amount_minor,
+                                  f"a second paid trade {row.trade_no} ({money}); the order is paid with {payment.trade_no}")]
+        ours = payment.paid_amount_minor if payment.paid_amount_minor is not None else payment.amount_minor
+        if ours != row.amount_minor or payment.currency != row.currency:
+            return [self._finding(step, "amount_differs", row, ours,
+                                  f"the bill reports {money}; we recorded "
+                                  f"{to_major(ours, payment.currency)} {payment.currency}")]
+        if payment.paid_at is not None and self._local_day(payment.paid_at) != step.day:
+            return [self._finding(step, "day_boundary", row, ours,
+                                  f"we recorded the payment on {self._local_day(payment.paid_at)}, the provider on "
+                                  f"{step.day}: matched", resolution="matched across the day boundary",
+                                  resolved=True)]
+        return []
+
+    def _classify_refund(self, step, row, refund) -> list[dict]:
+        money = f"{to_major(row.amount_minor, row.currency)} {row.currency}"
+        if refund is None:
+            return [self._finding(step, "refund_unknown", row, None,
+                                  f"the provider refunded {money} ({row.refund_no}) that we have no record of",
+                                  resolution="needs an operator: find who refunded it at the provider")]
+        if refund.amount_minor != row.amount_minor:
+            return [self._finding(step, "refund_differs", row, refund.amount_minor,
+                                  f"the bill refunds {money}; our refund {refund.refund_id} is "
+                                  f"{to_major(refund.amount_minor, refund.currency)} {refund.currency}",
+                                  resolution="needs an operator: the refund amounts differ")]
+        if refund.status == "PROCESSING":
+            return [self._finding(step, "refund_differs", row, refund.amount_minor,
+                                  "refunded at the provider, still processing on our side",
+                                  resolution="its refund workflow confirms it on its next query", resolved=True)]
+        if refund.status != "SUCCEEDED":
+            return [self._finding(step, "refund_differs", row, refund.amount_minor,
+                                  f"refunded at the provider, {refund.status} on our side",
+                                  resolution="needs an operator: we consider this refund failed")]
+        return []
+
+    @activity.defn
+    async def find_missing(self, step: ReconcileStep) -> StepResult:
+        """Our paid payments of the day that the bill lacks; the provider's own query tells
+        a payment counted on the neighbouring day (matched) from one it never settled."""
+        start, end = self._day_bounds(step.day)
+        rid = run_id(step.provider, step.day)
+        billed = exists().where(
+            db.SettlementRowRecord.provider == step.provider, db.SettlementRowRecord.kind == PAYMENT,
+            db.SettlementRowRecord.trade_no == db.Payment.trade_no,
+            db.SettlementRowRecord.bill_date.in_([(step.day + timedelta(days=d)).isoformat() for d in (-1, 0, 1)]),
+        )
+        noted = exists().where(db.Discrepancy.run_id == rid, db.Discrepancy.order_id == db.Payment.order_id,
+                               db.Discrepancy.kind.in_(("missing_at_provider", "day_boundary")))
+        async with self._sessions() as session:
+            candidates = (await session.scalars(
+                select(db.Payment).where(
+                    db.Payment.provider == step.provider, db.Payment.paid_at >= start, db.Payment.paid_at < end,
+                    db.Payment.status.in_(PAID), db.Payment.trade_no.is_not(None), ~billed, ~noted,
+                ).limit(step.limit)
+            )).all()
+        found = []
+        for payment in candidates:
+            trade = await self._providers[step.provider].query_trade(payment.order_id)
+            row = db.SettlementRowRecord(order_id=payment.order_id, trade_no=payment.trade_no, refund_no="",
+                                         amount_minor=payment.paid_amount_minor or payment.amount_minor,
+                                         currency=payment.currency)
+            paid_day = self._local_day(trade.paid_at) if trade.paid_at else None
+            if trade.exists and trade.status is not None and trade.status.is_paid and paid_day != step.day:
+                found.append(self._finding(step, "day_boundary", row, row.amount_minor,
+                                           f"the provider counts this payment on {paid_day}, we on {step.day}: matched",
+                                           resolution="matched across the day boundary", resolved=True))
+            else:
+                said = (f"the provider's query says {trade.status.value} on {paid_day}" if trade.exists and trade.status
+                        else "the provider has no such trade")
+                found.append(self._finding(step, "missing_at_provider", row, row.amount_minor,
+                                           f"we recorded {to_major(row.amount_minor, row.currency)} {row.currency} "
+                                           f"paid on {step.day} (trade {payment.trade_no}); the bill lacks it and {said}"))
+        if found:
+            async with self._sessions() as session:
+                await db.insert_ignoring_duplicates(session, db.Discrepancy.__table__, found)
+                await session.commit()
+        return StepResult(last=0, handled=len(found), done=len(candidates) < step.limit)
+
+    @activity.defn
+    async def repair(self, step: ReconcileStep) -> StepResult:
+        """Act on the next batch of differences nobody acted on yet, through the workflows."""
+        async with self._sessions() as session:
+            todo = (await session.scalars(
+                select(db.Discrepancy).where(
+                    db.Discrepancy.run_id == run_id(step.provider, step.day), db.Discrepancy.id > step.after,
+                    db.Discrepancy.resolution.is_(None),
+                ).order_by(db.Discrepancy.id).limit(step.limit)
+            )).all()
+        for item in todo:
+            resolved, resolution = await self._repair_one(step, item)
+            async with self._sessions() as session:
+                row = await session.get(db.Discrepancy, item.id)
+                row.resolved, row.resolution, row.resolved_at = resolved, resolution, db.utcnow() if resolved else None
+                await session.commit()
+            activity.logger.info("reconciliation %s: %s %s -> %s", row.run_id, item.kind, item.order_id, resolution)
+        return StepResult(last=todo[-1].id if todo else step.after, handled=len(todo), done=len(todo) < step.limit)
+
+    async def _repair_one(self, step: ReconcileStep, item: db.Discrepancy) -> tuple[bool, str]:
+        payment_id = f"payment-{item.order_id}"
+        if item.kind in TO_WORKFLOW:
+            finding = SettlementFinding(
+                kind=item.kind, day=step.day, order_id=item.order_id, trade_no=item.trade_no,
+                amount_minor=item.provider_amount_minor or 0, currency=item.currency, detail=item.detail,
+            )
+            try:
+                from workflows.payment import PaymentWorkflow
+
+                await self._client.get_workflow_handle(payment_id).signal(PaymentWorkflow.settlement, finding)
+                what = "review opened by the payment workflow" if item.kind in ("amount_differs", "missing_at_provider") \
+                    else "delivered to the payment workflow"
+                return True, f"{what} ({payment_id})"
+            except RPCError as err:
+                if err.status != RPCStatusCode.NOT_FOUND:
+                    raise
+            if item.kind not in REFUND_IF_FINISHED:
+                return False, f"needs an operator: the payment workflow {payment_id} has finished"
+        if item.kind in REFUND_IF_FINISHED or item.kind == "unknown_order":
+            workflow_id = await self._refund(step, item)
+            return True, f"refund started ({workflow_id})"
+        return False, "needs an operator"
+
+    async def _refund(self, step: ReconcileStep, item: db.Discrepancy) -> str:
+        """Refund a charge no running payment workflow owns; one refund per trade, ever."""
+        from workflows.payment import refund_id_for
+        from workflows.refund import RefundWorkflow
+
+        workflow_id = f"reconcile-refund-{step.provider}-{item.trade_no}"
+        money = f"{to_major(item.provider_amount_minor or 0, item.currency)} {item.currency}"
+        try:
+            await self._client.start_workflow(
+                RefundWorkflow.run,
+                RefundInput(
+                    payment_id=f"payment-{item.order_id}", provider=step.provider, order_id=item.order_id,
+                    trade_no=item.trade_no, refund_id=refund_id_for(item.order_id, f"settle-{item.trade_no}"),
+                    amount_minor=item.provider_amount_minor or 0, currency=item.currency,
+                    reason=f"reconciliation {step.day}: {item.kind}", requested_by="reconciliation",
+                    timing=timing_from(self._settings),
+                ),
+                id=workflow_id, task_queue=activity.info().task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                static_summary=f"Refund {money} of order {item.order_id} (reconciliation {step.day})",
+            )
+        except WorkflowAlreadyStartedError:
+            pass  # refunded by an earlier run: the same refund, not another
+        return workflow_id
+
+    @activity.defn
+    async def finish(self, step: ReconcileStep) -> ReconcileReport:
+        rid = run_id(step.provider, step.day)
+        async with self._sessions() as session:
+            rows = await session.scalar(select(func.count()).where(
+                db.SettlementRowRecord.provider == step.provider,
+                db.SettlementRowRecord.bill_date == step.day.isoformat()))
+            items = (await session.execute(
+                select(db.Discrepancy.kind, func.count(), func.coalesce(func.sum(db.Discrepancy.provider_amount_minor), 0),
+                       func.sum(case((db.Discrepancy.resolved.is_(False), 1), else_=0)))
+                .where(db.Discrepancy.run_id == rid).group_by(db.Discrepancy.kind)
+            )).all()
+            classes = {kind: {"count": count, "amount_minor": int(amount), "unresolved": int(open_ or 0)}
+                       for kind, count, amount, open_ in items}
+            flagged_rows = sum(c["count"] for k, c in classes.items() if k not in INFORMATIONAL | {"missing_at_provider"})
+            boundary = classes.get("day_boundary", {}).get("count", 0)
+            unresolved = sum(c["unresolved"] for c in classes.values())
+            run = await session.get(db.ReconciliationRun, rid)
+            run.status, run.rows, run.unresolved = "DONE", rows or 0, unresolved
+            run.matched, run.day_boundary = (rows or 0) - flagged_rows, boundary
+            run.classes, run.finished_at = json.dumps(classes), db.utcnow()
+            await session.commit()
+            return report_of(run)
+
+
+def report_of(run: db.ReconciliationRun) -> ReconcileReport:
+    return ReconcileReport(
+        run_id=run.run_id, provider=run.provider, day=date.fromisoformat(run.bill_date), status=run.status,
+        rows=run.rows, matched=run.matched, day_boundary=run.day_boundary, classes=json.loads(run.classes or "{}"),
+        unresolved=run.unresolved, passes=run.passes, started_at=run.started_at, finished_at=run.finished_at,
+    )

@@ -1,0 +1,163 @@
+"""ReconciliationWorkflow: one provider's settlement for one day, matched and repaired.
+
+load the bill -> classify its rows in batches -> find our paid payments the bill lacks
+-> repair each difference through the payment and refund workflows -> the report (and
+an alert when too many differences stay unresolved). Each stage works in bounded
+batches; the workflow continues as new before its history grows large. A Temporal
+Schedule starts it daily for yesterday and catches up days without a finished run;
+`paysentinel reconcile run --date` starts it for any day. Running a day again repairs
+nothing twice: differences are stored once, and every repair is idempotent.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleCalendarSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleRange,
+    ScheduleSpec,
+    ScheduleUpdate,
+    ScheduleUpdateInput,
+)
+from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
+
+with workflow.unsafe.imports_passed_through():
+    from activities.monitor import MonitorActivities
+    from activities.notify import NotificationActivities
+    from activities.reconcile import ReconciliationActivities
+    from paysentinel.config import Settings
+    from paysentinel.models import IncidentInput, ReconcileInput, ReconcileReport, ReconcileStep, StepResult
+
+RECONCILE_SCHEDULE_ID = "paysentinel-reconcile"
+BATCHES_PER_RUN = 20  # then continue as new, so a 100,000-row day keeps a short history
+STEP_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(seconds=60),
+                         maximum_attempts=8)
+
+
+def reconcile_workflow_id(provider: str, day) -> str:
+    return f"reconcile-{provider}-{day}"
+
+
+@workflow.defn
+class ReconciliationWorkflow:
+    @workflow.run
+    async def run(self, input: ReconcileInput) -> ReconcileReport | list[str]:
+        if input.day is None:
+            return await self._scheduled(input)
+        step = ReconcileStep(provider=input.provider, day=input.day, after=input.cursor, limit=input.batch_rows)
+        batches = 0
+        if input.stage == "load":
+            await self._call(ReconciliationActivities.start_run, step, f"start reconciling {input.day}")
+            loaded: StepResult = await workflow.execute_activity_method(
+                ReconciliationActivities.load_bill, step, start_to_close_timeout=timedelta(minutes=30),
+                heartbeat_timeout=timedelta(seconds=60), retry_policy=STEP_RETRY,
+                summary=f"load the {input.provider} bill of {input.day}",
+            )
+            workflow.logger.info("reconciliation %s: %d bill rows", input.run_id, loaded.handled)
+            input, step = self._next(input, "classify"), step.model_copy(update={"after": 0})
+        for stage, activity, what in (
+            ("classify", ReconciliationActivities.classify, "match bill rows"),
+            ("missing", ReconciliationActivities.find_missing, "find paid payments the bill lacks"),
+            ("repair", ReconciliationActivities.repair, "repair differences"),
+        ):
+            if input.stage != stage:
+                continue
+            while True:
+                result: StepResult = await self._call(activity, step, f"{what} after #{step.after}")
+                step = step.model_copy(update={"after": result.last})
+                batches += 1
+                if result.done:
+                    break
+                if batches >= BATCHES_PER_RUN or workflow.info().is_continue_as_new_suggested():
+                    workflow.continue_as_new(input.model_copy(update={"cursor": result.last}))
+            following = {"classify": "missing", "missing": "repair", "repair": "finish"}[stage]
+            input, step = self._next(input, following), step.model_copy(update={"after": 0})
+        report: ReconcileReport = await self._call(ReconciliationActivities.finish, step, "write the report")
+        await self._alert(input, report)
+        return report
+
+    def _next(self, input: ReconcileInput, stage: str) -> ReconcileInput:
+        return input.model_copy(update={"stage": stage, "cursor": 0})
+
+    async def _call(self, activity, step: ReconcileStep, summary: str):
+        return await workflow.execute_activity_method(
+            activity, step, start_to_close_timeout=timedelta(minutes=5), heartbeat_timeout=timedelta(seconds=60),
+            retry_policy=STEP_RETRY, summary=summary,
+        )
+
+    async def _alert(self, input: ReconcileInput, report: ReconcileReport) -> None:
+        """One alert per day when more differences than the threshold stay unresolved."""
+        open_kinds = ", ".join(f"{k} {c['unresolved']}" for k, c in report.classes.items() if c["unresolved"])
+        incident = await workflow.execute_activity_method(
+            MonitorActivities.track_incident,
+            IncidentInput(
+                monitor=f"reconcile:{input.provider}", kind=f"unresolved:{input.day}",
+                breach=report.unresolved > input.alert_threshold, rate=report.unresolved,
+                threshold=input.alert_threshold, payments=report.rows,
+                detail=f"{report.unresolved} of the differences found on {input.day} need a person ({open_kinds}); "
+                       f"{report.rows} bill rows, {report.matched} matched",
+            ),
+            start_to_close_timeout=timedelta(seconds=30), retry_policy=STEP_RETRY, summary="unresolved differences",
+        )
+        if incident is not None and incident.to_send and incident.status == "OPEN":
+            await workflow.execute_activity_method(
+                NotificationActivities.send_alert, incident, start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=STEP_RETRY, summary=f"alert: {report.unresolved} unresolved differences",
+            )
+
+    async def _scheduled(self, input: ReconcileInput) -> list[str]:
+        """Yesterday, and every missed day of the catch-up window, one child run each."""
+        days = await workflow.execute_activity_method(
+            ReconciliationActivities.days_to_reconcile, input.catchup_days,
+            start_to_close_timeout=timedelta(seconds=30), retry_policy=STEP_RETRY, summary="days to reconcile",
+        )
+        done = []
+        for day in days:
+            report = await workflow.execute_child_workflow(
+                ReconciliationWorkflow.run, input.model_copy(update={"day": day}),
+                id=reconcile_workflow_id(input.provider, day),
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                static_summary=f"Reconcile {input.provider} {day}",
+            )
+            done.append(f"{day}: {report.rows} rows, {report.unresolved} unresolved")
+        return done
+
+
+def reconcile_input(settings: "Settings", provider: str = "simulator") -> ReconcileInput:
+    return ReconcileInput(
+        provider=provider, catchup_days=settings.reconcile_catchup_days, batch_rows=settings.reconcile_batch_rows,
+        alert_threshold=settings.reconcile_alert_threshold,
+    )
+
+
+def reconcile_schedule(input: ReconcileInput, at: str, time_zone: str, task_queue: str) -> Schedule:
+    hour, minute = (int(part) for part in at.split(":"))
+    return Schedule(
+        action=ScheduleActionStartWorkflow(ReconciliationWorkflow.run, input, id="reconcile-daily",
+                                           task_queue=task_queue),
+        spec=ScheduleSpec(
+            calendars=[ScheduleCalendarSpec(hour=[ScheduleRange(hour)], minute=[ScheduleRange(minute)])],
+            time_zone_name=time_zone,
+        ),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP, catchup_window=timedelta(days=1)),
+    )
+
+
+async def ensure_reconcile_schedule(client: Client, input: ReconcileInput, at: str, time_zone: str,
+                                    task_queue: str) -> None:
+    schedule = reconcile_schedule(input, at, time_zone, task_queue)
+    try:
+        await client.create_schedule(RECONCILE_SCHEDULE_ID, schedule)
+    except ScheduleAlreadyRunningError:
+        async def replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
+            return ScheduleUpdate(schedule=schedule)
+
+        await client.get_schedule_handle(RECONCILE_SCHEDULE_ID).update(replace)
