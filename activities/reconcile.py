@@ -131,11 +131,11 @@ class ReconciliationActivities:
                 select(db.Payment).where(db.Payment.order_id.in_(orders)))).all()} if orders else {}
             refunds = (await session.scalars(select(db.Refund).where(db.Refund.order_id.in_(orders)))).all() if orders else []
         refunds_by_id = {r.refund_id: r for r in refunds}
-        refunded_trades = {r.trade_no for r in refunds}
         found = []
         for row in rows:
             if row.kind == PAYMENT:
-                found += self._classify_payment(step, row, payments.get(row.order_id), refunded_trades)
+                found += self._classify_payment(step, row, payments.get(row.order_id),
+                                                [r for r in refunds if r.order_id == row.order_id])
             elif row.kind == REFUND:
                 found += self._classify_refund(step, row, refunds_by_id.get(row.refund_no))
         if found:
@@ -151,7 +151,7 @@ class ReconciliationActivities:
                 "our_amount_minor": ours, "currency": row.currency, "detail": detail, "resolution": None,
                 "resolved": False, "created_at": db.utcnow(), "resolved_at": None, **extra}
 
-    def _classify_payment(self, step, row, payment, refunded_trades: set[str]) -> list[dict]:
+    def _classify_payment(self, step, row, payment, refunds: list) -> list[dict]:
         money = f"{to_major(row.amount_minor, row.currency)} {row.currency}"
         if payment is None:
             return [self._finding(step, "unknown_order", row, None,
@@ -159,7 +159,9 @@ class ReconciliationActivities:
         if payment.status in OPEN:
             return [self._finding(step, "open_payment", row, payment.amount_minor,
                                   f"paid at the provider ({money}) while our payment is still {payment.status}")]
-        if row.trade_no in refunded_trades:
+        if any(r.trade_no == row.trade_no and r.trade_no != payment.trade_no for r in refunds) or (
+                payment.status in UNPAID_OUTCOMES + ("REFUNDING", "REFUNDED") and payment.trade_no == row.trade_no
+                and any(r.trade_no == row.trade_no for r in refunds)):
             return []  # an extra or late charge we already know and refunded
         if payment.status in UNPAID_OUTCOMES:
             return [self._finding(step, "closed_order_paid", row, 0,
@@ -167,7 +169,9 @@ class ReconciliationActivities:
         if payment.trade_no != row.trade_no:
             return [self._finding(step, "duplicate_charge", row, payment.paid_amount_minor,
                                   f"a second paid trade {row.trade_no} ({money}); the order is paid with {payment.trade_no}")]
-        ours = payment.paid_amount_minor if payment.paid_amount_minor is not None else payment.amount_minor
+        # What we took with this trade: all we captured, less the other (extra) trades, refunded in full.
+        extra = sum(r.amount_minor for r in refunds if r.trade_no != payment.trade_no)
+        ours = payment.paid_amount_minor - extra if payment.paid_amount_minor is not None else payment.amount_minor
         if ours != row.amount_minor or payment.currency != row.currency:
             return [self._finding(step, "amount_differs", row, ours,
                                   f"the bill reports {money}; we recorded "

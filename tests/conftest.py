@@ -49,8 +49,12 @@ TEST_TIMINGS = {
     "PAYSENTINEL_MONITOR_INTERVAL_SECONDS": "3600",  # tests run the monitor themselves
     "PAYSENTINEL_ALERT_EMAIL": "ops@paysentinel.test",
     "PAYSENTINEL_LOG_FORMAT": "json",
+    "PAYSENTINEL_RECONCILE_CATCHUP_DAYS": "2",  # the schedule catches up yesterday and the two days before
+    "PAYSENTINEL_RECONCILE_ALERT_THRESHOLD": "0",
+    "PAYSENTINEL_RECONCILE_BATCH_ROWS": "25",  # several batches even for a small day
 }
 OPERATORS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
+OPERATOR_HEADERS = {"Authorization": f"Bearer {OPERATORS['alice']}"}
 
 
 @pytest.fixture(scope="session")
