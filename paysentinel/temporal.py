@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from temporalio.client import Client
+from temporalio.client import Client, Schedule, ScheduleAlreadyRunningError, ScheduleUpdate, ScheduleUpdateInput
 from temporalio.runtime import Runtime
 from temporalio.contrib.pydantic import pydantic_data_converter
 
@@ -26,3 +26,23 @@ async def connect(settings: Settings, runtime: Optional[Runtime] = None) -> Clie
             f"cannot reach Temporal at {settings.effective_temporal_address} ({err}). "
             "Start the local stack with `paysentinel up`, or set TEMPORAL_ADDRESS to your cluster."
         ) from err
+
+
+async def ensure_schedule(client: Client, schedule_id: str, schedule: Schedule) -> None:
+    """Create the schedule, or bring an existing one to ``schedule`` (settings may have changed)."""
+    try:
+        await client.create_schedule(schedule_id, schedule)
+    except ScheduleAlreadyRunningError:
+        async def replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
+            return ScheduleUpdate(schedule=schedule)
+
+        await client.get_schedule_handle(schedule_id).update(replace)
+
+
+async def remove_schedule(client: Client, schedule_id: str) -> bool:
+    """Delete the schedule if there is one; True when one was deleted."""
+    try:
+        await client.get_schedule_handle(schedule_id).delete()
+        return True
+    except Exception:  # noqa: BLE001 - RPCError NOT_FOUND: there was none
+        return False

@@ -7,6 +7,7 @@ import json
 import re
 import time
 import uuid
+from datetime import timedelta
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -96,7 +97,8 @@ async def _finished_failures(api, sim, count: int) -> None:
 async def _run_monitor(client, stack, monitor: MonitorInput) -> list[str]:
     """The run's news, without incident numbers ("failure_rate: incident opened")."""
     news = await client.execute_workflow(
-        MonitorWorkflow.run, monitor, id=f"monitor-test-{uuid.uuid4().hex[:8]}", task_queue=stack.task_queue
+        MonitorWorkflow.run, monitor, id=f"monitor-test-{uuid.uuid4().hex[:8]}", task_queue=stack.task_queue,
+        execution_timeout=timedelta(seconds=60),
     )
     return [re.sub(r"incident \d+ ", "incident ", line) for line in news]
 

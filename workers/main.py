@@ -20,7 +20,7 @@ from paysentinel.config import Settings
 from paysentinel.devserver import ensure_search_attributes
 from paysentinel.models import MonitorInput
 from paysentinel.providers import build_providers
-from paysentinel.temporal import connect
+from paysentinel.temporal import connect, remove_schedule
 from workflows.monitor import MONITOR_SCHEDULE_ID, MonitorWorkflow, ensure_monitor_schedule
 from workflows.payment import PaymentWorkflow
 from workflows.reconcile import (
@@ -82,12 +82,8 @@ async def schedule_monitor(client: Client, settings: Settings) -> None:
         await ensure_monitor_schedule(client, monitor_input(settings), settings.monitor_interval_seconds,
                                       settings.task_queue)
         log.info("monitor scheduled every %gs (schedule %s)", settings.monitor_interval_seconds, MONITOR_SCHEDULE_ID)
-    else:
-        try:
-            await client.get_schedule_handle(MONITOR_SCHEDULE_ID).delete()
-            log.info("monitor schedule removed (monitor_interval_seconds is 0)")
-        except Exception:  # noqa: BLE001 - there was none
-            pass
+    elif await remove_schedule(client, MONITOR_SCHEDULE_ID):
+        log.info("monitor schedule removed (monitor_interval_seconds is 0)")
 
 
 async def schedule_reconciliation(client: Client, settings: Settings) -> None:
@@ -96,11 +92,8 @@ async def schedule_reconciliation(client: Client, settings: Settings) -> None:
                                         settings.settlement_timezone, settings.task_queue)
         log.info("reconciliation scheduled daily at %s %s (schedule %s)", settings.reconcile_at,
                  settings.settlement_timezone, RECONCILE_SCHEDULE_ID)
-    else:
-        try:
-            await client.get_schedule_handle(RECONCILE_SCHEDULE_ID).delete()
-        except Exception:  # noqa: BLE001 - there was none
-            pass
+    elif await remove_schedule(client, RECONCILE_SCHEDULE_ID):
+        log.info("reconciliation schedule removed (reconcile_enabled is false)")
 
 
 def sdk_runtime(settings: Settings) -> Runtime | None:

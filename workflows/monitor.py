@@ -16,17 +16,15 @@ from temporalio.client import (
     Client,
     Schedule,
     ScheduleActionStartWorkflow,
-    ScheduleAlreadyRunningError,
     ScheduleIntervalSpec,
     ScheduleOverlapPolicy,
     SchedulePolicy,
     ScheduleSpec,
-    ScheduleUpdate,
-    ScheduleUpdateInput,
 )
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
+    from paysentinel.temporal import ensure_schedule
     from activities.monitor import MonitorActivities
     from activities.notify import NotificationActivities
     from paysentinel.models import Incident, IncidentInput, MonitorInput, WindowFigures
@@ -82,10 +80,4 @@ def monitor_schedule(monitor: MonitorInput, interval_seconds: float, task_queue:
 async def ensure_monitor_schedule(client: Client, monitor: MonitorInput, interval_seconds: float, task_queue: str) -> None:
     """Create the monitor's schedule, or bring an existing one to the current settings."""
     schedule = monitor_schedule(monitor, interval_seconds, task_queue)
-    try:
-        await client.create_schedule(MONITOR_SCHEDULE_ID, schedule)
-    except ScheduleAlreadyRunningError:
-        async def replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
-            return ScheduleUpdate(schedule=schedule)
-
-        await client.get_schedule_handle(MONITOR_SCHEDULE_ID).update(replace)
+    await ensure_schedule(client, MONITOR_SCHEDULE_ID, schedule)

@@ -18,18 +18,16 @@ from temporalio.client import (
     Client,
     Schedule,
     ScheduleActionStartWorkflow,
-    ScheduleAlreadyRunningError,
     ScheduleCalendarSpec,
     ScheduleOverlapPolicy,
     SchedulePolicy,
     ScheduleRange,
     ScheduleSpec,
-    ScheduleUpdate,
-    ScheduleUpdateInput,
 )
 from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
 
 with workflow.unsafe.imports_passed_through():
+    from paysentinel.temporal import ensure_schedule
     from activities.monitor import MonitorActivities
     from activities.notify import NotificationActivities
     from activities.reconcile import ReconciliationActivities
@@ -154,10 +152,4 @@ def reconcile_schedule(input: ReconcileInput, at: str, time_zone: str, task_queu
 async def ensure_reconcile_schedule(client: Client, input: ReconcileInput, at: str, time_zone: str,
                                     task_queue: str) -> None:
     schedule = reconcile_schedule(input, at, time_zone, task_queue)
-    try:
-        await client.create_schedule(RECONCILE_SCHEDULE_ID, schedule)
-    except ScheduleAlreadyRunningError:
-        async def replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
-            return ScheduleUpdate(schedule=schedule)
-
-        await client.get_schedule_handle(RECONCILE_SCHEDULE_ID).update(replace)
+    await ensure_schedule(client, RECONCILE_SCHEDULE_ID, schedule)
