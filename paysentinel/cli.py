@@ -117,6 +117,9 @@ def _print_where(settings: Settings, parts: list[str], server) -> None:
     if "worker" in parts and settings.monitor_interval_seconds > 0:
         alerts_to = ", ".join(filter(None, [settings.alert_email, settings.alert_webhook_url])) or "the worker log"
         table.add_row("monitor", f"every {settings.monitor_interval_seconds:g}s, alerts to {alerts_to}")
+    if "worker" in parts and settings.reconcile_enabled:
+        table.add_row("reconciliation", f"daily at {settings.reconcile_at} {settings.settlement_timezone} "
+                                        f"(catches up {settings.reconcile_catchup_days} days)")
     table.add_row("app database", settings.effective_database_url)
     console.print(table)
     console.print("Try it: [bold]paysentinel demo[/bold] in another terminal.")

@@ -195,6 +195,9 @@ def _print_reconciliation(view) -> None:
     console.print(f"[bold]reconciliation {r['day']} ({r['provider']})[/bold]  {r['status']}  "
                   f"{r['rows']} bill rows, {r['matched']} matched ({r['day_boundary']} across the day boundary), "
                   f"{r['unresolved']} unresolved; reconciled {r['passes']} time(s)")
+    if not r["classes"]:
+        console.print("[green]no differences: every bill row matched, and the bill has every payment we recorded[/green]")
+        return
     classes = Table(title="differences by class")
     for column in ("class", "count", "amount", "unresolved"):
         classes.add_column(column)
