@@ -193,3 +193,16 @@ async def test_bad_reconciliation_requests_change_nothing(finance, stack):
     assert (await finance.post("/operator/reconciliations/2001-01-01", params={"provider": "nope"})).status_code == 422
     async with httpx.AsyncClient(base_url=stack.api_url) as anonymous:
         assert (await anonymous.post("/operator/reconciliations/2001-01-01")).status_code == 401
+
+
+async def test_finance_cli_runs_and_shows_a_day(stack):
+    from tests.test_refunds_reviews_e2e import run_cli
+
+    day = (datetime.now(TZ).date() - timedelta(days=9)).isoformat()
+    ran = await asyncio.to_thread(run_cli, stack, "reconcile", "run", "--date", day)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert f"reconciliation {day} (simulator)  DONE" in ran.stdout and "no differences" in ran.stdout
+    listed = await asyncio.to_thread(run_cli, stack, "reconcile", "list")
+    assert listed.returncode == 0 and day in listed.stdout
+    missing = await asyncio.to_thread(run_cli, stack, "reconcile", "show", "--date", "2001-01-01")
+    assert missing.returncode == 1 and "paysentinel reconcile run --date 2001-01-01" in missing.stdout
