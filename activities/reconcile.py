@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from paysentinel import db
@@ -26,13 +26,15 @@ from paysentinel.models import (
     RefundInput,
     ReconcileReport,
     ReconcileStep,
+    RunFailure,
     SettlementFinding,
     StepResult,
     to_major,
 )
 from paysentinel.providers import Provider
-from paysentinel.settlement import PAYMENT, REFUND, parse_bill
+from paysentinel.settlement import PAYMENT, REFUND, BillFormatError, parse_bill
 
+BAD_BILL = "BadBill"
 OPEN = ("CREATED", "PENDING")
 UNPAID_OUTCOMES = ("CLOSED", "FAILED")
 PAID = ("SUCCEEDED", "REFUNDING", "PARTIALLY_REFUNDED", "REFUNDED", "IN_REVIEW")
@@ -83,7 +85,7 @@ class ReconciliationActivities:
                 run = db.ReconciliationRun(run_id=run_id(step.provider, step.day), provider=step.provider,
                                            bill_date=step.day.isoformat(), passes=0)
                 session.add(run)
-            run.status, run.started_at, run.finished_at = "RUNNING", db.utcnow(), None
+            run.status, run.started_at, run.finished_at, run.error = "RUNNING", db.utcnow(), None, None
             run.passes += 1
             await session.commit()
 
@@ -103,13 +105,17 @@ class ReconciliationActivities:
             batch.clear()
             activity.heartbeat(count)
 
-        async for row in parse_bill(provider.bill_lines(step.day), self._tz):
-            count += 1
-            if count <= resume:
-                continue
-            batch.append({"provider": step.provider, "bill_date": step.day.isoformat(), **row.model_dump()})
-            if len(batch) >= step.limit:
-                await flush()
+        try:
+            async for row in parse_bill(provider.bill_lines(step.day), self._tz):
+                count += 1
+                if count <= resume:
+                    continue
+                batch.append({"provider": step.provider, "bill_date": step.day.isoformat(), **row.model_dump()})
+                if len(batch) >= step.limit:
+                    await flush()
+        except BillFormatError as err:  # the same bill fails the same way: no retry
+            raise ApplicationError(f"the {step.provider} bill of {step.day} cannot be read: {err}",
+                                   type=BAD_BILL, non_retryable=True) from err
         if batch:
             await flush()
         activity.logger.info("bill %s %s: %d rows loaded", step.provider, step.day, count)
@@ -317,6 +323,15 @@ class ReconciliationActivities:
         return workflow_id
 
     @activity.defn
+    async def fail_run(self, failure: RunFailure) -> ReconcileReport:
+        """Record why a run stopped; the rows loaded so far stay for the next run."""
+        async with self._sessions() as session:
+            run = await session.get(db.ReconciliationRun, run_id(failure.provider, failure.day))
+            run.status, run.error, run.finished_at = "FAILED", failure.error, db.utcnow()
+            await session.commit()
+            return report_of(run)
+
+    @activity.defn
     async def finish(self, step: ReconcileStep) -> ReconcileReport:
         rid = run_id(step.provider, step.day)
         async with self._sessions() as session:
@@ -346,4 +361,5 @@ def report_of(run: db.ReconciliationRun) -> ReconcileReport:
         run_id=run.run_id, provider=run.provider, day=date.fromisoformat(run.bill_date), status=run.status,
         rows=run.rows, matched=run.matched, day_boundary=run.day_boundary, classes=json.loads(run.classes or "{}"),
         unresolved=run.unresolved, passes=run.passes, started_at=run.started_at, finished_at=run.finished_at,
+        error=run.error,
     )

@@ -203,13 +203,14 @@ class ReconciliationRun(Base):
     run_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # provider:YYYY-MM-DD
     provider: Mapped[str] = mapped_column(String(32))
     bill_date: Mapped[str] = mapped_column(String(10), index=True)
-    status: Mapped[str] = mapped_column(String(16))  # RUNNING, DONE
+    status: Mapped[str] = mapped_column(String(16))  # RUNNING, DONE, FAILED
     rows: Mapped[int] = mapped_column(Integer, default=0)
     matched: Mapped[int] = mapped_column(Integer, default=0)
     day_boundary: Mapped[int] = mapped_column(Integer, default=0)
     classes: Mapped[str] = mapped_column(Text, default="{}")  # JSON: kind -> count, amount, unresolved
     unresolved: Mapped[int] = mapped_column(Integer, default=0)
     passes: Mapped[int] = mapped_column(Integer, default=0)  # how many times the day was reconciled
+    error: Mapped[Optional[str]] = mapped_column(Text)  # why the last run failed (FAILED)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     finished_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
 

@@ -513,6 +513,12 @@ class ReconcileStep(BaseModel):
     limit: int = 5000
 
 
+class RunFailure(BaseModel):
+    provider: str
+    day: date
+    error: str
+
+
 class StepResult(BaseModel):
     last: int  # the last id handled; the next step starts after it
     handled: int
@@ -545,3 +551,4 @@ class ReconcileReport(BaseModel):
     passes: int
     started_at: datetime
     finished_at: Optional[datetime] = None
+    error: Optional[str] = None  # why the run failed (status FAILED)

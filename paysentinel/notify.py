@@ -101,15 +101,20 @@ ALERT_NAMES = {"failure_rate": "payment failure rate", "timeout_rate": "unpaid (
 def compose_alert(incident: Incident) -> tuple[str, str]:
     """(subject, body) of an operator alert: what crossed which line, and where to look."""
     name = ALERT_NAMES.get(incident.kind, incident.kind)
-    if incident.kind.startswith("unresolved:"):  # a reconciliation run
-        day = incident.kind.split(":", 1)[1]
-        subject = (f"[paysentinel] reconciliation {day} ({incident.monitor.split(':', 1)[-1]}): "
-                   f"{incident.rate:g} differences need a person (threshold {incident.threshold:g})")
-        body = "\n".join([
-            subject + ".", "", incident.detail,
-            f"What to do: `paysentinel reconcile show --date {day}` lists each difference and what was done; "
-            "the unresolved ones say what they need. Reconciling the day again repairs nothing twice.",
-        ])
+    if incident.kind.startswith(("unresolved:", "failed:")):  # a reconciliation run
+        what, day = incident.kind.split(":", 1)
+        provider = incident.monitor.split(":", 1)[-1]
+        subject = (f"[paysentinel] reconciliation {day} ({provider}): "
+                   + (f"{incident.rate:g} differences need a person (threshold {incident.threshold:g})"
+                      if what == "unresolved" else "failed"))
+        next_step = (
+            f"`paysentinel reconcile show --date {day}` lists each difference and what was done; the unresolved "
+            "ones say what they need." if what == "unresolved" else
+            "Fix what the error says (a bill that cannot be read: ask the provider for a corrected one; a provider "
+            f"that does not answer: wait for it), then `paysentinel reconcile run --date {day}`."
+        )
+        body = "\n".join([subject + ".", "", incident.detail,
+                           f"What to do: {next_step} Reconciling a day again repairs nothing twice."])
         return subject, body
     if incident.status == "OPEN":
         subject = f"[paysentinel] {name} {incident.rate:.1%} is above {incident.threshold:.1%} (monitor {incident.monitor})"

@@ -206,3 +206,46 @@ async def test_finance_cli_runs_and_shows_a_day(stack):
     assert listed.returncode == 0 and day in listed.stdout
     missing = await asyncio.to_thread(run_cli, stack, "reconcile", "show", "--date", "2001-01-01")
     assert missing.returncode == 1 and "paysentinel reconcile run --date 2001-01-01" in missing.stdout
+
+
+async def test_a_bill_that_cannot_be_read_fails_the_run_and_says_why(sim, finance, mailbox):
+    day = (datetime.now(TZ).date() - timedelta(days=12)).isoformat()
+    broken = {"extra_lines": ["2026112322009999,broken-order,交易,x,2026-01-01 00:00:00,yesterday,CNY,1.00,1.00,,"]}
+    assert (await sim.put(f"/control/bills/{day}/adjustments", json=broken)).status_code == 200
+    assert (await finance.post(f"/operator/reconciliations/{day}")).status_code == 202
+
+    async def failed():
+        view = await finance.get(f"/operator/reconciliations/{day}")
+        return view.json() if view.status_code == 200 and view.json()["report"]["status"] == "FAILED" else None
+
+    view = await wait_for(failed, timeout=60, what=f"the run of {day} to fail")
+    assert "cannot be read" in view["report"]["error"] and "line 6" in view["report"]["error"]
+    assert view["discrepancies"] == []
+    [alert] = [m for m in await mails_to(mailbox, "ops@paysentinel.test", 1)
+               if f"reconciliation {day} (simulator): failed" in m["Subject"]] or [None]
+    assert alert is not None and "reconcile run --date" in alert.get_content()
+
+
+def test_bill_parser_reads_rows_and_refuses_bad_lines():
+    from paysentinel.settlement import BillFormatError, parse_bill
+
+    async def lines(*items: str):
+        for item in items:
+            yield item
+
+    header = "支付宝交易号,商户订单号,业务类型,商品名称,创建时间,完成时间,币种,订单金额（元）,商家实收（元）,退款批次号/请求号,备注"
+
+    async def read(*items: str):
+        return [row async for row in parse_bill(lines(*items), TZ)]
+
+    rows = asyncio.run(read("#支付宝业务明细查询", header,
+                            "T1,o-1,交易,s,2026-11-22 23:59:59,2026-11-23 00:00:01,CNY,99.90,99.90,,",
+                            "T1,o-1,退款,s,2026-11-22 23:59:59,2026-11-23 08:00:00,CNY,-20.00,-20.00,rf1,", "#end"))
+    assert [(r.kind, r.amount_minor, r.refund_no, r.at.isoformat()) for r in rows] == [
+        ("payment", 9990, "", "2026-11-22T16:00:01+00:00"), ("refund", 2000, "rf1", "2026-11-23T00:00:00+00:00")]
+    with pytest.raises(BillFormatError, match="line 2: .*not-a-time"):
+        asyncio.run(read(header, "T1,o-1,交易,s,x,not-a-time,CNY,1.00,1.00,,"))
+    with pytest.raises(BillFormatError, match="column row lacks 商户订单号"):
+        asyncio.run(read("支付宝交易号,业务类型,完成时间,币种,订单金额（元）,退款批次号/请求号"))
+    with pytest.raises(BillFormatError, match="line 2"):
+        asyncio.run(read(header, "T1,o-1,转账,s,x,2026-11-23 00:00:01,CNY,1.00,1.00,,"))

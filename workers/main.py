@@ -49,6 +49,7 @@ def activities_of(
         reconcile.find_missing,
         reconcile.repair,
         reconcile.finish,
+        reconcile.fail_run,
         notifications.notify,
         notifications.send_alert,
         monitor.measure_window,

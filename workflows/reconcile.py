@@ -25,6 +25,7 @@ from temporalio.client import (
     ScheduleSpec,
 )
 from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from paysentinel.temporal import ensure_schedule
@@ -32,7 +33,15 @@ with workflow.unsafe.imports_passed_through():
     from activities.notify import NotificationActivities
     from activities.reconcile import ReconciliationActivities
     from paysentinel.config import Settings
-    from paysentinel.models import IncidentInput, ReconcileInput, ReconcileReport, ReconcileStep, StepResult
+    from paysentinel.models import (
+        IncidentInput,
+        ReconcileInput,
+        ReconcileReport,
+        ReconcileStep,
+        RunFailure,
+        StepResult,
+    )
+    from workflows.common import cause
 
 RECONCILE_SCHEDULE_ID = "paysentinel-reconcile"
 BATCHES_PER_RUN = 20  # then continue as new, so a 100,000-row day keeps a short history
@@ -50,6 +59,20 @@ class ReconciliationWorkflow:
     async def run(self, input: ReconcileInput) -> ReconcileReport | list[str]:
         if input.day is None:
             return await self._scheduled(input)
+        try:
+            return await self._reconcile(input)
+        except ActivityError as err:
+            # A bill that cannot be read, or a step that kept failing: say so, then fail visibly.
+            error = cause(err)
+            await self._call(ReconciliationActivities.fail_run,
+                             RunFailure(provider=input.provider, day=input.day, error=error), "record the failure")
+            await self._tell(IncidentInput(
+                monitor=f"reconcile:{input.provider}", kind=f"failed:{input.day}", breach=True, rate=0,
+                threshold=0, payments=0, detail=error,
+            ), "alert: reconciliation failed")
+            raise ApplicationError(f"reconciliation of {input.day} failed: {error}", non_retryable=True) from err
+
+    async def _reconcile(self, input: ReconcileInput) -> ReconcileReport:
         step = ReconcileStep(provider=input.provider, day=input.day, after=input.cursor, limit=input.batch_rows)
         batches = 0
         if input.stage == "load":
@@ -85,31 +108,31 @@ class ReconciliationWorkflow:
     def _next(self, input: ReconcileInput, stage: str) -> ReconcileInput:
         return input.model_copy(update={"stage": stage, "cursor": 0})
 
-    async def _call(self, activity, step: ReconcileStep, summary: str):
+    async def _call(self, activity, arg, summary: str):
         return await workflow.execute_activity_method(
-            activity, step, start_to_close_timeout=timedelta(minutes=5), heartbeat_timeout=timedelta(seconds=60),
+            activity, arg, start_to_close_timeout=timedelta(minutes=5), heartbeat_timeout=timedelta(seconds=60),
             retry_policy=STEP_RETRY, summary=summary,
         )
+
+    async def _tell(self, check: IncidentInput, summary: str) -> None:
+        """Open (or find) the incident and send its alert once."""
+        incident = await self._call(MonitorActivities.track_incident, check, check.kind)
+        if incident is not None and incident.to_send and incident.status == "OPEN":
+            await workflow.execute_activity_method(
+                NotificationActivities.send_alert, incident, start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=STEP_RETRY, summary=summary,
+            )
 
     async def _alert(self, input: ReconcileInput, report: ReconcileReport) -> None:
         """One alert per day when more differences than the threshold stay unresolved."""
         open_kinds = ", ".join(f"{k} {c['unresolved']}" for k, c in report.classes.items() if c["unresolved"])
-        incident = await workflow.execute_activity_method(
-            MonitorActivities.track_incident,
-            IncidentInput(
-                monitor=f"reconcile:{input.provider}", kind=f"unresolved:{input.day}",
-                breach=report.unresolved > input.alert_threshold, rate=report.unresolved,
-                threshold=input.alert_threshold, payments=report.rows,
-                detail=f"{report.unresolved} of the differences found on {input.day} need a person ({open_kinds}); "
-                       f"{report.rows} bill rows, {report.matched} matched",
-            ),
-            start_to_close_timeout=timedelta(seconds=30), retry_policy=STEP_RETRY, summary="unresolved differences",
-        )
-        if incident is not None and incident.to_send and incident.status == "OPEN":
-            await workflow.execute_activity_method(
-                NotificationActivities.send_alert, incident, start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=STEP_RETRY, summary=f"alert: {report.unresolved} unresolved differences",
-            )
+        await self._tell(IncidentInput(
+            monitor=f"reconcile:{input.provider}", kind=f"unresolved:{input.day}",
+            breach=report.unresolved > input.alert_threshold, rate=report.unresolved,
+            threshold=input.alert_threshold, payments=report.rows,
+            detail=f"{report.unresolved} of the differences found on {input.day} need a person ({open_kinds}); "
+                   f"{report.rows} bill rows, {report.matched} matched",
+        ), f"alert: {report.unresolved} unresolved differences")
 
     async def _scheduled(self, input: ReconcileInput) -> list[str]:
         """Yesterday, and every missed day of the catch-up window, one child run each."""

@@ -35,6 +35,7 @@ class BillAdjustments(BaseModel):
     drop_orders: list[str] = Field(default_factory=list, description="paid trades of these orders are left out")
     amounts: dict[str, str] = Field(default_factory=dict, description="order -> amount the bill reports")
     refund_amounts: dict[str, str] = Field(default_factory=dict, description="out_request_no -> refund amount")
+    extra_lines: list[str] = Field(default_factory=list, description="raw lines added to the detail list")
 
 
 class SyntheticRows(BaseModel):
@@ -94,6 +95,8 @@ class DayBill:
                     yield line([trade.trade_no, trade.out_trade_no, REFUND, trade.subject,
                                 self._local(trade.gmt_create), self._local(refund.gmt_refund), trade.currency,
                                 f"-{amount}", f"-{amount}", refund.out_request_no, ""])
+        for raw in adjust.extra_lines:
+            yield raw.rstrip("\n") + "\n"
         for synthetic in self.synthetic:
             for i in range(1, synthetic.rows + 1):
                 trade_no, order, amount, paid = synthetic_row(synthetic.prefix, i, self.day)

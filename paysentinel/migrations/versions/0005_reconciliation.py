@@ -43,6 +43,7 @@ def upgrade() -> None:
         sa.Column("classes", sa.Text, nullable=False, server_default="{}"),
         sa.Column("unresolved", sa.Integer, nullable=False, server_default="0"),
         sa.Column("passes", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("error", sa.Text),
         sa.Column("started_at", TS, nullable=False),
         sa.Column("finished_at", TS),
     )
