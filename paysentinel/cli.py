@@ -158,7 +158,11 @@ def demo(
     api_url: Optional[str] = typer.Option(None, help="Checkout API (default: from settings)"),
     simulator_url: Optional[str] = typer.Option(None, help="Provider simulator (default: from settings)"),
 ) -> None:
-    """Drive one payment through each scenario against the running system and compare outcomes."""
+    """Drive one payment through each scenario against the running system and compare outcomes,
+    then reconcile today's settlement bill, which holds one payment only the provider knows."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
     from paysentinel.demo import run_demo
 
     settings = get_settings()
@@ -168,6 +172,8 @@ def demo(
             simulator_url or settings.effective_simulator_url,
             ui_url=f"http://{settings.host}:{settings.temporal_ui_port}" if not settings.temporal_address else None,
             console=console,
+            operator_token=settings.effective_operator_token,
+            settlement_day=datetime.now(ZoneInfo(settings.settlement_timezone)).date().isoformat(),
         )
     )
     raise typer.Exit(0 if ok else 1)

@@ -104,8 +104,43 @@ def _table(items: list[Scenario]) -> Table:
     return table
 
 
+async def _reconcile_today(api: httpx.AsyncClient, sim: httpx.AsyncClient, run_id: str, token: str, day: str,
+                           console: Console, timeout: float) -> bool:
+    """An order paid at the provider that we never had: only reconciliation finds it, and refunds it."""
+    order = f"demo-{run_id}-paid-elsewhere"
+    headers = {"Authorization": f"Bearer {token}"}
+    started = time.monotonic()
+    try:
+        (await sim.post("/control/orphans", json={"out_trade_no": order, "total_amount": "66.60"})).raise_for_status()
+        before = await api.get(f"/operator/reconciliations/{day}", headers=headers)
+        passes = before.json()["report"]["passes"] if before.status_code == 200 else 0
+        (await api.post(f"/operator/reconciliations/{day}", headers=headers)).raise_for_status()
+        with console.status(f"reconciling {day} with the provider's settlement bill"):
+            while time.monotonic() - started < timeout:
+                view = (await api.get(f"/operator/reconciliations/{day}", headers=headers)).json()
+                books = (await sim.get(f"/control/ledger/{order}")).json()
+                report = view.get("report") or {}
+                if report.get("status") == "DONE" and report["passes"] > passes and books["refunded_minor"] == 6660:
+                    break
+                await asyncio.sleep(0.5)
+    except httpx.HTTPError as err:
+        console.print(f"[red]reconciliation could not run: {err}[/red]")
+        return False
+    found = [d for d in view.get("discrepancies", []) if d["order_id"] == order]
+    ok = bool(found) and found[0]["kind"] == "unknown_order" and books["refunded_minor"] == 6660
+    others = sum(c["count"] for k, c in report.get("classes", {}).items() if k != "day_boundary") - len(found)
+    console.print(
+        f"reconciliation {day}: {report.get('rows')} bill rows, {report.get('matched')} matched, {others} other "
+        f"difference(s); {order}: paid at the provider, unknown to us -> "
+        + (f"[green]{found[0]['kind']}, {found[0]['resolution']}; refunded 66.60 CNY[/green]" if ok
+           else "[red]not repaired[/red]")
+        + f" ({time.monotonic() - started:.1f}s)"
+    )
+    return ok
+
+
 async def run_demo(api_url: str, simulator_url: str, ui_url: Optional[str], console: Console,
-                   timeout: float = 120.0) -> bool:
+                   timeout: float = 120.0, operator_token: str = "", settlement_day: str = "") -> bool:
     items = scenarios()
     run_id = time.strftime("%m%d%H%M%S")
     async with httpx.AsyncClient(base_url=api_url, timeout=30) as api, \
@@ -123,11 +158,16 @@ async def run_demo(api_url: str, simulator_url: str, ui_url: Optional[str], cons
                 await asyncio.sleep(0.5)
             await work
             live.update(_table(items))
-    console.print()
+        console.print()
+        reconciled = True
+        if operator_token and settlement_day:
+            reconciled = await _reconcile_today(api, sim, run_id, operator_token, settlement_day, console, timeout)
     passed = sum(s.ok for s in items)
-    console.print(f"{passed} of {len(items)} scenarios as expected.")
+    console.print(f"{passed} of {len(items)} scenarios as expected"
+                  + ("; reconciliation found and refunded the unknown payment." if reconciled else
+                     "; [red]reconciliation did not repair the unknown payment[/red]."))
     if ui_url:
         query = urllib.parse.quote(f'OrderId STARTS_WITH "demo-{run_id}"')
         console.print(f"See them in the Temporal Web UI: {ui_url}/namespaces/default/workflows?query={query}",
                       soft_wrap=True)
-    return passed == len(items)
+    return passed == len(items) and reconciled
