@@ -247,11 +247,46 @@ class ReconciliationActivities:
                 found.append(self._finding(step, "missing_at_provider", row, row.amount_minor,
                                            f"we recorded {to_major(row.amount_minor, row.currency)} {row.currency} "
                                            f"paid on {step.day} (trade {payment.trade_no}); the bill lacks it and {said}"))
+        refunds = await self._refunds_missing(step, start, end, found)
         if found:
             async with self._sessions() as session:
                 await db.insert_ignoring_duplicates(session, db.Discrepancy.__table__, found)
                 await session.commit()
-        return StepResult(last=0, handled=len(found), done=len(candidates) < step.limit)
+        return StepResult(last=0, handled=len(found), done=len(candidates) < step.limit and refunds < step.limit)
+
+    async def _refunds_missing(self, step: ReconcileStep, start: datetime, end: datetime, found: list[dict]) -> int:
+        """Our refunds that succeeded on the day but are not in the bill: asked of the provider."""
+        rid = run_id(step.provider, step.day)
+        billed = exists().where(
+            db.SettlementRowRecord.provider == step.provider, db.SettlementRowRecord.kind == REFUND,
+            db.SettlementRowRecord.refund_no == db.Refund.refund_id,
+            db.SettlementRowRecord.bill_date.in_([(step.day + timedelta(days=d)).isoformat() for d in (-1, 0, 1)]),
+        )
+        noted = exists().where(db.Discrepancy.run_id == rid, db.Discrepancy.refund_no == db.Refund.refund_id)
+        async with self._sessions() as session:
+            candidates = (await session.scalars(
+                select(db.Refund).join(db.Payment, db.Payment.payment_id == db.Refund.payment_id).where(
+                    db.Payment.provider == step.provider, db.Refund.status == "SUCCEEDED",
+                    db.Refund.updated_at >= start, db.Refund.updated_at < end, ~billed, ~noted,
+                ).limit(step.limit)
+            )).all()
+        for refund in candidates:
+            theirs = await self._providers[step.provider].query_refund(refund.order_id, refund.refund_id)
+            row = db.SettlementRowRecord(order_id=refund.order_id, trade_no=refund.trade_no, refund_no=refund.refund_id,
+                                         amount_minor=refund.amount_minor, currency=refund.currency)
+            money = f"{to_major(refund.amount_minor, refund.currency)} {refund.currency}"
+            near_edge = min(refund.updated_at - start, end - refund.updated_at) < timedelta(minutes=10)
+            if theirs is not None and theirs.status.value == "SUCCEEDED" and near_edge:
+                found.append(self._finding(step, "day_boundary", row, refund.amount_minor,
+                                           f"refund {refund.refund_id} ({money}) settled on a neighbouring day: matched",
+                                           resolution="matched across the day boundary", resolved=True))
+                continue
+            said = f"the provider says {theirs.status.value}" if theirs is not None else "the provider has no such refund"
+            found.append(self._finding(step, "refund_missing_at_provider", row, refund.amount_minor,
+                                       f"our refund {refund.refund_id} of {money} succeeded on {step.day}; the bill "
+                                       f"lacks it and {said}",
+                                       resolution="needs an operator: check the refund with the provider"))
+        return len(candidates)
 
     @activity.defn
     async def repair(self, step: ReconcileStep) -> StepResult:

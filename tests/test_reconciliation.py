@@ -82,6 +82,10 @@ async def test_each_class_of_difference_is_found_and_repaired_once(api, sim, fin
                             headers={"Idempotency-Key": "r1"})
     assert refund.status_code == 202, refund.text
     await wait_for(lambda: _refund_done(api, refunded_id), what="the merchant refund")
+    orders["refund_missing_at_provider"], refunded2_id = await paid_now(api, sim, "rc-refund-gone")
+    refund2 = await api.post(f"/payments/{refunded2_id}/refunds", json={"amount_minor": 990, "reason": "returned"},
+                             headers={"Idempotency-Key": "r1"})
+    await wait_for(lambda: _refund_done(api, refunded2_id), what="the second merchant refund")
     # Paid just before midnight at the provider, just after it with us.
     orders["day_boundary"], _ = await paid_now(api, sim, "rc-edge")
     last_second = datetime.combine(today, time(), TZ) - timedelta(seconds=1)
@@ -93,7 +97,7 @@ async def test_each_class_of_difference_is_found_and_repaired_once(api, sim, fin
     await wait_for(lambda: _second_charge(sim, orders["duplicate_charge"]), what="the second charge")
     assert (await api.get(f"/payments/{open_id}")).json()["status"] == "PENDING"
     adjust = {"amounts": {orders["amount_differs"]: "1.00"}, "drop_orders": [orders["missing_at_provider"]],
-              "refund_amounts": {refund.json()["refund_id"]: "10.00"}}
+              "refund_amounts": {refund.json()["refund_id"]: "10.00"}, "drop_refunds": [refund2.json()["refund_id"]]}
     assert (await sim.put(f"/control/bills/{today}/adjustments", json=adjust)).status_code == 200
 
     first = await reconcile(finance, today, passes=1)
@@ -103,8 +107,8 @@ async def test_each_class_of_difference_is_found_and_repaired_once(api, sim, fin
     for kind in ("open_payment", "unknown_order", "closed_order_paid", "duplicate_charge", "amount_differs",
                  "missing_at_provider", "day_boundary"):
         assert mine[orders[kind]]["resolved"], mine[orders[kind]]
-    assert not mine[orders["refund_differs"]]["resolved"]
-    assert "needs an operator" in mine[orders["refund_differs"]]["resolution"]
+    for kind in ("refund_differs", "refund_missing_at_provider"):
+        assert not mine[orders[kind]]["resolved"] and "needs an operator" in mine[orders[kind]]["resolution"]
     report = first["report"]
     assert report["rows"] >= len(orders) and report["unresolved"] >= 1
     assert report["classes"]["day_boundary"]["count"] >= 1

@@ -35,6 +35,7 @@ class BillAdjustments(BaseModel):
     drop_orders: list[str] = Field(default_factory=list, description="paid trades of these orders are left out")
     amounts: dict[str, str] = Field(default_factory=dict, description="order -> amount the bill reports")
     refund_amounts: dict[str, str] = Field(default_factory=dict, description="out_request_no -> refund amount")
+    drop_refunds: list[str] = Field(default_factory=list, description="refunds (out_request_no) left out")
     extra_lines: list[str] = Field(default_factory=list, description="raw lines added to the detail list")
 
 
@@ -89,7 +90,8 @@ class DayBill:
                 yield line([trade.trade_no, trade.out_trade_no, PAYMENT, trade.subject, self._local(trade.gmt_create),
                             self._local(trade.gmt_payment), trade.currency, amount, amount, "", ""])
             for refund in trade.refunds.values():
-                if refund.refund_status == "REFUND_SUCCESS" and refund.gmt_refund and start <= refund.gmt_refund < end:
+                if (refund.refund_status == "REFUND_SUCCESS" and refund.gmt_refund and start <= refund.gmt_refund < end
+                        and refund.out_request_no not in adjust.drop_refunds):
                     amount = adjust.refund_amounts.get(refund.out_request_no, refund.refund_amount)
                     refund_count, refund_total = refund_count + 1, refund_total + Decimal(amount)
                     yield line([trade.trade_no, trade.out_trade_no, REFUND, trade.subject,
