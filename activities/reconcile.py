@@ -12,7 +12,7 @@ import json
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import case, exists, func, select
+from sqlalchemy import case, exists, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.client import Client
@@ -118,6 +118,10 @@ class ReconciliationActivities:
                                    type=BAD_BILL, non_retryable=True) from err
         if batch:
             await flush()
+        async with self._sessions() as session:
+            if session.bind.dialect.name == "postgresql":  # fresh statistics, so matching uses the indexes
+                await session.execute(text("ANALYZE settlement_rows"))
+                await session.commit()
         activity.logger.info("bill %s %s: %d rows loaded", step.provider, step.day, count)
         return StepResult(last=count, handled=count, done=True)
 
