@@ -104,7 +104,7 @@ def customer_reason(refund: RefundView) -> str:
 
 
 def refund_id_for(order_id: str, key: str) -> str:
-    """The provider's out_request_no: derived from the order and the request, never random."""
+    """The provider's out_request_no: derived from the order and the request, nothing else goes into it."""
     return "rf" + hashlib.sha256(f"{order_id}:{key}".encode()).hexdigest()[:30]
 
 
