@@ -135,9 +135,24 @@ def _print_payment(p) -> None:
     console.print(timeline)
 
 
-reconcile_app = typer.Typer(help="Daily reconciliation with the provider's settlement bill.", no_args_is_help=True)
+reconcile_app = typer.Typer(help="Daily reconciliation with the provider's settlement bill.")
 DATE_OPTION = typer.Option(..., "--date", "-d", help="The bill's day, YYYY-MM-DD (provider's time zone)")
 PROVIDER_OPTION = typer.Option("simulator", "--provider")
+
+
+@reconcile_app.callback(invoke_without_command=True)
+def reconcile_default(
+    ctx: typer.Context,
+    day: Optional[str] = typer.Option(None, "--date", "-d", help="Reconcile this day now (same as `run --date`)"),
+    provider: str = PROVIDER_OPTION, api: Optional[str] = API_OPTION,
+) -> None:
+    """`paysentinel reconcile --date D` reconciles a day; the subcommands below do more."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if day is None:
+        console.print(ctx.get_help())
+        raise typer.Exit(0)
+    reconcile_run(day=day, provider=provider, api=api, wait=True)
 
 
 @reconcile_app.command("run")

@@ -203,9 +203,11 @@ async def test_finance_cli_runs_and_shows_a_day(stack):
     from tests.test_refunds_reviews_e2e import run_cli
 
     day = (datetime.now(TZ).date() - timedelta(days=9)).isoformat()
-    ran = await asyncio.to_thread(run_cli, stack, "reconcile", "run", "--date", day)
+    ran = await asyncio.to_thread(run_cli, stack, "reconcile", "--date", day)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert f"reconciliation {day} (simulator)  DONE" in ran.stdout and "no differences" in ran.stdout
+    again = await asyncio.to_thread(run_cli, stack, "reconcile", "run", "--date", day)
+    assert again.returncode == 0 and "reconciled 2 time(s)" in again.stdout, again.stdout
     listed = await asyncio.to_thread(run_cli, stack, "reconcile", "list")
     assert listed.returncode == 0 and day in listed.stdout
     missing = await asyncio.to_thread(run_cli, stack, "reconcile", "show", "--date", "2001-01-01")
