@@ -50,6 +50,4 @@ class MonitorActivities:
             return None
         incident = Incident.model_validate(row, from_attributes=True)
         incident.to_send = not await db.notification_sent(self._sessions, incident.key)
-        if incident.to_send and incident.status == "OPEN":
-            metrics.alerts.labels(check.kind).inc()
         return incident

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from paysentinel import db, signing
+from paysentinel import db, metrics, signing
 from paysentinel.models import Incident, NotificationInput, to_major
 from paysentinel.notify import UnsafeTarget, check_target, compose, compose_alert
 
@@ -89,6 +89,8 @@ class NotificationActivities:
                 sent.append("log")
         else:
             activity.logger.warning("alert %s: %s; sent via %s", incident.key, subject, sent or "nothing new")
+        if sent and incident.status == "OPEN":  # counted once: a channel is sent once per incident
+            metrics.alerts.labels(incident.kind.split(":", 1)[0]).inc()
         return sent
 
     async def _claim(self, key: str, channel: str, target: str, subject: str, owner: str, kind: str) -> bool:

@@ -33,6 +33,8 @@ from paysentinel.models import (
 )
 from paysentinel.providers import Provider
 from paysentinel.settlement import PAYMENT, REFUND, BillFormatError, parse_bill
+from workflows.payment import PaymentWorkflow, refund_id_for
+from workflows.refund import RefundWorkflow
 
 BAD_BILL = "BadBill"
 OPEN = ("CREATED", "PENDING")
@@ -319,8 +321,6 @@ class ReconciliationActivities:
                 amount_minor=item.provider_amount_minor or 0, currency=item.currency, detail=item.detail,
             )
             try:
-                from workflows.payment import PaymentWorkflow
-
                 await self._client.get_workflow_handle(payment_id).signal(PaymentWorkflow.settlement, finding)
                 what = "review opened by the payment workflow" if item.kind in ("amount_differs", "missing_at_provider") \
                     else "delivered to the payment workflow"
@@ -337,9 +337,6 @@ class ReconciliationActivities:
 
     async def _refund(self, step: ReconcileStep, item: db.Discrepancy) -> str:
         """Refund a charge no running payment workflow owns; one refund per trade, ever."""
-        from workflows.payment import refund_id_for
-        from workflows.refund import RefundWorkflow
-
         workflow_id = f"reconcile-refund-{step.provider}-{item.trade_no}"
         money = f"{to_major(item.provider_amount_minor or 0, item.currency)} {item.currency}"
         try:

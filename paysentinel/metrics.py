@@ -45,7 +45,7 @@ time_to_final = Histogram(
 # Published by the monitor workflow for its sliding window.
 window_failure_rate = Gauge("paysentinel_window_failure_rate", "FAILED / finished payments in the monitor's window")
 window_timeout_rate = Gauge("paysentinel_window_timeout_rate", "CLOSED (unpaid) / finished payments in the window")
-alerts = Counter("paysentinel_alerts_total", "Incidents opened by the monitor", ["kind"])
+alerts = Counter("paysentinel_alerts_total", "Alerts sent for incidents (monitor rates, reconciliation)", ["kind"])
 # Read from the database when /metrics is scraped.
 open_reviews = Gauge("paysentinel_open_reviews", "Manual reviews waiting for a decision")
 oldest_review_seconds = Gauge("paysentinel_oldest_open_review_seconds", "Age of the oldest undecided review")

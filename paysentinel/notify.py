@@ -103,10 +103,12 @@ def compose_alert(incident: Incident) -> tuple[str, str]:
     name = ALERT_NAMES.get(incident.kind, incident.kind)
     if incident.kind.startswith(("unresolved:", "failed:")):  # a reconciliation run
         what, day = incident.kind.split(":", 1)
-        provider = incident.monitor.split(":", 1)[-1]
-        subject = (f"[paysentinel] reconciliation {day} ({provider}): "
-                   + (f"{incident.rate:g} differences need a person (threshold {incident.threshold:g})"
-                      if what == "unresolved" else "failed"))
+        head = f"[paysentinel] reconciliation {day} ({incident.monitor.split(':', 1)[-1]})"
+        if incident.status != "OPEN":
+            subject = f"{head}: resolved, {'no longer failing' if what == 'failed' else 'differences dealt with'}"
+            return subject, f"{subject}.\n\nWhen it opened: {incident.detail}\nWhat to do: nothing; the incident is closed."
+        subject = head + (f": {incident.rate:g} differences need a person (threshold {incident.threshold:g})"
+                          if what == "unresolved" else ": failed")
         next_step = (
             f"`paysentinel reconcile show --date {day}` lists each difference and what was done; the unresolved "
             "ones say what they need." if what == "unresolved" else

@@ -231,6 +231,16 @@ async def test_a_bill_that_cannot_be_read_fails_the_run_and_says_why(sim, financ
                if f"reconciliation {day} (simulator): failed" in m["Subject"]] or [None]
     assert alert is not None and "reconcile run --date" in alert.get_content()
 
+    # The provider sends a corrected bill: the day reconciles, and the failure is declared over once.
+    assert (await sim.put(f"/control/bills/{day}/adjustments", json={})).status_code == 200
+    assert (await reconcile(finance, day, passes=2))["report"]["error"] is None
+
+    def about_the_day() -> list:
+        return [m["Subject"] for m in mailbox.to("ops@paysentinel.test") if f"reconciliation {day} " in m["Subject"]]
+
+    await wait_for(lambda: asyncio.sleep(0, len(about_the_day()) == 2), what="the all-clear")
+    assert about_the_day()[1].endswith("resolved, no longer failing")
+
 
 def test_bill_parser_reads_rows_and_refuses_bad_lines():
     from paysentinel.settlement import BillFormatError, parse_bill

@@ -75,8 +75,9 @@ async def test_histories_of_this_session_replay(client: Client, stack, api, sim)
         for name, payment_id in ids:
             history = await client.get_workflow_handle(payment_id).fetch_history()
             Path(record_to, f"{name}.json").write_text(history.to_json())
-        for workflow_type, name in (("MonitorWorkflow", "monitor"), ("ReconciliationWorkflow", "reconcile")):
-            async for execution in client.list_workflows(f'{query} AND WorkflowType = "{workflow_type}"'):
+        for selection, name in (('WorkflowType = "MonitorWorkflow"', "monitor"),
+                                ('WorkflowId STARTS_WITH "reconcile-simulator-"', "reconcile")):
+            async for execution in client.list_workflows(f"{query} AND {selection}"):
                 history = await client.get_workflow_handle(execution.id, run_id=execution.run_id).fetch_history()
                 Path(record_to, f"{name}.json").write_text(history.to_json())
                 break

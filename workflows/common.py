@@ -9,8 +9,10 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.monitor import MonitorActivities
+    from activities.notify import NotificationActivities
     from activities.payment import ORDER_CONFLICT, PROVIDER_REJECTED
-    from paysentinel.models import PaymentTiming
+    from paysentinel.models import Incident, IncidentInput, PaymentTiming
 
 DB_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30), maximum_attempts=10,
@@ -41,6 +43,23 @@ async def db_call(activity, arg, summary: str):
     return await workflow.execute_activity_method(
         activity, arg, start_to_close_timeout=timedelta(seconds=15), retry_policy=DB_RETRY, summary=summary
     )
+
+
+ALERT_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(seconds=60),
+                          maximum_attempts=5)
+
+
+async def alert_once(check: IncidentInput, summary: str) -> Incident | None:
+    """Open, keep or resolve the incident ``check`` describes; send its news (the alert
+    when it opens, the all-clear when it is over) once. Returns the incident, with
+    ``to_send`` telling whether this call sent something."""
+    incident: Incident | None = await db_call(MonitorActivities.track_incident, check, summary)
+    if incident is not None and incident.to_send:
+        await workflow.execute_activity_method(
+            NotificationActivities.send_alert, incident, start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=ALERT_RETRY, summary=f"alert: incident {incident.id} {incident.status.lower()}",
+        )
+    return incident
 
 
 def cause(err: ActivityError) -> str:

@@ -21,18 +21,14 @@ from temporalio.client import (
     SchedulePolicy,
     ScheduleSpec,
 )
-from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from paysentinel.temporal import ensure_schedule
     from activities.monitor import MonitorActivities
-    from activities.notify import NotificationActivities
-    from paysentinel.models import Incident, IncidentInput, MonitorInput, WindowFigures
-    from workflows.common import db_call
+    from paysentinel.models import IncidentInput, MonitorInput, WindowFigures
+    from workflows.common import alert_once, db_call
 
 MONITOR_SCHEDULE_ID = "paysentinel-monitor"
-ALERT_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(seconds=60),
-                          maximum_attempts=5)
 
 
 @workflow.defn
@@ -54,14 +50,8 @@ class MonitorWorkflow:
                 detail=f"{count} of {figures.finished} payments finished in the last {monitor.window_seconds:g}s "
                        f"({rate:.1%}; threshold {threshold:.1%}, at least {monitor.min_payments} payments)",
             )
-            incident: Incident | None = await db_call(
-                MonitorActivities.track_incident, check, f"{kind} {rate:.1%} vs {threshold:.1%}"
-            )
+            incident = await alert_once(check, f"{kind} {rate:.1%} vs {threshold:.1%}")
             if incident is not None and incident.to_send:
-                await workflow.execute_activity_method(
-                    NotificationActivities.send_alert, incident, start_to_close_timeout=timedelta(seconds=30),
-                    retry_policy=ALERT_RETRY, summary=f"alert: incident {incident.id} {incident.status.lower()}",
-                )
                 news.append(f"{kind}: incident {incident.id} {'opened' if incident.status == 'OPEN' else 'resolved'}")
         return news
 

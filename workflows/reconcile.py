@@ -29,8 +29,6 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from paysentinel.temporal import ensure_schedule
-    from activities.monitor import MonitorActivities
-    from activities.notify import NotificationActivities
     from activities.reconcile import ReconciliationActivities
     from paysentinel.config import Settings
     from paysentinel.models import (
@@ -41,7 +39,7 @@ with workflow.unsafe.imports_passed_through():
         RunFailure,
         StepResult,
     )
-    from workflows.common import cause
+    from workflows.common import alert_once, cause
 
 RECONCILE_SCHEDULE_ID = "paysentinel-reconcile"
 BATCHES_PER_RUN = 20  # then continue as new, so a 100,000-row day keeps a short history
@@ -66,10 +64,7 @@ class ReconciliationWorkflow:
             error = cause(err)
             await self._call(ReconciliationActivities.fail_run,
                              RunFailure(provider=input.provider, day=input.day, error=error), "record the failure")
-            await self._tell(IncidentInput(
-                monitor=f"reconcile:{input.provider}", kind=f"failed:{input.day}", breach=True, rate=0,
-                threshold=0, payments=0, detail=error,
-            ), "alert: reconciliation failed")
+            await alert_once(self._failure(input, error), "the run failed")
             raise ApplicationError(f"reconciliation of {input.day} failed: {error}", non_retryable=True) from err
 
     async def _reconcile(self, input: ReconcileInput) -> ReconcileReport:
@@ -114,25 +109,21 @@ class ReconciliationWorkflow:
             retry_policy=STEP_RETRY, summary=summary,
         )
 
-    async def _tell(self, check: IncidentInput, summary: str) -> None:
-        """Open (or find) the incident and send its alert once."""
-        incident = await self._call(MonitorActivities.track_incident, check, check.kind)
-        if incident is not None and incident.to_send and incident.status == "OPEN":
-            await workflow.execute_activity_method(
-                NotificationActivities.send_alert, incident, start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=STEP_RETRY, summary=summary,
-            )
+    def _failure(self, input: ReconcileInput, error: str | None) -> IncidentInput:
+        return IncidentInput(monitor=f"reconcile:{input.provider}", kind=f"failed:{input.day}", breach=error is not None,
+                             rate=0, threshold=0, payments=0, detail=error or "")
 
     async def _alert(self, input: ReconcileInput, report: ReconcileReport) -> None:
         """One alert per day when more differences than the threshold stay unresolved."""
         open_kinds = ", ".join(f"{k} {c['unresolved']}" for k, c in report.classes.items() if c["unresolved"])
-        await self._tell(IncidentInput(
+        await alert_once(IncidentInput(
             monitor=f"reconcile:{input.provider}", kind=f"unresolved:{input.day}",
             breach=report.unresolved > input.alert_threshold, rate=report.unresolved,
             threshold=input.alert_threshold, payments=report.rows,
             detail=f"{report.unresolved} of the differences found on {input.day} need a person ({open_kinds}); "
                    f"{report.rows} bill rows, {report.matched} matched",
-        ), f"alert: {report.unresolved} unresolved differences")
+        ), f"{report.unresolved} unresolved differences")
+        await alert_once(self._failure(input, None), "an earlier failure of the day")  # now over
 
     async def _scheduled(self, input: ReconcileInput) -> list[str]:
         """Yesterday, and every missed day of the catch-up window, one child run each."""
