@@ -11,6 +11,7 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
 from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
@@ -32,12 +33,17 @@ async def replay(histories: list[WorkflowHistory]):
     return await replayer.replay_workflows(each(), raise_on_replay_failure=False)
 
 
-async def test_committed_histories_replay():
-    files = sorted(HISTORIES.glob("*.json"))
-    assert files, f"no recorded histories in {HISTORIES}"
-    histories = [WorkflowHistory.from_json(f.stem, f.read_text()) for f in files]
+RELEASES = sorted(p.name for p in HISTORIES.iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("release", RELEASES)
+async def test_kept_histories_of_each_release_replay(release: str):
+    """The release gate: payments started by every released version still run on today's code."""
+    files = sorted((HISTORIES / release).glob("*.json"))
+    assert files, f"no kept histories in {HISTORIES / release}"
+    histories = [WorkflowHistory.from_json(f"{release}/{f.stem}", f.read_text()) for f in files]
     results = await replay(histories)
-    assert results.replay_failures == {}
+    assert results.replay_failures == {}, {k: str(v)[:500] for k, v in results.replay_failures.items()}
 
 
 async def test_histories_of_this_session_replay(client: Client, stack, api, sim):
