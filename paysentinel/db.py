@@ -59,7 +59,7 @@ class Payment(Base):
     customer_email: Mapped[Optional[str]] = mapped_column(String(254))
     customer_phone: Mapped[Optional[str]] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(24), index=True)
-    status_seq: Mapped[int] = mapped_column(Integer, default=0)
+    status_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     trade_no: Mapped[Optional[str]] = mapped_column(String(64))
     pay_url: Mapped[Optional[str]] = mapped_column(Text)
     reason: Mapped[Optional[str]] = mapped_column(Text)
