@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     monitor_failure_threshold: float = 0.05
     monitor_timeout_threshold: float = 0.30
     monitor_min_payments: int = 20
+    # Stuck money (the monitor's alert and paysentinel_stuck_payments): a payment CREATED or
+    # PENDING this long past its time to live, or REFUNDING / IN_REVIEW this long without a
+    # running refund or review workflow; a refund PROCESSING longer than the provider's own
+    # limit on answering it (3 days by default).
+    stuck_grace_seconds: float = 300.0
+    refund_processing_limit_seconds: float = 3 * 86400.0
     # Where alerts go (both optional; without either they are logged as warnings).
     alert_email: str = ""
     alert_webhook_url: str = ""

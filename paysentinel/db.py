@@ -420,17 +420,21 @@ async def recent_attempts(
 
 # --- What the monitor and /metrics read ----------------------------------------------
 
-STUCK_GRACE_SECONDS = 300  # a payment past its time to live by this much is stuck
+STUCK_GRACE_SECONDS = 300  # default of PAYSENTINEL_STUCK_GRACE_SECONDS
+REFUND_PROCESSING_LIMIT_SECONDS = 3 * 86400  # default of PAYSENTINEL_REFUND_PROCESSING_LIMIT_SECONDS
 
 
-async def open_figures(sessions: async_sessionmaker[AsyncSession]) -> dict[str, float]:
-    """Payments still waiting, stuck ones, open reviews and the oldest review's age."""
+async def open_figures(
+    sessions: async_sessionmaker[AsyncSession], *, grace_seconds: float = STUCK_GRACE_SECONDS
+) -> dict[str, float]:
+    """Payments still waiting, stuck ones (past their time to live by ``grace_seconds``),
+    open reviews and the oldest review's age."""
     now = utcnow()
     waiting = Payment.status.in_(("CREATED", "PENDING"))
     async with sessions() as session:
         pending = await session.scalar(select(func.count()).where(waiting))
         stuck = await session.scalar(
-            select(func.count()).where(waiting, Payment.expires_at < now - timedelta(seconds=STUCK_GRACE_SECONDS))
+            select(func.count()).where(waiting, Payment.expires_at < now - timedelta(seconds=grace_seconds))
         )
         reviews, oldest = (
             await session.execute(
@@ -445,6 +449,39 @@ async def open_figures(sessions: async_sessionmaker[AsyncSession]) -> dict[str, 
         "open_reviews": reviews or 0,
         "oldest_review_seconds": (now - oldest).total_seconds() if oldest else 0.0,
     }
+
+
+@dataclass(frozen=True)
+class StuckRows:
+    """What the database alone says may be stuck; payment ids, oldest first."""
+
+    open_past_ttl: list[str]  # CREATED / PENDING past their time to live by the grace
+    refunding: list[str]  # REFUNDING, unchanged for longer than the grace (stuck if no child runs)
+    in_review: list[str]  # IN_REVIEW, unchanged for longer than the grace (stuck if no child runs)
+    refunds_too_long: list[tuple[str, str]]  # (refund id, payment id) PROCESSING longer than the limit
+
+
+async def stuck_rows(
+    sessions: async_sessionmaker[AsyncSession], *, grace_seconds: float = STUCK_GRACE_SECONDS,
+    refund_processing_limit_seconds: float = REFUND_PROCESSING_LIMIT_SECONDS,
+) -> StuckRows:
+    now = utcnow()
+    settled_before = now - timedelta(seconds=grace_seconds)
+    async with sessions() as session:
+        async def payments(*where) -> list[str]:
+            query = select(Payment.payment_id).where(*where).order_by(Payment.updated_at, Payment.payment_id)
+            return list((await session.scalars(query)).all())
+
+        open_past_ttl = await payments(Payment.status.in_(("CREATED", "PENDING")), Payment.expires_at < settled_before)
+        refunding = await payments(Payment.status == "REFUNDING", Payment.updated_at < settled_before)
+        in_review = await payments(Payment.status == "IN_REVIEW", Payment.updated_at < settled_before)
+        refunds = await session.execute(
+            select(Refund.refund_id, Refund.payment_id)
+            .where(Refund.status == "PROCESSING",
+                   Refund.created_at < now - timedelta(seconds=refund_processing_limit_seconds))
+            .order_by(Refund.created_at, Refund.refund_id)
+        )
+        return StuckRows(open_past_ttl, refunding, in_review, [(r, p) for r, p in refunds.all()])
 
 
 async def outcomes_since(sessions: async_sessionmaker[AsyncSession], since: datetime) -> dict[str, int]:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from paysentinel.models import STUCK_KINDS
+
 if TYPE_CHECKING:
     from paysentinel.db import Payment
     from paysentinel.models import PaymentRecord
@@ -51,8 +53,19 @@ open_reviews = Gauge("paysentinel_open_reviews", "Manual reviews waiting for a d
 oldest_review_seconds = Gauge("paysentinel_oldest_open_review_seconds", "Age of the oldest undecided review")
 pending_payments = Gauge("paysentinel_pending_payments", "Payments waiting for the payer or the provider")
 stuck_payments = Gauge(
-    "paysentinel_stuck_payments", "Payments still CREATED or PENDING after their time to live (should stay 0)"
+    "paysentinel_stuck_payments",
+    "Money that should be moving and is not (should stay 0), by kind: open_past_ttl (CREATED/PENDING past the "
+    "time to live), refunding_without_child / review_without_child (REFUNDING/IN_REVIEW without a running refund "
+    "or review workflow), refund_processing_too_long (refunds PROCESSING past the provider's limit)",
+    ["kind"],
 )
+for _kind in STUCK_KINDS:  # served as 0 before the first measurement
+    stuck_payments.labels(_kind)
+
+
+def publish_stuck(counts: dict[str, int]) -> None:
+    for kind in STUCK_KINDS:
+        stuck_payments.labels(kind).set(counts.get(kind, 0))
 
 
 def count_transition(record: "PaymentRecord", row: "Payment", *, finished: bool) -> None:

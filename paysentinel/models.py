@@ -215,11 +215,38 @@ class PaymentTiming(BaseModel):
     notify_retry_initial_seconds: float = 2.0
 
 
+class PaymentState(BaseModel):
+    """What a paid payment carries into its refund phase (continue-as-new): the money,
+    the refunds, what the customer was told, and the timeline so far."""
+
+    status: PaymentStatus
+    base: PaymentStatus
+    seq: int
+    trade_no: Optional[str] = None
+    pay_url: Optional[str] = None
+    reason: Optional[str] = None
+    review_reason: Optional[str] = None
+    paid_at: Optional[datetime] = None
+    expires_at: Optional[datetime] = None
+    final_at: datetime
+    captured: dict[str, int] = Field(default_factory=dict)
+    refunded: dict[str, int] = Field(default_factory=dict)
+    kept: dict[str, int] = Field(default_factory=dict)
+    accepted: Optional[str] = None
+    refunds: dict[str, RefundView] = Field(default_factory=dict)
+    reviews: int = 0
+    told: list[str] = Field(default_factory=list)
+    seen_events: list[str] = Field(default_factory=list)
+    timeline: list[TimelineEntry] = Field(default_factory=list)
+    alerted: bool = False
+
+
 class PaymentInput(BaseModel):
     payment_id: str
     request: CheckoutRequest
     notify_url: str
     timing: PaymentTiming
+    resume: Optional[PaymentState] = None  # set when the payment continues into its refund phase
 
 
 class ProviderCallback(BaseModel):
@@ -452,6 +479,45 @@ class WindowFigures(BaseModel):
     @property
     def timeout_rate(self) -> float:
         return self.closed / self.finished if self.finished else 0.0
+
+
+STUCK_KINDS = ("open_past_ttl", "refunding_without_child", "review_without_child", "refund_processing_too_long")
+
+
+class StuckMoney(BaseModel):
+    """Money that should be moving and is not: how many of each kind, and which payments."""
+
+    counts: dict[str, int]  # kind (STUCK_KINDS) -> payments (refunds for refund_processing_too_long)
+    payments: dict[str, list[str]]  # kind -> payment ids, oldest first (at most a few)
+    refunds: list[str] = []  # the refunds PROCESSING too long, as "refund id (payment id)", at most a few
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def describe(self, most: int = 10) -> str:
+        """One line naming at most ``most`` payments, e.g. "2 stuck: refunding without a
+        running refund workflow 1 (payment-a); ..." (empty when nothing is stuck)."""
+        parts, named = [], 0
+        for kind in STUCK_KINDS:
+            count = self.counts.get(kind, 0)
+            if not count:
+                continue
+            names = self.refunds if kind == "refund_processing_too_long" else self.payments.get(kind, [])
+            shown = names[: max(0, most - named)]
+            named += len(shown)
+            more = count - len(shown)
+            listed = ", ".join(shown) + ((" and " if shown else "") + f"{more} more" if more else "")
+            parts.append(f"{STUCK_DESCRIPTIONS[kind]}: {count} ({listed})")
+        return f"{self.total} stuck: " + "; ".join(parts) if parts else "nothing stuck"
+
+
+STUCK_DESCRIPTIONS = {
+    "open_past_ttl": "CREATED or PENDING past their time to live",
+    "refunding_without_child": "REFUNDING without a running RefundWorkflow",
+    "review_without_child": "IN_REVIEW without a running ManualReviewWorkflow",
+    "refund_processing_too_long": "refunds PROCESSING longer than the provider's limit",
+}
 
 
 class IncidentInput(BaseModel):

@@ -118,6 +118,8 @@ def compose_alert(incident: Incident) -> tuple[str, str]:
         body = "\n".join([subject + ".", "", incident.detail,
                            f"What to do: {next_step} Reconciling a day again repairs nothing twice."])
         return subject, body
+    if incident.kind == "stuck_payments":  # the monitor's stuck money: a count, not a rate
+        return compose_stuck_alert(incident)
     if incident.status == "OPEN":
         subject = f"[paysentinel] {name} {incident.rate:.1%} is above {incident.threshold:.1%} (monitor {incident.monitor})"
         next_step = ("Find the failed or closed payments in the Temporal Web UI (PaymentStatus = \"FAILED\" or "
@@ -133,6 +135,34 @@ def compose_alert(incident: Incident) -> tuple[str, str]:
         f"When opened: {incident.detail}",
         f"Highest rate seen: {incident.peak_rate:.1%}",
         *( [f"Resolved: {incident.resolved_at:%Y-%m-%d %H:%M:%S} UTC"] if incident.resolved_at else [] ),
+        f"What to do: {next_step}",
+    ])
+    return subject, body
+
+
+def compose_stuck_alert(incident: Incident) -> tuple[str, str]:
+    """(subject, body) of the stuck-money alert: which payments, and where to look."""
+    if incident.status == "OPEN":
+        subject = f"[paysentinel] {incident.rate:g} payments stuck: money is not moving (monitor {incident.monitor})"
+        next_step = (
+            "`paysentinel payment show <order>` and the payment's history in the Temporal Web UI "
+            "(WorkflowId STARTS_WITH \"<payment id>\" lists it with its refunds and reviews). "
+            "CREATED/PENDING past the time to live: is a worker running? REFUNDING/IN_REVIEW without a running "
+            "refund or review workflow: the child ended (terminated, timed out) without its parent recording an "
+            "outcome; settle the money with the provider and correct the payment. A refund PROCESSING past the "
+            "provider's limit: ask the provider about that refund id. "
+            "You get one message per incident, and another when it is over."
+        )
+    else:
+        subject = f"[paysentinel] resolved: no payments stuck (monitor {incident.monitor})"
+        next_step = "Nothing to do; the incident is closed."
+    body = "\n".join([
+        subject + ".",
+        "",
+        f"Incident: {incident.id} ({incident.kind}), opened {incident.opened_at:%Y-%m-%d %H:%M:%S} UTC",
+        f"When opened: {incident.detail}",
+        f"Most stuck at once: {incident.peak_rate:g}",
+        *([f"Resolved: {incident.resolved_at:%Y-%m-%d %H:%M:%S} UTC"] if incident.resolved_at else []),
         f"What to do: {next_step}",
     ])
     return subject, body

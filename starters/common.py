@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -15,10 +16,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.monitor import measure_stuck
 from paysentinel import db, metrics
 from paysentinel.config import Settings
 from paysentinel.providers import Provider, build_providers
 from paysentinel.temporal import connect
+
+log = logging.getLogger("paysentinel.metrics")
 
 
 @dataclass
@@ -53,9 +57,14 @@ def add_metrics(app: FastAPI) -> None:
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus(request: Request) -> Response:
-        figures = await db.open_figures(resources(request).sessions)
+        res = resources(request)
+        figures = await db.open_figures(res.sessions, grace_seconds=res.settings.stuck_grace_seconds)
         metrics.pending_payments.set(figures["pending"])
-        metrics.stuck_payments.set(figures["stuck"])
+        try:
+            metrics.publish_stuck((await measure_stuck(res.sessions, res.client, res.settings)).counts)
+        except RPCError as err:  # Temporal unreachable: what the database alone says, the rest unchanged
+            log.warning("stuck payments without Temporal's visibility (%s)", err)
+            metrics.stuck_payments.labels("open_past_ttl").set(figures["stuck"])
         metrics.open_reviews.set(figures["open_reviews"])
         metrics.oldest_review_seconds.set(figures["oldest_review_seconds"])
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

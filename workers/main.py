@@ -53,6 +53,7 @@ def activities_of(
         notifications.notify,
         notifications.send_alert,
         monitor.measure_window,
+        monitor.measure_stuck,
         monitor.track_incident,
         payment.record_payment,
         payment.save_payment_state,
@@ -143,7 +144,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
             client,
             task_queue=settings.task_queue,
             workflows=WORKFLOWS,
-            activities=activities_of(payment, notifications, MonitorActivities(sessions),
+            activities=activities_of(payment, notifications, MonitorActivities(sessions, client, settings),
                                      ReconciliationActivities(sessions, providers, client, settings)),
         )
         log.info("worker polling task queue %s on %s", settings.task_queue, settings.effective_temporal_address)

@@ -3,8 +3,10 @@
 Each run reads the failure rate (FAILED / finished) and the timeout rate (CLOSED unpaid /
 finished) of the payments that finished in the last window, opens an incident when a
 rate is above its threshold, and tells operators once per incident: one alert when it
-opens, one all-clear when the rate is back under the line. Incidents live in the
-database, so a run that is retried or repeated never alerts twice.
+opens, one all-clear when the rate is back under the line. Stuck money is one more
+incident: payments past their time to live, REFUNDING or IN_REVIEW without a running
+refund or review workflow, refunds PROCESSING longer than the provider's limit.
+Incidents live in the database, so a run that is retried or repeated never alerts twice.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from temporalio.client import (
 with workflow.unsafe.imports_passed_through():
     from paysentinel.temporal import ensure_schedule
     from activities.monitor import MonitorActivities
-    from paysentinel.models import IncidentInput, MonitorInput, WindowFigures
+    from paysentinel.models import IncidentInput, MonitorInput, StuckMoney, WindowFigures
     from workflows.common import alert_once, db_call
 
 MONITOR_SCHEDULE_ID = "paysentinel-monitor"
+STUCK_MONEY_PATCH = "monitor-stuck-money"
+STUCK_KIND = "stuck_payments"  # the incident kind of stuck money
 
 
 @workflow.defn
@@ -53,6 +57,15 @@ class MonitorWorkflow:
             incident = await alert_once(check, f"{kind} {rate:.1%} vs {threshold:.1%}")
             if incident is not None and incident.to_send:
                 news.append(f"{kind}: incident {incident.id} {'opened' if incident.status == 'OPEN' else 'resolved'}")
+        if workflow.patched(STUCK_MONEY_PATCH):  # runs recorded before stuck money was measured replay without it
+            stuck: StuckMoney = await db_call(MonitorActivities.measure_stuck, monitor, "measure stuck money")
+            check = IncidentInput(
+                monitor=monitor.name, kind=STUCK_KIND, breach=stuck.total > 0, rate=float(stuck.total), threshold=0.0,
+                payments=stuck.total, detail=stuck.describe(),
+            )
+            incident = await alert_once(check, f"stuck money: {stuck.total}")
+            if incident is not None and incident.to_send:
+                news.append(f"{STUCK_KIND}: incident {incident.id} {'opened' if incident.status == 'OPEN' else 'resolved'}")
         return news
 
 
