@@ -23,7 +23,9 @@ scripts an order's behaviour, ``GET /control/trades/{order}`` shows the trade, t
 calls the provider received and every callback delivery, ``POST
 /control/trades/{order}/pay`` makes the payer pay now. ``/pay/{trade_no}`` is the
 cashier page a payer opens from the pay URL. ``GET /control/ledger/{order}`` is the
-provider's books for the order: captured, refunded, net.
+provider's books for the order: captured over its paid trades, refunded over its
+successful refunds, net (minor units); ``GET /control/ledger?order=a&order=b`` gives
+the books of several orders at once.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from typing import Any, Literal, Optional
 from zoneinfo import ZoneInfo
 
 import httpx
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
@@ -630,6 +632,11 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/control/ledger/{order}")
     async def get_ledger(order: str):
         return provider.ledger(order)
+
+    @app.get("/control/ledger")
+    async def get_ledgers(order: list[str] = Query(default_factory=list, max_length=500)):
+        """The books of several orders (``?order=a&order=b``), keyed by order; unknown orders show zeros."""
+        return {"orders": {name: provider.ledger(name) for name in order}}
 
     @app.post("/control/trades/{order}/pay")
     async def pay_now(order: str):
