@@ -19,6 +19,7 @@ import yaml
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from paysentinel.models import STUCK_KINDS
 from tests.conftest import new_order
 from tests.helpers import script, start_payment, wait_status
 
@@ -49,7 +50,11 @@ def test_alert_rules_are_valid():
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule
     assert len(names) == len(set(names))
     # What the payment rules ask for: failure rate, stuck payments, reviews waiting.
-    assert {"PaymentFailureRateHigh", "PaymentsStuckPending", "ReviewsWaitingTooLong"} <= set(names)
+    assert {"PaymentFailureRateHigh", "PaymentsStuckPending", "ReviewsWaitingTooLong", "RefundOrReviewStuck",
+            "RefundProcessingTooLong"} <= set(names)
+    # Every kind of stuck money pages someone.
+    stuck_rules = " ".join(r["expr"] for r in rules() if "paysentinel_stuck_payments" in r["expr"])
+    assert all(kind in stuck_rules for kind in STUCK_KINDS), stuck_rules
     failure = next(r for r in rules() if r["alert"] == "PaymentFailureRateHigh")
     assert "> 0.05" in failure["expr"]
 

@@ -67,10 +67,10 @@ async def test_metrics_move_as_payments_complete(api, sim, stack):
     assert delta("paysentinel_callbacks_total", provider="simulator", result="delivered") >= 1
     # The failed create was retried (PAYSENTINEL_PROVIDER_MAX_ATTEMPTS=3): two retries.
     assert delta("paysentinel_provider_retries_total", provider="simulator", operation="create_trade") >= 2
-    for gauge in ("paysentinel_open_reviews", "paysentinel_pending_payments", "paysentinel_stuck_payments",
-                  "paysentinel_oldest_open_review_seconds"):
+    for gauge in ("paysentinel_open_reviews", "paysentinel_pending_payments", "paysentinel_oldest_open_review_seconds"):
         assert (gauge, ()) in after, f"{gauge} missing from /metrics"
-    assert value(after, "paysentinel_stuck_payments") == 0
+    assert ("paysentinel_stuck_payments", (("kind", "open_past_ttl"),)) in after
+    assert value(after, "paysentinel_stuck_payments", kind="open_past_ttl") == 0
 
     # A rejected callback is counted as such, on the receiver's own /metrics.
     async with httpx.AsyncClient(base_url=stack.webhook_url) as http:
