@@ -23,6 +23,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 
 from paysentinel.config import DEFAULT_CACHE_DIR
 from paysentinel.devserver import DevServer, ensure_temporal_cli, free_port
+from tests.helpers import Books, assert_books_balance, track_books
 
 DEFAULT_TEST_DATABASE = "postgresql+asyncpg://paysentinel:paysentinel@127.0.0.1:5432/paysentinel_test"
 
@@ -265,6 +266,60 @@ async def sessions(database_url: str):
     engine = db.make_engine(database_url)
     yield db.make_sessionmaker(engine)
     await engine.dispose()
+
+
+# --- The books check after every scenario on the running stack ----------------------------
+
+_REPORTS = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    report = yield
+    item.stash.setdefault(_REPORTS, {})[report.when] = report
+    return report
+
+
+@pytest.fixture
+def books() -> Iterator[Books]:
+    """The orders this test starts (``start_payment`` records them); ``books.exempt(order, reason)``
+    leaves one out of the check, ``books.allow_review(order, reason)`` lets it end IN_REVIEW apart
+    from the provider's amounts."""
+    registry = Books()
+    track_books(registry)
+    try:
+        yield registry
+    finally:
+        track_books(None)
+
+
+@pytest.fixture(autouse=True)
+def _books_balance(request: pytest.FixtureRequest) -> None:
+    """After each test that runs on the stack: the provider's ledger equals our database."""
+    if "stack" in request.fixturenames:  # pure unit tests are left alone
+        request.getfixturevalue("_books_balance_check")
+
+
+@pytest.fixture
+async def _books_balance_check(request: pytest.FixtureRequest, books: Books, stack: Stack,
+                               database_url: str) -> AsyncIterator[None]:
+    yield
+    call = request.node.stash.get(_REPORTS, {}).get("call")
+    if call is None or not call.passed or not books.to_check():
+        return  # a failed test already says what went wrong
+    from paysentinel import db
+
+    engine = db.make_engine(database_url)
+    failure = None
+    try:
+        async with httpx.AsyncClient(base_url=stack.simulator_url, timeout=30) as sim:
+            await assert_books_balance(sim, db.make_sessionmaker(engine), allow_review=books.review_allowed)
+    except AssertionError as err:
+        failure = str(err)
+    finally:
+        await engine.dispose()
+    if failure is not None:
+        pytest.fail(failure, pytrace=False)
 
 
 def new_order(prefix: str = "t") -> str:

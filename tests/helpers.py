@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from collections.abc import Collection, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 import httpx
 import uvicorn
@@ -18,9 +21,168 @@ from paysentinel.devserver import free_port
 
 
 async def start_payment(api: httpx.AsyncClient, order_id: str, amount_minor: int = 9990, **extra) -> httpx.Response:
+    """POST /payments; an accepted order joins the running test's books (see ``Books``)."""
     body = {"order_id": order_id, "amount_minor": amount_minor, "currency": "CNY", "subject": "test order",
             "customer": {"email": f"{order_id}@example.com"}, **extra}
-    return await api.post("/payments", json=body)
+    response = await api.post("/payments", json=body)
+    if response.is_success and _books is not None:
+        _books.started(order_id)
+    return response
+
+
+# --- The books: the provider's ledger against our payments table ---------------------------
+
+# How long the books may take to settle after a scenario; the check polls every BOOKS_POLL_SECONDS.
+BOOKS_TIMEOUT_SECONDS = float(os.environ.get("PAYSENTINEL_TEST_BOOKS_TIMEOUT_SECONDS", "30"))
+BOOKS_POLL_SECONDS = 0.2
+OPEN_STATUSES = frozenset({"CREATED", "PENDING", "REFUNDING"})
+
+
+@dataclass
+class Books:
+    """The orders one test started, and those it leaves open (or in review) on purpose."""
+
+    orders: dict[str, None] = field(default_factory=dict)  # in the order they were started
+    exempted: dict[str, str] = field(default_factory=dict)  # order -> why its books are not checked
+    review_allowed: dict[str, str] = field(default_factory=dict)  # order -> why IN_REVIEW may differ
+
+    def started(self, order_id: str) -> None:
+        self.orders.setdefault(order_id, None)
+
+    def exempt(self, order_id: str, reason: str) -> None:
+        """Leave this order out of the check (e.g. the test ends while it is deliberately PENDING)."""
+        if not reason.strip():
+            raise ValueError("say why the order is exempt from the books check")
+        self.exempted[order_id] = reason
+
+    def allow_review(self, order_id: str, reason: str) -> None:
+        """This order may end IN_REVIEW with amounts that differ from the provider's (a person decides)."""
+        if not reason.strip():
+            raise ValueError("say why the order may stay in review")
+        self.review_allowed[order_id] = reason
+
+    def to_check(self) -> list[str]:
+        return [order for order in self.orders if order not in self.exempted]
+
+
+_books: Books | None = None  # the running test's books, set by the ``books`` fixture
+
+
+def track_books(books: Books | None) -> None:
+    global _books
+    _books = books
+
+
+def current_books() -> Books:
+    if _books is None:
+        raise RuntimeError("no books are being kept: this test does not use the running stack")
+    return _books
+
+
+def exempt(order_id: str, reason: str) -> None:
+    """``Books.exempt`` for the running test."""
+    current_books().exempt(order_id, reason)
+
+
+def allow_review(order_id: str, reason: str) -> None:
+    """``Books.allow_review`` for the running test."""
+    current_books().allow_review(order_id, reason)
+
+
+@dataclass
+class _Side:
+    order: str
+    ledger: dict | None = None
+    row: db.Payment | None = None
+
+    @property
+    def provider_net(self) -> int:
+        return self.ledger["net_minor"] if self.ledger else 0
+
+    @property
+    def our_net(self) -> int:
+        assert self.row is not None
+        return (self.row.paid_amount_minor or 0) - (self.row.refunded_minor or 0)
+
+    def problem(self, review_allowed: bool) -> str | None:
+        """Why this order's books are not settled yet, or None."""
+        if self.row is None:
+            return "no payments row"
+        if self.row.status in OPEN_STATUSES:
+            return f"still {self.row.status}"
+        if self.provider_net != self.our_net:
+            if self.row.status == "IN_REVIEW" and review_allowed:
+                return None
+            return f"net differs: provider {self.provider_net}, ours {self.our_net}"
+        return None
+
+    def describe(self, problem: str) -> str:
+        books = self.ledger or {}
+        trades = ", ".join(f"{t['trade_no']} {t['trade_status']} {t['total_amount']}"
+                           + (f" refunded {t['refunded_amount']}" if t["refunded_amount"] != "0.00" else "")
+                           for t in books.get("trades", [])) or "none"
+        refunds = ", ".join(f"{r['out_request_no']} {r['refund_amount']} {r['refund_status']}"
+                            for r in books.get("refunds", [])) or "none"
+        provider = (f"provider captured {books.get('captured_minor', 0)}, refunded {books.get('refunded_minor', 0)}"
+                    f" (net {self.provider_net}; trades: {trades}; refunds: {refunds})")
+        if self.row is None:
+            ours = "ours: no payments row"
+        else:
+            row = self.row
+            review = f" ({row.review_reason})" if row.review_reason else ""
+            ours = (f"ours {row.status}{review}, paid {row.paid_amount_minor}, refunded {row.refunded_minor}"
+                    f" (net {self.our_net})")
+        return f"  {self.order}: {problem}\n    {provider}\n    {ours}"
+
+
+async def _ledgers(sim: httpx.AsyncClient, orders: list[str], batch: int = 100) -> dict[str, dict]:
+    """The provider's ledger of each order (GET /control/ledger?order=..., a batch at a time)."""
+    found: dict[str, dict] = {}
+    for start in range(0, len(orders), batch):
+        response = await sim.get("/control/ledger", params={"order": orders[start:start + batch]})
+        assert response.status_code == 200, response.text
+        found.update(response.json()["orders"])
+    return found
+
+
+async def assert_books_balance(sim: httpx.AsyncClient, sessions, order_ids: Iterable[str] | None = None,
+                               timeout: float | None = None, *,
+                               allow_review: bool | Collection[str] = False) -> dict[str, dict]:
+    """For each order (by default every order this test started and did not exempt), wait until our
+    payments row is no longer CREATED, PENDING or REFUNDING and the provider's captured − refunded
+    equals our paid − refunded. An IN_REVIEW row may differ only for orders in ``allow_review``
+    (True: all of them). Fails after ``timeout`` (PAYSENTINEL_TEST_BOOKS_TIMEOUT_SECONDS) showing
+    both sides of every order that does not balance. Returns the provider's ledger per order."""
+    if order_ids is None:
+        order_ids = current_books().to_check()
+    orders = list(dict.fromkeys(order_ids))
+    timeout = BOOKS_TIMEOUT_SECONDS if timeout is None else timeout
+
+    def review_allowed(order: str) -> bool:
+        return allow_review is True or (not isinstance(allow_review, bool) and order in allow_review)
+
+    sides = {order: _Side(order) for order in orders}
+    deadline = time.monotonic() + timeout
+    while orders:
+        ledgers = await _ledgers(sim, orders)
+        async with sessions() as session:
+            rows = {row.order_id: row for row in
+                    (await session.scalars(select(db.Payment).where(db.Payment.order_id.in_(orders)))).all()}
+        unsettled: dict[str, str] = {}
+        for order in orders:
+            side = sides[order]
+            side.ledger, side.row = ledgers[order], rows.get(order)
+            if (problem := side.problem(review_allowed(order))) is not None:
+                unsettled[order] = problem
+        if not unsettled:
+            return {order: side.ledger for order, side in sides.items()}
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"the books do not balance after {timeout:g}s for {len(unsettled)} of {len(orders)} order(s) "
+                "(provider captured − refunded against our paid − refunded, minor units):\n"
+                + "\n".join(sides[order].describe(problem) for order, problem in unsettled.items()))
+        await asyncio.sleep(BOOKS_POLL_SECONDS)
+    return {}
 
 
 async def script(sim: httpx.AsyncClient, order_id: str, **behaviour) -> None:
