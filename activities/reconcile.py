@@ -12,7 +12,7 @@ import json
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import case, exists, func, select, text
+from sqlalchemy import case, delete, exists, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.client import Client
@@ -41,9 +41,16 @@ OPEN = ("CREATED", "PENDING")
 UNPAID_OUTCOMES = ("CLOSED", "FAILED")
 PAID = ("SUCCEEDED", "REFUNDING", "PARTIALLY_REFUNDED", "REFUNDED", "IN_REVIEW")
 # What each class of difference gets: the payment's workflow, a refund of its own, or a person.
-TO_WORKFLOW = {"open_payment", "closed_order_paid", "duplicate_charge", "amount_differs", "missing_at_provider"}
+TO_WORKFLOW = {"open_payment", "paid_during_review", "closed_order_paid", "duplicate_charge", "amount_differs",
+               "missing_at_provider"}
 REFUND_IF_FINISHED = {"closed_order_paid", "duplicate_charge"}
 INFORMATIONAL = {"day_boundary"}
+# A repair is resolved only once our database shows the money agreeing with the bill.
+WAITING = "waiting for the money to agree"
+REFUND_STARTED = "refund started"
+# Which differences the money can settle, and how (see _agrees).
+REFUNDED_WHEN_AGREED = {"closed_order_paid", "duplicate_charge", "unknown_order"}
+RECORDED_WHEN_AGREED = {"open_payment", "paid_during_review", "amount_differs"}
 
 
 def run_id(provider: str, day: date) -> str:
@@ -69,7 +76,8 @@ class ReconciliationActivities:
     @activity.defn
     async def days_to_reconcile(self, catchup_days: int) -> list[date]:
         """Yesterday (in the settlement time zone) and every earlier day of the catch-up
-        window that has no finished run, oldest first."""
+        window that has no finished run, oldest first. A PROVISIONAL run (reconciled before
+        the day was over) is not finished."""
         yesterday = datetime.now(self._tz).date() - timedelta(days=1)
         days = [yesterday - timedelta(days=n) for n in range(catchup_days + 1)]
         async with self._sessions() as session:
@@ -94,11 +102,19 @@ class ReconciliationActivities:
     @activity.defn
     async def load_bill(self, step: ReconcileStep) -> StepResult:
         """Stream the provider's bill into settlement_rows in batches (a row loaded twice is
-        ignored), heartbeating the count so a retry skips what is already in."""
+        ignored), heartbeating the count so a retry skips what is already in. A run that
+        starts loading replaces the rows an earlier run of the day loaded: a corrected bill
+        counts as the provider serves it now."""
         provider = self._providers[step.provider]
         details = activity.info().heartbeat_details
         resume = int(details[0]) if details else 0
         count, batch = 0, []
+        if not resume:  # the bill as the provider serves it now replaces what an earlier run loaded
+            async with self._sessions() as session:
+                await session.execute(delete(db.SettlementRowRecord).where(
+                    db.SettlementRowRecord.provider == step.provider,
+                    db.SettlementRowRecord.bill_date == step.day.isoformat()))
+                await session.commit()
 
         async def flush() -> None:
             async with self._sessions() as session:
@@ -142,6 +158,7 @@ class ReconciliationActivities:
             payments = {p.order_id: p for p in (await session.scalars(
                 select(db.Payment).where(db.Payment.order_id.in_(orders)))).all()} if orders else {}
             refunds = (await session.scalars(select(db.Refund).where(db.Refund.order_id.in_(orders)))).all() if orders else []
+            seen = await self._pass(session, step)
         refunds_by_id = {r.refund_id: r for r in refunds}
         found = []
         for row in rows:
@@ -152,10 +169,15 @@ class ReconciliationActivities:
                 found += self._classify_refund(step, row, refunds_by_id.get(row.refund_no))
         if found:
             async with self._sessions() as session:
-                await db.insert_ignoring_duplicates(session, db.Discrepancy.__table__, found)
+                await db.upsert_findings(session, [{**f, "seen_pass": seen} for f in found])
                 await session.commit()
         activity.heartbeat(len(rows))
         return StepResult(last=rows[-1].id if rows else step.after, handled=len(rows), done=len(rows) < step.limit)
+
+    async def _pass(self, session: AsyncSession, step: ReconcileStep) -> int:
+        """The run's current pass (how many times the day was started)."""
+        return await session.scalar(select(db.ReconciliationRun.passes).where(
+            db.ReconciliationRun.run_id == run_id(step.provider, step.day))) or 0
 
     def _finding(self, step: ReconcileStep, kind: str, row, ours: int | None, detail: str, **extra) -> dict:
         return {"run_id": run_id(step.provider, step.day), "kind": kind, "order_id": row.order_id,
@@ -164,35 +186,48 @@ class ReconciliationActivities:
                 "resolved": False, "created_at": db.utcnow(), "resolved_at": None, **extra}
 
     def _classify_payment(self, step, row, payment, refunds: list) -> list[dict]:
+        """One bill payment row against our payment of the order. The comparison is with
+        what we recorded as captured (``paid_amount_minor``; None is nothing captured),
+        never with the order's amount."""
         money = f"{to_major(row.amount_minor, row.currency)} {row.currency}"
         if payment is None:
             return [self._finding(step, "unknown_order", row, None,
                                   f"the provider took {money} (trade {row.trade_no}) for an order we have no record of")]
+        captured = payment.paid_amount_minor or 0
         if payment.status in OPEN:
-            return [self._finding(step, "open_payment", row, payment.amount_minor,
+            return [self._finding(step, "open_payment", row, captured,
                                   f"paid at the provider ({money}) while our payment is still {payment.status}")]
-        if any(r.trade_no == row.trade_no and r.trade_no != payment.trade_no for r in refunds) or (
-                payment.status in UNPAID_OUTCOMES + ("REFUNDING", "REFUNDED") and payment.trade_no == row.trade_no
-                and any(r.trade_no == row.trade_no for r in refunds)):
-            return []  # an extra or late charge we already know and refunded
-        if payment.status in UNPAID_OUTCOMES:
-            return [self._finding(step, "closed_order_paid", row, 0,
-                                  f"paid at the provider ({money}) after our payment was {payment.status}")]
-        if payment.trade_no != row.trade_no:
-            return [self._finding(step, "duplicate_charge", row, payment.paid_amount_minor,
+        of_trade = [r for r in refunds if r.trade_no == row.trade_no]
+        if row.trade_no != payment.trade_no or not captured:
+            if of_trade:  # a charge we know and refunded (or are refunding): we took what we refunded
+                ours = sum(r.amount_minor for r in of_trade)
+                return self._compare(step, row, payment, ours, money)
+            if payment.status in UNPAID_OUTCOMES:
+                return [self._finding(step, "closed_order_paid", row, 0,
+                                      f"paid at the provider ({money}) after our payment was {payment.status}")]
+            if not captured:
+                return [self._finding(step, "paid_during_review" if payment.status == "IN_REVIEW" else "open_payment",
+                                      row, 0, f"paid at the provider ({money}); our payment is {payment.status} "
+                                              f"with nothing captured")]
+            return [self._finding(step, "duplicate_charge", row, captured,
                                   f"a second paid trade {row.trade_no} ({money}); the order is paid with {payment.trade_no}")]
         # What we took with this trade: all we captured, less the other (extra) trades, refunded in full.
         extra = sum(r.amount_minor for r in refunds if r.trade_no != payment.trade_no)
-        ours = payment.paid_amount_minor - extra if payment.paid_amount_minor is not None else payment.amount_minor
-        if ours != row.amount_minor or payment.currency != row.currency:
-            return [self._finding(step, "amount_differs", row, ours,
-                                  f"the bill reports {money}; we recorded "
-                                  f"{to_major(ours, payment.currency)} {payment.currency}")]
+        found = self._compare(step, row, payment, captured - extra, money)
+        if found:
+            return found
         if payment.paid_at is not None and self._local_day(payment.paid_at) != step.day:
-            return [self._finding(step, "day_boundary", row, ours,
+            return [self._finding(step, "day_boundary", row, captured - extra,
                                   f"we recorded the payment on {self._local_day(payment.paid_at)}, the provider on "
                                   f"{step.day}: matched", resolution="matched across the day boundary",
                                   resolved=True)]
+        return []
+
+    def _compare(self, step, row, payment, ours: int, money: str) -> list[dict]:
+        if ours != row.amount_minor or payment.currency != row.currency:
+            return [self._finding(step, "amount_differs", row, ours,
+                                  f"the bill reports {money} for trade {row.trade_no}; we recorded "
+                                  f"{to_major(ours, payment.currency)} {payment.currency}")]
         return []
 
     def _classify_refund(self, step, row, refund) -> list[dict]:
@@ -219,16 +254,21 @@ class ReconciliationActivities:
     @activity.defn
     async def find_missing(self, step: ReconcileStep) -> StepResult:
         """Our paid payments of the day that the bill lacks; the provider's own query tells
-        a payment counted on the neighbouring day (matched) from one it never settled."""
+        a payment counted on the neighbouring day (matched) from one it never settled. Each
+        query is followed by a heartbeat (queries done so far), so a batch of thousands never
+        outlasts the heartbeat timeout."""
         start, end = self._day_bounds(step.day)
         rid = run_id(step.provider, step.day)
+        async with self._sessions() as session:
+            seen = await self._pass(session, step)
         billed = exists().where(
             db.SettlementRowRecord.provider == step.provider, db.SettlementRowRecord.kind == PAYMENT,
             db.SettlementRowRecord.trade_no == db.Payment.trade_no,
             db.SettlementRowRecord.bill_date.in_([(step.day + timedelta(days=d)).isoformat() for d in (-1, 0, 1)]),
         )
         noted = exists().where(db.Discrepancy.run_id == rid, db.Discrepancy.order_id == db.Payment.order_id,
-                               db.Discrepancy.kind.in_(("missing_at_provider", "day_boundary")))
+                               db.Discrepancy.kind.in_(("missing_at_provider", "day_boundary")),
+                               db.Discrepancy.seen_pass == seen)
         async with self._sessions() as session:
             candidates = (await session.scalars(
                 select(db.Payment).where(
@@ -237,8 +277,9 @@ class ReconciliationActivities:
                 ).limit(step.limit)
             )).all()
         found = []
-        for payment in candidates:
+        for queried, payment in enumerate(candidates, 1):
             trade = await self._providers[step.provider].query_trade(payment.order_id)
+            activity.heartbeat(f"{queried} of {len(candidates)} payments queried")
             row = db.SettlementRowRecord(order_id=payment.order_id, trade_no=payment.trade_no, refund_no="",
                                          amount_minor=payment.paid_amount_minor or payment.amount_minor,
                                          currency=payment.currency)
@@ -253,14 +294,15 @@ class ReconciliationActivities:
                 found.append(self._finding(step, "missing_at_provider", row, row.amount_minor,
                                            f"we recorded {to_major(row.amount_minor, row.currency)} {row.currency} "
                                            f"paid on {step.day} (trade {payment.trade_no}); the bill lacks it and {said}"))
-        refunds = await self._refunds_missing(step, start, end, found)
+        refunds = await self._refunds_missing(step, start, end, found, seen)
         if found:
             async with self._sessions() as session:
-                await db.insert_ignoring_duplicates(session, db.Discrepancy.__table__, found)
+                await db.upsert_findings(session, [{**f, "seen_pass": seen} for f in found])
                 await session.commit()
         return StepResult(last=0, handled=len(found), done=len(candidates) < step.limit and refunds < step.limit)
 
-    async def _refunds_missing(self, step: ReconcileStep, start: datetime, end: datetime, found: list[dict]) -> int:
+    async def _refunds_missing(self, step: ReconcileStep, start: datetime, end: datetime, found: list[dict],
+                               seen: int) -> int:
         """Our refunds that succeeded on the day but are not in the bill: asked of the provider."""
         rid = run_id(step.provider, step.day)
         billed = exists().where(
@@ -268,7 +310,8 @@ class ReconciliationActivities:
             db.SettlementRowRecord.refund_no == db.Refund.refund_id,
             db.SettlementRowRecord.bill_date.in_([(step.day + timedelta(days=d)).isoformat() for d in (-1, 0, 1)]),
         )
-        noted = exists().where(db.Discrepancy.run_id == rid, db.Discrepancy.refund_no == db.Refund.refund_id)
+        noted = exists().where(db.Discrepancy.run_id == rid, db.Discrepancy.refund_no == db.Refund.refund_id,
+                               db.Discrepancy.seen_pass == seen)
         async with self._sessions() as session:
             candidates = (await session.scalars(
                 select(db.Refund).join(db.Payment, db.Payment.payment_id == db.Refund.payment_id).where(
@@ -276,8 +319,9 @@ class ReconciliationActivities:
                     db.Refund.updated_at >= start, db.Refund.updated_at < end, ~billed, ~noted,
                 ).limit(step.limit)
             )).all()
-        for refund in candidates:
+        for queried, refund in enumerate(candidates, 1):
             theirs = await self._providers[step.provider].query_refund(refund.order_id, refund.refund_id)
+            activity.heartbeat(f"{queried} of {len(candidates)} refunds queried")
             row = db.SettlementRowRecord(order_id=refund.order_id, trade_no=refund.trade_no, refund_no=refund.refund_id,
                                          amount_minor=refund.amount_minor, currency=refund.currency)
             money = f"{to_major(refund.amount_minor, refund.currency)} {refund.currency}"
@@ -322,18 +366,85 @@ class ReconciliationActivities:
             )
             try:
                 await self._client.get_workflow_handle(payment_id).signal(PaymentWorkflow.settlement, finding)
-                what = "review opened by the payment workflow" if item.kind in ("amount_differs", "missing_at_provider") \
-                    else "delivered to the payment workflow"
-                return True, f"{what} ({payment_id})"
+                # Delivered is not done: the verification pass resolves it once the money agrees.
+                if item.kind == "missing_at_provider":
+                    return False, (f"delivered to the payment workflow ({payment_id}): a settlement_mismatch review, "
+                                   f"a person decides")
+                review = "; a settlement_mismatch review decides" if item.kind == "amount_differs" else ""
+                return False, f"delivered to the payment workflow, {WAITING} ({payment_id}{review})"
             except RPCError as err:
                 if err.status != RPCStatusCode.NOT_FOUND:
                     raise
             if item.kind not in REFUND_IF_FINISHED:
                 return False, f"needs an operator: the payment workflow {payment_id} has finished"
+        if item.kind == "unknown_order":
+            over = await self._above_refund_limit(step, item)
+            if over:
+                return False, f"needs an operator: above the automatic refund limit ({over})"
         if item.kind in REFUND_IF_FINISHED or item.kind == "unknown_order":
             workflow_id = await self._refund(step, item)
-            return True, f"refund started ({workflow_id})"
+            return False, f"{REFUND_STARTED} ({workflow_id}), {WAITING}"
         return False, "needs an operator"
+
+    async def _above_refund_limit(self, step: ReconcileStep, item: db.Discrepancy) -> str | None:
+        """Why refunding this unknown order would exceed the day's automatic refund limit
+        (PAYSENTINEL_RECONCILE_AUTO_REFUND_MAX_COUNT / _MAX_MINOR), or None."""
+        most, most_minor = self._settings.reconcile_auto_refund_max_count, self._settings.reconcile_auto_refund_max_minor
+        async with self._sessions() as session:
+            count, total = (await session.execute(
+                select(func.count(), func.coalesce(func.sum(db.Discrepancy.provider_amount_minor), 0)).where(
+                    db.Discrepancy.run_id == item.run_id, db.Discrepancy.kind == "unknown_order",
+                    db.Discrepancy.currency == item.currency, db.Discrepancy.id != item.id,
+                    db.Discrepancy.resolution.like(f"{REFUND_STARTED}%"),
+                )
+            )).one()
+        amount = item.provider_amount_minor or 0
+        if count + 1 > most:
+            return f"{count} refunded automatically on {step.day}, at most {most} a day"
+        if int(total) + amount > most_minor:
+            return (f"{to_major(int(total), item.currency)} {item.currency} refunded automatically on {step.day}, "
+                    f"{to_major(amount, item.currency)} more would exceed "
+                    f"{to_major(most_minor, item.currency)} {item.currency} a day")
+        return None
+
+    @activity.defn
+    async def verify(self, step: ReconcileStep) -> StepResult:
+        """Resolve the next batch of acted-on differences whose money now agrees with the
+        bill in our database (a repair counts once the owning workflow has done it)."""
+        async with self._sessions() as session:
+            todo = (await session.scalars(
+                select(db.Discrepancy).where(
+                    db.Discrepancy.run_id == run_id(step.provider, step.day), db.Discrepancy.id > step.after,
+                    db.Discrepancy.resolved.is_(False), db.Discrepancy.resolution.like(f"%{WAITING}%"),
+                ).order_by(db.Discrepancy.id).limit(step.limit)
+            )).all()
+            for item in todo:
+                evidence = await self._agrees(session, item)
+                if evidence is not None:
+                    item.resolved, item.resolved_at = True, db.utcnow()
+                    item.resolution = f"{item.resolution}; verified: {evidence}"
+                    activity.logger.info("reconciliation %s: %s %s verified: %s", item.run_id, item.kind,
+                                         item.order_id, evidence)
+            await session.commit()
+        activity.heartbeat(len(todo))
+        return StepResult(last=todo[-1].id if todo else step.after, handled=len(todo), done=len(todo) < step.limit)
+
+    async def _agrees(self, session: AsyncSession, item: db.Discrepancy) -> str | None:
+        """What in our database shows the money agreeing with the bill for this difference, or None."""
+        amount = item.provider_amount_minor or 0
+        money = f"{to_major(amount, item.currency)} {item.currency}"
+        refunds = (await session.scalars(select(db.Refund).where(db.Refund.order_id == item.order_id))).all()
+        refunded = sum(r.amount_minor for r in refunds if r.trade_no == item.trade_no and r.status == "SUCCEEDED")
+        if item.kind in REFUNDED_WHEN_AGREED | RECORDED_WHEN_AGREED and amount and refunded >= amount:
+            return f"trade {item.trade_no} refunded ({to_major(refunded, item.currency)} {item.currency})"
+        if item.kind in RECORDED_WHEN_AGREED:
+            payment = await session.scalar(select(db.Payment).where(db.Payment.order_id == item.order_id))
+            if payment is None or payment.trade_no != item.trade_no or payment.status not in PAID:
+                return None
+            extra = sum(r.amount_minor for r in refunds if r.trade_no != payment.trade_no)
+            if (payment.paid_amount_minor or 0) - extra == amount and payment.currency == item.currency:
+                return f"our payment records trade {item.trade_no} paid with {money} ({payment.status})"
+        return None
 
     async def _refund(self, step: ReconcileStep, item: db.Discrepancy) -> str:
         """Refund a charge no running payment workflow owns; one refund per trade, ever."""
@@ -369,8 +480,16 @@ class ReconciliationActivities:
 
     @activity.defn
     async def finish(self, step: ReconcileStep) -> ReconcileReport:
+        """The report. Differences of earlier passes that this pass's bill no longer shows
+        are over. A day not yet over in the settlement time zone is PROVISIONAL: its bill can
+        still grow, so the schedule reconciles it again once the day is over."""
         rid = run_id(step.provider, step.day)
         async with self._sessions() as session:
+            seen = await self._pass(session, step)
+            await session.execute(update(db.Discrepancy).where(
+                db.Discrepancy.run_id == rid, db.Discrepancy.resolved.is_(False), db.Discrepancy.seen_pass.is_not(None),
+                db.Discrepancy.seen_pass < seen,
+            ).values(resolved=True, resolution=db.STALE, resolved_at=db.utcnow()))
             rows = await session.scalar(select(func.count()).where(
                 db.SettlementRowRecord.provider == step.provider,
                 db.SettlementRowRecord.bill_date == step.day.isoformat()))
@@ -385,7 +504,8 @@ class ReconciliationActivities:
             boundary = classes.get("day_boundary", {}).get("count", 0)
             unresolved = sum(c["unresolved"] for c in classes.values())
             run = await session.get(db.ReconciliationRun, rid)
-            run.status, run.rows, run.unresolved = "DONE", rows or 0, unresolved
+            final = self._day_bounds(step.day)[1] <= db.utcnow()
+            run.status, run.rows, run.unresolved = "DONE" if final else "PROVISIONAL", rows or 0, unresolved
             run.matched, run.day_boundary = (rows or 0) - flagged_rows, boundary
             run.classes, run.finished_at = json.dumps(classes), db.utcnow()
             await session.commit()

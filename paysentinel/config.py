@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     reconcile_enabled: bool = True
     reconcile_alert_threshold: int = 0  # alert when more differences than this stay unresolved
     reconcile_batch_rows: int = 5000
+    # Payments only the provider knows (unknown_order) are refunded automatically up to this
+    # many per day and this much per day and currency (minor units); beyond, a person decides.
+    reconcile_auto_refund_max_count: int = Field(20, ge=0)
+    reconcile_auto_refund_max_minor: int = Field(1_000_000, ge=0)
 
     # Provider simulator (callback resend schedule, like a real provider's backoff).
     simulator_resend_seconds: Annotated[list[float], NoDecode] = [1, 2, 4, 8, 16, 32, 64, 128]

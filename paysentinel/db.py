@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 from sqlalchemy import (
-    BigInteger, Boolean, DateTime, Float, Integer, String, Text, TypeDecorator, UniqueConstraint, func, or_, select, update,
+    BigInteger, Boolean, DateTime, Float, Integer, String, Text, TypeDecorator, UniqueConstraint, case, func, or_, select,
+    update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -235,6 +236,35 @@ class Discrepancy(Base):
     resolved: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     resolved_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    # The run's pass that last found it in the bill (a difference a corrected bill no longer
+    # shows is over); None for differences found before passes were noted.
+    seen_pass: Mapped[Optional[int]] = mapped_column(Integer)
+
+
+STALE = "no longer a difference: the bill as the provider serves it now agrees"
+
+
+def upsert_findings(session: AsyncSession, rows: list[dict]):
+    """Store differences found by a pass: new ones inserted; one stored already keeps what
+    was done about it and is marked seen by this pass (and, if nothing was done yet, takes
+    the bill's figures as they are now)."""
+    if session.bind.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    table = Discrepancy.__table__
+    statement = insert(table)
+    untouched = or_(table.c.resolution.is_(None), table.c.resolution == STALE)
+
+    def fresh(column: str):
+        return case((untouched, statement.excluded[column]), else_=table.c[column])
+
+    return session.execute(statement.on_conflict_do_update(
+        index_elements=["run_id", "kind", "order_id", "trade_no", "refund_no"],
+        set_={"seen_pass": statement.excluded.seen_pass,
+              **{c: fresh(c) for c in ("provider_amount_minor", "our_amount_minor", "currency", "detail",
+                                       "resolution", "resolved", "resolved_at")}},
+    ), rows)
 
 
 def insert_ignoring_duplicates(session: AsyncSession, table, rows: list[dict]):
@@ -363,19 +393,40 @@ async def apply_record(sessions: async_sessionmaker[AsyncSession], record: Payme
 
 
 async def save_refund(sessions: async_sessionmaker[AsyncSession], record: RefundRecord) -> None:
-    """Insert or update a refund row (idempotent: the refund id is the key)."""
+    """Insert or update a refund row (idempotent: the refund id is the key).
+
+    A reconciliation refund (its own RefundWorkflow, the payment's workflow has finished)
+    books its money on the payment row in the same transaction, once: the refunded
+    trade's capture and the refund."""
     async with sessions() as session:
-        row = await session.get(Refund, record.refund_id)
+        row = await session.get(Refund, record.refund_id, with_for_update=True)
+        succeeded_now = record.status.value == "SUCCEEDED" and (row is None or row.status != "SUCCEEDED")
         if row is None:
             row = Refund(refund_id=record.refund_id)
             session.add(row)
         for key, value in record.model_dump().items():
             setattr(row, key, value.value if key == "status" else value)
+        if succeeded_now and record.requested_by == "reconciliation":
+            await _book_reconciliation_refund(session, record)
         try:
             await session.commit()
         except IntegrityError:  # a concurrent insert of the same refund: update it instead
             await session.rollback()
             await save_refund(sessions, record)
+
+
+async def _book_reconciliation_refund(session: AsyncSession, record: RefundRecord) -> None:
+    payment = await session.get(Payment, record.payment_id, with_for_update=True)
+    if payment is None:  # an order we never had: no payment row to correct
+        return
+    paid = payment.paid_amount_minor
+    if paid is None or payment.trade_no != record.trade_no:  # a capture the row does not count yet
+        paid = (paid or 0) + record.amount_minor
+    payment.paid_amount_minor = paid
+    payment.refunded_minor = (payment.refunded_minor or 0) + record.amount_minor
+    if payment.refunded_minor >= paid:
+        payment.status = PaymentStatus.REFUNDED.value
+    payment.updated_at = utcnow()
 
 
 async def save_review(sessions: async_sessionmaker[AsyncSession], review_id: str, **values: object) -> None:

@@ -120,7 +120,8 @@ async def _reconcile_today(api: httpx.AsyncClient, sim: httpx.AsyncClient, run_i
                 view = (await api.get(f"/operator/reconciliations/{day}", headers=headers)).json()
                 books = (await sim.get(f"/control/ledger/{order}")).json()
                 report = view.get("report") or {}
-                if report.get("status") == "DONE" and report["passes"] > passes and books["refunded_minor"] == 6660:
+                finished = report.get("status") in ("DONE", "PROVISIONAL")  # today's run is provisional
+                if finished and report["passes"] > passes and books["refunded_minor"] == 6660:
                     break
                 await asyncio.sleep(0.5)
     except httpx.HTTPError as err:

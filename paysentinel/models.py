@@ -116,10 +116,25 @@ def to_minor(amount: str, currency: str) -> int:
 # --- Checkout API -------------------------------------------------------------------
 
 
+def no_control_characters(value: object) -> object:
+    """Text a person typed: NUL and other control characters (tab and line breaks
+    aside) are refused, so they never reach the database, the provider or a bill."""
+    if isinstance(value, str):
+        bad = next((c for c in value if (ord(c) < 32 and c not in "\t\n\r") or 127 <= ord(c) < 160), None)
+        if bad is not None:
+            raise ValueError(f"must not contain control characters (found U+{ord(bad):04X})")
+    return value
+
+
 class Customer(BaseModel):
     model_config = ConfigDict(extra="forbid")
     email: Optional[EmailStr] = None
     phone: Optional[str] = Field(None, pattern=r"^\+?[0-9 \-]{5,20}$")
+
+    @field_validator("email", "phone", mode="before")
+    @classmethod
+    def _no_control_characters(cls, value: object) -> object:
+        return no_control_characters(value)
 
 
 class CheckoutRequest(BaseModel):
@@ -149,6 +164,12 @@ class CheckoutRequest(BaseModel):
         if value not in CURRENCY_EXPONENTS:
             raise ValueError(f"unsupported currency {value!r}; use one of {sorted(CURRENCY_EXPONENTS)}")
         return value
+
+    @field_validator("order_id", "currency", "provider", "subject", "notify_url", "client_ip", "device_id",
+                     mode="before")
+    @classmethod
+    def _no_control_characters(cls, value: object) -> object:
+        return no_control_characters(value)
 
 
 class RefundCreate(BaseModel):
@@ -594,7 +615,8 @@ class StepResult(BaseModel):
 class SettlementFinding(BaseModel):
     """A difference the reconciliation sends to a payment's workflow (the ``settlement`` signal)."""
 
-    kind: str  # open_payment, closed_order_paid, duplicate_charge, amount_differs, missing_at_provider
+    kind: str  # open_payment, paid_during_review, closed_order_paid, duplicate_charge, amount_differs,
+    # missing_at_provider
     day: date
     order_id: str
     trade_no: str

@@ -171,7 +171,8 @@ def reconcile_run(
         while True:
             view = _get_run(api, day, provider)
             report = view["report"] if view else None
-            if report and report["status"] == "DONE" and datetime.fromisoformat(report["finished_at"]) > asked:
+            finished = report and report["status"] in ("DONE", "PROVISIONAL")  # PROVISIONAL: a day not yet over
+            if finished and datetime.fromisoformat(report["finished_at"]) > asked:
                 break
             if view:
                 status.update(f"reconciling {day}: {view['bill_rows_loaded']} bill rows loaded, "

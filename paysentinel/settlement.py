@@ -1,8 +1,10 @@
 """Reading a provider's daily settlement bill (Alipay trade-bill layout).
 
-Lines starting with ``#`` are headers and summaries; the first other line names the
-columns; every further line is one paid trade (交易) or one refund (退款, negative
-amounts). Times are the provider's local times, converted to UTC here.
+Lines starting with ``#`` are headers and summaries; the first other record names the
+columns; every further record is one paid trade (交易) or one refund (退款, negative
+amounts). A record is CSV: a quoted field may hold line breaks (a subject written on two
+lines), so the bill is read as the stream it is, not split into lines first. Times are
+the provider's local times, converted to UTC here.
 """
 
 from __future__ import annotations
@@ -35,15 +37,59 @@ class SettlementRow(BaseModel):
     at: datetime  # paid (payment) or refunded (refund), UTC
 
 
-async def parse_bill(lines: AsyncIterator[str], tz: ZoneInfo) -> AsyncIterator[SettlementRow]:
+async def _records(chunks: AsyncIterator[str]) -> AsyncIterator[tuple[int, str]]:
+    """(first line number, text) of each CSV record of a bill arriving in pieces of any
+    size; a line break inside a quoted field (a subject written on two lines) stays in
+    its record, as CSV has it."""
+    buffer, record, first, number = "", "", 0, 0
+    quotes = 0
+
+    def lines(final: bool):
+        nonlocal buffer
+        while True:
+            end = buffer.find("\n")
+            if end < 0:
+                if final and buffer:
+                    line, buffer = buffer, ""
+                    yield line
+                return
+            line, buffer = buffer[:end + 1], buffer[end + 1:]
+            yield line
+
+    async def pieces():
+        async for chunk in chunks:
+            yield chunk, False
+        yield "", True
+
+    async for chunk, final in pieces():
+        buffer += chunk
+        for line in lines(final):
+            number += 1
+            if not record:
+                first = number
+                if line.lstrip("\ufeff").startswith("#"):  # a header or summary line, whatever it holds
+                    yield first, line
+                    continue
+            record += line
+            quotes += line.count('"')
+            if quotes % 2 == 0:
+                yield first, record
+                record, quotes = "", 0
+    if record:
+        raise BillFormatError(f"line {first}: a quoted field is never closed in {record[:120]!r}")
+
+
+async def parse_bill(chunks: AsyncIterator[str], tz: ZoneInfo) -> AsyncIterator[SettlementRow]:
+    """The bill's rows, read from its text as it streams in (pieces of any size)."""
     columns: list[str] | None = None
-    number = 0
-    async for raw in lines:
-        number += 1
-        line = raw.strip().lstrip("\ufeff")
+    async for number, text in _records(chunks):
+        line = text.strip().lstrip("\ufeff")
         if not line or line.startswith("#"):
             continue
-        values = next(csv.reader([line]))
+        try:
+            values = next(csv.reader([line]))
+        except csv.Error as err:
+            raise BillFormatError(f"line {number}: {err} in {line[:120]!r}") from err
         if columns is None:
             missing = [c for c in REQUIRED if c not in values]
             if missing:

@@ -48,6 +48,7 @@ def activities_of(
         reconcile.classify,
         reconcile.find_missing,
         reconcile.repair,
+        reconcile.verify,
         reconcile.finish,
         reconcile.fail_run,
         notifications.notify,

@@ -1,8 +1,11 @@
 """ReconciliationWorkflow: one provider's settlement for one day, matched and repaired.
 
-load the bill -> classify its rows in batches -> find our paid payments the bill lacks
--> repair each difference through the payment and refund workflows -> the report (and
-an alert when too many differences stay unresolved). Each stage works in bounded
+load the bill (replacing what an earlier run of the day loaded) -> classify its rows in
+batches -> find our paid payments the bill lacks -> repair each difference through the
+payment and refund workflows -> verify: a repair is resolved once our database shows the
+money agreeing with the bill (also checked at the start of a later run of the day) -> the
+report (and an alert when too many differences stay unresolved). One failing day of the
+scheduled catch-up does not stop the others. Each stage works in bounded
 batches; the workflow continues as new before its history grows large. A Temporal
 Schedule starts it daily for yesterday and catches up days without a finished run;
 `paysentinel reconcile run --date` starts it for any day. Running a day again repairs
@@ -25,7 +28,7 @@ from temporalio.client import (
     ScheduleSpec,
 )
 from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from paysentinel.temporal import ensure_schedule
@@ -42,6 +45,9 @@ with workflow.unsafe.imports_passed_through():
     from workflows.common import alert_once, cause
 
 RECONCILE_SCHEDULE_ID = "paysentinel-reconcile"
+# Patches (kept histories of earlier releases replay without them).
+VERIFY_PATCH = "reconcile-verify-repairs"  # a verification stage after repair and at the start of a run
+CATCHUP_PATCH = "reconcile-catchup-survives-a-failed-day"  # one day's failure no longer stops the others
 BATCHES_PER_RUN = 20  # then continue as new, so a 100,000-row day keeps a short history
 STEP_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(seconds=60),
                          maximum_attempts=8)
@@ -70,8 +76,17 @@ class ReconciliationWorkflow:
     async def _reconcile(self, input: ReconcileInput) -> ReconcileReport:
         step = ReconcileStep(provider=input.provider, day=input.day, after=input.cursor, limit=input.batch_rows)
         batches = 0
+        verifying = workflow.patched(VERIFY_PATCH)
         if input.stage == "load":
             await self._call(ReconciliationActivities.start_run, step, f"start reconciling {input.day}")
+            if verifying:  # what earlier runs of the day repaired, resolved once the money agrees
+                checked = step
+                while True:
+                    result: StepResult = await self._call(ReconciliationActivities.verify, checked,
+                                                          f"verify earlier repairs after #{checked.after}")
+                    checked = checked.model_copy(update={"after": result.last})
+                    if result.done:
+                        break
             loaded: StepResult = await workflow.execute_activity_method(
                 ReconciliationActivities.load_bill, step, start_to_close_timeout=timedelta(minutes=30),
                 heartbeat_timeout=timedelta(seconds=60), retry_policy=STEP_RETRY,
@@ -79,11 +94,14 @@ class ReconciliationWorkflow:
             )
             workflow.logger.info("reconciliation %s: %d bill rows", input.run_id, loaded.handled)
             input, step = self._next(input, "classify"), step.model_copy(update={"after": 0})
-        for stage, activity, what in (
+        stages = [
             ("classify", ReconciliationActivities.classify, "match bill rows"),
             ("missing", ReconciliationActivities.find_missing, "find paid payments the bill lacks"),
             ("repair", ReconciliationActivities.repair, "repair differences"),
-        ):
+        ]
+        if verifying:
+            stages.append(("verify", ReconciliationActivities.verify, "verify repairs"))
+        for stage, activity, what in stages:
             if input.stage != stage:
                 continue
             while True:
@@ -94,7 +112,8 @@ class ReconciliationWorkflow:
                     break
                 if batches >= BATCHES_PER_RUN or workflow.info().is_continue_as_new_suggested():
                     workflow.continue_as_new(input.model_copy(update={"cursor": result.last}))
-            following = {"classify": "missing", "missing": "repair", "repair": "finish"}[stage]
+            following = {"classify": "missing", "missing": "repair", "repair": "verify" if verifying else "finish",
+                         "verify": "finish"}[stage]
             input, step = self._next(input, following), step.model_copy(update={"after": 0})
         report: ReconcileReport = await self._call(ReconciliationActivities.finish, step, "write the report")
         await self._alert(input, report)
@@ -133,12 +152,21 @@ class ReconciliationWorkflow:
         )
         done = []
         for day in days:
-            report = await workflow.execute_child_workflow(
-                ReconciliationWorkflow.run, input.model_copy(update={"day": day}),
-                id=reconcile_workflow_id(input.provider, day),
-                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-                static_summary=f"Reconcile {input.provider} {day}",
-            )
+            try:
+                report = await workflow.execute_child_workflow(
+                    ReconciliationWorkflow.run, input.model_copy(update={"day": day}),
+                    id=reconcile_workflow_id(input.provider, day),
+                    id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                    static_summary=f"Reconcile {input.provider} {day}",
+                )
+            except ChildWorkflowError as err:
+                if not workflow.patched(CATCHUP_PATCH):
+                    raise
+                # The day's run recorded and alerted its failure; the next run of the schedule tries it again.
+                error = str(err.cause) if err.cause is not None else str(err)
+                workflow.logger.warning("reconciliation of %s failed: %s; the other days go on", day, error)
+                done.append(f"{day}: failed: {error}")
+                continue
             done.append(f"{day}: {report.rows} rows, {report.unresolved} unresolved")
         return done
 

@@ -54,7 +54,7 @@ class Provider(Protocol):
         """The refund's current status; None when the provider has no such refund."""
 
     def bill_lines(self, day: date) -> AsyncIterator[str]:
-        """The day's settlement bill as text lines (see paysentinel.settlement)."""
+        """The day's settlement bill as text, in pieces as it arrives (see paysentinel.settlement)."""
 
     def parse_callback(self, headers: Mapping[str, str], body: bytes) -> ProviderCallback:
         """Verify the signature over the raw body and decode it.

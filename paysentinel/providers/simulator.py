@@ -110,7 +110,8 @@ class SimulatorProvider:
         return _trade(body["trade"])
 
     async def bill_lines(self, day: date) -> AsyncIterator[str]:
-        """Stream the day's settlement bill, line by line."""
+        """Stream the day's settlement bill as the provider sends it (text in pieces; a
+        line break inside a quoted field is the parser's to keep)."""
         path = f"/v1/bills/{day.isoformat()}"
         try:
             async with self._http.stream("GET", self._base_url + path, timeout=60) as response:
@@ -119,8 +120,8 @@ class SimulatorProvider:
                     if response.status_code >= 500:
                         raise ProviderUnavailable(f"GET {path}: HTTP {response.status_code} {body}")
                     raise ProviderRejected(f"HTTP_{response.status_code}", f"bill for {day} refused: {body}")
-                async for line in response.aiter_lines():
-                    yield line
+                async for text in response.aiter_text():
+                    yield text
         except httpx.TransportError as err:
             raise ProviderUnavailable(f"GET {path}: provider unreachable ({err!r})") from err
 

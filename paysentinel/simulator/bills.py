@@ -67,7 +67,7 @@ class DayBill:
         """The CSV, line by line. ``trades``: the simulator's trades (SimTrade)."""
         start, end = self.bounds()
         buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
+        writer = csv.writer(buffer)  # CRLF, and a field holding a line break or quote is quoted
 
         def line(values: list[str]) -> str:
             buffer.seek(0)
