@@ -114,7 +114,7 @@ class PaymentActivities:
     @activity.defn
     async def query_trade(self, ref: TradeRef) -> Trade:
         async with self._calling(ref.order_id, ref.provider):
-            return await self._provider(ref.provider).query_trade(ref.order_id)
+            return await self._provider(ref.provider).query_trade(ref.order_id, ref.trade_no)
 
     @activity.defn
     async def close_trade(self, ref: TradeRef) -> Trade:

@@ -369,6 +369,7 @@ class TradeRef(BaseModel):
     provider: str
     order_id: str
     idempotency_key: str = ""
+    trade_no: Optional[str] = None  # one trade of the order; None: the order's trade
 
 
 class Trade(BaseModel):

@@ -120,6 +120,19 @@ def compose_alert(incident: Incident) -> tuple[str, str]:
         return subject, body
     if incident.kind == "stuck_payments":  # the monitor's stuck money: a count, not a rate
         return compose_stuck_alert(incident)
+    if incident.kind == "child_failed":  # a payment's refund or review workflow failed
+        if incident.status != "OPEN":
+            subject = "[paysentinel] resolved: a payment's child workflows have finished"
+            return subject, f"{subject}.\n\nWhen it opened: {incident.detail}\nWhat to do: nothing."
+        subject = "[paysentinel] a refund or review workflow of a payment failed"
+        return subject, "\n".join([
+            subject + ".", "", incident.detail,
+            "What the payment did: a refund was started again with the same provider refund id (the provider "
+            "refunds it once), a review was opened again; after three failures a refund goes to a person and a "
+            "review applies its safe default.",
+            "What to do: open the payment in the Temporal Web UI and read why the child failed (terminated, timed "
+            "out, id in use); `paysentinel review list` shows what waits for a person.",
+        ])
     if incident.status == "OPEN":
         subject = f"[paysentinel] {name} {incident.rate:.1%} is above {incident.threshold:.1%} (monitor {incident.monitor})"
         next_step = ("Find the failed or closed payments in the Temporal Web UI (PaymentStatus = \"FAILED\" or "

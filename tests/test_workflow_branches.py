@@ -16,6 +16,8 @@ from activities.payment import PROVIDER_REJECTED
 from paysentinel.models import (
     CheckoutRequest,
     CreateTradeInput,
+    Incident,
+    IncidentInput,
     PaymentInput,
     PaymentRecord,
     PaymentTiming,
@@ -57,7 +59,8 @@ class FakeProvider:
 
     def __init__(self, queries: list[str | None] | None = None, close: str | None = "TRADE_CLOSED",
                  close_fails: bool = False, create_error: Exception | None = None,
-                 refund_fails: bool = False, risk_hits: list[str] | None = None):
+                 refund_fails: bool = False, risk_hits: list[str] | None = None,
+                 taken: dict[str, int] | None = None, query_fails: bool = False, refund_seconds: float = 0):
         self.queries = list(queries or [])
         self.refund_fails = refund_fails
         self.risk_hits = risk_hits or []
@@ -68,12 +71,16 @@ class FakeProvider:
         self.create_error = create_error
         self.calls: list[str] = []
         self.records: list[PaymentRecord] = []
+        self.taken = taken or {}  # trade -> what the provider took, when not the order's 1000
+        self.query_fails = query_fails
+        self.refund_seconds = refund_seconds
+        self.alerts: list[str] = []
 
-    def trade(self, order_id: str, status: str | None) -> Trade:
+    def trade(self, order_id: str, status: str | None, trade_no: str = "T1") -> Trade:
         if status is None:
             return Trade(exists=False, order_id=order_id)
-        return Trade(order_id=order_id, trade_no="T1", status=TradeStatus(status), amount_minor=1000, currency="CNY",
-                     pay_url="http://pay/T1")
+        return Trade(order_id=order_id, trade_no=trade_no, status=TradeStatus(status),
+                     amount_minor=self.taken.get(trade_no, 1000), currency="CNY", pay_url=f"http://pay/{trade_no}")
 
     def activities(self) -> list:
         @activity.defn(name="record_payment")
@@ -94,7 +101,11 @@ class FakeProvider:
 
         @activity.defn(name="query_trade")
         async def query_trade(ref: TradeRef) -> Trade:
-            self.calls.append("query")
+            self.calls.append("query" if ref.trade_no is None else f"query:{ref.trade_no}")
+            if self.query_fails:
+                raise RuntimeError("provider down")
+            if ref.trade_no is not None:  # a given trade of the order: paid, as the callbacks say
+                return self.trade(ref.order_id, "TRADE_SUCCESS", ref.trade_no)
             status = self.queries.pop(0) if self.queries else "WAIT_BUYER_PAY"
             return self.trade(ref.order_id, status)
 
@@ -108,6 +119,7 @@ class FakeProvider:
         @activity.defn(name="refund_trade")
         async def refund_trade(request: RefundInput) -> ProviderRefund:
             self.refund_calls.append(f"{request.trade_no}:{request.amount_minor}:{request.refund_id}")
+            await asyncio.sleep(self.refund_seconds)
             status = RefundStatus.FAILED if self.refund_fails else RefundStatus.SUCCEEDED
             return ProviderRefund(refund_id=request.refund_id, trade_no=request.trade_no,
                                   amount_minor=request.amount_minor, status=status, fail_reason="no balance")
@@ -136,8 +148,22 @@ class FakeProvider:
         async def assess_risk(check: RiskCheckInput) -> RiskVerdict:
             return RiskVerdict(flagged=bool(self.risk_hits), hits=self.risk_hits)
 
+        @activity.defn(name="track_incident")
+        async def track_incident(check: IncidentInput) -> Incident | None:
+            self.alerts.append(f"{check.kind}:{'open' if check.breach else 'resolved'}")
+            now = datetime.now(timezone.utc)
+            return Incident(id=len(self.alerts), monitor=check.monitor, kind=check.kind,
+                            status="OPEN" if check.breach else "RESOLVED", rate=check.rate, peak_rate=check.rate,
+                            threshold=check.threshold, payments=check.payments, detail=check.detail, opened_at=now,
+                            to_send=True)
+
+        @activity.defn(name="send_alert")
+        async def send_alert(incident: Incident) -> None:
+            self.calls.append(f"alert:{incident.kind}:{incident.status}")
+
         return [record_payment, save_payment_state, create_trade, query_trade, close_trade, refund_trade,
-                query_refund, save_refund, open_review, escalate_review, close_review, assess_risk]
+                query_refund, save_refund, open_review, escalate_review, close_review, assess_risk,
+                track_incident, send_alert]
 
 
 @asynccontextmanager
@@ -197,7 +223,8 @@ async def test_callback_timeout_then_query_finds_payment(client):
     assert view.status.value == "SUCCEEDED", [(e.event, e.detail) for e in view.timeline]
     assert provider.calls.count("query") == 2
     assert statuses(provider) == ["PENDING", "SUCCEEDED"]
-    assert [r.seq for r in provider.records] == [1, 2]
+    seqs = [r.seq for r in provider.records]
+    assert seqs == sorted(set(seqs))  # every snapshot newer than the one before
 
 
 async def test_unpaid_payment_is_closed_at_provider_first(client):
@@ -217,7 +244,8 @@ async def test_close_that_reveals_payment_means_paid(client):
 async def test_provider_unreachable_at_close_goes_to_review(client):
     provider = FakeProvider(close_fails=True)
     view = await run_payment(client, provider)
-    assert sum(c.startswith("close") for c in provider.calls) == 2 * 2  # rounds x attempts, bounded
+    # rounds x attempts at the end of the time to live, then once more while listening
+    assert sum(c.startswith("close") for c in provider.calls) >= 2 * 2 + 2
     assert provider.reviews == ["status_unknown"]
     assert "escalate" in provider.calls and "decided:reject:system" in provider.calls  # deadline default
     assert (view.status.value, view.review_reason) == ("CLOSED", "status_unknown")
@@ -240,13 +268,20 @@ async def test_duplicate_signal_makes_one_transition(client):
     assert [e.event for e in view.timeline].count("callback duplicate") == 1
 
 
+async def test_wrong_claim_is_checked_with_the_provider(client):
+    provider = FakeProvider()  # the callback claims 1; the provider took the order's 1000
+    view = await run_payment(client, provider, [callback(amount=1)])
+    assert "query:T1" in provider.calls and provider.reviews == [] and provider.refund_calls == []
+    assert (view.status.value, view.captured_minor) == ("SUCCEEDED", 1000)
+
+
 async def test_wrong_amount_goes_to_review_and_defaults_to_refund(client):
-    provider = FakeProvider(queries=["TRADE_SUCCESS"])  # the provider's own view: 1000 taken
+    provider = FakeProvider(taken={"T1": 900})  # the provider's own view: 900 taken
     view = await run_payment(client, provider, [callback(amount=1)])
     assert provider.reviews == ["amount_mismatch"]
     assert "decided:refund:system" in provider.calls
-    assert [c.split(":")[:2] for c in provider.refund_calls] == [["T1", "1000"]]  # what the provider took
-    assert (view.status.value, view.captured_minor, view.refunded_minor) == ("REFUNDED", 1000, 1000)
+    assert [c.split(":")[:2] for c in provider.refund_calls] == [["T1", "900"]]  # what the provider took
+    assert (view.status.value, view.captured_minor, view.refunded_minor) == ("REFUNDED", 900, 900)
     assert statuses(provider) == ["PENDING", "IN_REVIEW", "REFUNDING", "REFUNDED"]
 
 

@@ -14,10 +14,14 @@ with workflow.unsafe.imports_passed_through():
     from activities.payment import ORDER_CONFLICT, PROVIDER_REJECTED
     from paysentinel.models import Incident, IncidentInput, PaymentTiming
 
+# Database writes are idempotent: they keep retrying through an outage of hours (every
+# 60 s at most) and give up only after DB_OUTAGE_LIMIT; the workflow's history keeps the
+# truth meanwhile, and the payment row catches up with the next write.
 DB_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30), maximum_attempts=10,
+    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=60), maximum_attempts=0,
     non_retryable_error_types=[ORDER_CONFLICT],
 )
+DB_OUTAGE_LIMIT = timedelta(hours=6)
 
 
 async def provider_call(activity, arg, timing: PaymentTiming, summary: str):
@@ -41,7 +45,8 @@ async def provider_call(activity, arg, timing: PaymentTiming, summary: str):
 async def db_call(activity, arg, summary: str):
     """A database write: idempotent, so retried a bounded number of times."""
     return await workflow.execute_activity_method(
-        activity, arg, start_to_close_timeout=timedelta(seconds=15), retry_policy=DB_RETRY, summary=summary
+        activity, arg, start_to_close_timeout=timedelta(seconds=15), schedule_to_close_timeout=DB_OUTAGE_LIMIT,
+        retry_policy=DB_RETRY, summary=summary,
     )
 
 

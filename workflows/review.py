@@ -50,6 +50,12 @@ class ManualReviewWorkflow:
         )
         return self._outcome
 
+    @workflow.signal
+    def settle(self, outcome: ReviewOutcome) -> None:
+        """The payment settled the question itself (the provider answered): no decision is needed."""
+        if self._outcome is None:
+            self._outcome = outcome
+
     @decide.validator
     def _check(self, decision: ReviewDecision) -> None:
         if self._outcome is not None:

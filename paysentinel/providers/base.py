@@ -38,8 +38,9 @@ class Provider(Protocol):
     async def create_trade(self, request: CreateTradeInput) -> Trade:
         """Create (or return the existing) trade for the order. Idempotent by order id."""
 
-    async def query_trade(self, order_id: str) -> Trade:
-        """The provider's current view; ``exists=False`` when it has no such trade."""
+    async def query_trade(self, order_id: str, trade_no: Optional[str] = None) -> Trade:
+        """The provider's current view; ``exists=False`` when it has no such trade. With
+        ``trade_no``, that trade of the order (an order paid twice has two)."""
 
     async def close_trade(self, order_id: str, idempotency_key: str) -> Trade:
         """Close an unpaid trade. Returns the trade after the call: closed, or paid if the

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Mapping
 from datetime import date, datetime, timezone
-from typing import Any
+from typing import Any, Optional
 
 import httpx
 from pydantic import ValidationError
@@ -125,8 +125,9 @@ class SimulatorProvider:
         except httpx.TransportError as err:
             raise ProviderUnavailable(f"GET {path}: provider unreachable ({err!r})") from err
 
-    async def query_trade(self, order_id: str) -> Trade:
-        status, body = await self._call("GET", f"/v1/trades/{order_id}")
+    async def query_trade(self, order_id: str, trade_no: Optional[str] = None) -> Trade:
+        status, body = await self._call("GET", f"/v1/trades/{order_id}",
+                                        params={"trade_no": trade_no} if trade_no else None)
         if status == 404 and body.get("sub_code") == "ACQ.TRADE_NOT_EXIST":
             return Trade(exists=False, order_id=order_id)
         if status != 200:

@@ -500,10 +500,13 @@ def create_app(settings: Settings) -> FastAPI:
         return _ok(trade)
 
     @app.get("/v1/trades/{out_trade_no}")
-    async def query_trade(out_trade_no: str):
+    async def query_trade(out_trade_no: str, trade_no: Optional[str] = None):
+        """alipay.trade.query: by order number; with ``trade_no``, that trade of the order."""
         if (failed := await provider.fault(out_trade_no, "query")) is not None:
             return failed
         trade = provider.trades.get(out_trade_no)
+        if trade_no is not None:
+            trade = next((t for t in provider.trades_of(out_trade_no) if t.trade_no == trade_no), None)
         if trade is None:
             return _error(404, "ACQ.TRADE_NOT_EXIST", f"no trade for order {out_trade_no}")
         return _ok(trade)
