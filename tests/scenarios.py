@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Optional
 
 import httpx
@@ -84,22 +84,47 @@ async def settled(client: Client, branch: Branch, payment_id: str) -> PaymentVie
     while time.monotonic() < deadline:
         view = await payment_view(client, payment_id)
         if branch.over(view):
+            # Let the late-callback window pass, so what the payment does after it is recorded too.
+            if (end := _listening_until(view)) is not None:
+                await asyncio.sleep(max(0.0, (end - datetime.now(timezone.utc)).total_seconds()) + 1.5)
             return view
         await asyncio.sleep(0.25)
     raise AssertionError(f"not over in {branch.timeout:g}s: expected {branch.status} with {branch.refunds} "
                          f"refund(s) and {branch.reviews} review(s); {describe(view)}")
 
 
+async def runs(client: Client, workflow_id: str) -> list[WorkflowHistory]:
+    """The histories of every run of the workflow, first to latest (a run may continue as new)."""
+    latest = await client.get_workflow_handle(workflow_id).fetch_history()
+    run_id = latest.events[0].workflow_execution_started_event_attributes.first_execution_run_id or latest.run_id
+    chain: list[WorkflowHistory] = []
+    while run_id:
+        history = latest if run_id == latest.run_id else (
+            await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history())
+        chain.append(history)
+        last = history.events[-1]
+        run_id = (last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+                  if last.HasField("workflow_execution_continued_as_new_event_attributes") else "")
+    return chain
+
+
 async def children(client: Client, payment_id: str) -> list[tuple[str, str, str]]:
-    """(kind, workflow id, run id) of the child workflows the payment started, in order."""
-    history = await client.get_workflow_handle(payment_id).fetch_history()
+    """(kind, workflow id, run id) of the child workflows the payment started, in order, over all its runs."""
     found = []
-    for event in history.events:
-        if event.HasField("child_workflow_execution_started_event_attributes"):
-            started = event.child_workflow_execution_started_event_attributes
-            kind = CHILD_KINDS.get(started.workflow_type.name, started.workflow_type.name)
-            found.append((kind, started.workflow_execution.workflow_id, started.workflow_execution.run_id))
+    for history in await runs(client, payment_id):
+        for event in history.events:
+            if event.HasField("child_workflow_execution_started_event_attributes"):
+                started = event.child_workflow_execution_started_event_attributes
+                kind = CHILD_KINDS.get(started.workflow_type.name, started.workflow_type.name)
+                found.append((kind, started.workflow_execution.workflow_id, started.workflow_execution.run_id))
     return found
+
+
+def run_file_names(branch: str, count: int) -> list[str]:
+    """``<branch>.json`` for the first run, ``<branch>.continued.json`` (``.continued.2.json``, ...)
+    for the runs it continued as new into."""
+    return [f"{branch}.json"] + [f"{branch}.continued.json" if n == 1 else f"{branch}.continued.{n}.json"
+                                 for n in range(1, count)]
 
 
 def child_file_names(branch: str, kinds: list[str]) -> list[str]:
@@ -154,6 +179,17 @@ async def _refund(parts: Parts, payment_id: str, key: str, amount: int) -> None:
 
 def _events(view: PaymentView, name: str) -> list[str]:
     return [e.detail for e in view.timeline if e.event == name]
+
+
+def _listening_until(view: PaymentView) -> Optional[datetime]:
+    """When the first late-callback window ends ("listening | for late callbacks until <time>")."""
+    for detail in _events(view, "listening"):
+        if detail.startswith("for late callbacks until "):
+            try:
+                return datetime.fromisoformat(detail.removeprefix("for late callbacks until ").strip())
+            except ValueError:
+                return None
+    return None
 
 
 # --- The branches ---------------------------------------------------------------------------

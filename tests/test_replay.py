@@ -8,9 +8,11 @@ overwritten) and replayed here; a change that breaks determinism for them fails.
 - ``test_every_branch_is_recorded_and_replays``: one payment through each branch of
   PaymentWorkflow (tests/scenarios.py) on the running system, each until it is settled,
   then every history of the session replays. With ``PAYSENTINEL_RECORD_HISTORIES=<dir>``
-  it writes the histories of a new release into <dir>: ``<branch>.json`` per payment,
+  it writes the histories of a new release into <dir>: ``<branch>.json`` per payment
+  (``<branch>.continued.json`` for the run it continued as new into, if it did),
   ``<branch>.refund.json`` / ``<branch>.review.json`` for its child workflows (a second
-  child of the same kind: ``<branch>.refund.2.json``), ``monitor.json``, ``reconcile.json``.
+  child of the same kind: ``<branch>.refund.2.json``), ``monitor.json`` (the monitor's schedule,
+  triggered) and ``reconcile.json`` (yesterday reconciled through the operator API).
 - ``test_gate_catches_an_unpatched_change``: the gate works: a PaymentWorkflow with one
   extra command fails on every payment history of the newest release, the same change
   behind ``workflow.patched`` passes.
@@ -22,25 +24,31 @@ import asyncio
 import os
 import re
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
 from temporalio import workflow
-from temporalio.client import Client, WorkflowHistory
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, WorkflowReplayResults
 from temporalio.workflow import NondeterminismError
 
+from paysentinel.config import Settings
 from paysentinel.models import PaymentInput
 from tests import scenarios
 from tests.conftest import OPERATOR_HEADERS, Stack
 from tests.helpers import wait_for
 from workers.main import WORKFLOWS
+from workflows.monitor import MONITOR_SCHEDULE_ID
 from workflows.payment import PaymentWorkflow
+from workflows.reconcile import reconcile_workflow_id
 
 HISTORIES = Path(__file__).parent / "histories"
 RECORD_ENV = "PAYSENTINEL_RECORD_HISTORIES"
+SETTLEMENT_TIMEZONE = Settings.model_fields["settlement_timezone"].default  # the stack runs with the default
 
 
 def version_key(name: str) -> tuple:
@@ -101,6 +109,11 @@ async def test_every_branch_is_recorded_and_replays(client: Client, stack: Stack
             assert started == branch.children, f"branch {branch.name}: child workflows {kinds}, expected {branch.children}"
             return payment_id
 
+        # The monitor and the daily reconciliation, run as their schedules run them.
+        await client.get_schedule_handle(MONITOR_SCHEDULE_ID).trigger()
+        yesterday = datetime.now(ZoneInfo(SETTLEMENT_TIMEZONE)).date() - timedelta(days=1)
+        started = await operator.post(f"/operator/reconciliations/{yesterday}")
+        assert started.status_code == 202, started.text
         outcomes = await asyncio.gather(*(run(b) for b in scenarios.BRANCHES), return_exceptions=True)
     broken = {b.name: f"{type(o).__name__}: {o}" for b, o in zip(scenarios.BRANCHES, outcomes)
               if isinstance(o, BaseException)}
@@ -112,11 +125,10 @@ async def test_every_branch_is_recorded_and_replays(client: Client, stack: Stack
         f"- {name}: {why}" for name, why in broken.items())
     payments = {b.name: payment_id for b, payment_id in zip(scenarios.BRANCHES, outcomes)}
 
-    # The schedules' first runs (started when the worker starts) are part of the session too.
     query = f'TaskQueue = "{stack.task_queue}"'
     others = {"monitor": f'{query} AND WorkflowType = "MonitorWorkflow"',
-              "reconcile": f'{query} AND WorkflowId STARTS_WITH "reconcile-simulator-"'}
-    found = {name: await wait_for(lambda q=q: _first(client, q), timeout=30, what=f"a {name} workflow in {q}")
+              "reconcile": f'{query} AND WorkflowId = "{reconcile_workflow_id("simulator", yesterday)}"'}
+    found = {name: await wait_for(lambda q=q: _first_completed(client, q), timeout=60, what=f"{name}: {q} completed")
              for name, q in others.items()}
 
     await wait_for(lambda: _counted(client, query, len(payments) + len(found)),
@@ -137,8 +149,9 @@ async def _record(client: Client, target: Path, payments: dict[str, str], others
     """Write each branch's payment history and its children's, named by branch."""
     target.mkdir(parents=True, exist_ok=True)
     for name, payment_id in payments.items():
-        history = await client.get_workflow_handle(payment_id).fetch_history()
-        (target / f"{name}.json").write_text(history.to_json())
+        chain = await scenarios.runs(client, payment_id)
+        for file_name, history in zip(scenarios.run_file_names(name, len(chain)), chain):
+            (target / file_name).write_text(history.to_json())
         kids = await scenarios.children(client, payment_id)
         for file_name, (_, child_id, run_id) in zip(scenarios.child_file_names(name, [k for k, _, _ in kids]), kids):
             child = await client.get_workflow_handle(child_id, run_id=run_id).fetch_history()
@@ -148,9 +161,11 @@ async def _record(client: Client, target: Path, payments: dict[str, str], others
         (target / f"{name}.json").write_text(history.to_json())
 
 
-async def _first(client: Client, query: str) -> tuple[str, str] | None:
+async def _first_completed(client: Client, query: str) -> tuple[str, str] | None:
     async for execution in client.list_workflows(query):
-        return execution.id, execution.run_id
+        handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
+        if (await handle.describe()).status is WorkflowExecutionStatus.COMPLETED:
+            return execution.id, execution.run_id
     return None
 
 
