@@ -226,13 +226,13 @@ async def paid_after_close(parts: Parts) -> str:
 
 
 async def mismatch_approved(parts: Parts) -> str:
-    order, payment_id = await _start(parts, "mismatch_approved", pay="immediately", callback_amount="0.01")
+    order, payment_id = await _start(parts, "mismatch_approved", pay="immediately", paid_amount="0.01")
     await _decide(parts, order, "approve", "customer paid the difference", reason_is="amount_mismatch")
     return payment_id
 
 
 async def mismatch_rejected(parts: Parts) -> str:
-    order, payment_id = await _start(parts, "mismatch_rejected", pay="immediately", callback_amount="0.01")
+    order, payment_id = await _start(parts, "mismatch_rejected", pay="immediately", paid_amount="0.01")
     await _decide(parts, order, "reject", "amount tampered, give the money back", reason_is="amount_mismatch")
     return payment_id
 

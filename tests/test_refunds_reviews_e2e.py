@@ -166,23 +166,23 @@ async def test_risk_rule_hit_goes_to_review_then_approved_and_paid(api, sim, ses
 
 async def test_wrong_amount_review_rejected_is_refunded(api, sim, sessions, operator):
     order = new_order("amount")
-    await script(sim, order, pay="immediately", callback_amount="0.01")
+    await script(sim, order, pay="immediately", paid_amount="0.01")
     payment_id = (await start_payment(api, order)).json()["payment_id"]
     view = await wait_status(api, payment_id, "IN_REVIEW")
     assert view["review_reason"] == "amount_mismatch"
     review = await open_review(operator, order)
-    assert "0.01 CNY" in review["evidence"] and "query says 99.90 CNY" in review["evidence"]
+    assert "0.01 CNY" in review["evidence"] and "query says 0.01 CNY" in review["evidence"]
     await operator.post(f"/operator/reviews/{review['review_id']}/decision",
                         json={"action": "reject", "reason": "amount tampered, give the money back"})
     view = await wait_status(api, payment_id, "REFUNDED", timeout=30)
     assert view["refunds"][0]["requested_by"] == "alice"
     books = await assert_books_agree(sim, sessions, order)
-    assert (books["captured_minor"], books["refunded_minor"]) == (9990, 9990)
+    assert (books["captured_minor"], books["refunded_minor"]) == (1, 1)  # what the provider took
 
 
 async def test_review_deadline_applies_the_safe_default(api, sim, sessions, operator):
     order = new_order("deadline")
-    await script(sim, order, pay="immediately", callback_amount="0.01")
+    await script(sim, order, pay="immediately", paid_amount="0.01")
     payment_id = (await start_payment(api, order)).json()["payment_id"]
     await wait_status(api, payment_id, "IN_REVIEW")
     review = await open_review(operator, order)
@@ -203,7 +203,7 @@ async def _review_status(operator, review_id: str, status: str):
 
 async def test_invalid_operator_actions_change_nothing(api, sim, sessions, operator, stack):
     order = new_order("invalid")
-    await script(sim, order, pay="immediately", callback_amount="0.01")
+    await script(sim, order, pay="immediately", paid_amount="0.01")
     payment_id = (await start_payment(api, order)).json()["payment_id"]
     await wait_status(api, payment_id, "IN_REVIEW")
     review = await open_review(operator, order)
@@ -263,7 +263,7 @@ def run_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
 
 async def test_operator_cli_lists_shows_and_decides(api, sim, sessions, operator, stack: Stack):
     order = new_order("cli")
-    await script(sim, order, pay="immediately", callback_amount="0.01")
+    await script(sim, order, pay="immediately", paid_amount="0.01")
     payment_id = (await start_payment(api, order)).json()["payment_id"]
     await wait_status(api, payment_id, "IN_REVIEW")
     review_id = (await open_review(operator, order))["review_id"]
@@ -278,5 +278,5 @@ async def test_operator_cli_lists_shows_and_decides(api, sim, sessions, operator
     assert decided.returncode == 0 and "reject by bob" in decided.stdout, decided.stdout + decided.stderr
     await wait_status(api, payment_id, "REFUNDED", timeout=30)
     payment = await asyncio.to_thread(run_cli, stack, "payment", "show", order)
-    assert payment.returncode == 0 and "REFUNDED" in payment.stdout and "refunded 99.90" in payment.stdout
+    assert payment.returncode == 0 and "REFUNDED" in payment.stdout and "refunded 0.01" in payment.stdout
     await assert_books_agree(sim, sessions, order)

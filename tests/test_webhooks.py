@@ -53,7 +53,7 @@ async def assert_unchanged(api, sessions, payment: dict) -> None:
     """The payment still waits for its payer (and the test ends so: it stays out of the books check)."""
     exempt(payment["order_id"], "refused callbacks leave the payment PENDING, its payer has 120 s left")
     row = await payment_row(sessions, payment["payment_id"])
-    assert (row.status, row.status_seq) == ("PENDING", 1)
+    assert row.status == "PENDING" and row.status_seq > 0
     assert await callback_rows(sessions, payment["order_id"]) == []
     view = (await api.get(f"/payments/{payment['payment_id']}")).json()
     assert view["status"] == "PENDING"

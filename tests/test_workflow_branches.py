@@ -60,7 +60,8 @@ class FakeProvider:
     def __init__(self, queries: list[str | None] | None = None, close: str | None = "TRADE_CLOSED",
                  close_fails: bool = False, create_error: Exception | None = None,
                  refund_fails: bool = False, risk_hits: list[str] | None = None,
-                 taken: dict[str, int] | None = None, query_fails: bool = False, refund_seconds: float = 0):
+                 taken: dict[str, int] | None = None, query_fails: bool = False, refund_seconds: float = 0,
+                 save_failures: int = 0, create_error_times: int = -1):
         self.queries = list(queries or [])
         self.refund_fails = refund_fails
         self.risk_hits = risk_hits or []
@@ -75,6 +76,9 @@ class FakeProvider:
         self.query_fails = query_fails
         self.refund_seconds = refund_seconds
         self.alerts: list[str] = []
+        self.save_failures = save_failures  # the SUCCEEDED snapshot is refused (for good) this many times
+        self.create_error_times = create_error_times  # -1: create_error every time
+        self.creates: list[CreateTradeInput] = []
 
     def trade(self, order_id: str, status: str | None, trade_no: str = "T1") -> Trade:
         if status is None:
@@ -89,13 +93,18 @@ class FakeProvider:
 
         @activity.defn(name="save_payment_state")
         async def save_payment_state(record: PaymentRecord) -> bool:
+            if record.status.value == "SUCCEEDED" and self.save_failures > 0:
+                self.save_failures -= 1
+                raise ApplicationError("database refused the write", non_retryable=True)
             self.records.append(record)
             return True
 
         @activity.defn(name="create_trade")
         async def create_trade(payload: CreateTradeInput) -> Trade:
             self.calls.append(f"create:{payload.idempotency_key}")
-            if self.create_error:
+            self.creates.append(payload)
+            if self.create_error and self.create_error_times != 0:
+                self.create_error_times -= 1
                 raise self.create_error
             return self.trade(payload.order_id, "WAIT_BUYER_PAY")
 

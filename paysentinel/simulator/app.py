@@ -91,6 +91,9 @@ class Script(BaseModel):
     callback: Literal["normal", "drop", "duplicate", "delay"] = "normal"
     callback_delay_seconds: float = Field(0.0, ge=0, le=86400)
     callback_amount: Optional[str] = Field(None, pattern=AMOUNT_PATTERN, description="amount the callback claims")
+    paid_amount: Optional[str] = Field(None, pattern=AMOUNT_PATTERN,
+                                       description="amount the provider takes when the payer pays (trade, query, "
+                                                   "callback and bill all show it)")
     after_close: Literal["nothing", "closed_callback", "pay"] = "nothing"
     after_close_delay_seconds: float = Field(1.0, ge=0, le=86400)
     second_charge: bool = Field(False, description="after paying, the payer pays the order again elsewhere")
@@ -284,11 +287,13 @@ class Provider:
             return "the trade is closed"
         if trade.trade_status == "WAIT_BUYER_PAY" and trade.time_expire and _now() > trade.time_expire:
             return "the trade expired"
+        script = self.script(trade.out_trade_no)
+        if script.paid_amount is not None and trade is self.trades.get(trade.out_trade_no):
+            trade.total_amount = f"{Decimal(script.paid_amount):.2f}"
         trade.trade_status = "TRADE_SUCCESS"
         trade.gmt_payment = _now()
         log.info("trade %s (%s) paid", trade.trade_no, trade.out_trade_no)
         self.emit(trade)
-        script = self.script(trade.out_trade_no)
         if script.second_charge and trade is self.trades.get(trade.out_trade_no):
             self.spawn(self._later(script.second_charge_delay_seconds, lambda: self.charge_again(trade)))
         return None
