@@ -280,3 +280,27 @@ async def test_operator_cli_lists_shows_and_decides(api, sim, sessions, operator
     payment = await asyncio.to_thread(run_cli, stack, "payment", "show", order)
     assert payment.returncode == 0 and "REFUNDED" in payment.stdout and "refunded 0.01" in payment.stdout
     await assert_books_agree(sim, sessions, order)
+
+
+async def test_a_paid_payment_continues_into_its_refund_phase_and_is_refundable_after_a_deploy(
+        api, sim, sessions, stack: Stack, client):
+    """After the resend window the payment continues as new (compact state, current code);
+    a worker restart (a deploy) later, the merchant still refunds it, once."""
+    order = new_order("phase")
+    await script(sim, order, pay="immediately")
+    payment_id = (await start_payment(api, order)).json()["payment_id"]
+    await wait_status(api, payment_id, "SUCCEEDED")
+    first_run = (await client.get_workflow_handle(payment_id).describe()).run_id
+
+    async def continued():
+        return (await client.get_workflow_handle(payment_id).describe()).run_id != first_run
+
+    await wait_for(continued, timeout=30, what="the payment to continue into its refund phase")
+    view = (await api.get(f"/payments/{payment_id}")).json()
+    assert view["status"] == "SUCCEEDED" and events(view, "refund phase") and events(view, "paid")
+    await asyncio.to_thread(stack.restart_app)  # a deploy
+    assert (await refund(api, payment_id, "after-deploy", 9990)).status_code == 202
+    view = await wait_status(api, payment_id, "REFUNDED", timeout=40)
+    assert len(view["refunds"]) == 1
+    books = await assert_books_agree(sim, sessions, order)
+    assert books["refunded_minor"] == 9990
