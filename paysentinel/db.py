@@ -204,7 +204,7 @@ class ReconciliationRun(Base):
     run_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # provider:YYYY-MM-DD
     provider: Mapped[str] = mapped_column(String(32))
     bill_date: Mapped[str] = mapped_column(String(10), index=True)
-    status: Mapped[str] = mapped_column(String(16))  # RUNNING, DONE, FAILED
+    status: Mapped[str] = mapped_column(String(16))  # RUNNING, DONE, PROVISIONAL (the day was not over), FAILED
     rows: Mapped[int] = mapped_column(Integer, default=0)
     matched: Mapped[int] = mapped_column(Integer, default=0)
     day_boundary: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,6 +1,7 @@
 """Reconciliation end to end: the simulator's settlement bill, our PostgreSQL, the payment
 workflows. One difference of each class is made on purpose; each is classified and
-repaired through the workflows, and a second run of the day repairs nothing again."""
+repaired through the workflows, resolved once our database shows the money agreeing, and
+a second run of the day repairs nothing again."""
 
 from __future__ import annotations
 
@@ -11,11 +12,16 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-from temporalio.client import WorkflowExecutionStatus
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.service import RPCError
 
+from sqlalchemy import select
+from temporalio.testing import ActivityEnvironment
+
+from paysentinel import db
 from tests.conftest import OPERATOR_HEADERS, Stack, new_order
-from tests.helpers import mails_to, script, sim_trade, start_payment, wait_for, wait_status
-from workflows.reconcile import RECONCILE_SCHEDULE_ID
+from tests.helpers import mails_to, payment_row, script, sim_trade, start_payment, wait_for, wait_status
+from workflows.reconcile import RECONCILE_SCHEDULE_ID, reconcile_workflow_id
 
 TZ = ZoneInfo("Asia/Shanghai")  # PAYSENTINEL_SETTLEMENT_TIMEZONE (default)
 
@@ -26,8 +32,14 @@ async def finance(stack: Stack):
         yield http
 
 
-async def reconcile(finance: httpx.AsyncClient, day, passes: int) -> dict:
-    """Start the day's reconciliation and wait for its report (the ``passes``-th run)."""
+async def reconcile(finance: httpx.AsyncClient, client, day, passes: int) -> dict:
+    """Start the day's reconciliation and wait for its report (the ``passes``-th run), once
+    the day's last run has ended (its report is written before its alerts are sent, and a
+    request while it runs joins it)."""
+    try:
+        await client.get_workflow_handle(reconcile_workflow_id("simulator", day)).result()
+    except (RPCError, WorkflowFailureError):
+        pass  # never run, or failed
     response = await finance.post(f"/operator/reconciliations/{day}")
     assert response.status_code == 202, response.text
 
@@ -36,7 +48,8 @@ async def reconcile(finance: httpx.AsyncClient, day, passes: int) -> dict:
         if view.status_code != 200:
             return None
         body = view.json()
-        return body if body["report"]["status"] == "DONE" and body["report"]["passes"] == passes else None
+        finished = body["report"]["status"] in ("DONE", "PROVISIONAL")  # PROVISIONAL: the day is not over yet
+        return body if finished and body["report"]["passes"] == passes else None
 
     return await wait_for(done, timeout=90, what=f"reconciliation {day} pass {passes}")
 
@@ -53,7 +66,7 @@ async def paid_now(api, sim, prefix: str, **behaviour) -> tuple[str, str]:
     return order, payment_id
 
 
-async def test_each_class_of_difference_is_found_and_repaired_once(api, sim, finance, mailbox):
+async def test_each_class_of_difference_is_found_and_repaired_once(api, sim, finance, mailbox, sessions, client):
     today = datetime.now(TZ).date()
     orders: dict[str, str] = {}
 
@@ -100,17 +113,24 @@ async def test_each_class_of_difference_is_found_and_repaired_once(api, sim, fin
               "refund_amounts": {refund.json()["refund_id"]: "10.00"}, "drop_refunds": [refund2.json()["refund_id"]]}
     assert (await sim.put(f"/control/bills/{today}/adjustments", json=adjust)).status_code == 200
 
-    first = await reconcile(finance, today, passes=1)
+    first = await reconcile(finance, client, today, passes=1)
     mine = {d["order_id"]: d for d in first["discrepancies"] if d["order_id"] in orders.values()}
     assert {kind: mine[order]["kind"] for kind, order in orders.items() if order in mine} == {
         kind: kind for kind in orders}, first["discrepancies"]
-    for kind in ("open_payment", "unknown_order", "closed_order_paid", "duplicate_charge", "amount_differs",
-                 "missing_at_provider", "day_boundary"):
-        assert mine[orders[kind]]["resolved"], mine[orders[kind]]
+    # Acted on; resolved only if our database already shows the money agreeing (the verification
+    # right after the repair), else waiting for it.
+    for kind in ("open_payment", "unknown_order", "closed_order_paid", "duplicate_charge", "amount_differs"):
+        item = mine[orders[kind]]
+        assert "waiting for the money to agree" in item["resolution"], item
+        assert item["resolved"] == ("; verified: " in item["resolution"]), item
+    assert not mine[orders["amount_differs"]]["resolved"]  # a review decides; our record still differs
+    assert mine[orders["day_boundary"]]["resolved"]
+    assert not mine[orders["missing_at_provider"]]["resolved"]  # a settlement_mismatch review: a person decides
     for kind in ("refund_differs", "refund_missing_at_provider"):
         assert not mine[orders[kind]]["resolved"] and "needs an operator" in mine[orders[kind]]["resolution"]
     report = first["report"]
-    assert report["rows"] >= len(orders) and report["unresolved"] >= 1
+    assert report["status"] == "PROVISIONAL"  # today is not over: the schedule reconciles it again
+    assert report["rows"] >= len(orders) and report["unresolved"] >= 4
     assert report["classes"]["day_boundary"]["count"] >= 1
 
     # What the repairs did, seen from the payment, the provider's books and the reviews.
@@ -119,6 +139,8 @@ async def test_each_class_of_difference_is_found_and_repaired_once(api, sim, fin
     for order in (orders["unknown_order"], orders["closed_order_paid"]):
         await wait_for(lambda o=order: _net(sim, o, 0), what=f"{order} refunded at the provider")
     await wait_for(lambda: _net(sim, orders["duplicate_charge"], 9990), what="the second charge refunded")
+    for kind in ("unknown_order", "closed_order_paid", "duplicate_charge"):
+        await wait_for(lambda o=orders[kind]: _refund_recorded(sessions, o), what=f"our refund of {kind}")
     for payment_id in (amount_id, missing_id):
         view = await wait_status(api, payment_id, "IN_REVIEW")
         assert view["review_reason"] == "settlement_mismatch"
@@ -127,12 +149,19 @@ async def test_each_class_of_difference_is_found_and_repaired_once(api, sim, fin
         m for m in mailbox.to("ops@paysentinel.test") if f"reconciliation {today}" in m["Subject"]]
     assert "need a person" in alert["Subject"]
 
-    # The same day again: the same differences, nothing repaired a second time.
+    # The same day again: the repairs whose money now agrees are resolved (verified at the start
+    # of the run), the others stay as they were, and nothing is repaired a second time.
     books = {order: await ledger(sim, order) for order in orders.values()}
-    second = await reconcile(finance, today, passes=2)
+    second = await reconcile(finance, client, today, passes=2)
     again = {d["order_id"]: d for d in second["discrepancies"] if d["order_id"] in orders.values()}
-    assert {o: (d["kind"], d["resolution"]) for o, d in again.items()} == {
-        o: (d["kind"], d["resolution"]) for o, d in mine.items()}
+    assert {o: d["kind"] for o, d in again.items()} == {o: d["kind"] for o, d in mine.items()}
+    for kind in ("open_payment", "unknown_order", "closed_order_paid", "duplicate_charge"):
+        item = again[orders[kind]]
+        assert item["resolved"] and "; verified: " in item["resolution"], item
+        assert item["resolution"].startswith(mine[orders[kind]]["resolution"].split("; verified: ")[0]), item
+    for kind in ("amount_differs", "missing_at_provider", "refund_differs", "refund_missing_at_provider"):
+        assert again[orders[kind]] == mine[orders[kind]]
+    assert second["report"]["unresolved"] <= first["report"]["unresolved"]
     await asyncio.sleep(2)
     assert {order: await ledger(sim, order) for order in orders.values()} == books
     assert len([m for m in mailbox.to("ops@paysentinel.test") if f"reconciliation {today}" in m["Subject"]]) == 1
@@ -141,6 +170,12 @@ async def test_each_class_of_difference_is_found_and_repaired_once(api, sim, fin
 async def _refund_done(api, payment_id: str) -> bool:
     view = (await api.get(f"/payments/{payment_id}")).json()
     return bool(view["refunds"]) and view["refunds"][0]["status"] == "SUCCEEDED"
+
+
+async def _refund_recorded(sessions, order: str) -> bool:
+    async with sessions() as session:
+        return bool((await session.scalars(select(db.Refund).where(
+            db.Refund.order_id == order, db.Refund.status == "SUCCEEDED"))).all())
 
 
 async def _paid_at_provider(sim, order: str) -> bool:
@@ -156,7 +191,7 @@ async def _net(sim, order: str, expected: int) -> bool:
     return books["net_minor"] == expected and not any(r["refund_status"] == "REFUND_PROCESSING" for r in books["refunds"])
 
 
-async def test_missed_days_are_caught_up_by_the_schedule(client, finance):
+async def test_missed_days_are_caught_up_by_the_schedule_and_a_failed_day_blocks_none(client, finance, sim):
     handle = client.get_schedule_handle(RECONCILE_SCHEDULE_ID)
     described = await handle.describe()
     [calendar] = described.schedule.spec.calendars
@@ -165,13 +200,35 @@ async def test_missed_days_are_caught_up_by_the_schedule(client, finance):
 
     today = datetime.now(TZ).date()
     missed = [today - timedelta(days=n) for n in (1, 2, 3)]  # PAYSENTINEL_RECONCILE_CATCHUP_DAYS=2
+    # The middle day's bill cannot be read: that day fails, the days before and after it do not wait.
+    broken = {"extra_lines": ["2026112322009998,broken-order,交易,x,2026-01-01 00:00:00,yesterday,CNY,1.00,1.00,,"]}
+    assert (await sim.put(f"/control/bills/{missed[1]}/adjustments", json=broken)).status_code == 200
+    await handle.trigger()
+
+    async def statuses():
+        runs = [(await finance.get(f"/operator/reconciliations/{day}")) for day in missed]
+        return [r.json()["report"]["status"] if r.status_code == 200 else None for r in runs]
+
+    async def caught_up_but_one():
+        return await statuses() == ["DONE", "FAILED", "DONE"]
+
+    await wait_for(caught_up_but_one, timeout=90, what=f"reconciliations of {missed}")
+    async def scheduled_run():
+        return [e async for e in client.list_workflows('WorkflowId STARTS_WITH "reconcile-daily"')]
+
+    [scheduled] = await wait_for(scheduled_run, what="the scheduled run in the workflow list")
+    result = await client.get_workflow_handle(scheduled.id, run_id=scheduled.run_id).result()
+    assert [line.split(":")[0] for line in result] == [str(day) for day in reversed(missed)]
+    assert f"{missed[1]}: failed: " in result[1] and "cannot be read" in result[1], result
+
+    # The provider corrects the bill: the next scheduled run reconciles the failed day only.
+    assert (await sim.put(f"/control/bills/{missed[1]}/adjustments", json={})).status_code == 200
     await handle.trigger()
 
     async def caught_up():
-        runs = [(await finance.get(f"/operator/reconciliations/{day}")) for day in missed]
-        return all(r.status_code == 200 and r.json()["report"]["status"] == "DONE" for r in runs)
+        return await statuses() == ["DONE", "DONE", "DONE"]
 
-    await wait_for(caught_up, timeout=90, what=f"reconciliations of {missed}")
+    await wait_for(caught_up, timeout=90, what=f"reconciliation of {missed[1]} once its bill is readable")
 
     def scheduled_runs_done(count: int):
         async def done():
@@ -179,12 +236,12 @@ async def test_missed_days_are_caught_up_by_the_schedule(client, finance):
             return len(runs) >= count and all(e.status == WorkflowExecutionStatus.COMPLETED for e in runs)
         return done
 
-    await wait_for(scheduled_runs_done(1), timeout=60, what="the scheduled run to complete")
+    await wait_for(scheduled_runs_done(2), timeout=60, what="the scheduled runs to complete")
     # Once caught up, the next scheduled run finds nothing to do.
     await handle.trigger()
-    await wait_for(scheduled_runs_done(2), timeout=60, what="the second scheduled run")
-    for day in missed:
-        assert (await finance.get(f"/operator/reconciliations/{day}")).json()["report"]["passes"] == 1
+    await wait_for(scheduled_runs_done(3), timeout=60, what="the third scheduled run")
+    passes = [(await finance.get(f"/operator/reconciliations/{day}")).json()["report"]["passes"] for day in missed]
+    assert passes == [1, 2, 1]
 
 
 async def test_bad_reconciliation_requests_change_nothing(finance, stack):
@@ -214,7 +271,7 @@ async def test_finance_cli_runs_and_shows_a_day(stack):
     assert missing.returncode == 1 and "paysentinel reconcile run --date 2001-01-01" in missing.stdout
 
 
-async def test_a_bill_that_cannot_be_read_fails_the_run_and_says_why(sim, finance, mailbox):
+async def test_a_bill_that_cannot_be_read_fails_the_run_and_says_why(sim, finance, mailbox, client):
     day = (datetime.now(TZ).date() - timedelta(days=12)).isoformat()
     broken = {"extra_lines": ["2026112322009999,broken-order,交易,x,2026-01-01 00:00:00,yesterday,CNY,1.00,1.00,,"]}
     assert (await sim.put(f"/control/bills/{day}/adjustments", json=broken)).status_code == 200
@@ -227,13 +284,15 @@ async def test_a_bill_that_cannot_be_read_fails_the_run_and_says_why(sim, financ
     view = await wait_for(failed, timeout=60, what=f"the run of {day} to fail")
     assert "cannot be read" in view["report"]["error"] and "line 6" in view["report"]["error"]
     assert view["discrepancies"] == []
-    [alert] = [m for m in await mails_to(mailbox, "ops@paysentinel.test", 1)
-               if f"reconciliation {day} (simulator): failed" in m["Subject"]] or [None]
-    assert alert is not None and "reconcile run --date" in alert.get_content()
+    async def failure_alert():
+        return [m for m in mailbox.to("ops@paysentinel.test") if f"reconciliation {day} (simulator): failed" in m["Subject"]]
+
+    [alert] = await wait_for(failure_alert, what=f"the alert about {day}")
+    assert "reconcile run --date" in alert.get_content()
 
     # The provider sends a corrected bill: the day reconciles, and the failure is declared over once.
     assert (await sim.put(f"/control/bills/{day}/adjustments", json={})).status_code == 200
-    assert (await reconcile(finance, day, passes=2))["report"]["error"] is None
+    assert (await reconcile(finance, client, day, passes=2))["report"]["error"] is None
 
     def about_the_day() -> list:
         return [m["Subject"] for m in mailbox.to("ops@paysentinel.test") if f"reconciliation {day} " in m["Subject"]]
@@ -242,12 +301,148 @@ async def test_a_bill_that_cannot_be_read_fails_the_run_and_says_why(sim, financ
     assert about_the_day()[1].endswith("resolved, no longer failing")
 
 
+async def reconcile_again(finance: httpx.AsyncClient, client, day) -> dict:
+    """Run the day once more and wait for that run's report."""
+    before = await finance.get(f"/operator/reconciliations/{day}")
+    passes = before.json()["report"]["passes"] if before.status_code == 200 else 0
+    return await reconcile(finance, client, day, passes + 1)
+
+
+async def paid_on(api, sim, prefix: str, at: datetime, **payment) -> str:
+    """An order paid now, which the provider's bill counts at ``at``."""
+    order = new_order(prefix)
+    await script(sim, order, pay="immediately")
+    payment_id = (await start_payment(api, order, **payment)).json()["payment_id"]
+    await wait_status(api, payment_id, "SUCCEEDED")
+    await move_paid_at(sim, order, at)
+    return order
+
+
+async def move_paid_at(sim, order: str, at: datetime) -> None:
+    response = await sim.post(f"/control/trades/{order}/paid-at", json={"paid_at": at.isoformat()})
+    assert response.status_code == 200, response.text
+
+
+def of_order(view: dict, order: str, kind: str | None = None) -> dict:
+    [item] = [d for d in view["discrepancies"] if d["order_id"] == order and kind in (None, d["kind"])]
+    return item
+
+
+async def test_a_corrected_bill_replaces_the_loaded_rows_and_a_subject_may_hold_line_breaks(api, sim, finance,
+                                                                                            sessions, client):
+    day = datetime.now(TZ).date() - timedelta(days=20)
+    noon = datetime.combine(day, time(12), TZ)
+    two_lines = await paid_on(api, sim, "rc-lines", noon, subject='Coffee beans\n2 x 500 g, "dark"')
+    corrected = await paid_on(api, sim, "rc-fixed", noon)
+    assert (await sim.put(f"/control/bills/{day}/adjustments", json={"amounts": {corrected: "1.00"}})).status_code == 200
+
+    first = await reconcile_again(finance, client, day)
+    assert first["report"]["status"] == "DONE" and first["report"]["error"] is None
+    assert of_order(first, two_lines)["kind"] == "day_boundary"  # read, and matched (we recorded it today)
+    assert of_order(first, corrected)["kind"] == "amount_differs" and not of_order(first, corrected)["resolved"]
+
+    # The provider corrects its bill: the next run loads the bill as it is served now.
+    assert (await sim.put(f"/control/bills/{day}/adjustments", json={})).status_code == 200
+    second = await reconcile_again(finance, client, day)
+    async with sessions() as session:
+        amounts = (await session.scalars(select(db.SettlementRowRecord.amount_minor).where(
+            db.SettlementRowRecord.bill_date == day.isoformat(), db.SettlementRowRecord.order_id == corrected))).all()
+    assert amounts == [9990]
+    item = of_order(second, corrected, "amount_differs")
+    assert item["resolved"] and item["resolution"].startswith("no longer a difference"), item
+    assert of_order(second, corrected, "day_boundary")["resolved"]  # matched now (we recorded it today)
+    assert second["report"]["rows"] == first["report"]["rows"] == 2
+    assert second["report"]["classes"]["amount_differs"]["unresolved"] == 0
+
+
+async def test_unknown_orders_above_the_automatic_refund_limit_wait_for_a_person(sim, finance, client):
+    day = datetime.now(TZ).date() - timedelta(days=21)
+    order = new_order("rc-big-orphan")  # 20,000.00 CNY: above PAYSENTINEL_RECONCILE_AUTO_REFUND_MAX_MINOR (10,000.00)
+    assert (await sim.post("/control/orphans", json={"out_trade_no": order, "total_amount": "20000.00"})).status_code == 200
+    await move_paid_at(sim, order, datetime.combine(day, time(12), TZ))
+
+    view = await reconcile_again(finance, client, day)
+    item = of_order(view, order)
+    assert item["kind"] == "unknown_order" and not item["resolved"], item
+    assert item["resolution"].startswith("needs an operator: above the automatic refund limit"), item
+    assert "10000.00 CNY a day" in item["resolution"]
+    assert view["report"]["classes"]["unknown_order"]["unresolved"] == 1 and view["report"]["unresolved"] >= 1
+    await asyncio.sleep(2)
+    assert (await ledger(sim, order))["refunded_minor"] == 0
+
+
+async def test_a_reconciliation_refund_is_verified_and_booked_on_the_finished_payment(api, sim, finance, sessions,
+                                                                                    client):
+    day = datetime.now(TZ).date() - timedelta(days=22)
+    order = new_order("rc-late")
+    await script(sim, order, pay="never", after_close="pay", after_close_delay_seconds=0.5, callback="drop")
+    payment_id = (await start_payment(api, order, expires_in_seconds=5)).json()["payment_id"]
+    await wait_status(api, payment_id, "CLOSED")
+    await wait_for(lambda: _paid_at_provider(sim, order), what="the late payment")
+
+    async def finished():  # its late-callback window is over: nobody else will refund it
+        return (await client.get_workflow_handle(payment_id).describe()).status == WorkflowExecutionStatus.COMPLETED
+
+    await wait_for(finished, timeout=30, what=f"{payment_id} to finish")
+    await move_paid_at(sim, order, datetime.combine(day, time(12), TZ))
+
+    first = await reconcile_again(finance, client, day)
+    item = of_order(first, order)
+    assert item["kind"] == "closed_order_paid" and not item["resolved"], item
+    assert item["resolution"] == (f"refund started (reconcile-refund-simulator-{item['trade_no']}), "
+                                  f"waiting for the money to agree")
+    assert first["report"]["classes"]["closed_order_paid"]["unresolved"] == 1
+
+    # The refund succeeds: the payment row now shows what was taken and given back.
+    await wait_for(lambda: _refund_recorded(sessions, order), what="the reconciliation refund")
+    row = await payment_row(sessions, payment_id, "REFUNDED")
+    assert (row.status, row.paid_amount_minor, row.refunded_minor) == ("REFUNDED", 9990, 9990)
+
+    second = await reconcile_again(finance, client, day)
+    item = of_order(second, order)
+    assert item["resolved"] and "; verified: trade" in item["resolution"], item
+    assert second["report"]["classes"]["closed_order_paid"]["unresolved"] == 0
+
+
+async def test_find_missing_heartbeats_after_each_provider_query(stack, sessions):
+    from activities.reconcile import ReconciliationActivities
+    from paysentinel.config import Settings
+    from paysentinel.models import ReconcileStep
+    from paysentinel.providers import build_providers
+
+    day = datetime.now(TZ).date() - timedelta(days=23)
+    orders = [new_order("rc-beat") for _ in range(3)]
+    async with sessions() as session:  # paid with us on the day, unknown to the provider
+        session.add_all([db.Payment(payment_id=f"payment-{o}", order_id=o, provider="simulator", amount_minor=100,
+                                    currency="CNY", status="SUCCEEDED", trade_no=f"T-{o}", paid_amount_minor=100,
+                                    paid_at=datetime.combine(day, time(12), TZ)) for o in orders])
+        await session.commit()
+    settings = Settings(simulator_url=stack.simulator_url)
+    beats: list = []
+    environment = ActivityEnvironment()
+    environment.on_heartbeat = lambda *details: beats.append(details[0])
+    async with httpx.AsyncClient() as http:
+        activities = ReconciliationActivities(sessions, build_providers(settings, http), None, settings)
+        result = await environment.run(activities.find_missing,
+                                       ReconcileStep(provider="simulator", day=day, limit=100))
+    assert result.handled == 3
+    assert beats == [f"{n} of 3 payments queried" for n in (1, 2, 3)]
+
+
+async def test_a_control_character_in_a_checkout_is_a_readable_422(api):
+    response = await api.post("/payments", json={"order_id": new_order("rc-nul"), "amount_minor": 100,
+                                                 "currency": "CNY", "subject": "coffee\u0000beans"})
+    assert response.status_code == 422, response.text
+    problems = response.json()["problems"]
+    assert any(p.startswith("subject") and "control characters (found U+0000)" in p for p in problems), problems
+
+
 def test_bill_parser_reads_rows_and_refuses_bad_lines():
     from paysentinel.settlement import BillFormatError, parse_bill
 
     async def lines(*items: str):
         for item in items:
-            yield item
+            yield item + "\n"
 
     header = "支付宝交易号,商户订单号,业务类型,商品名称,创建时间,完成时间,币种,订单金额（元）,商家实收（元）,退款批次号/请求号,备注"
 
