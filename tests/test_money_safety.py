@@ -33,6 +33,7 @@ from paysentinel.models import (
     ReviewAction,
     ReviewDecision,
 )
+from tests.helpers import wait_for
 from tests.test_workflow_branches import TIMING, FakeProvider, callback, statuses
 from workers.main import WORKFLOWS
 from workflows.common import DB_OUTAGE_LIMIT, DB_RETRY
@@ -64,16 +65,6 @@ async def send(handle: WorkflowHandle, *events) -> None:
         await handle.signal(PaymentWorkflow.callback, event.model_copy(update={"order_id": order}))
 
 
-async def until(what: str, predicate, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 async def view_of(handle: WorkflowHandle) -> PaymentView:
     return await handle.query(PaymentWorkflow.view)
 
@@ -85,7 +76,7 @@ async def review_open(handle: WorkflowHandle, number: int) -> str:
         view = await view_of(handle)
         return view.review_id == review_id
 
-    await until(f"review {review_id} to open", opened)
+    await wait_for(opened, what=f"review {review_id} to open")
     return review_id
 
 
@@ -131,7 +122,7 @@ async def test_a_terminated_refund_is_started_again_with_the_same_provider_refun
     async with payment(client, provider) as handle:
         await send(handle, callback("TRADE_CLOSED", event_id="evt_a"), callback(event_id="evt_b"))  # paid after close
         child = f"{handle.id}-refund-late-T1"
-        await until("the refund to reach the provider", lambda: asyncio.sleep(0, bool(provider.refund_calls)))
+        await wait_for(lambda: asyncio.sleep(0, bool(provider.refund_calls)), what="the refund to reach the provider")
         await client.get_workflow_handle(child).terminate("terminated from the Web UI")
         view = await finished(handle)
     assert view.status.value == "REFUNDED", [(e.event, e.detail) for e in view.timeline]
@@ -154,10 +145,10 @@ async def test_approving_a_mismatch_on_a_paid_order_refunds_the_second_charge(cl
     provider = FakeProvider(taken={"T2": 500})
     async with payment(client, provider) as handle:
         await send(handle, callback())  # T1: the order amount, accepted
-        await until("paid", lambda: _status(handle, "SUCCEEDED"))
+        await wait_for(lambda: _status(handle, "SUCCEEDED"), what="paid")
         await send(handle, callback(amount=500, event_id="evt_2", trade_no="T2"))
         await decide(client, await review_open(handle, 1), ReviewAction.APPROVE)
-        await until("the second charge refunded", lambda: _status(handle, "SUCCEEDED", refunded=500))
+        await wait_for(lambda: _status(handle, "SUCCEEDED", refunded=500), what="the second charge refunded")
         view = await view_of(handle)
     assert view.trade_no == "T1" and view.captured_minor == 1500 and view.refunded_minor == 500
     assert [c.split(":")[:2] for c in provider.refund_calls] == [["T2", "500"]]
@@ -170,7 +161,7 @@ async def test_a_correct_payment_during_a_mismatch_review_wins_and_the_approved_
         review = await review_open(handle, 1)
         await send(handle, callback())  # T1 with the order amount arrives while the person looks
         await decide(client, review, ReviewAction.APPROVE)
-        await until("the second charge refunded", lambda: _status(handle, "SUCCEEDED", refunded=500))
+        await wait_for(lambda: _status(handle, "SUCCEEDED", refunded=500), what="the second charge refunded")
         view = await view_of(handle)
     assert view.trade_no == "T1" and [c.split(":")[:2] for c in provider.refund_calls] == [["T2", "500"]]
 
@@ -180,8 +171,8 @@ async def test_an_approved_mismatch_records_when_it_was_paid(client):
     async with payment(client, provider) as handle:
         await send(handle, callback(amount=900))
         await decide(client, await review_open(handle, 1), ReviewAction.APPROVE)
-        await until("accepted", lambda: _status(handle, "SUCCEEDED"))
-        await until("the row written", lambda: asyncio.sleep(0, provider.records[-1].status.value == "SUCCEEDED"))
+        await wait_for(lambda: _status(handle, "SUCCEEDED"), what="accepted")
+        await wait_for(lambda: asyncio.sleep(0, provider.records[-1].status.value == "SUCCEEDED"), what="the row written")
     assert provider.records[-1].paid_at is not None and provider.records[-1].paid_amount_minor == 900
 
 
@@ -192,7 +183,7 @@ async def test_a_merchant_key_named_like_an_internal_refund_is_a_new_refund(clie
     provider = FakeProvider()
     async with payment(client, provider) as handle:
         await send(handle, callback(), callback(event_id="evt_2", trade_no="T2"))  # T2: refunded as duplicate
-        await until("the duplicate refunded", lambda: _status(handle, "SUCCEEDED", refunded=1000))
+        await wait_for(lambda: _status(handle, "SUCCEEDED", refunded=1000), what="the duplicate refunded")
         mine = await handle.execute_update(PaymentWorkflow.refund,
                                            RefundCommand(key="dup-T2", amount_minor=100, reason="damaged"))
     order = handle.id.removeprefix("payment-")
@@ -217,7 +208,7 @@ async def test_after_a_workflow_reset_every_write_is_newer(client):
     provider = FakeProvider()
     async with payment(client, provider, PATIENT.model_copy(update={"resend_window_seconds": 30})) as handle:
         await send(handle, callback())
-        await until("paid", lambda: _status(handle, "SUCCEEDED"))
+        await wait_for(lambda: _status(handle, "SUCCEEDED"), what="paid")
         before = len(provider.records)
         history = await handle.fetch_history()
         first_task = next(e.event_id for e in history.events
@@ -226,7 +217,7 @@ async def test_after_a_workflow_reset_every_write_is_newer(client):
             namespace=client.namespace, workflow_execution=WorkflowExecution(workflow_id=handle.id),
             reason="operator reset", workflow_task_finish_event_id=first_task, request_id=uuid.uuid4().hex,
         ))
-        await until("the reset run to write", lambda: asyncio.sleep(0, len(provider.records) > before))
+        await wait_for(lambda: asyncio.sleep(0, len(provider.records) > before), what="the reset run to write")
         await client.get_workflow_handle(handle.id).terminate("test done")
     old = [r.seq for r in provider.records[:before]]
     new = [r.seq for r in provider.records[before:]]
@@ -252,7 +243,7 @@ async def test_a_payment_closed_by_review_keeps_asking_the_provider(client):
     quick = PATIENT.model_copy(update={"review_escalate_seconds": 0.2, "review_deadline_seconds": 0.5,
                                        "resend_window_seconds": 8})
     async with payment(client, provider, quick) as handle:
-        await until("closed by the review's default", lambda: _status(handle, "CLOSED"))
+        await wait_for(lambda: _status(handle, "CLOSED"), what="closed by the review's default")
         provider.close_fails, provider.close = False, "TRADE_SUCCESS"  # the provider is back: it was paid
         view = await finished(handle)
     assert view.status.value == "REFUNDED", [(e.event, e.detail) for e in view.timeline]
@@ -289,7 +280,7 @@ async def test_approving_a_provider_risk_hold_late_resets_the_time_to_live(clien
         await asyncio.sleep(TIMING.payment_ttl_seconds + 0.5)  # longer than the time to live
         approved_at = datetime.now(timezone.utc)
         await decide(client, review, ReviewAction.APPROVE)
-        await until("the trade created again", lambda: asyncio.sleep(0, len(provider.creates) == 2))
+        await wait_for(lambda: asyncio.sleep(0, len(provider.creates) == 2), what="the trade created again")
         await client.get_workflow_handle(handle.id).terminate("test done")
     assert provider.creates[1].expires_at > approved_at + timedelta(seconds=TIMING.payment_ttl_seconds - 1)
 
