@@ -55,7 +55,7 @@ def scenarios() -> list[Scenario]:
                  {"faults": {"create": {"mode": "error", "times": -1}}}),
         Scenario("paid after close", "money taken after we closed: refunded", "REFUNDED",
                  {"pay": "never", "after_close": "pay"}, expires_in_seconds=15),
-        Scenario("wrong amount", "callback amount differs from the order: a person decides", "IN_REVIEW",
+        Scenario("wrong amount", "the provider took another amount than the order: a person decides", "IN_REVIEW",
                  {"pay": "immediately", "paid_amount": "0.01"}, expected_review="amount_mismatch"),
         Scenario("refund fails", "paid after close, the refund keeps failing: a person decides", "IN_REVIEW",
                  {"pay": "never", "after_close": "pay", "refund": "fail"}, expires_in_seconds=15,
