@@ -1,4 +1,5 @@
-"""Reconciliation's activities: load the provider's bill, match it three ways, repair.
+"""Reconciliation's activities: load the provider's bill, match it three ways, repair,
+verify (a repair is resolved once our database shows the money agreeing with the bill).
 
 The three sources: the provider's settlement bill (loaded into ``settlement_rows``),
 our database (``payments``, ``refunds``) and the payment workflows (which receive each
