@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio.client import WorkflowExecutionStatus, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError
 
@@ -199,6 +199,13 @@ async def start_reconciliation(
         raise HTTPException(422, f"unknown provider {provider!r}; configured: {', '.join(res.providers)}")
     _day(day, res)
     workflow_id = reconcile_workflow_id(provider, day)
+    try:
+        running = (await res.client.get_workflow_handle(workflow_id).describe()).status
+    except RPCError:
+        running = None  # never run before
+    if running == WorkflowExecutionStatus.RUNNING:
+        raise HTTPException(409, f"a reconciliation of {day} is still running ({workflow_id}); run the day again "
+                                 "once it has finished")
     await res.client.start_workflow(
         ReconciliationWorkflow.run, reconcile_input(res.settings, provider).model_copy(update={"day": day}),
         id=workflow_id, task_queue=res.settings.task_queue,
