@@ -430,6 +430,17 @@ class ReconciliationActivities:
         activity.heartbeat(len(todo))
         return StepResult(last=todo[-1].id if todo else step.after, handled=len(todo), done=len(todo) < step.limit)
 
+    @activity.defn
+    async def count_waiting(self, step: ReconcileStep) -> int:
+        """How many acted-on differences of the day still wait for the money to agree."""
+        async with self._sessions() as session:
+            return int(await session.scalar(
+                select(func.count()).select_from(db.Discrepancy).where(
+                    db.Discrepancy.run_id == run_id(step.provider, step.day), db.Discrepancy.resolved.is_(False),
+                    db.Discrepancy.resolution.like(f"%{WAITING}%"),
+                )
+            ) or 0)
+
     async def _agrees(self, session: AsyncSession, item: db.Discrepancy) -> str | None:
         """What in our database shows the money agreeing with the bill for this difference, or None."""
         amount = item.provider_amount_minor or 0

@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     reconcile_enabled: bool = True
     reconcile_alert_threshold: int = 0  # alert when more differences than this stay unresolved
     reconcile_batch_rows: int = 5000
+    # A run waits up to this long for its repairs (refunds, payments settled by their
+    # workflows) to show in our books before it writes its report.
+    reconcile_verify_wait_seconds: float = Field(900.0, ge=0)
     # Payments only the provider knows (unknown_order) are refunded automatically up to this
     # many per day and this much per day and currency (minor units); beyond, a person decides.
     reconcile_auto_refund_max_count: int = Field(20, ge=0)

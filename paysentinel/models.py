@@ -585,6 +585,8 @@ class ReconcileInput(BaseModel):
     catchup_days: int = Field(7, ge=0, le=366)
     batch_rows: int = Field(5000, ge=10, le=100_000)
     alert_threshold: int = Field(0, ge=0)
+    # How long a run waits for its repairs to show in our books before it reports.
+    verify_wait_seconds: float = Field(900.0, ge=0)
     # Where a continued-as-new run picks up.
     stage: str = "load"  # load, classify, missing, repair, finish
     cursor: int = 0

@@ -53,6 +53,7 @@ TEST_TIMINGS = {
     "PAYSENTINEL_RECONCILE_CATCHUP_DAYS": "2",  # the schedule catches up yesterday and the two days before
     "PAYSENTINEL_RECONCILE_ALERT_THRESHOLD": "0",
     "PAYSENTINEL_RECONCILE_BATCH_ROWS": "25",  # several batches even for a small day
+    "PAYSENTINEL_RECONCILE_VERIFY_WAIT_SECONDS": "20",  # a run waits this long for its repairs to show
 }
 OPERATORS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
 OPERATOR_HEADERS = {"Authorization": f"Bearer {OPERATORS['alice']}"}

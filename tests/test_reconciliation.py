@@ -20,7 +20,7 @@ from temporalio.testing import ActivityEnvironment
 
 from paysentinel import db
 from tests.conftest import OPERATOR_HEADERS, Stack, new_order
-from tests.helpers import mails_to, payment_row, script, sim_trade, start_payment, wait_for, wait_status
+from tests.helpers import events, mails_to, payment_row, script, sim_trade, start_payment, wait_for, wait_status
 from workflows.reconcile import RECONCILE_SCHEDULE_ID, reconcile_workflow_id
 
 TZ = ZoneInfo("Asia/Shanghai")  # PAYSENTINEL_SETTLEMENT_TIMEZONE (default)
@@ -117,13 +117,15 @@ async def test_each_class_of_difference_is_found_and_repaired_once(api, sim, fin
     mine = {d["order_id"]: d for d in first["discrepancies"] if d["order_id"] in orders.values()}
     assert {kind: mine[order]["kind"] for kind, order in orders.items() if order in mine} == {
         kind: kind for kind in orders}, first["discrepancies"]
-    # Acted on; resolved only if our database already shows the money agreeing (the verification
-    # right after the repair), else waiting for it.
-    for kind in ("open_payment", "unknown_order", "closed_order_paid", "duplicate_charge", "amount_differs"):
+    # Acted on, and resolved only once our database shows the money agreeing: the run waits
+    # (PAYSENTINEL_RECONCILE_VERIFY_WAIT_SECONDS) for its refunds and payment workflows.
+    for kind in ("open_payment", "unknown_order", "closed_order_paid", "duplicate_charge"):
         item = mine[orders[kind]]
-        assert "waiting for the money to agree" in item["resolution"], item
-        assert item["resolved"] == ("; verified: " in item["resolution"]), item
-    assert not mine[orders["amount_differs"]]["resolved"]  # a review decides; our record still differs
+        assert "waiting for the money to agree" in item["resolution"] and item["resolved"], item
+        assert "; verified: " in item["resolution"], item
+    item = mine[orders["amount_differs"]]
+    assert "waiting for the money to agree" in item["resolution"] and not item["resolved"], item  # a review
+    # decides; our record still differs
     assert mine[orders["day_boundary"]]["resolved"]
     assert not mine[orders["missing_at_provider"]]["resolved"]  # a settlement_mismatch review: a person decides
     for kind in ("refund_differs", "refund_missing_at_provider"):
@@ -142,15 +144,15 @@ async def test_each_class_of_difference_is_found_and_repaired_once(api, sim, fin
     for kind in ("unknown_order", "closed_order_paid", "duplicate_charge"):
         await wait_for(lambda o=orders[kind]: _refund_recorded(sessions, o), what=f"our refund of {kind}")
     for payment_id in (amount_id, missing_id):
-        view = await wait_status(api, payment_id, "IN_REVIEW")
-        assert view["review_reason"] == "settlement_mismatch"
+        view = (await api.get(f"/payments/{payment_id}")).json()
+        assert view["review_reason"] == "settlement_mismatch" and events(view, "review opened"), view
     await wait_status(api, duplicate_id, "SUCCEEDED")  # the extra charge refunded, the order still paid
     [alert] = await mails_to(mailbox, "ops@paysentinel.test", 1) and [
         m for m in mailbox.to("ops@paysentinel.test") if f"reconciliation {today}" in m["Subject"]]
     assert "need a person" in alert["Subject"]
 
-    # The same day again: the repairs whose money now agrees are resolved (verified at the start
-    # of the run), the others stay as they were, and nothing is repaired a second time.
+    # The same day again: what was resolved stays resolved, the others stay as they were, and
+    # nothing is repaired a second time.
     books = {order: await ledger(sim, order) for order in orders.values()}
     second = await reconcile(finance, client, today, passes=2)
     again = {d["order_id"]: d for d in second["discrepancies"] if d["order_id"] in orders.values()}
@@ -388,10 +390,10 @@ async def test_a_reconciliation_refund_is_verified_and_booked_on_the_finished_pa
 
     first = await reconcile_again(finance, client, day)
     item = of_order(first, order)
-    assert item["kind"] == "closed_order_paid" and not item["resolved"], item
-    assert item["resolution"] == (f"refund started (reconcile-refund-simulator-{item['trade_no']}), "
-                                  f"waiting for the money to agree")
-    assert first["report"]["classes"]["closed_order_paid"]["unresolved"] == 1
+    assert item["kind"] == "closed_order_paid" and item["resolved"], item  # the run waited for its refund
+    assert item["resolution"].startswith(f"refund started (reconcile-refund-simulator-{item['trade_no']}), "
+                                         f"waiting for the money to agree; verified: trade"), item
+    assert first["report"]["classes"]["closed_order_paid"]["unresolved"] == 0
 
     # The refund succeeds: the payment row now shows what was taken and given back.
     await wait_for(lambda: _refund_recorded(sessions, order), what="the reconciliation refund")
@@ -399,9 +401,9 @@ async def test_a_reconciliation_refund_is_verified_and_booked_on_the_finished_pa
     assert (row.status, row.paid_amount_minor, row.refunded_minor) == ("REFUNDED", 9990, 9990)
 
     second = await reconcile_again(finance, client, day)
-    item = of_order(second, order)
-    assert item["resolved"] and "; verified: trade" in item["resolution"], item
+    assert of_order(second, order) == item  # nothing refunded again
     assert second["report"]["classes"]["closed_order_paid"]["unresolved"] == 0
+    assert (await ledger(sim, order))["refunded_minor"] == 9990
 
 
 async def test_find_missing_heartbeats_after_each_provider_query(stack, sessions):

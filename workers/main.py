@@ -49,6 +49,7 @@ def activities_of(
         reconcile.find_missing,
         reconcile.repair,
         reconcile.verify,
+        reconcile.count_waiting,
         reconcile.finish,
         reconcile.fail_run,
         notifications.notify,

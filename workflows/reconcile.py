@@ -47,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
 RECONCILE_SCHEDULE_ID = "paysentinel-reconcile"
 # Patches (kept histories of earlier releases replay without them).
 VERIFY_PATCH = "reconcile-verify-repairs"  # a verification stage after repair and at the start of a run
+VERIFY_WAIT_PATCH = "reconcile-verify-waits"  # then wait, on a backoff, for repairs to show in our books
 CATCHUP_PATCH = "reconcile-catchup-survives-a-failed-day"  # one day's failure no longer stops the others
 BATCHES_PER_RUN = 20  # then continue as new, so a 100,000-row day keeps a short history
 STEP_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(seconds=60),
@@ -80,13 +81,7 @@ class ReconciliationWorkflow:
         if input.stage == "load":
             await self._call(ReconciliationActivities.start_run, step, f"start reconciling {input.day}")
             if verifying:  # what earlier runs of the day repaired, resolved once the money agrees
-                checked = step
-                while True:
-                    result: StepResult = await self._call(ReconciliationActivities.verify, checked,
-                                                          f"verify earlier repairs after #{checked.after}")
-                    checked = checked.model_copy(update={"after": result.last})
-                    if result.done:
-                        break
+                await self._verify_all(step, "verify earlier repairs")
             loaded: StepResult = await workflow.execute_activity_method(
                 ReconciliationActivities.load_bill, step, start_to_close_timeout=timedelta(minutes=30),
                 heartbeat_timeout=timedelta(seconds=60), retry_policy=STEP_RETRY,
@@ -115,9 +110,33 @@ class ReconciliationWorkflow:
             following = {"classify": "missing", "missing": "repair", "repair": "verify" if verifying else "finish",
                          "verify": "finish"}[stage]
             input, step = self._next(input, following), step.model_copy(update={"after": 0})
+        if verifying and workflow.patched(VERIFY_WAIT_PATCH):
+            await self._await_repairs(input, step)
         report: ReconcileReport = await self._call(ReconciliationActivities.finish, step, "write the report")
         await self._alert(input, report)
         return report
+
+    async def _verify_all(self, step: ReconcileStep, what: str) -> None:
+        checked = step.model_copy(update={"after": 0})
+        while True:
+            result: StepResult = await self._call(ReconciliationActivities.verify, checked,
+                                                  f"{what} after #{checked.after}")
+            checked = checked.model_copy(update={"after": result.last})
+            if result.done:
+                return
+
+    async def _await_repairs(self, input: ReconcileInput, step: ReconcileStep) -> None:
+        """Refunds and payment workflows act within seconds or minutes: wait for them (up to
+        ``verify_wait_seconds``, on a backoff) so the report counts what is really resolved."""
+        waited, delay = 0.0, 2.0
+        while waited < input.verify_wait_seconds:
+            waiting: int = await self._call(ReconciliationActivities.count_waiting, step, "repairs still waiting")
+            if not waiting:
+                return
+            delay = min(delay, input.verify_wait_seconds - waited)
+            await workflow.sleep(delay, summary=f"{waiting} repair(s) waiting for the money; verify again in {delay:g}s")
+            waited, delay = waited + delay, min(delay * 2, 60.0)
+            await self._verify_all(step, "verify repairs again")
 
     def _next(self, input: ReconcileInput, stage: str) -> ReconcileInput:
         return input.model_copy(update={"stage": stage, "cursor": 0})
@@ -174,7 +193,7 @@ class ReconciliationWorkflow:
 def reconcile_input(settings: "Settings", provider: str = "simulator") -> ReconcileInput:
     return ReconcileInput(
         provider=provider, catchup_days=settings.reconcile_catchup_days, batch_rows=settings.reconcile_batch_rows,
-        alert_threshold=settings.reconcile_alert_threshold,
+        alert_threshold=settings.reconcile_alert_threshold, verify_wait_seconds=settings.reconcile_verify_wait_seconds,
     )
 
 
