@@ -105,6 +105,7 @@ async def test_a_terminated_review_is_opened_again_and_the_payment_does_not_fail
     provider = FakeProvider(close_fails=True)  # nobody can say whether it was paid: status_unknown
     async with payment(client, provider) as handle:
         first = await review_open(handle, 1)
+        await wait_for(lambda: asyncio.sleep(0, bool(provider.reviews)), what="the review stored")
         await client.get_workflow_handle(first).terminate("closed by mistake in the Web UI")
         second = await review_open(handle, 2)
         await decide(client, second, ReviewAction.REJECT)
