@@ -22,9 +22,19 @@ from temporalio.exceptions import ApplicationError
 
 from paysentinel import db, metrics, signing
 from paysentinel.models import Incident, NotificationInput, to_major
-from paysentinel.notify import UnsafeTarget, check_target, compose, compose_alert
+from paysentinel.notify import (
+    UNSAFE_PUBLIC,
+    DeliveryFailed,
+    Resolver,
+    UnsafeTarget,
+    compose,
+    compose_alert,
+    post_pinned,
+    system_resolver,
+)
 
 UNSAFE_TARGET = "UnsafeTarget"
+NOT_DELIVERED = "NotDelivered"
 
 
 @dataclass(frozen=True)
@@ -32,7 +42,7 @@ class Channels:
     smtp_host: str = ""
     smtp_port: int = 25
     smtp_from: str = "payments@paysentinel.local"
-    webhook_secret: str = ""
+    webhook_secret: str | tuple[str, ...] = ""  # (current, previous) during a rotation: signed with each
     allowed_hosts: tuple[str, ...] = ()
     # Where the monitor's alerts go (operators' mailbox, an incident webhook); set by operators.
     alert_email: str = ""
@@ -40,10 +50,12 @@ class Channels:
 
 
 class NotificationActivities:
-    def __init__(self, channels: Channels, http: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]):
+    def __init__(self, channels: Channels, http: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession],
+                 resolver: Resolver = system_resolver):
         self._channels = channels
         self._http = http
         self._sessions = sessions
+        self._resolver = resolver  # how webhook hosts are looked up (once per send)
 
     @activity.defn
     async def notify(self, n: NotificationInput) -> list[str]:
@@ -78,7 +90,7 @@ class NotificationActivities:
             if await self._claim(incident.key, "webhook", channels.alert_webhook_url, subject, owner, "alert"):
                 event = {"id": incident.key, "type": f"alert.{incident.status.lower()}",
                          "data": {**incident.model_dump(mode="json", exclude={"to_send"}), "message": body}}
-                await self._post_signed(channels.alert_webhook_url, incident.key, event)
+                await self._post_alert(channels.alert_webhook_url, incident.key, event)
                 await self._done(incident.key, "webhook")
                 sent.append("webhook")
         if not (channels.alert_email and channels.smtp_host) and not channels.alert_webhook_url:
@@ -127,11 +139,6 @@ class NotificationActivities:
 
     async def _send_webhook(self, n: NotificationInput, subject: str, body: str) -> None:
         assert n.webhook_url is not None
-        try:
-            check_target(n.webhook_url, self._channels.allowed_hosts, resolve=True)
-        except UnsafeTarget as err:
-            await self._done(n.key, "webhook", error=f"not sent: {err}")
-            raise ApplicationError(str(err), type=UNSAFE_TARGET, non_retryable=True) from err
         event = {
             "id": n.key,
             "type": f"payment.{n.kind.value}",
@@ -143,10 +150,39 @@ class NotificationActivities:
         }
         await self._post_signed(n.webhook_url, n.key, event)
 
-    async def _post_signed(self, url: str, key: str, event: dict) -> None:
-        """POST a Standard Webhooks message; the message id is the event key."""
+    async def _post_alert(self, url: str, key: str, event: dict) -> None:
+        """POST an alert to the operators' own webhook (their setting, so no target rules)."""
         payload = json.dumps(event, separators=(",", ":")).encode()
         headers = signing.signed_headers(self._channels.webhook_secret, key, payload)
         response = await self._http.post(url, content=payload, headers=headers, follow_redirects=False)
         if not response.is_success:
             raise RuntimeError(f"{url} answered HTTP {response.status_code}; resending with backoff")
+
+    async def _post_signed(self, url: str, key: str, event: dict) -> None:
+        """POST a Standard Webhooks message to a merchant; the message id is the event key.
+
+        The host is resolved once and the request goes to that checked address (no second
+        lookup, no redirect followed). What fails is told in two ways: the activity's error
+        message (which the payment's timeline shows) names no address and no connection
+        error; the worker's log, the ``notifications`` row and the error's details in the
+        workflow history keep the whole story for operators."""
+        payload = json.dumps(event, separators=(",", ":")).encode()
+        headers = signing.signed_headers(self._channels.webhook_secret, key, payload)
+        try:
+            await post_pinned(url, payload, headers, allowed_hosts=self._channels.allowed_hosts,
+                              resolver=self._resolver, timeout=self._http.timeout)
+        except UnsafeTarget as err:
+            activity.logger.warning("webhook %s not sent: %s", key, err)
+            await self._done(key, "webhook", error=f"not sent: {err}")
+            raise ApplicationError(UNSAFE_PUBLIC, str(err), type=UNSAFE_TARGET, non_retryable=True) from err
+        except DeliveryFailed as err:
+            activity.logger.warning("webhook %s not delivered: %s", key, err.detail)
+            await self._failed(key, "webhook", err.detail)
+            raise ApplicationError(err.public, err.detail, type=NOT_DELIVERED) from err
+
+    async def _failed(self, key: str, channel: str, error: str) -> None:
+        async with self._sessions() as session:
+            row = await session.get(db.Notification, f"{key}:{channel}")
+            if row is not None and row.status != "sent":
+                row.error = error[:2000]
+                await session.commit()

@@ -7,28 +7,54 @@ pointed at internal addresses (the worker would otherwise fetch them from inside
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from paysentinel.models import Incident, NotificationInput, NotifyKind, to_major
+import httpx
+
+from paysentinel.models import Incident, NotificationInput, NotifyKind, PaymentView, to_major
 
 
 class UnsafeTarget(ValueError):
     """A notification URL that points somewhere it must not (internal, loopback, odd scheme)."""
 
 
-def _is_public(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
+# IPv6 ranges that carry an IPv4 address; such an address is judged as the IPv4 one it carries.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known NAT64 prefix: the last 32 bits
+_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")  # RFC 3056 6to4: bits 16-48
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")  # IPv4-mapped
+_COMPATIBLE = ipaddress.ip_network("::/96")  # IPv4-compatible (deprecated; includes :: and ::1)
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries (NAT64, 6to4, IPv4-mapped, IPv4-compatible), else None."""
+    if ip in _SIX_TO_FOUR:
+        return ip.sixtofour
+    if ip in _NAT64 or ip in _MAPPED or ip in _COMPATIBLE:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def is_public_address(address: str) -> bool:
+    """True for a globally routable unicast address; an IPv6 address that embeds an IPv4
+    address is public only when the IPv4 address is."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # a scope id never makes an address public
+    if isinstance(ip, ipaddress.IPv6Address):
+        carried = embedded_ipv4(ip)
+        if carried is not None:
+            ip = carried
     return ip.is_global and not ip.is_multicast
 
 
-def check_target(url: str, allowed_hosts: Iterable[str] = (), resolve: bool = False) -> None:
-    """Raise UnsafeTarget unless ``url`` is http(s) to a public host (or an allowed one).
+_is_public = is_public_address  # the name this module used before
 
-    With ``resolve``, every address the host name resolves to must be public too (checked
-    again right before sending, so a DNS answer cannot be switched after validation)."""
+
+def _static_checks(url: str, allowed_hosts: Iterable[str]) -> tuple[str, str, int, bool]:
+    """(scheme, host, port, allowed) of a URL that passes the checks that need no DNS."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise UnsafeTarget(f"notification URLs must be http or https, not {parts.scheme or 'none'!r}")
@@ -37,26 +63,174 @@ def check_target(url: str, allowed_hosts: Iterable[str] = (), resolve: bool = Fa
     host = (parts.hostname or "").lower()
     if not host:
         raise UnsafeTarget("notification URL has no host")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as err:
+        raise UnsafeTarget(f"notification URL has an invalid port: {err}") from err
     if host in {h.lower() for h in allowed_hosts}:
-        return
+        return parts.scheme, host, port, True
     if host == "localhost" or host.endswith((".localhost", ".local", ".internal")):
         raise UnsafeTarget(f"{host} is an internal host name")
+    if _literal(host) and not is_public_address(host):
+        raise UnsafeTarget(f"{host} is not a public address")
+    return parts.scheme, host, port, False
+
+
+def _literal(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        pass  # a host name: checked by resolving it
-    else:
-        if not _is_public(host):
-            raise UnsafeTarget(f"{host} is not a public address")
-        return
-    if resolve:
+        return False
+    return True
+
+
+def check_target(url: str, allowed_hosts: Iterable[str] = (), resolve: bool = False) -> None:
+    """Raise UnsafeTarget unless ``url`` is http(s) to a public host (or an allowed one).
+
+    With ``resolve``, every address the host name resolves to must be public too. This
+    only validates: to send, use :func:`resolve_target` and :func:`post_pinned`, which
+    connect to the very address that was checked."""
+    scheme, host, port, allowed = _static_checks(url, allowed_hosts)
+    if resolve and not allowed and not _literal(host):
         try:
-            infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80))
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as err:
             raise UnsafeTarget(f"{host} does not resolve: {err}") from err
         for info in infos:
-            if not _is_public(str(info[4][0])):
+            if not is_public_address(str(info[4][0])):
                 raise UnsafeTarget(f"{host} resolves to {info[4][0]}, which is not a public address")
+
+
+# --- Sending to a vetted address ------------------------------------------------------
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+"""(host, port) -> the addresses the host name resolves to."""
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A notification URL resolved once: requests go to ``address``, never to a new lookup."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    addresses: tuple[str, ...]  # all checked; tried in this order
+
+    @property
+    def address(self) -> str:
+        return self.addresses[0]
+
+
+async def resolve_target(url: str, allowed_hosts: Iterable[str] = (), resolver: Resolver = system_resolver) -> Target:
+    """Check ``url`` and resolve its host once; every address it resolves to must be public
+    (unless the host is allowed). The returned target is pinned to these addresses."""
+    scheme, host, port, allowed = _static_checks(url, allowed_hosts)
+    if _literal(host):
+        return Target(url, scheme, host, port, (host,))
+    try:
+        addresses = await resolver(host, port)
+    except (OSError, UnicodeError) as err:
+        raise UnsafeTarget(f"{host} does not resolve: {err}") from err
+    if not addresses:
+        raise UnsafeTarget(f"{host} does not resolve")
+    if not allowed:
+        for address in addresses:
+            if not is_public_address(address):
+                raise UnsafeTarget(f"{host} resolves to {address}, which is not a public address")
+    return Target(url, scheme, host, port, tuple(dict.fromkeys(addresses)))
+
+
+def pinned_request(client: httpx.AsyncClient, target: Target, content: bytes, headers: dict[str, str],
+                   address: str | None = None) -> httpx.Request:
+    """A POST to ``address`` (a checked address of the target) that still names the host:
+    the Host header and, for https, the TLS server name (SNI and certificate check) are
+    the URL's host."""
+    url = httpx.URL(target.url).copy_with(host=address or target.address)
+    default_port = 443 if target.scheme == "https" else 80
+    host_header = target.host if target.port == default_port else f"{_bracketed(target.host)}:{target.port}"
+    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+    return client.build_request("POST", url, content=content, headers={**headers, "Host": host_header},
+                                extensions=extensions)
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class DeliveryFailed(Exception):
+    """A notification that did not arrive. ``public`` is what a payment's timeline may say;
+    ``detail`` (addresses, connection errors) is for operators only: logs and history."""
+
+    def __init__(self, public: str, detail: str):
+        super().__init__(public)
+        self.public, self.detail = public, detail
+
+
+async def post_pinned(url: str, content: bytes, headers: dict[str, str], *, allowed_hosts: Iterable[str] = (),
+                      resolver: Resolver = system_resolver, timeout: float | httpx.Timeout = 10.0) -> httpx.Response:
+    """POST to a merchant URL: resolved once, checked, connected to the checked address,
+    redirects never followed. Raises UnsafeTarget for a refused URL, DeliveryFailed when
+    the endpoint cannot be reached or does not answer 2xx."""
+    target = await resolve_target(url, allowed_hosts, resolver)
+    response, errors = None, []
+    # A client of its own: no connection pooled for another host, no proxy from the environment.
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        for address in target.addresses:  # the checked addresses only; never a new lookup
+            try:
+                response = await client.send(pinned_request(client, target, content, headers, address),
+                                             follow_redirects=False)
+                break
+            except httpx.HTTPError as err:
+                errors.append(f"{address}: {type(err).__name__}: {err}")
+                if not isinstance(err, (httpx.ConnectError, httpx.ConnectTimeout)):
+                    break  # the request may have arrived: not sent again to another address
+    if response is None:
+        raise DeliveryFailed("the merchant endpoint could not be reached; resending with backoff",
+                             f"{url}: " + "; ".join(errors))
+    if response.is_redirect:
+        raise DeliveryFailed(
+            f"the merchant endpoint answered HTTP {response.status_code} (a redirect, not followed); "
+            "resending with backoff",
+            f"{url} ({target.address}) answered HTTP {response.status_code} to {response.headers.get('location')!r}",
+        )
+    if not response.is_success:
+        raise DeliveryFailed(
+            f"the merchant endpoint answered HTTP {response.status_code}; resending with backoff",
+            f"{url} ({target.address}) answered HTTP {response.status_code}",
+        )
+    return response
+
+
+def public_failure(detail: str) -> str:
+    """What a payment's public timeline says of a failed notification ("<kind>: <reason>"):
+    the reasons this module words for the public are kept, anything else (a connection
+    error or an address recorded by an older release) is replaced."""
+    kind, _, reason = detail.partition(": ")
+    for prefix in ("NotDelivered: ", "UnsafeTarget: "):
+        reason = reason.removeprefix(prefix)
+    if reason.startswith(PUBLIC_PREFIXES):
+        return f"{kind}: {reason}"
+    return f"{kind}: the merchant endpoint could not be reached (operators see why in the payment's history)"
+
+
+def public_view(view: PaymentView) -> PaymentView:
+    """A payment as an unauthenticated or merchant-facing view shows it: notification
+    failures say what failed, never an address or a connection error."""
+    if not any(entry.event == "notification failed" for entry in view.timeline):
+        return view
+    timeline = [entry.model_copy(update={"detail": public_failure(entry.detail)})
+                if entry.event == "notification failed" else entry for entry in view.timeline]
+    return view.model_copy(update={"timeline": timeline})
+
+
+UNSAFE_PUBLIC = "notify_url refused: it does not point to a public http(s) address"
+PUBLIC_PREFIXES = ("the merchant endpoint answered HTTP ", "the merchant endpoint could not be reached", UNSAFE_PUBLIC)
 
 
 SUBJECTS = {

@@ -33,7 +33,7 @@ from paysentinel.models import (
     RefundCreate,
     RefundView,
 )
-from paysentinel.notify import UnsafeTarget, check_target
+from paysentinel.notify import UnsafeTarget, check_target, public_view
 from paysentinel.providers import SUPPORTED_PROVIDERS
 from paysentinel.logs import bind
 from starters.common import (
@@ -156,7 +156,8 @@ def create_app(settings: Settings) -> FastAPI:
         if row is None:
             raise HTTPException(404, f"no payment {payment_id!r}; payment ids look like 'payment-<order id>'")
         try:
-            return await asyncio.wait_for(res.client.get_workflow_handle(payment_id).query(PaymentWorkflow.view), 5)
+            view = await asyncio.wait_for(res.client.get_workflow_handle(payment_id).query(PaymentWorkflow.view), 5)
+            return public_view(view)  # a notification failure's detail is for operators (history, logs)
         except Exception as err:  # timeout, worker down, query failed: the row alone is still correct
             log.info("payment %s: answering from the database (%s)", payment_id, err)
             return view_from_row(row)

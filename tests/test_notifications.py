@@ -98,3 +98,160 @@ async def test_refunds_and_unpaid_outcomes_are_told(api, sim, mailbox):
     [mail] = await mails_to(mailbox, f"{unpaid}@example.com", 1)
     assert subject(mail) == f"Order {unpaid}: payment not completed, nothing was charged"
     assert "no money was taken" in mail.get_content()
+
+
+# --- Outbound requests: one lookup, the checked address, no redirects ----------------------
+
+from paysentinel.notify import (  # noqa: E402
+    UNSAFE_PUBLIC,
+    DeliveryFailed,
+    is_public_address,
+    pinned_request,
+    post_pinned,
+    public_failure,
+    resolve_target,
+)
+
+PRIVATE_V4 = ["127.0.0.1", "10.1.2.3", "192.168.0.10", "169.254.169.254", "172.16.5.4", "100.64.0.1", "0.0.0.0"]
+
+
+def embedded_forms(v4: str) -> list[str]:
+    """An IPv4 address written in each IPv6 form that carries one."""
+    import ipaddress
+
+    n = int(ipaddress.IPv4Address(v4))
+    high, low = f"{n >> 16:x}", f"{n & 0xFFFF:x}"
+    return [f"64:ff9b::{high}:{low}", f"2002:{high}:{low}::1", f"::ffff:{v4}", f"::{high}:{low}"]
+
+
+@pytest.mark.parametrize("v4", PRIVATE_V4)
+def test_ipv6_forms_embedding_an_internal_ipv4_address_are_refused(v4):
+    for address in embedded_forms(v4):
+        assert not is_public_address(address), address
+        with pytest.raises(UnsafeTarget):
+            check_target(f"http://[{address}]:8080/hook")
+
+
+def test_ipv6_forms_embedding_a_public_ipv4_address_pass():
+    for address in embedded_forms("93.184.216.34"):
+        assert is_public_address(address), address
+    assert is_public_address("2606:4700:4700::1111") and not is_public_address("fd00::1")
+
+
+class Listener:
+    """A real HTTP endpoint on 127.0.0.1 that counts every connection and answers ``status``
+    (with ``location`` for a redirect); ``hosts`` are the Host headers it got."""
+
+    def __init__(self, status: int = 200, location: str = ""):
+        self.status, self.location = status, location
+        self.connections, self.hosts = 0, []
+
+    async def __aenter__(self) -> "Listener":
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:] if ": " in line)
+        self.hosts.append(headers.get("Host") or headers.get("host"))
+        length = int(headers.get("Content-Length") or headers.get("content-length") or 0)
+        if length:
+            await reader.readexactly(length)
+        extra = f"Location: {self.location}\r\n" if self.location else ""
+        writer.write(f"HTTP/1.1 {self.status} X\r\nContent-Length: 0\r\n{extra}Connection: close\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+
+def scripted_resolver(*answers: list[str]):
+    """A resolver that gives each answer in turn (the last repeats) and counts the lookups."""
+    calls: list[str] = []
+
+    async def resolve(host: str, port: int) -> list[str]:
+        calls.append(host)
+        return answers[min(len(calls), len(answers)) - 1]
+
+    return resolve, calls
+
+
+async def test_a_name_that_rebinds_to_loopback_never_reaches_a_loopback_listener():
+    async with Listener() as listener:
+        resolver, calls = scripted_resolver(["93.184.216.34"], ["127.0.0.1"])
+        url = f"http://rebind.example:{listener.port}/hook"
+        with pytest.raises(DeliveryFailed) as failed:
+            await post_pinned(url, b"{}", {}, resolver=resolver, timeout=1.0)
+        assert listener.connections == 0 and calls == ["rebind.example"]  # resolved once, public address used
+        assert "127.0.0.1" not in failed.value.public and "93.184.216.34" not in failed.value.public
+        assert "93.184.216.34" in failed.value.detail  # operators see where it went
+
+        # Asked again, the name now answers loopback: refused before any connection.
+        with pytest.raises(UnsafeTarget):
+            await post_pinned(url, b"{}", {}, resolver=resolver, timeout=1.0)
+        assert listener.connections == 0
+
+
+async def test_the_request_goes_to_the_resolved_address_with_the_original_host():
+    async with Listener() as listener:
+        resolver, calls = scripted_resolver(["127.0.0.1"], ["10.9.9.9"])
+        url = f"http://merchant.test:{listener.port}/hook"
+        response = await post_pinned(url, b"{}", {}, allowed_hosts=["merchant.test"], resolver=resolver)
+        assert response.status_code == 200 and calls == ["merchant.test"]
+        assert listener.connections == 1 and listener.hosts == [f"merchant.test:{listener.port}"]
+
+
+async def test_https_keeps_the_host_name_for_tls():
+    import httpx
+
+    target = await resolve_target("https://shop.example.com/hook", resolver=scripted_resolver(["93.184.216.34"])[0])
+    async with httpx.AsyncClient() as client:
+        request = pinned_request(client, target, b"{}", {})
+    assert request.url.host == "93.184.216.34" and request.headers["Host"] == "shop.example.com"
+    assert request.extensions["sni_hostname"] == "shop.example.com"  # SNI and certificate check
+
+
+async def test_a_redirect_answer_is_not_followed():
+    async with Listener() as inner:
+        async with Listener(302, f"http://127.0.0.1:{inner.port}/latest/meta-data") as outer:
+            with pytest.raises(DeliveryFailed) as failed:
+                await post_pinned(f"http://localhost:{outer.port}/hook", b"{}", {}, allowed_hosts=["localhost"],
+                                  resolver=scripted_resolver(["127.0.0.1"])[0])
+            assert outer.connections == 1 and inner.connections == 0
+    assert "redirect, not followed" in failed.value.public and "meta-data" not in failed.value.public
+
+
+def test_public_timeline_keeps_no_connection_details():
+    assert public_failure("paid: NotDelivered: the merchant endpoint answered HTTP 500; resending with backoff") == \
+        "paid: the merchant endpoint answered HTTP 500; resending with backoff"
+    assert public_failure(f"paid: UnsafeTarget: {UNSAFE_PUBLIC}") == f"paid: {UNSAFE_PUBLIC}"
+    for leaky in ["paid: ConnectError: [Errno 111] Connection refused",
+                  "paid: UnsafeTarget: db.corp resolves to 10.0.0.3, which is not a public address",
+                  "paid: RuntimeError: http://10.0.0.3:5432/ answered HTTP 404; resending with backoff"]:
+        shown = public_failure(leaky)
+        assert shown.startswith("paid: the merchant endpoint could not be reached") and "10.0.0.3" not in shown
+        assert "Errno" not in shown
+
+
+async def test_unreachable_merchant_endpoint_detail_stays_out_of_the_payment_view(api, sim, sessions):
+    from paysentinel.devserver import free_port
+
+    order = new_order("unreach")
+    await script(sim, order, pay="immediately")
+    url = f"http://localhost:{free_port()}/hook"  # nobody listens: connection refused
+    payment_id = (await start_payment(api, order, notify_url=url)).json()["payment_id"]
+    await wait_status(api, payment_id, "SUCCEEDED")
+
+    async def failure_noted():
+        view = (await api.get(f"/payments/{payment_id}")).json()
+        return [e["detail"] for e in view["timeline"] if e["event"] == "notification failed"]
+
+    [shown] = await wait_for(failure_noted, timeout=30, what="the notification failure on the timeline")
+    assert shown == "paid: the merchant endpoint could not be reached; resending with backoff"
+    async with sessions() as session:
+        row = await session.get(db.Notification, f"{payment_id}:paid:webhook")
+    assert row.status != "sent" and "127.0.0.1" in row.error and "ConnectError" in row.error  # for operators
