@@ -27,14 +27,14 @@ from zoneinfo import ZoneInfo
 
 import httpx
 from sqlalchemy import insert
-from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 
 from paysentinel import db
-from paysentinel.config import DEFAULT_CACHE_DIR
+from paysentinel.codec import format_keys
+from paysentinel.config import DEFAULT_CACHE_DIR, Settings
 from paysentinel.devserver import DevServer, ensure_temporal_cli, free_port
 from paysentinel.models import ReconcileInput, ReconcileReport
 from paysentinel.simulator.bills import synthetic_row
+from paysentinel.temporal import connect
 from workflows.reconcile import ReconciliationWorkflow
 
 TZ = ZoneInfo("Asia/Shanghai")
@@ -116,7 +116,8 @@ async def main() -> None:
             env = {**os.environ, "TEMPORAL_ADDRESS": server.address, "PAYSENTINEL_DATABASE_URL": url,
                    "PAYSENTINEL_TASK_QUEUE": task_queue, "PAYSENTINEL_SIMULATOR_PORT": str(sim_port),
                    "PAYSENTINEL_DATA_DIR": str(workdir), "PAYSENTINEL_SDK_METRICS_PORT": "0",
-                   "PAYSENTINEL_MONITOR_INTERVAL_SECONDS": "0", "PAYSENTINEL_RECONCILE_ENABLED": "false"}
+                   "PAYSENTINEL_MONITOR_INTERVAL_SECONDS": "0", "PAYSENTINEL_RECONCILE_ENABLED": "false",
+                   "PAYSENTINEL_PAYLOAD_KEYS": format_keys([("bench", os.urandom(32))])}
             log = open(workdir / "paysentinel.log", "ab")
             for part in ("simulator", "worker"):
                 processes.append(subprocess.Popen([sys.executable, "-m", "paysentinel.cli", "up", "--parts", part],
@@ -129,7 +130,7 @@ async def main() -> None:
                 except httpx.HTTPError:
                     time.sleep(0.2)
             worker = processes[1]
-            client = await Client.connect(server.address, data_converter=pydantic_data_converter)
+            client = await connect(Settings(TEMPORAL_ADDRESS=server.address, payload_keys=env["PAYSENTINEL_PAYLOAD_KEYS"]))
             today = datetime.now(TZ).date()
             await asyncio.sleep(3)  # the worker is up and polling
             print(f"database: {'SQLite' if args.sqlite else 'PostgreSQL'}; batches of {args.batch_rows} rows; "

@@ -75,6 +75,7 @@ def up(
             ui_port=settings.temporal_ui_port,
             db_filename=settings.data_dir / "temporal.db",
             namespace=settings.temporal_namespace,
+            ui_codec_endpoint=_codec_endpoint(settings),
         )
         try:
             server.start()
@@ -91,6 +92,13 @@ def up(
         if server is not None:
             console.print("stopping the Temporal dev server")
             server.stop()
+
+
+def _codec_endpoint(settings: Settings) -> str:
+    """The codec endpoint the dev server's Web UI decodes payloads with (starters/codec_api.py)."""
+    from starters.codec_api import endpoint_url
+
+    return endpoint_url(settings)
 
 
 def _print_where(settings: Settings, parts: list[str], server) -> None:

@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     operator_tokens: Annotated[list[str], NoDecode] = ["operator:dev-operator-token"]
     operator_token: str = ""  # what the CLI sends (default: the first configured token)
 
+    # Payload encryption (paysentinel/codec.py): "id:base64key,..." (AES-256; the first encrypts,
+    # all decrypt). A secret: empty means "generate a development key once into data_dir".
+    payload_keys: str = ""
+    # Origins allowed to call the codec endpoint (/codec) from a browser: the Temporal Web UI.
+    # Empty: the dev server's Web UI (http://127.0.0.1:<temporal_ui_port>, http://localhost:<...>).
+    codec_cors_origins: Annotated[list[str], NoDecode] = []
+
     # Notifications: e-mail to the customer (off while smtp_host is empty) and a signed
     # webhook to the merchant's notify_url (Standard Webhooks, this secret).
     smtp_host: str = ""
@@ -150,7 +157,7 @@ class Settings(BaseSettings):
             return [float(part) for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("notify_allowed_hosts", mode="before")
+    @field_validator("notify_allowed_hosts", "codec_cors_origins", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
@@ -176,6 +183,11 @@ class Settings(BaseSettings):
     @property
     def effective_operator_token(self) -> str:
         return self.operator_token or self.operator_tokens[0].partition(":")[2]
+
+    @property
+    def effective_codec_cors_origins(self) -> list[str]:
+        return self.codec_cors_origins or [f"http://127.0.0.1:{self.temporal_ui_port}",
+                                           f"http://localhost:{self.temporal_ui_port}"]
 
     @property
     def effective_database_url(self) -> str:

@@ -313,6 +313,7 @@ class DevServer:
         db_filename: Path | None = None,
         namespace: str = "default",
         stop_timeout: float = 5.0,
+        ui_codec_endpoint: str | None = None,
     ) -> None:
         self.cli = Path(cli)
         self.log_file = Path(log_file)
@@ -322,6 +323,7 @@ class DevServer:
         self.db_filename = Path(db_filename) if db_filename is not None else None
         self.namespace = namespace
         self.stop_timeout = stop_timeout
+        self.ui_codec_endpoint = ui_codec_endpoint  # the Web UI decodes payloads there (starters/codec_api.py)
         self.client: Client | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -352,6 +354,8 @@ class DevServer:
             "warn",
         ]
         cmd += ["--headless"] if self.ui_port is None else ["--ui-port", str(self.ui_port)]
+        if self.ui_port is not None and self.ui_codec_endpoint:
+            cmd += ["--ui-codec-endpoint", self.ui_codec_endpoint]
         if self.db_filename is not None:
             cmd += ["--db-filename", str(self.db_filename)]
         for name, kind in SEARCH_ATTRIBUTES.items():

@@ -9,8 +9,10 @@ is for people; ``json`` is one object per line for a log pipeline.
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import json
 import logging
+import re
 import sys
 from datetime import datetime, timezone
 from typing import Optional
@@ -47,6 +49,58 @@ class ContextFilter(logging.Filter):
         return True
 
 
+_EMAIL = re.compile(r"(?<![\w.+-])([A-Za-z0-9])[A-Za-z0-9._%+-]*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,})")
+_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])")
+_IPV6 = re.compile(r"(?<![\w:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
+_PHONE = re.compile(
+    r"(?<![\w.+-])(?:"
+    r"\+\d{7,15}"  # E.164 without separators
+    r"|(?<!\d)1[3-9]\d{9}"  # a mobile number in China
+    r"|(?!\d{4}-\d{2}-\d{2})(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}"  # grouped
+    r")(?![\w.-]*\d)"
+)
+
+
+def _keep(address: str) -> bool:
+    """Loopback and unspecified addresses are the service's own, not a person's."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return True  # not an address after all (a time, a hash)
+    return ip.is_loopback or ip.is_unspecified
+
+
+def _mask_phone(match: re.Match) -> str:
+    text = match.group(0)
+    digits = [c for c in text if c.isdigit()]
+    if len(digits) < 7 or len(digits) > 15:
+        return text  # too short or too long for a phone number (an amount, an id)
+    return "***" + "".join(digits[-2:])
+
+
+def mask(text: str) -> str:
+    """E-mail, IP addresses and phone numbers masked: ``li@example.com`` -> ``l***@example.com``."""
+    text = _EMAIL.sub(lambda m: f"{m.group(1)}***@{m.group(2)}", text)
+    text = _IPV6.sub(lambda m: m.group(0) if _keep(m.group(0)) else "****:****", text)
+    text = _IPV4.sub(lambda m: m.group(0) if _keep(m.group(0)) else "***.***.***.***", text)
+    return _PHONE.sub(_mask_phone, text)
+
+
+class MaskingFilter(logging.Filter):
+    """Personal data out of log lines: the message (with its arguments) and any exception text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = mask(record.exc_text)
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -65,6 +119,7 @@ class JsonFormatter(logging.Formatter):
 def configure(log_format: str = "text", verbose: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ContextFilter())
+    handler.addFilter(MaskingFilter())
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -6,18 +6,21 @@ from typing import Optional
 
 from temporalio.client import Client, Schedule, ScheduleAlreadyRunningError, ScheduleUpdate, ScheduleUpdateInput
 from temporalio.runtime import Runtime
-from temporalio.contrib.pydantic import pydantic_data_converter
 
 from paysentinel import tracing
+from paysentinel.codec import data_converter_for
 from paysentinel.config import Settings
 
 
 async def connect(settings: Settings, runtime: Optional[Runtime] = None) -> Client:
+    """The one way every process (worker, starters, CLI, tests, benchmarks) connects: the pydantic
+    data converter with the payload encryption codec, so no customer data reaches the history."""
+    converter = data_converter_for(settings)
     try:
         return await Client.connect(
             settings.effective_temporal_address,
             namespace=settings.temporal_namespace,
-            data_converter=pydantic_data_converter,
+            data_converter=converter,
             runtime=runtime,
             interceptors=tracing.interceptors(settings),
         )

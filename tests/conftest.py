@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import pytest
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 
 from paysentinel.config import DEFAULT_CACHE_DIR
 from paysentinel.devserver import DevServer, ensure_temporal_cli, free_port
@@ -57,6 +56,10 @@ TEST_TIMINGS = {
 }
 OPERATORS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
 OPERATOR_HEADERS = {"Authorization": f"Bearer {OPERATORS['alice']}"}
+# The tests' payload keys (fixed, so histories recorded by a test run replay in later ones):
+# "test-2" encrypts, "test-1" still decrypts (a rotation in progress).
+TEST_PAYLOAD_KEYS = ("test-2:cGF5c2VudGluZWwtdGVzdC1wYXlsb2FkLWtleS0wMDI=,"
+                     "test-1:cGF5c2VudGluZWwtdGVzdC1wYXlsb2FkLWtleS0wMDE=")
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +80,10 @@ async def temporal_server(temporal_cli: Path, tmp_path_factory) -> AsyncIterator
 
 @pytest.fixture(scope="session")
 async def client(temporal_server: DevServer) -> Client:
-    return await Client.connect(temporal_server.address, data_converter=pydantic_data_converter)
+    from paysentinel.config import Settings
+    from paysentinel.temporal import connect
+
+    return await connect(Settings(TEMPORAL_ADDRESS=temporal_server.address, payload_keys=TEST_PAYLOAD_KEYS))
 
 
 @pytest.fixture(scope="session")
@@ -222,6 +228,8 @@ def stack(temporal_server: DevServer, database_url: str, mailbox: Mailbox, tmp_p
         "PAYSENTINEL_OPERATOR_TOKENS": ",".join(f"{name}:{token}" for name, token in OPERATORS.items()),
         "PAYSENTINEL_SMTP_HOST": "127.0.0.1",
         "PAYSENTINEL_SMTP_PORT": str(mailbox.port),
+        "PAYSENTINEL_PAYLOAD_KEYS": TEST_PAYLOAD_KEYS,
+        "PAYSENTINEL_CODEC_CORS_ORIGINS": temporal_server.ui_url or "",  # the Web UI test decodes through /codec
     }
     log_file = tmp_path_factory.mktemp("stack") / "paysentinel.log"
     spans_file = log_file.with_name("spans.jsonl")

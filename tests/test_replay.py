@@ -32,14 +32,14 @@ import httpx
 import pytest
 from temporalio import workflow
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, WorkflowReplayResults
 from temporalio.workflow import NondeterminismError
 
+from paysentinel.codec import data_converter, parse_keys
 from paysentinel.config import Settings
 from paysentinel.models import PaymentInput
 from tests import scenarios
-from tests.conftest import OPERATOR_HEADERS, Stack
+from tests.conftest import OPERATOR_HEADERS, TEST_PAYLOAD_KEYS, Stack
 from tests.helpers import wait_for
 from workers.main import WORKFLOWS
 from workflows.monitor import MONITOR_SCHEDULE_ID
@@ -71,7 +71,9 @@ async def replay(histories: Sequence[WorkflowHistory], workflows: Sequence[type]
         for history in histories:
             yield history
 
-    replayer = Replayer(workflows=workflows, data_converter=pydantic_data_converter, **options)
+    # The workers' converter: histories of this session are encrypted (the test keys), kept ones
+    # recorded before encryption pass through the codec unchanged.
+    replayer = Replayer(workflows=workflows, data_converter=data_converter(parse_keys(TEST_PAYLOAD_KEYS)), **options)
     return await replayer.replay_workflows(each(), raise_on_replay_failure=False)
 
 
@@ -98,7 +100,7 @@ async def test_every_branch_is_recorded_and_replays(client: Client, stack: Stack
         assert not (target.is_dir() and any(target.glob("*.json"))), (
             f"{target} already holds histories: a release's histories are never overwritten; "
             "record into the directory of a new release")
-    async with httpx.AsyncClient(base_url=stack.api_url, headers=OPERATOR_HEADERS, timeout=30) as operator:
+    async with httpx.AsyncClient(base_url=stack.operator_url, headers=OPERATOR_HEADERS, timeout=30) as operator:
         parts = scenarios.Parts(api=api, sim=sim, operator=operator, client=client)
 
         async def run(branch: scenarios.Branch) -> str:

@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.conftest import new_order
+from tests.conftest import OPERATORS, new_order
 from tests.helpers import script, search_count, start_payment, wait_status
 
 
@@ -24,7 +24,7 @@ def chromium() -> str:
     return path
 
 
-async def test_operator_finds_a_payment_by_order_id_in_the_web_ui(api, sim, client, temporal_server, tmp_path):
+async def test_operator_finds_a_payment_by_order_id_in_the_web_ui(api, sim, client, stack, temporal_server, tmp_path):
     from playwright.async_api import async_playwright
 
     order = new_order("ui")
@@ -40,6 +40,19 @@ async def test_operator_finds_a_payment_by_order_id_in_the_web_ui(api, sim, clie
         )
         page = await browser.new_page(viewport={"width": 1440, "height": 900})
         try:
+            # Histories hold payloads encrypted: the operator signs in to the codec endpoint once and
+            # points the Web UI's codec setting at it, with cross-origin credentials (README).
+            await page.goto(f"{stack.operator_url}/codec/login")
+            await page.get_by_label("Operator token").fill(OPERATORS["alice"])
+            await page.get_by_role("button", name="Sign in").click()
+            await page.get_by_text("Signed in as alice").wait_for(timeout=10_000)
+            await page.goto(ui)
+            await page.evaluate("""endpoint => {
+                localStorage.setItem("endpoint", JSON.stringify(endpoint));
+                localStorage.setItem("includeCredentials", "true");
+                localStorage.setItem("overrideRemoteCodecConfiguration", "true");
+            }""", f"{stack.operator_url}/codec")
+
             query = f'OrderId="{order}"'
             await page.goto(f"{ui}/namespaces/default/workflows?query={quote(query)}")
             row = page.get_by_role("link", name=payment_id).first
@@ -51,6 +64,8 @@ async def test_operator_finds_a_payment_by_order_id_in_the_web_ui(api, sim, clie
             await row.click()
             await page.get_by_text(f"Payment for order {order}").first.wait_for(timeout=30_000)
             await page.get_by_text("create_trade").first.wait_for(timeout=30_000)
+            # The payment's input, decoded by the codec endpoint: the customer's e-mail in clear.
+            await page.get_by_text(f"{order}@example.com").first.wait_for(timeout=30_000)
             await page.screenshot(path=tmp_path / "web-ui-history.png", full_page=True)
         finally:
             await browser.close()
