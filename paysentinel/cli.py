@@ -37,7 +37,21 @@ def _migrate(settings: Settings) -> None:
     db.upgrade(settings.effective_database_url)
 
 
+def _secured(settings: Settings, parts: list[str]) -> Settings:
+    """The development profile's generated secrets, or a refusal without secrets of our own."""
+    from rich.markup import escape
+
+    from paysentinel.profile import SecretsRefused, secured
+
+    try:
+        return secured(settings, parts, PARTS)
+    except SecretsRefused as err:
+        console.print("[red]error:[/red]", escape(str(err)), soft_wrap=True)
+        raise typer.Exit(1) from err
+
+
 def _run(settings: Settings, parts: list[str]) -> None:
+    settings = _secured(settings, parts)
     try:
         asyncio.run(run_parts(settings, parts))
     except RuntimeError as err:
@@ -58,6 +72,7 @@ def up(
     unknown = sorted(set(chosen) - set(PARTS))
     if unknown:
         raise typer.BadParameter(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    settings = _secured(settings, chosen)
     server = None
     if not settings.temporal_address:
         from paysentinel.devserver import DevServer, DevServerError, TemporalCliUnavailable, ensure_temporal_cli

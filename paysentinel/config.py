@@ -6,23 +6,98 @@ started by ``paysentinel up``, a SQLite application database and the provider si
 
 from __future__ import annotations
 
+import base64
+import os
+from hashlib import sha256
+import secrets as _random
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from pathlib import Path
 
 from pydantic import Field, field_validator
 
 
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "paysentinel"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "paysentinel"
 # A development secret in the Standard Webhooks format. Production sets its own.
 DEV_WEBHOOK_SECRET = "whsec_cGF5c2VudGluZWwtbG9jYWwtZGV2ZWxvcG1lbnQtc2VjcmV0"
+# Values published in this repository (the operator token also as its SHA-256): refused as
+# secrets, or as any ':'-separated part of one, outside the development profile.
+DEVELOPMENT_SECRET_VALUES = frozenset({
+    DEV_WEBHOOK_SECRET, "dev-operator-token", "operator:dev-operator-token", sha256(b"dev-operator-token").hexdigest(),
+})
+
+
+def new_webhook_secret() -> str:
+    """A fresh Standard Webhooks secret (``whsec_`` + 32 random bytes in base64)."""
+    return "whsec_" + base64.b64encode(_random.token_bytes(32)).decode()
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret setting. Outside the development profile a required one must be set, and none
+    may hold a development value (see paysentinel/profile.py); each can come from a file."""
+
+    name: str  # the Settings field
+    required: bool = True  # optional ones (a rotation's previous value) are checked only when set
+    generate: Callable[[], str] | None = None  # how `paysentinel up` makes one in development
+
+    @property
+    def variable(self) -> str:
+        return f"PAYSENTINEL_{self.name.upper()}"
+
+    @property
+    def file_variable(self) -> str:
+        return f"{self.variable}_FILE"
+
+
+# Every secret setting, in one place: add yours here (and its field to Settings).
+SECRETS: list[Secret] = [
+    Secret("simulator_webhook_secret", generate=new_webhook_secret),
+    Secret("simulator_webhook_secret_previous", required=False),
+    Secret("merchant_webhook_secret", generate=new_webhook_secret),
+    Secret("merchant_webhook_secret_previous", required=False),
+    Secret("operator_tokens"),  # development keeps operator:dev-operator-token
+]
+
+
+class SecretFilesSource(PydanticBaseSettingsSource):
+    """``PAYSENTINEL_<SECRET>_FILE``: the secret is the file's content (as Docker and Kubernetes
+    mount secrets), its trailing newline stripped."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # __call__ reads the files
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for secret in SECRETS:
+            path = os.environ.get(secret.file_variable)
+            if not path:
+                continue
+            if os.environ.get(secret.variable):
+                raise ValueError(f"set {secret.variable} or {secret.file_variable}, not both")
+            try:
+                values[secret.name] = Path(path).read_text().rstrip("\r\n")
+            except OSError as err:
+                raise ValueError(f"{secret.file_variable}: cannot read {path}: {err.strerror}") from None
+        return values
+
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PAYSENTINEL_", env_file=".env", extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):  # type: ignore[override]
+        return init_settings, env_settings, SecretFilesSource(settings_cls), dotenv_settings, file_secret_settings
+
+    # "production" refuses development secrets even for `paysentinel up` on embedded defaults.
+    env: Literal["development", "production"] = "development"
 
     # Temporal. An empty address means "start a local dev server" (paysentinel up).
     temporal_address: str = Field("", validation_alias="TEMPORAL_ADDRESS")
@@ -49,8 +124,9 @@ class Settings(BaseSettings):
     # Base of the pay URLs the simulator hands out (what a payer's browser can reach).
     simulator_public_url: str = ""
 
-    # Webhooks from providers.
-    simulator_webhook_secret: str = DEV_WEBHOOK_SECRET
+    # Webhooks from providers (secrets: see SECRETS; in development `paysentinel up` makes them).
+    simulator_webhook_secret: str = ""
+    simulator_webhook_secret_previous: str = ""  # still accepted while the provider rotates
     webhook_tolerance_seconds: int = 300
     webhook_max_body_bytes: int = 64 * 1024
 
@@ -86,7 +162,8 @@ class Settings(BaseSettings):
     smtp_host: str = ""
     smtp_port: int = 25
     smtp_from: str = "payments@paysentinel.local"
-    merchant_webhook_secret: str = DEV_WEBHOOK_SECRET
+    merchant_webhook_secret: str = ""
+    merchant_webhook_secret_previous: str = ""  # also signs while merchants rotate
     # Host names exempt from the "no internal addresses" rule for notify_url (e.g. a test receiver).
     notify_allowed_hosts: Annotated[list[str], NoDecode] = []
     notify_max_attempts: int = 8

@@ -22,7 +22,7 @@ from temporalio.client import Client
 
 from paysentinel.config import DEFAULT_CACHE_DIR
 from paysentinel.devserver import DevServer, ensure_temporal_cli, free_port
-from tests.helpers import Books, assert_books_balance, track_books
+from tests.helpers import MERCHANT_PREVIOUS_SECRET, MERCHANT_SECRET, SIMULATOR_SECRET, Books, assert_books_balance, track_books
 
 DEFAULT_TEST_DATABASE = "postgresql+asyncpg://paysentinel:paysentinel@127.0.0.1:5432/paysentinel_test"
 
@@ -226,6 +226,9 @@ def stack(temporal_server: DevServer, database_url: str, mailbox: Mailbox, tmp_p
         "PAYSENTINEL_SDK_METRICS_PORT": str(ports["sdk_metrics"]),
         "PAYSENTINEL_DATA_DIR": str(tmp_path_factory.mktemp("data")),
         "PAYSENTINEL_OPERATOR_TOKENS": ",".join(f"{name}:{token}" for name, token in OPERATORS.items()),
+        "PAYSENTINEL_SIMULATOR_WEBHOOK_SECRET": SIMULATOR_SECRET,  # not the development profile: secrets of its own
+        "PAYSENTINEL_MERCHANT_WEBHOOK_SECRET": MERCHANT_SECRET,
+        "PAYSENTINEL_MERCHANT_WEBHOOK_SECRET_PREVIOUS": MERCHANT_PREVIOUS_SECRET,
         "PAYSENTINEL_SMTP_HOST": "127.0.0.1",
         "PAYSENTINEL_SMTP_PORT": str(mailbox.port),
         "PAYSENTINEL_PAYLOAD_KEYS": TEST_PAYLOAD_KEYS,

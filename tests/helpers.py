@@ -16,8 +16,29 @@ from sqlalchemy import select
 from temporalio.client import Client
 
 from paysentinel import db, signing
-from paysentinel.config import DEV_WEBHOOK_SECRET
+from paysentinel.config import new_webhook_secret
 from paysentinel.devserver import free_port
+
+# This test session's secrets (the stack runs outside the development profile, so it needs its
+# own): the provider's callback secret and the merchant webhook secret.
+SIMULATOR_SECRET = new_webhook_secret()
+MERCHANT_SECRET = new_webhook_secret()
+MERCHANT_PREVIOUS_SECRET = new_webhook_secret()  # the stack rotates: merchant webhooks carry both signatures
+
+
+def own_operator_tokens() -> str:
+    """A PAYSENTINEL_OPERATOR_TOKENS value shaped like the development default, with a token of
+    its own in place of the published one (so a start outside development accepts it)."""
+    import hashlib
+    import secrets
+
+    from paysentinel.config import DEVELOPMENT_SECRET_VALUES, Settings
+
+    [entry] = Settings.model_fields["operator_tokens"].default
+    token = secrets.token_hex(16)
+    parts = [(hashlib.sha256(token.encode()).hexdigest() if len(part) == 64 else token)
+             if part in DEVELOPMENT_SECRET_VALUES else part for part in str(entry).split(":")]
+    return ":".join(parts)
 
 
 async def start_payment(api: httpx.AsyncClient, order_id: str, amount_minor: int = 9990, **extra) -> httpx.Response:
@@ -256,8 +277,9 @@ def events(view: dict, name: str) -> list[dict]:
 
 
 @asynccontextmanager
-async def receiver(answers: list[int], host: str = "127.0.0.1", secret: str = DEV_WEBHOOK_SECRET):
-    """A real HTTP endpoint that checks Standard Webhooks signatures, answers the given
+async def receiver(answers: list[int], host: str = "127.0.0.1", secret: str = MERCHANT_SECRET):
+    """A real HTTP endpoint that checks Standard Webhooks signatures (by default the merchant
+    webhook secret; the simulator's callbacks: ``secret=SIMULATOR_SECRET``), answers the given
     status codes in turn (the last one repeats) and records (event, event id) it got."""
     received: list[tuple[dict, str]] = []
     app = FastAPI()

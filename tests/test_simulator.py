@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from tests.conftest import new_order
-from tests.helpers import receiver, script, sim_trade, wait_for
+from tests.helpers import SIMULATOR_SECRET, receiver, script, sim_trade, wait_for
 
 
 def trade_body(order: str, amount: str = "12.30", **extra) -> dict:
@@ -77,7 +77,7 @@ async def test_cashier_page_lets_the_payer_pay(sim):
 async def test_callbacks_are_signed_and_resent_until_acknowledged(sim):
     order = new_order("sim-resend")
     await script(sim, order, pay="immediately")
-    async with receiver([500, 503, 200]) as (url, received):
+    async with receiver([500, 503, 200], secret=SIMULATOR_SECRET) as (url, received):
         await sim.post("/v1/trades", json=trade_body(order, notify_url=url))
         await wait_for(lambda: _delivered(sim, order, 3), what="three delivery attempts")
         await asyncio.sleep(1.5)  # the acknowledged event is not sent again
@@ -93,7 +93,7 @@ async def test_callback_scripts_drop_and_duplicate(sim):
     dropped, doubled = new_order("sim-drop"), new_order("sim-twice")
     await script(sim, dropped, pay="immediately", callback="drop")
     await script(sim, doubled, pay="immediately", callback="duplicate", callback_amount="0.01")
-    async with receiver([200]) as (url, received):
+    async with receiver([200], secret=SIMULATOR_SECRET) as (url, received):
         await sim.post("/v1/trades", json=trade_body(dropped, notify_url=url))
         await sim.post("/v1/trades", json=trade_body(doubled, notify_url=url))
         await wait_for(lambda: _delivered(sim, doubled, 2), what="the duplicated callback")
@@ -175,7 +175,7 @@ async def _refund_in(sim, order: str, request_no: str, status: str):
 async def test_second_charge_and_risk_hold(sim):
     order = new_order("sim-second")
     await script(sim, order, pay="immediately", second_charge=True, second_charge_delay_seconds=0.2)
-    async with receiver([200]) as (url, received):
+    async with receiver([200], secret=SIMULATOR_SECRET) as (url, received):
         await sim.post("/v1/trades", json=trade_body(order, notify_url=url))
         await wait_for(lambda: _delivered(sim, order, 2), what="callbacks of both charges")
     trades = {event["data"]["trade_no"] for event, _ in received}

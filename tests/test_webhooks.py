@@ -10,9 +10,8 @@ import httpx
 import pytest
 
 from paysentinel import signing
-from paysentinel.config import DEV_WEBHOOK_SECRET
 from tests.conftest import new_order
-from tests.helpers import callback_rows, exempt, payment_row, script, start_payment, wait_for, wait_status
+from tests.helpers import SIMULATOR_SECRET, callback_rows, exempt, payment_row, script, start_payment, wait_for, wait_status
 
 
 def trade_event(order_id: str, trade_no: str, status: str = "TRADE_SUCCESS", amount: str = "99.90") -> tuple[str, bytes]:
@@ -66,7 +65,7 @@ async def test_bad_signature_is_401_and_changes_nothing(webhooks, api, sessions,
     response = await webhooks.post("/webhooks/simulator", content=body, headers=headers)
     assert response.status_code == 401
     assert "signature" in response.json()["error"]
-    tampered = signing.signed_headers(DEV_WEBHOOK_SECRET, event_id, body)
+    tampered = signing.signed_headers(SIMULATOR_SECRET, event_id, body)
     response = await webhooks.post("/webhooks/simulator", content=body.replace(b"99.90", b"0.01"), headers=tampered)
     assert response.status_code == 401
     response = await webhooks.post("/webhooks/simulator", content=body, headers={"content-type": "application/json"})
@@ -76,7 +75,7 @@ async def test_bad_signature_is_401_and_changes_nothing(webhooks, api, sessions,
 
 async def test_stale_timestamp_is_401(webhooks, api, sessions, pending_payment):
     event_id, body = trade_event(pending_payment["order_id"], pending_payment["trade_no"])
-    headers = signing.signed_headers(DEV_WEBHOOK_SECRET, event_id, body, timestamp=int(time.time()) - 3600)
+    headers = signing.signed_headers(SIMULATOR_SECRET, event_id, body, timestamp=int(time.time()) - 3600)
     response = await webhooks.post("/webhooks/simulator", content=body, headers=headers)
     assert response.status_code == 401 and "timestamp" in response.json()["error"]
     await assert_unchanged(api, sessions, pending_payment)
@@ -84,7 +83,7 @@ async def test_stale_timestamp_is_401(webhooks, api, sessions, pending_payment):
 
 async def test_malformed_body_is_400(webhooks, api, sessions, pending_payment):
     for body in (b"{not json", json.dumps({"id": "evt_x", "data": {"trade_status": "PAID??"}}).encode()):
-        headers = signing.signed_headers(DEV_WEBHOOK_SECRET, "evt_x", body)
+        headers = signing.signed_headers(SIMULATOR_SECRET, "evt_x", body)
         response = await webhooks.post("/webhooks/simulator", content=body, headers=headers)
         assert response.status_code == 400, response.text
     await assert_unchanged(api, sessions, pending_payment)
@@ -92,7 +91,7 @@ async def test_malformed_body_is_400(webhooks, api, sessions, pending_payment):
 
 async def test_oversized_body_is_413(webhooks, api, sessions, pending_payment):
     body = b'{"pad": "' + b"x" * (70 * 1024) + b'"}'
-    headers = signing.signed_headers(DEV_WEBHOOK_SECRET, "evt_big", body)
+    headers = signing.signed_headers(SIMULATOR_SECRET, "evt_big", body)
     response = await webhooks.post("/webhooks/simulator", content=body, headers=headers)
     assert response.status_code == 413
 
@@ -114,7 +113,7 @@ async def test_verified_callback_for_unknown_payment_is_stored_and_listed(webhoo
     order = new_order("ghost")
     event_id, body = trade_event(order, "2026112299999999")
     response = await webhooks.post("/webhooks/simulator", content=body,
-                                   headers=signing.signed_headers(DEV_WEBHOOK_SECRET, event_id, body))
+                                   headers=signing.signed_headers(SIMULATOR_SECRET, event_id, body))
     assert response.status_code == 200
     assert response.json()["result"] == "unknown_payment"
     [row] = await callback_rows(sessions, order)
@@ -123,7 +122,7 @@ async def test_verified_callback_for_unknown_payment_is_stored_and_listed(webhoo
     assert [c["event_id"] for c in listed] == [event_id]
     # The provider resends: acknowledged as a duplicate, stored once.
     again = await webhooks.post("/webhooks/simulator", content=body,
-                                headers=signing.signed_headers(DEV_WEBHOOK_SECRET, event_id, body))
+                                headers=signing.signed_headers(SIMULATOR_SECRET, event_id, body))
     assert again.json()["result"] == "duplicate"
     assert len(await callback_rows(sessions, order)) == 1
 
@@ -135,7 +134,7 @@ async def test_valid_callback_is_delivered_once(webhooks, api, sim, sessions, pe
     event_id, body = trade_event(order, pending_payment["trade_no"])
     for expected in ("delivered", "duplicate"):
         response = await webhooks.post("/webhooks/simulator", content=body,
-                                       headers=signing.signed_headers(DEV_WEBHOOK_SECRET, event_id, body))
+                                       headers=signing.signed_headers(SIMULATOR_SECRET, event_id, body))
         assert response.status_code == 200 and response.json()["result"] == expected
     view = await wait_status(api, pending_payment["payment_id"], "SUCCEEDED")
     assert len([e for e in view["timeline"] if e["event"] == "paid"]) == 1

@@ -136,7 +136,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
         payment = PaymentActivities(providers, sessions, risk)
         channels = Channels(
             smtp_host=settings.smtp_host, smtp_port=settings.smtp_port, smtp_from=settings.smtp_from,
-            webhook_secret=settings.merchant_webhook_secret, allowed_hosts=tuple(settings.notify_allowed_hosts),
+            # During a rotation merchant webhooks carry a signature with each secret.
+            webhook_secret=(settings.merchant_webhook_secret, settings.merchant_webhook_secret_previous),
+            allowed_hosts=tuple(settings.notify_allowed_hosts),
             alert_email=settings.alert_email, alert_webhook_url=settings.alert_webhook_url,
         )
         if not settings.smtp_host:

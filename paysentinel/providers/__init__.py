@@ -16,6 +16,9 @@ __all__ = ["MalformedCallback", "Provider", "ProviderRejected", "ProviderUnavail
 def build_providers(settings: Settings, http: httpx.AsyncClient) -> dict[str, Provider]:
     return {
         "simulator": SimulatorProvider(
-            http, settings.effective_simulator_url, settings.simulator_webhook_secret, settings.webhook_tolerance_seconds
+            http, settings.effective_simulator_url,
+            # During a rotation callbacks signed with the previous secret are accepted too.
+            (settings.simulator_webhook_secret, settings.simulator_webhook_secret_previous),
+            settings.webhook_tolerance_seconds,
         )
     }

@@ -69,7 +69,8 @@ def _trade(body: dict[str, Any]) -> Trade:
 class SimulatorProvider:
     name = "simulator"
 
-    def __init__(self, http: httpx.AsyncClient, base_url: str, webhook_secret: str, tolerance_seconds: int = 300):
+    def __init__(self, http: httpx.AsyncClient, base_url: str, webhook_secret: signing.Secrets,
+                 tolerance_seconds: int = 300):
         self._http = http
         self._base_url = base_url.rstrip("/")
         self._secret = webhook_secret
