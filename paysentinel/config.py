@@ -169,6 +169,18 @@ class Settings(BaseSettings):
     notify_max_attempts: int = 8
     notify_retry_initial_seconds: float = 2.0
 
+    # Abuse limits (token buckets: a rate per second and a burst; a rate of 0 turns one off) on
+    # POST /payments and POST /webhooks/{provider}, per client (its credential, else its address)
+    # and per address (IPv6 by /64). A request over either is answered 429 with Retry-After.
+    rate_limit_payments_per_second: float = Field(50.0, ge=0)
+    rate_limit_payments_burst: int = Field(200, ge=1)
+    rate_limit_payments_address_per_second: float = Field(100.0, ge=0)
+    rate_limit_payments_address_burst: int = Field(400, ge=1)
+    rate_limit_webhooks_per_second: float = Field(100.0, ge=0)
+    rate_limit_webhooks_burst: int = Field(500, ge=1)
+    rate_limit_webhooks_address_per_second: float = Field(200.0, ge=0)
+    rate_limit_webhooks_address_burst: int = Field(1000, ge=1)
+
     # Metrics: /metrics on the checkout API and the webhook receiver; the Temporal SDK's
     # worker metrics on their own port (0 turns them off); the app's metrics of a worker
     # started alone (`paysentinel worker`) on metrics_port.

@@ -36,6 +36,7 @@ from paysentinel.models import (
 from paysentinel.notify import UnsafeTarget, check_target, public_view
 from paysentinel.providers import SUPPORTED_PROVIDERS
 from paysentinel.logs import bind
+from starters.limits import add_abuse_limits
 from starters.common import (
     Resources,
     add_metrics,
@@ -120,6 +121,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(HTTPException, error_body)
     app.include_router(operator_router)
     add_metrics(app)
+    add_abuse_limits(app, settings, "payments")
 
     @app.get("/health")
     async def health() -> dict[str, str]:

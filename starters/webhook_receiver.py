@@ -24,6 +24,7 @@ from paysentinel.providers import MalformedCallback
 from paysentinel.signing import SignatureError
 from paysentinel.logs import bind
 from starters.common import Resources, add_metrics, error_body, lifespan_for
+from starters.limits import add_abuse_limits
 from workflows.payment import PaymentWorkflow, payment_workflow_id
 
 log = logging.getLogger("paysentinel.webhooks")
@@ -97,6 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="paysentinel webhook receiver", version="0.1.0", lifespan=lifespan_for(settings))
     app.add_exception_handler(HTTPException, error_body)
     add_metrics(app)
+    add_abuse_limits(app, settings, "webhooks")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
