@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from paysentinel.config import Settings, get_settings
-from paysentinel.operator_cli import payment_app, reconcile_app, review_app
+from paysentinel.operator_cli import audit_app, operator_app, payment_app, reconcile_app, review_app
 from paysentinel.runner import PARTS, run_parts
 
 app = typer.Typer(help="paysentinel: trustworthy payment results on Temporal.", no_args_is_help=True)
@@ -20,6 +20,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(review_app, name="review")
 app.add_typer(payment_app, name="payment")
 app.add_typer(reconcile_app, name="reconcile")
+app.add_typer(audit_app, name="audit")
+app.add_typer(operator_app, name="operator")
 console = Console()
 if not console.is_terminal and "COLUMNS" not in os.environ:
     console.width = 120  # piped or logged: wide enough for the tables
@@ -65,7 +67,7 @@ def up(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the whole system locally: Temporal dev server (unless TEMPORAL_ADDRESS is set),
-    the provider simulator, the worker, the checkout API and the webhook receiver."""
+    the provider simulator, the worker, the checkout API, the webhook receiver and the operator API."""
     _logging(verbose)
     settings = get_settings()
     chosen = [p.strip() for p in parts.split(",") if p.strip()]
@@ -130,11 +132,15 @@ def _print_where(settings: Settings, parts: list[str], server) -> None:
         "worker": f"task queue {settings.task_queue}",
         "api": f"http://{settings.host}:{settings.api_port}  (POST /payments, docs at /docs)",
         "webhooks": f"{settings.effective_webhook_base_url}/webhooks/<provider>",
+        "operator": f"http://{settings.host}:{settings.operator_port}/operator  (reviews, reconciliation, audit; "
+                    "keep it private)",
     }
     for part in parts:
         table.add_row(part, where[part])
     if "api" in parts:
         table.add_row("metrics", f"http://{settings.host}:{settings.api_port}/metrics  (Prometheus)")
+    elif "operator" in parts:
+        table.add_row("metrics", f"http://{settings.host}:{settings.operator_port}/metrics  (Prometheus)")
     if "worker" in parts and settings.sdk_metrics_port:
         table.add_row("worker metrics", f"http://{settings.host}:{settings.sdk_metrics_port}/metrics  (Temporal SDK)")
     if "worker" in parts and settings.monitor_interval_seconds > 0:
@@ -169,6 +175,13 @@ def webhooks(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     _run(get_settings(), ["webhooks"])
 
 
+@app.command("operator-api")
+def operator_api(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Run only the operator API (its own port: PAYSENTINEL_OPERATOR_PORT)."""
+    _logging(verbose)
+    _run(get_settings(), ["operator"])
+
+
 @app.command()
 def simulator(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run only the provider simulator."""
@@ -179,6 +192,7 @@ def simulator(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
 @app.command()
 def demo(
     api_url: Optional[str] = typer.Option(None, help="Checkout API (default: from settings)"),
+    operator_url: Optional[str] = typer.Option(None, help="Operator API (default: from settings)"),
     simulator_url: Optional[str] = typer.Option(None, help="Provider simulator (default: from settings)"),
 ) -> None:
     """Drive one payment through each scenario against the running system and compare outcomes,
@@ -193,6 +207,7 @@ def demo(
         run_demo(
             api_url or f"http://{settings.host}:{settings.api_port}",
             simulator_url or settings.effective_simulator_url,
+            operator_url=operator_url or settings.effective_operator_url,
             ui_url=f"http://{settings.host}:{settings.temporal_ui_port}" if not settings.temporal_address else None,
             console=console,
             operator_token=settings.effective_operator_token,

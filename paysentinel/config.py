@@ -12,6 +12,8 @@ from hashlib import sha256
 import secrets as _random
 from collections.abc import Callable
 from dataclasses import dataclass
+import hashlib
+import re
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 from pathlib import Path
@@ -25,6 +27,19 @@ DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "paysentinel"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "paysentinel"
 # A development secret in the Standard Webhooks format. Production sets its own.
 DEV_WEBHOOK_SECRET = "whsec_cGF5c2VudGluZWwtbG9jYWwtZGV2ZWxvcG1lbnQtc2VjcmV0"
+
+# Operators: "name:role:sha256-hex-of-token" entries; only the tokens' hashes are configured.
+OPERATOR_ROLES = ("viewer", "operator", "approver")  # each may do what the ones before it may
+DEV_OPERATOR_TOKEN = "dev-operator-token"  # the development operator's token (an approver)
+
+
+def token_digest(token: str) -> str:
+    """What PAYSENTINEL_OPERATOR_TOKENS holds of a token: its SHA-256, hex."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+DEV_OPERATOR = f"operator:approver:{token_digest(DEV_OPERATOR_TOKEN)}"
+_OPERATOR_ENTRY = re.compile(r"^([A-Za-z0-9_.@-]{1,32}):(viewer|operator|approver):([0-9a-f]{64})$")
 # Values published in this repository (the operator token also as its SHA-256): refused as
 # secrets, or as any ':'-separated part of one, outside the development profile.
 DEVELOPMENT_SECRET_VALUES = frozenset({
@@ -116,6 +131,7 @@ class Settings(BaseSettings):
     # HTTP services.
     host: str = "127.0.0.1"
     api_port: int = 8000
+    operator_port: int = 8004  # the operator API (reviews, reconciliation, audit): keep it off the public network
     webhook_port: int = 8001
     simulator_port: int = 8002
     # Where the provider should send callbacks (our webhook receiver, as the provider sees it).
@@ -146,9 +162,13 @@ class Settings(BaseSettings):
     refund_submissions: int = 3  # submissions of a failing refund before it goes to review
     review_escalate_seconds: float = 3600.0  # an undecided review raises the alarm after this
     review_deadline_seconds: float = 86400.0  # then the safe default applies
-    # Operators: "name:token" pairs (comma-separated) accepted as bearer tokens by the operator API.
-    operator_tokens: Annotated[list[str], NoDecode] = ["operator:dev-operator-token"]
-    operator_token: str = ""  # what the CLI sends (default: the first configured token)
+    # Operators: "name:role:sha256-hex-of-token" entries (comma-separated) of the operator API;
+    # `paysentinel operator new NAME --role R` makes a token and its entry.
+    operator_tokens: Annotated[list[str], NoDecode] = [DEV_OPERATOR]
+    operator_token: str = ""  # what the CLI sends (default: the development token while DEV_OPERATOR is configured)
+    operator_url: str = ""  # where the CLI finds the operator API (default: http://<host>:<operator port>)
+    # Four eyes: a review decision moving more than this (minor units) needs a second approver.
+    four_eyes_minor: int = Field(100_000, ge=0)
 
     # Payload encryption (paysentinel/codec.py): "id:base64key,..." (AES-256; the first encrypts,
     # all decrypt). A secret: empty means "generate a development key once into data_dir".
@@ -185,7 +205,7 @@ class Settings(BaseSettings):
     # worker metrics on their own port (0 turns them off); the app's metrics of a worker
     # started alone (`paysentinel worker`) on metrics_port.
     sdk_metrics_port: int = 8003
-    metrics_port: int = 8004
+    metrics_port: int = 8005  # (8004 is the operator API's)
 
     # The monitor: a Temporal Schedule runs it every monitor_interval_seconds (0: no schedule)
     # over the payments that finished in the last monitor_window_seconds.
@@ -258,20 +278,32 @@ class Settings(BaseSettings):
     def _split_tokens(cls, value: object) -> object:
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
-        for pair in value:  # type: ignore[union-attr]
-            name, _, token = str(pair).partition(":")
-            if not name or len(token) < 12:
-                raise ValueError("operator tokens are 'name:token' pairs with tokens of at least 12 characters")
+        names = set()
+        for entry in value:  # type: ignore[union-attr]
+            match = _OPERATOR_ENTRY.match(str(entry))
+            if match is None:
+                shown = str(entry).partition(":")[0]
+                raise ValueError(
+                    f"operator entry for {shown!r} is not 'name:role:sha256-hex-of-token' (roles: "
+                    f"{', '.join(OPERATOR_ROLES)}); make one with `paysentinel operator new NAME --role ROLE`")
+            if match.group(1) in names:
+                raise ValueError(f"operator {match.group(1)!r} is configured twice")
+            names.add(match.group(1))
         return value
 
     @property
-    def operators(self) -> dict[str, str]:
-        """token -> operator name."""
-        return {pair.partition(":")[2]: pair.partition(":")[0] for pair in self.operator_tokens}
+    def operators(self) -> list[tuple[str, str, bytes]]:
+        """(name, role, SHA-256 of the token) of each configured operator."""
+        entries = [str(entry).split(":") for entry in self.operator_tokens]
+        return [(name, role, bytes.fromhex(digest)) for name, role, digest in entries]
 
     @property
     def effective_operator_token(self) -> str:
-        return self.operator_token or self.operator_tokens[0].partition(":")[2]
+        return self.operator_token or (DEV_OPERATOR_TOKEN if DEV_OPERATOR in self.operator_tokens else "")
+
+    @property
+    def effective_operator_url(self) -> str:
+        return self.operator_url or f"http://{self.host}:{self.operator_port}"
 
     @property
     def effective_codec_cors_origins(self) -> list[str]:

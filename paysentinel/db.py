@@ -241,6 +241,48 @@ class Discrepancy(Base):
     seen_pass: Mapped[Optional[int]] = mapped_column(Integer)
 
 
+class AuditEntry(Base):
+    """One operator action: who (and as which role), when, from where, what, why, and the result.
+
+    Append-only: rows are only ever inserted (``record_audit``); the database refuses
+    UPDATE and DELETE on this table (migration 0008).
+    """
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    operator: Mapped[str] = mapped_column(String(64), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    address: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))  # e.g. review.refund, reconcile.run
+    target: Mapped[str] = mapped_column(String(128))  # the review id, the day reconciled
+    reason: Mapped[str] = mapped_column(Text, default="")
+    result: Mapped[str] = mapped_column(String(16))  # done, pending, refused
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class PendingDecision(Base):
+    """A review decision above the four-eyes amount, waiting for a second, different approver."""
+
+    __tablename__ = "pending_decisions"
+
+    review_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    action: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    operator: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+async def record_audit(sessions: async_sessionmaker[AsyncSession], **values: object) -> None:
+    """Append one row to the audit table (the only way the application writes to it)."""
+    async with sessions() as session, session.begin():
+        session.add(AuditEntry(**values))
+
+
 STALE = "no longer a difference: the bill as the provider serves it now agrees"
 
 

@@ -104,12 +104,13 @@ def _table(items: list[Scenario]) -> Table:
     return table
 
 
-async def _reconcile_today(api: httpx.AsyncClient, sim: httpx.AsyncClient, run_id: str, token: str, day: str,
+async def _reconcile_today(operator_url: str, sim: httpx.AsyncClient, run_id: str, token: str, day: str,
                            console: Console, timeout: float) -> bool:
     """An order paid at the provider that we never had: only reconciliation finds it, and refunds it."""
     order = f"demo-{run_id}-paid-elsewhere"
     headers = {"Authorization": f"Bearer {token}"}
     started = time.monotonic()
+    api = httpx.AsyncClient(base_url=operator_url, timeout=30)  # the operator API: its own listener
     try:
         (await sim.post("/control/orphans", json={"out_trade_no": order, "total_amount": "66.60"})).raise_for_status()
         before = await api.get(f"/operator/reconciliations/{day}", headers=headers)
@@ -127,6 +128,8 @@ async def _reconcile_today(api: httpx.AsyncClient, sim: httpx.AsyncClient, run_i
     except httpx.HTTPError as err:
         console.print(f"[red]reconciliation could not run: {err}[/red]")
         return False
+    finally:
+        await api.aclose()
     found = [d for d in view.get("discrepancies", []) if d["order_id"] == order]
     ok = bool(found) and found[0]["kind"] == "unknown_order" and books["refunded_minor"] == 6660
     others = sum(c["count"] for k, c in report.get("classes", {}).items() if k != "day_boundary") - len(found)
@@ -141,7 +144,8 @@ async def _reconcile_today(api: httpx.AsyncClient, sim: httpx.AsyncClient, run_i
 
 
 async def run_demo(api_url: str, simulator_url: str, ui_url: Optional[str], console: Console,
-                   timeout: float = 120.0, operator_token: str = "", settlement_day: str = "") -> bool:
+                   timeout: float = 120.0, operator_token: str = "", settlement_day: str = "",
+                   operator_url: str = "") -> bool:
     items = scenarios()
     run_id = time.strftime("%m%d%H%M%S")
     async with httpx.AsyncClient(base_url=api_url, timeout=30) as api, \
@@ -161,8 +165,9 @@ async def run_demo(api_url: str, simulator_url: str, ui_url: Optional[str], cons
             live.update(_table(items))
         console.print()
         reconciled = True
-        if operator_token and settlement_day:
-            reconciled = await _reconcile_today(api, sim, run_id, operator_token, settlement_day, console, timeout)
+        if operator_token and settlement_day and operator_url:
+            reconciled = await _reconcile_today(operator_url, sim, run_id, operator_token, settlement_day, console,
+                                                timeout)
     passed = sum(s.ok for s in items)
     console.print(f"{passed} of {len(items)} scenarios as expected"
                   + ("; reconciliation found and refunded the unknown payment." if reconciled else

@@ -1,13 +1,17 @@
-"""Operator commands: ``paysentinel review ...``, ``payment show`` and ``reconcile ...``.
+"""Operator commands: ``paysentinel review ...``, ``payment show``, ``reconcile ...``,
+``audit list`` and ``operator new``.
 
-They talk to the checkout API's operator endpoints with PAYSENTINEL_OPERATOR_TOKEN, so
-every decision is authenticated and recorded under the operator's name.
+They talk to the operator API (its own listener, PAYSENTINEL_OPERATOR_URL or
+http://<host>:<PAYSENTINEL_OPERATOR_PORT>) with PAYSENTINEL_OPERATOR_TOKEN, so every action
+is authenticated, allowed by the operator's role, and audited under the operator's name.
 """
 
 from __future__ import annotations
 
+import re
+import secrets
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Optional
 
 import httpx
@@ -15,23 +19,26 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from paysentinel.config import get_settings
+from paysentinel.config import OPERATOR_ROLES, get_settings, token_digest
 from paysentinel.models import to_major
 
 review_app = typer.Typer(help="Manual reviews: list, show and decide.", no_args_is_help=True)
 payment_app = typer.Typer(help="Look up payments.", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit of operator actions.", no_args_is_help=True)
+operator_app = typer.Typer(help="Operators and their tokens.", no_args_is_help=True)
 console = Console()
 if not console.is_terminal:
     console.width = 140
 
-API_OPTION = typer.Option(None, "--api", help="Checkout API base URL (default: from settings)")
+API_OPTION = typer.Option(None, "--api", help="Operator API base URL (default: PAYSENTINEL_OPERATOR_URL, "
+                                               "else http://<host>:<PAYSENTINEL_OPERATOR_PORT>)")
 REASON_OPTION = typer.Option(..., "--reason", "-r", help="Why: recorded with the decision")
 
 
 def _client(api: Optional[str]) -> httpx.Client:
     settings = get_settings()
     return httpx.Client(
-        base_url=api or f"http://{settings.host}:{settings.api_port}",
+        base_url=api or settings.effective_operator_url,
         headers={"Authorization": f"Bearer {settings.effective_operator_token}"},
         timeout=30,
     )
@@ -42,7 +49,7 @@ def _call(api: Optional[str], method: str, path: str, **kwargs) -> object:
         with _client(api) as http:
             response = http.request(method, path, **kwargs)
     except httpx.HTTPError as err:
-        console.print(f"[red]cannot reach the API ({err}).[/red] Is it running? (paysentinel up)")
+        console.print(f"[red]cannot reach the operator API ({err}).[/red] Is it running? (paysentinel up)")
         raise typer.Exit(2) from err
     if response.status_code >= 400:
         try:
@@ -67,10 +74,12 @@ def review_list(
     for column in ("reason", "status", "default", "deadline", "decision"):
         table.add_column(column, overflow="fold")
     for r in reviews:  # type: ignore[union-attr]
-        decision = r["decision"]
+        decision, pending = r["decision"], r.get("pending_decision")
+        shown = f"{decision['action']} by {decision['operator']}" if decision else ""
+        if pending and not decision:
+            shown = f"{pending['action']} by {pending['operator']}, pending a second approval"
         table.add_row(r["review_id"], r["reason"], r["status"], r["default_action"],
-                      (r["deadline_at"] or "")[:19],
-                      f"{decision['action']} by {decision['operator']}" if decision else "")
+                      (r["deadline_at"] or "")[:19], shown)
     console.print(table)
 
 
@@ -85,12 +94,19 @@ def review_show(review_id: str, api: Optional[str] = API_OPTION) -> None:
     if r["decision"]:  # type: ignore[index]
         d = r["decision"]  # type: ignore[index]
         console.print(f"decided: {d['action']} by {d['operator']}: {d['reason']}")
-    _print_payment(_call(api, "GET", f"/payments/{r['payment_id']}"))  # type: ignore[index]
+    elif r.get("pending_decision"):  # type: ignore[union-attr]
+        pd = r["pending_decision"]  # type: ignore[index]
+        console.print(f"[yellow]pending a second approval by an approver:[/yellow] {pd['action']} by "
+                      f"{pd['operator']}: {pd['reason']}")
+    _print_payment(_call(api, "GET", f"/operator/payments/{r['payment_id']}"))  # type: ignore[index]
 
 
 def _decide(action: str):
     def command(review_id: str, reason: str = REASON_OPTION, api: Optional[str] = API_OPTION) -> None:
         outcome = _call(api, "POST", f"/operator/reviews/{review_id}/decision", json={"action": action, "reason": reason})
+        if outcome.get("status") == "pending":  # type: ignore[union-attr]
+            console.print(f"[yellow]recorded:[/yellow] {outcome['message']}")  # type: ignore[index]
+            return
         console.print(f"[green]{outcome['action']}[/green] by {outcome['operator']}: {outcome['reason']}")  # type: ignore[index]
 
     command.__doc__ = {
@@ -109,7 +125,7 @@ for _action in ("approve", "reject", "refund", "mark_paid"):
 @payment_app.command("show")
 def payment_show(order_id: str, api: Optional[str] = API_OPTION) -> None:
     """A payment by its order id: status, money, refunds and timeline."""
-    _print_payment(_call(api, "GET", f"/payments/payment-{order_id}"))
+    _print_payment(_call(api, "GET", f"/operator/payments/payment-{order_id}"))
 
 
 def _print_payment(p) -> None:
@@ -229,3 +245,63 @@ def _print_reconciliation(view) -> None:
             items.add_row(d["kind"], d["order_id"], money(d["provider_amount_minor"]), money(d["our_amount_minor"]),
                           d["detail"], ("" if d["resolved"] else "[red]open[/red] ") + (d["resolution"] or "pending"))
         console.print(items)
+
+
+# --- Audit and operators -------------------------------------------------------------------
+
+
+def _since(value: str) -> str:
+    """"2h", "30m", "7d" (ago) or an ISO date/time -> an ISO timestamp in UTC."""
+    match = re.fullmatch(r"(\d+)([smhd])", value.strip())
+    if match:
+        seconds = int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return (datetime.now(timezone.utc) - timedelta(seconds=seconds)).isoformat()
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError as err:
+        raise typer.BadParameter(f"{value!r}: give a time ago (30m, 2h, 7d) or a date/time (2026-11-23T08:00)") from err
+    return (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).isoformat()
+
+
+@audit_app.command("list")
+def audit_list(
+    operator: Optional[str] = typer.Option(None, "--operator", help="Only this operator's actions"),
+    since: Optional[str] = typer.Option(None, "--since", help="From this time on: 30m, 2h, 7d, or 2026-11-23T08:00"),
+    limit: int = typer.Option(200, "--limit"),
+    api: Optional[str] = API_OPTION,
+) -> None:
+    """Operator actions, newest first: who (and as which role), when, from where, what, why, result."""
+    params: dict[str, object] = {"limit": limit}
+    if operator:
+        params["operator"] = operator
+    if since:
+        params["since"] = _since(since)
+    rows = _call(api, "GET", "/operator/audit", params=params)
+    table = Table(title="audit (newest first)")
+    for column in ("at (UTC)", "operator", "role", "address", "action", "target", "result"):
+        table.add_column(column, no_wrap=True)  # never shortened: operators copy them
+    for column in ("reason", "detail"):
+        table.add_column(column, overflow="fold", ratio=1)
+    colour = {"done": "green", "pending": "yellow", "refused": "red"}
+    for r in rows:  # type: ignore[union-attr]
+        table.add_row(r["at"][:19], r["operator"], r["role"], r["address"], r["action"], r["target"],
+                      f"[{colour[r['result']]}]{r['result']}[/{colour[r['result']]}]", r["reason"], r["detail"])
+    console.print(table)
+
+
+@operator_app.command("new")
+def operator_new(
+    name: str = typer.Argument(..., help="The operator's name (letters, digits, _ . @ -; up to 32)"),
+    role: str = typer.Option(..., "--role", help="viewer, operator or approver"),
+) -> None:
+    """Make a token for an operator: prints the token once (give it to the operator) and the
+    entry to add to PAYSENTINEL_OPERATOR_TOKENS (only the token's SHA-256 is configured)."""
+    if role not in OPERATOR_ROLES:
+        raise typer.BadParameter(f"unknown role {role!r}; choose from {', '.join(OPERATOR_ROLES)}")
+    if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,32}", name):
+        raise typer.BadParameter("names are 1-32 letters, digits, '_', '.', '@' or '-'")
+    token = secrets.token_urlsafe(32)
+    console.print(f"token for {name} (shown once; the operator sets PAYSENTINEL_OPERATOR_TOKEN to it):")
+    print(token)
+    console.print("add this entry to PAYSENTINEL_OPERATOR_TOKENS (comma-separated) and restart the operator API:")
+    print(f"{name}:{role}:{token_digest(token)}")

@@ -15,7 +15,7 @@ from paysentinel.config import Settings
 
 log = logging.getLogger("paysentinel")
 
-PARTS = ("simulator", "worker", "api", "webhooks")
+PARTS = ("simulator", "worker", "api", "webhooks", "operator")
 
 
 class _Server(uvicorn.Server):
@@ -50,14 +50,16 @@ def part_runners(settings: Settings, parts: list[str]) -> dict[str, Callable[[as
 
     from paysentinel.simulator.app import create_app as simulator_app
     from starters.checkout_api import create_app as api_app
+    from starters.operator_api import create_app as operator_app
     from starters.webhook_receiver import create_app as webhook_app
 
     return {
         "simulator": app_runner(simulator_app, settings.simulator_port),
-        # Alone, the worker serves its own /metrics; with the API or receiver they serve it.
-        "worker": lambda stop: run_worker_until(settings, stop, not {"api", "webhooks"} & set(parts)),
+        # Alone, the worker serves its own /metrics; with the API, receiver or operator API they serve it.
+        "worker": lambda stop: run_worker_until(settings, stop, not {"api", "webhooks", "operator"} & set(parts)),
         "api": app_runner(api_app, settings.api_port),
         "webhooks": app_runner(webhook_app, settings.webhook_port),
+        "operator": app_runner(operator_app, settings.operator_port),
     }
 
 

@@ -4,7 +4,7 @@ POST /payments                start (idempotent by order id) -> payment id, stat
 GET  /payments/{id}           status, refunds and timeline
 POST /payments/{id}/refunds   refund part or all of a paid payment (idempotent by Idempotency-Key)
 GET  /callbacks               verified callbacks that could not be delivered to a payment
-/operator/...                 reviews and decisions (see starters/operator_api.py)
+(The operator API is not served here: it has its own listener, see starters/operator_api.py.)
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from starters.common import (
     resources,
     update_error,
 )
-from starters.operator_api import router as operator_router
 from workflows.payment import AMOUNT_MINOR, CURRENCY, ORDER_ID, PAYMENT_STATUS, PROVIDER, PaymentWorkflow, payment_workflow_id
 
 log = logging.getLogger("paysentinel.api")
@@ -119,7 +118,6 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="paysentinel checkout API", version="0.1.0", lifespan=lifespan_for(settings))
     app.add_exception_handler(RequestValidationError, readable_validation_error)
     app.add_exception_handler(HTTPException, error_body)
-    app.include_router(operator_router)
     add_metrics(app)
     add_abuse_limits(app, settings, "payments")
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from paysentinel.config import DEFAULT_CACHE_DIR
+from paysentinel.config import DEFAULT_CACHE_DIR, token_digest
 from paysentinel.devserver import DevServer, ensure_temporal_cli, free_port
 from tests.helpers import MERCHANT_PREVIOUS_SECRET, MERCHANT_SECRET, SIMULATOR_SECRET, Books, assert_books_balance, track_books
 
@@ -54,8 +54,15 @@ TEST_TIMINGS = {
     "PAYSENTINEL_RECONCILE_BATCH_ROWS": "25",  # several batches even for a small day
     "PAYSENTINEL_RECONCILE_VERIFY_WAIT_SECONDS": "20",  # a run waits this long for its repairs to show
 }
-OPERATORS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
+OPERATORS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789",
+             "carol": "carol-token-0123456789", "vera": "vera-token-0123456789"}
+ROLES = {"alice": "operator", "bob": "approver", "carol": "approver", "vera": "viewer"}
 OPERATOR_HEADERS = {"Authorization": f"Bearer {OPERATORS['alice']}"}
+FOUR_EYES_MINOR = 50_000  # decisions moving more than 500.00 need a second approver
+
+
+def bearer(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {OPERATORS[name]}"}
 # The tests' payload keys (fixed, so histories recorded by a test run replay in later ones):
 # "test-2" encrypts, "test-1" still decrypts (a rotation in progress).
 TEST_PAYLOAD_KEYS = ("test-2:cGF5c2VudGluZWwtdGVzdC1wYXlsb2FkLWtleS0wMDI=,"
@@ -119,6 +126,7 @@ async def database_url() -> AsyncIterator[str]:
 @dataclass
 class Stack:
     api_url: str
+    operator_url: str  # the operator API: its own listener
     webhook_url: str
     simulator_url: str
     task_queue: str
@@ -126,14 +134,14 @@ class Stack:
     spans_file: Path  # OpenTelemetry spans (PAYSENTINEL_TRACING=file)
     env: dict[str, str]
     log_file: Path
-    app: subprocess.Popen | None = None  # worker, API and webhook receiver (the simulator runs apart)
+    app: subprocess.Popen | None = None  # worker, APIs and webhook receiver (the simulator runs apart)
 
     def start_app(self) -> None:
-        self.app = start_parts(self.env, "worker,api,webhooks", self.log_file)
-        _wait_healthy([self.api_url, self.webhook_url], self.app, self.log_file)
+        self.app = start_parts(self.env, "worker,api,webhooks,operator", self.log_file)
+        _wait_healthy([self.api_url, self.webhook_url, self.operator_url], self.app, self.log_file)
 
     def restart_app(self) -> None:
-        """Stop the worker, API and webhook receiver (SIGTERM) and start them again."""
+        """Stop the worker, APIs and webhook receiver (SIGTERM) and start them again."""
         assert self.app is not None
         stop_process(self.app)
         self.start_app()
@@ -212,7 +220,7 @@ def mailbox() -> Iterator[Mailbox]:
 @pytest.fixture(scope="session")
 def stack(temporal_server: DevServer, database_url: str, mailbox: Mailbox, tmp_path_factory) -> Iterator[Stack]:
     """The system as users run it (`paysentinel up`), on the test's Temporal and PostgreSQL."""
-    ports = {name: free_port() for name in ("api", "webhook", "simulator", "sdk_metrics")}
+    ports = {name: free_port() for name in ("api", "webhook", "simulator", "sdk_metrics", "operator")}
     task_queue = f"payments-test-{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
@@ -221,11 +229,14 @@ def stack(temporal_server: DevServer, database_url: str, mailbox: Mailbox, tmp_p
         "PAYSENTINEL_DATABASE_URL": database_url,
         "PAYSENTINEL_TASK_QUEUE": task_queue,
         "PAYSENTINEL_API_PORT": str(ports["api"]),
+        "PAYSENTINEL_OPERATOR_PORT": str(ports["operator"]),
         "PAYSENTINEL_WEBHOOK_PORT": str(ports["webhook"]),
         "PAYSENTINEL_SIMULATOR_PORT": str(ports["simulator"]),
         "PAYSENTINEL_SDK_METRICS_PORT": str(ports["sdk_metrics"]),
         "PAYSENTINEL_DATA_DIR": str(tmp_path_factory.mktemp("data")),
-        "PAYSENTINEL_OPERATOR_TOKENS": ",".join(f"{name}:{token}" for name, token in OPERATORS.items()),
+        "PAYSENTINEL_OPERATOR_TOKENS": ",".join(f"{name}:{ROLES[name]}:{token_digest(token)}"
+                                                for name, token in OPERATORS.items()),
+        "PAYSENTINEL_FOUR_EYES_MINOR": str(FOUR_EYES_MINOR),
         "PAYSENTINEL_SIMULATOR_WEBHOOK_SECRET": SIMULATOR_SECRET,  # not the development profile: secrets of its own
         "PAYSENTINEL_MERCHANT_WEBHOOK_SECRET": MERCHANT_SECRET,
         "PAYSENTINEL_MERCHANT_WEBHOOK_SECRET_PREVIOUS": MERCHANT_PREVIOUS_SECRET,
@@ -239,6 +250,7 @@ def stack(temporal_server: DevServer, database_url: str, mailbox: Mailbox, tmp_p
     env.update({"PAYSENTINEL_TRACING": "file", "PAYSENTINEL_TRACING_FILE": str(spans_file)})
     stack = Stack(
         api_url=f"http://127.0.0.1:{ports['api']}",
+        operator_url=f"http://127.0.0.1:{ports['operator']}",
         webhook_url=f"http://127.0.0.1:{ports['webhook']}",
         simulator_url=f"http://127.0.0.1:{ports['simulator']}",
         task_queue=task_queue,
@@ -262,6 +274,13 @@ def stack(temporal_server: DevServer, database_url: str, mailbox: Mailbox, tmp_p
 @pytest.fixture
 async def api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        yield http
+
+
+@pytest.fixture
+async def operator(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    """The operator API as alice (role operator) sees it."""
+    async with httpx.AsyncClient(base_url=stack.operator_url, headers=OPERATOR_HEADERS, timeout=30) as http:
         yield http
 
 

@@ -28,7 +28,7 @@ def test_every_dependency_is_a_service_with_the_right_condition():
 
 
 def test_app_services_run_real_cli_commands():
-    assert set(APP_SERVICES) == {"migrate", "simulator", "worker", "api", "webhooks"}
+    assert set(APP_SERVICES) == {"migrate", "simulator", "worker", "api", "webhooks", "operator"}
     runner = CliRunner()
     for name, service in APP_SERVICES.items():
         result = runner.invoke(app, [*service["command"], "--help"])
@@ -56,7 +56,7 @@ def test_app_configuration_is_valid_settings(monkeypatch, tmp_path):
     assert settings.effective_temporal_address == "temporal:7233"
     assert settings.effective_database_url.startswith("postgresql+asyncpg://")
     published = {int(p.split(":")[1]) for s in APP_SERVICES.values() for p in s.get("ports", [])}
-    assert published == {settings.api_port, settings.webhook_port, settings.simulator_port}
+    assert published == {settings.api_port, settings.webhook_port, settings.simulator_port, settings.operator_port}
     assert (ROOT / "Dockerfile").read_text().count('ENTRYPOINT ["paysentinel"]') == 1
 
 

@@ -28,7 +28,7 @@ TZ = ZoneInfo("Asia/Shanghai")  # PAYSENTINEL_SETTLEMENT_TIMEZONE (default)
 
 @pytest.fixture
 async def finance(stack: Stack):
-    async with httpx.AsyncClient(base_url=stack.api_url, headers=OPERATOR_HEADERS, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=stack.operator_url, headers=OPERATOR_HEADERS, timeout=60) as http:
         yield http
 
 
@@ -254,7 +254,7 @@ async def test_bad_reconciliation_requests_change_nothing(finance, stack):
     assert response.status_code == 404 and "paysentinel reconcile run --date 2001-01-01" in response.json()["error"]
     assert (await finance.post("/operator/reconciliations/not-a-day")).status_code == 422
     assert (await finance.post("/operator/reconciliations/2001-01-01", params={"provider": "nope"})).status_code == 422
-    async with httpx.AsyncClient(base_url=stack.api_url) as anonymous:
+    async with httpx.AsyncClient(base_url=stack.operator_url) as anonymous:
         assert (await anonymous.post("/operator/reconciliations/2001-01-01")).status_code == 401
 
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import httpx
-import pytest
 
 from tests.conftest import OPERATORS, Stack, new_order
 from tests.helpers import (
@@ -26,7 +25,6 @@ from tests.helpers import (
     wait_status,
 )
 
-ALICE = {"Authorization": f"Bearer {OPERATORS['alice']}"}
 
 
 async def ledger(sim: httpx.AsyncClient, order: str) -> dict:
@@ -51,12 +49,6 @@ async def open_review(operator: httpx.AsyncClient, order: str) -> dict:
         return reviews[0] if reviews else None
 
     return await wait_for(found, what=f"an open review for {order}")
-
-
-@pytest.fixture
-async def operator(stack: Stack):
-    async with httpx.AsyncClient(base_url=stack.api_url, headers=ALICE, timeout=30) as http:
-        yield http
 
 
 async def test_duplicate_charge_is_refunded_exactly_once(api, sim, sessions):
@@ -215,7 +207,7 @@ async def test_invalid_operator_actions_change_nothing(api, sim, sessions, opera
         wrong.json()["error"]
     assert (await operator.post(decision, json={"action": "approve"})).status_code == 422  # no reason
     assert (await operator.post(decision, json={"action": "pay", "reason": "yes"})).status_code == 422
-    async with httpx.AsyncClient(base_url=stack.api_url) as anonymous:
+    async with httpx.AsyncClient(base_url=stack.operator_url) as anonymous:
         assert (await anonymous.post(decision, json={"action": "approve", "reason": "ok!"})).status_code == 401
         bad_token = await anonymous.get("/operator/reviews", headers={"Authorization": "Bearer nope"})
         assert bad_token.status_code == 401 and "operator token" in bad_token.json()["error"]
@@ -257,7 +249,7 @@ async def _refund_submitted(sim, order: str) -> bool:
 
 def run_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
     env = {**stack.env, "PAYSENTINEL_OPERATOR_TOKEN": OPERATORS["bob"], "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "paysentinel.cli", *args, "--api", stack.api_url],
+    return subprocess.run([sys.executable, "-m", "paysentinel.cli", *args, "--api", stack.operator_url],
                           env=env, capture_output=True, text=True, timeout=60)
 
 
