@@ -7,13 +7,13 @@ started by ``paysentinel up``, a SQLite application database and the provider si
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
-from hashlib import sha256
+import re
 import secrets as _random
+from hashlib import sha256
 from collections.abc import Callable
 from dataclasses import dataclass
-import hashlib
-import re
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 from pathlib import Path
@@ -27,19 +27,6 @@ DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "paysentinel"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "paysentinel"
 # A development secret in the Standard Webhooks format. Production sets its own.
 DEV_WEBHOOK_SECRET = "whsec_cGF5c2VudGluZWwtbG9jYWwtZGV2ZWxvcG1lbnQtc2VjcmV0"
-
-# Operators: "name:role:sha256-hex-of-token" entries; only the tokens' hashes are configured.
-OPERATOR_ROLES = ("viewer", "operator", "approver")  # each may do what the ones before it may
-DEV_OPERATOR_TOKEN = "dev-operator-token"  # the development operator's token (an approver)
-
-
-def token_digest(token: str) -> str:
-    """What PAYSENTINEL_OPERATOR_TOKENS holds of a token: its SHA-256, hex."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-DEV_OPERATOR = f"operator:approver:{token_digest(DEV_OPERATOR_TOKEN)}"
-_OPERATOR_ENTRY = re.compile(r"^([A-Za-z0-9_.@-]{1,32}):(viewer|operator|approver):([0-9a-f]{64})$")
 # Values published in this repository (the operator token also as its SHA-256): refused as
 # secrets, or as any ':'-separated part of one, outside the development profile.
 DEVELOPMENT_SECRET_VALUES = frozenset({
@@ -77,6 +64,7 @@ SECRETS: list[Secret] = [
     Secret("merchant_webhook_secret", generate=new_webhook_secret),
     Secret("merchant_webhook_secret_previous", required=False),
     Secret("operator_tokens"),  # development keeps operator:dev-operator-token
+    Secret("payload_keys"),  # development makes its own key file in the data dir (paysentinel/codec.py)
 ]
 
 
@@ -101,6 +89,18 @@ class SecretFilesSource(PydanticBaseSettingsSource):
                 raise ValueError(f"{secret.file_variable}: cannot read {path}: {err.strerror}") from None
         return values
 
+# Operators: "name:role:sha256-hex-of-token" entries; only the tokens' hashes are configured.
+OPERATOR_ROLES = ("viewer", "operator", "approver")  # each may do what the ones before it may
+DEV_OPERATOR_TOKEN = "dev-operator-token"  # the development operator's token (an approver)
+
+
+def token_digest(token: str) -> str:
+    """What PAYSENTINEL_OPERATOR_TOKENS holds of a token: its SHA-256, hex."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+DEV_OPERATOR = f"operator:approver:{token_digest(DEV_OPERATOR_TOKEN)}"
+_OPERATOR_ENTRY = re.compile(r"^([A-Za-z0-9_.@-]{1,32}):(viewer|operator|approver):([0-9a-f]{64})$")
 
 
 class Settings(BaseSettings):

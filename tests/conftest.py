@@ -58,15 +58,15 @@ OPERATORS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789",
              "carol": "carol-token-0123456789", "vera": "vera-token-0123456789"}
 ROLES = {"alice": "operator", "bob": "approver", "carol": "approver", "vera": "viewer"}
 OPERATOR_HEADERS = {"Authorization": f"Bearer {OPERATORS['alice']}"}
+# The tests' payload keys (fixed, so histories recorded by a test run replay in later ones):
+# "test-2" encrypts, "test-1" still decrypts (a rotation in progress).
+TEST_PAYLOAD_KEYS = ("test-2:cGF5c2VudGluZWwtdGVzdC1wYXlsb2FkLWtleS0wMDI=,"
+                     "test-1:cGF5c2VudGluZWwtdGVzdC1wYXlsb2FkLWtleS0wMDE=")
 FOUR_EYES_MINOR = 50_000  # decisions moving more than 500.00 need a second approver
 
 
 def bearer(name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {OPERATORS[name]}"}
-# The tests' payload keys (fixed, so histories recorded by a test run replay in later ones):
-# "test-2" encrypts, "test-1" still decrypts (a rotation in progress).
-TEST_PAYLOAD_KEYS = ("test-2:cGF5c2VudGluZWwtdGVzdC1wYXlsb2FkLWtleS0wMDI=,"
-                     "test-1:cGF5c2VudGluZWwtdGVzdC1wYXlsb2FkLWtleS0wMDE=")
 
 
 @pytest.fixture(scope="session")
