@@ -448,13 +448,13 @@ async def _start_reconciliation(day: date, provider: str, who: Operator, res: Re
     return {"workflow_id": workflow_id, "day": day.isoformat(), "provider": provider}
 
 
-from starters.codec_api import router as codec_router  # noqa: E402 - it uses `operator` above
-
 # --- The operator app ---------------------------------------------------------------------
 
 
 def create_app(settings: Settings) -> FastAPI:
     """The operator API on its own listener (`paysentinel up --parts operator`)."""
+    from starters.codec_api import router as codec_router  # it uses `operator` above
+
     app = FastAPI(title="paysentinel operator API", version="0.1.0", lifespan=lifespan_for(settings))
     app.add_exception_handler(RequestValidationError, readable_validation_error)
     app.add_exception_handler(HTTPException, error_body)
