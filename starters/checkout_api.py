@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime, timedelta, timezone
-from typing import Optional
+from typing import Literal, Optional
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Response
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +25,7 @@ from temporalio.service import RPCError
 from paysentinel import db, tracing
 from paysentinel.config import Settings, timing_from
 from paysentinel.models import (
+    ORDER_ID_PATTERN,
     CheckoutRequest,
     PaymentInput,
     PaymentStatus,
@@ -184,9 +185,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/callbacks")
     async def list_callbacks(
-        delivery: Optional[str] = Query(None, description="pending, delivered, unknown_payment, payment_completed"),
-        order_id: Optional[str] = None,
-        limit: int = Query(100, le=1000),
+        delivery: Optional[Literal["pending", "delivered", "unknown_payment", "payment_completed"]] = None,
+        order_id: Optional[str] = Query(None, pattern=ORDER_ID_PATTERN),
+        limit: int = Query(100, ge=1, le=1000),
         res: Resources = Depends(resources),
     ) -> list[dict]:
         query = select(db.Callback).order_by(db.Callback.id.desc()).limit(limit)
