@@ -164,7 +164,8 @@ def _print_where(settings: Settings, parts: list[str], server, merchant_key: str
                                         f"(catches up {settings.reconcile_catchup_days} days)")
     table.add_row("app database", settings.effective_database_url)
     if merchant_key:
-        table.add_row("merchant key", f"{merchant_key}  (merchant demo; shown because this is the development profile)")
+        # The key on a line of its own, so a narrow terminal never breaks it.
+        table.add_row("merchant key", f"{merchant_key}\n(merchant demo; shown because this is the development profile)")
     console.print(table)
     console.print("Try it: [bold]paysentinel demo[/bold] in another terminal.")
 
