@@ -33,9 +33,10 @@ MERCHANT_A = "testa"
 MERCHANT_B = "testb"
 
 
-def provider_order(order: str, merchant: str = MERCHANT_A) -> str:
-    """The internal order number of a merchant's order (the simulator's, the database's)."""
-    return f"{merchant}-{order}"
+def provider_order(order: str, merchant: str | None = MERCHANT_A) -> str:
+    """The internal order number of a merchant's order (the simulator's, the database's);
+    ``merchant=None``: ``order`` is that number already (tests of the simulator alone)."""
+    return order if merchant is None else f"{merchant}-{order}"
 
 
 def payment_id_for(order: str, merchant: str = MERCHANT_A) -> str:
@@ -226,7 +227,7 @@ async def assert_books_balance(sim: httpx.AsyncClient, sessions, order_ids: Iter
     return {}
 
 
-async def script(sim: httpx.AsyncClient, order_id: str, merchant: str = MERCHANT_A, **behaviour) -> None:
+async def script(sim: httpx.AsyncClient, order_id: str, merchant: str | None = MERCHANT_A, **behaviour) -> None:
     """Script the simulator for a merchant's order (the provider knows its internal number)."""
     response = await sim.put(f"/control/scripts/{provider_order(order_id, merchant)}", json=behaviour)
     assert response.status_code == 200, response.text
@@ -279,7 +280,7 @@ async def callback_rows(sessions, order_id: str, merchant: str = MERCHANT_A) -> 
         return list((await session.scalars(select(db.Callback).where(db.Callback.order_id == internal))).all())
 
 
-async def sim_trade(sim: httpx.AsyncClient, order_id: str, merchant: str = MERCHANT_A) -> dict:
+async def sim_trade(sim: httpx.AsyncClient, order_id: str, merchant: str | None = MERCHANT_A) -> dict:
     response = await sim.get(f"/control/trades/{provider_order(order_id, merchant)}")
     assert response.status_code == 200, response.text
     return response.json()
