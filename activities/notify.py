@@ -59,7 +59,11 @@ class NotificationActivities:
 
     @activity.defn
     async def notify(self, n: NotificationInput) -> list[str]:
-        """Send what has not been sent yet; returns the channels sent by this attempt."""
+        """Send what has not been sent yet; returns the channels sent by this attempt.
+
+        The customer and the merchant read the merchant's own order id, not the internal
+        order number ``<merchant>-<order>`` the workflow carries."""
+        n = await self._as_merchant_sees_it(n)
         subject, body = compose(n)
         sent = []
         if n.email and self._channels.smtp_host:
@@ -74,6 +78,15 @@ class NotificationActivities:
                 sent.append("webhook")
         activity.logger.info("payment %s: %s notification sent via %s", n.payment_id, n.kind.value, sent or "nothing new")
         return sent
+
+    async def _as_merchant_sees_it(self, n: NotificationInput) -> NotificationInput:
+        from paysentinel.merchants import merchant_order
+
+        async with self._sessions() as session:
+            row = await session.get(db.Payment, n.payment_id)
+        if row is None or not row.merchant_id:
+            return n
+        return n.model_copy(update={"order_id": merchant_order(row.merchant_id, n.order_id)})
 
     @activity.defn
     async def send_alert(self, incident: Incident) -> list[str]:

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from paysentinel.config import Settings, get_settings
+from paysentinel.merchant_cli import key_app, merchant_app
 from paysentinel.operator_cli import audit_app, operator_app, payment_app, reconcile_app, review_app
 from paysentinel.runner import PARTS, run_parts
 
@@ -22,6 +23,8 @@ app.add_typer(payment_app, name="payment")
 app.add_typer(reconcile_app, name="reconcile")
 app.add_typer(audit_app, name="audit")
 app.add_typer(operator_app, name="operator")
+app.add_typer(merchant_app, name="merchant")
+app.add_typer(key_app, name="key")
 console = Console()
 if not console.is_terminal and "COLUMNS" not in os.environ:
     console.width = 120  # piped or logged: wide enough for the tables
@@ -102,13 +105,23 @@ def up(
             console.print(f"[red]Temporal dev server did not start:[/red] {err}")
             raise typer.Exit(1) from err
     _migrate(settings)
-    _print_where(settings, chosen, server)
+    merchant_key = _development_merchant_key(settings, chosen)
+    _print_where(settings, chosen, server, merchant_key)
     try:
         _run(settings, chosen)
     finally:
         if server is not None:
             console.print("stopping the Temporal dev server")
             server.stop()
+
+
+def _development_merchant_key(settings: Settings, parts: list[str]) -> str:
+    """The development profile's merchant key (merchant demo, every scope); outside it, nothing."""
+    from paysentinel.profile import development_merchant_key, not_development
+
+    if not_development(settings, parts, PARTS):
+        return ""
+    return asyncio.run(development_merchant_key(settings))
 
 
 def _codec_endpoint(settings: Settings) -> str:
@@ -118,7 +131,7 @@ def _codec_endpoint(settings: Settings) -> str:
     return endpoint_url(settings)
 
 
-def _print_where(settings: Settings, parts: list[str], server) -> None:
+def _print_where(settings: Settings, parts: list[str], server, merchant_key: str = "") -> None:
     table = Table(title="paysentinel is running (Ctrl-C stops everything)", show_header=True)
     table.add_column("part")
     table.add_column("where")
@@ -150,6 +163,9 @@ def _print_where(settings: Settings, parts: list[str], server) -> None:
         table.add_row("reconciliation", f"daily at {settings.reconcile_at} {settings.settlement_timezone} "
                                         f"(catches up {settings.reconcile_catchup_days} days)")
     table.add_row("app database", settings.effective_database_url)
+    if merchant_key:
+        # The key on a line of its own, so a narrow terminal never breaks it.
+        table.add_row("merchant key", f"{merchant_key}\n(merchant demo; shown because this is the development profile)")
     console.print(table)
     console.print("Try it: [bold]paysentinel demo[/bold] in another terminal.")
 
@@ -194,6 +210,8 @@ def demo(
     api_url: Optional[str] = typer.Option(None, help="Checkout API (default: from settings)"),
     operator_url: Optional[str] = typer.Option(None, help="Operator API (default: from settings)"),
     simulator_url: Optional[str] = typer.Option(None, help="Provider simulator (default: from settings)"),
+    merchant: str = typer.Option("demo", help="The merchant whose key is used (its order numbers at the provider "
+                                              "are <merchant>-<order>)"),
 ) -> None:
     """Drive one payment through each scenario against the running system and compare outcomes,
     then reconcile today's settlement bill, which holds one payment only the provider knows."""
@@ -201,8 +219,15 @@ def demo(
     from zoneinfo import ZoneInfo
 
     from paysentinel.demo import run_demo
+    from paysentinel.profile import merchant_key_for_demo
 
     settings = get_settings()
+    merchant_key = merchant_key_for_demo(settings)
+    if not merchant_key:
+        console.print("[red]no merchant API key:[/red] set PAYSENTINEL_MERCHANT_KEY (create one with "
+                      "`paysentinel key create --merchant M --scope payments --scope read`), or start "
+                      "`paysentinel up` on embedded defaults, which writes one to the data dir", soft_wrap=True)
+        raise typer.Exit(1)
     ok = asyncio.run(
         run_demo(
             api_url or f"http://{settings.host}:{settings.api_port}",
@@ -212,6 +237,8 @@ def demo(
             console=console,
             operator_token=settings.effective_operator_token,
             settlement_day=datetime.now(ZoneInfo(settings.settlement_timezone)).date().isoformat(),
+            merchant_key=merchant_key,
+            merchant=merchant,
         )
     )
     raise typer.Exit(0 if ok else 1)

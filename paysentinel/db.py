@@ -69,6 +69,8 @@ class Payment(Base):
     refunded_minor: Mapped[int] = mapped_column(BigInteger, default=0)
     client_ip: Mapped[Optional[str]] = mapped_column(String(45), index=True)
     device_id: Mapped[Optional[str]] = mapped_column(String(128), index=True)
+    # The merchant whose API key started it; ``order_id`` is then "<merchant>-<merchant's order>".
+    merchant_id: Mapped[Optional[str]] = mapped_column(String(16), index=True)
     # Provider calls that had to be retried (transient errors), over the payment's life.
     provider_retries: Mapped[int] = mapped_column(Integer, default=0)
     # The lifecycle's outcome (SUCCEEDED, FAILED, CLOSED) and when it was reached.
@@ -78,6 +80,33 @@ class Payment(Base):
     expires_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class Merchant(Base):
+    """Who may use the checkout API (through its API keys)."""
+
+    __tablename__ = "merchants"
+
+    merchant_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ApiKey(Base):
+    """A merchant's API key: only the SHA-256 of its secret is stored."""
+
+    __tablename__ = "api_keys"
+
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    merchant_id: Mapped[str] = mapped_column(String(16), index=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[str] = mapped_column(String(64))  # comma-separated, of API_SCOPES
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+
+    @property
+    def scope_list(self) -> list[str]:
+        return [scope for scope in self.scopes.split(",") if scope]
 
 
 class Callback(Base):
@@ -365,7 +394,8 @@ def _differences(row: Payment, request: CheckoutRequest) -> dict[str, tuple[obje
 
 
 async def claim_order(
-    sessions: async_sessionmaker[AsyncSession], payment_id: str, request: CheckoutRequest, expires_at: datetime | None
+    sessions: async_sessionmaker[AsyncSession], payment_id: str, request: CheckoutRequest, expires_at: datetime | None,
+    merchant_id: str | None = None,
 ) -> tuple[Payment, bool]:
     """Insert the payment for this order, or return the existing one.
 
@@ -378,6 +408,7 @@ async def claim_order(
             row = Payment(
                 payment_id=payment_id,
                 order_id=request.order_id,
+                merchant_id=merchant_id,
                 provider=request.provider,
                 amount_minor=request.amount_minor,
                 currency=request.currency,

@@ -63,11 +63,13 @@ def scenarios() -> list[Scenario]:
     ]
 
 
-async def _drive(api: httpx.AsyncClient, sim: httpx.AsyncClient, s: Scenario, run_id: str, timeout: float) -> None:
+async def _drive(api: httpx.AsyncClient, sim: httpx.AsyncClient, s: Scenario, run_id: str, timeout: float,
+                 merchant: str) -> None:
     s.order_id = f"demo-{run_id}-{s.name.replace(' ', '-')}"
     started = time.monotonic()
     try:
-        (await sim.put(f"/control/scripts/{s.order_id}", json=s.script)).raise_for_status()
+        # The provider knows the internal order number: <merchant>-<order>.
+        (await sim.put(f"/control/scripts/{merchant}-{s.order_id}", json=s.script)).raise_for_status()
         response = await api.post(
             "/payments",
             json={"order_id": s.order_id, "amount_minor": 9990, "currency": "CNY", "subject": f"demo: {s.name}",
@@ -145,10 +147,11 @@ async def _reconcile_today(operator_url: str, sim: httpx.AsyncClient, run_id: st
 
 async def run_demo(api_url: str, simulator_url: str, ui_url: Optional[str], console: Console,
                    timeout: float = 120.0, operator_token: str = "", settlement_day: str = "",
-                   operator_url: str = "") -> bool:
+                   operator_url: str = "", merchant_key: str = "", merchant: str = "demo") -> bool:
     items = scenarios()
     run_id = time.strftime("%m%d%H%M%S")
-    async with httpx.AsyncClient(base_url=api_url, timeout=30) as api, \
+    headers = {"Authorization": f"Bearer {merchant_key}"} if merchant_key else {}
+    async with httpx.AsyncClient(base_url=api_url, timeout=30, headers=headers) as api, \
             httpx.AsyncClient(base_url=simulator_url, timeout=10) as sim:
         try:
             (await api.get("/health")).raise_for_status()
@@ -156,8 +159,13 @@ async def run_demo(api_url: str, simulator_url: str, ui_url: Optional[str], cons
         except httpx.HTTPError as err:
             console.print(f"[red]the system is not reachable ({err}).[/red] Start it first: paysentinel up")
             return False
+        probe = await api.get("/callbacks", params={"limit": 1})
+        if probe.status_code in (401, 403):
+            console.print(f"[red]the checkout API refused the merchant key ({probe.status_code}):[/red] "
+                          f"{probe.json().get('error')}", soft_wrap=True)
+            return False
         with Live(_table(items), console=console, refresh_per_second=2) as live:
-            work = asyncio.gather(*(_drive(api, sim, s, run_id, timeout) for s in items))
+            work = asyncio.gather(*(_drive(api, sim, s, run_id, timeout, merchant) for s in items))
             while not work.done():
                 live.update(_table(items))
                 await asyncio.sleep(0.5)
@@ -173,7 +181,7 @@ async def run_demo(api_url: str, simulator_url: str, ui_url: Optional[str], cons
                   + ("; reconciliation found and refunded the unknown payment." if reconciled else
                      "; [red]reconciliation did not repair the unknown payment[/red]."))
     if ui_url:
-        query = urllib.parse.quote(f'OrderId STARTS_WITH "demo-{run_id}"')
+        query = urllib.parse.quote(f'OrderId STARTS_WITH "{merchant}-demo-{run_id}"')
         console.print(f"See them in the Temporal Web UI: {ui_url}/namespaces/default/workflows?query={query}",
                       soft_wrap=True)
     return passed == len(items) and reconciled

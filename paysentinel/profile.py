@@ -94,3 +94,47 @@ def secured(settings: Settings, parts: Collection[str], all_parts: Collection[st
             "development profile):\n  " + "\n  ".join(problems)
         )
     return settings
+
+
+MERCHANT_KEY_FILE = "merchant-key"
+DEV_MERCHANT = "demo"
+
+
+async def development_merchant_key(settings: Settings) -> str:
+    """The development profile's merchant ``demo`` and its key with every scope: the key in
+    ``<data dir>/merchant-key`` (mode 0600) while the database still accepts it, else a new one
+    written there. Call only in the development profile, after the migrations."""
+    from paysentinel import db
+    from paysentinel.merchants import API_SCOPES, authenticate, create_key, create_merchant, get_merchant
+
+    path = settings.data_dir / MERCHANT_KEY_FILE
+    engine = db.make_engine(settings.effective_database_url)
+    try:
+        sessions = db.make_sessionmaker(engine)
+        if await get_merchant(sessions, DEV_MERCHANT) is None:
+            await create_merchant(sessions, DEV_MERCHANT, "Development demo merchant")
+        if path.exists():
+            key = path.read_text().strip()
+            caller = await authenticate(sessions, key)
+            if caller is not None and caller.merchant_id == DEV_MERCHANT and set(caller.scopes) == set(API_SCOPES):
+                return key
+        _, key = await create_key(sessions, DEV_MERCHANT, list(API_SCOPES))
+    finally:
+        await engine.dispose()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(MERCHANT_KEY_FILE + ".new")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(key + "\n")
+    os.chmod(temporary, 0o600)
+    os.replace(temporary, path)
+    return key
+
+
+def merchant_key_for_demo(settings: Settings) -> str:
+    """The key ``paysentinel demo`` sends: PAYSENTINEL_MERCHANT_KEY, else the data dir's."""
+    key = os.environ.get("PAYSENTINEL_MERCHANT_KEY", "").strip()
+    path = settings.data_dir / MERCHANT_KEY_FILE
+    if not key and path.exists():
+        key = path.read_text().strip()
+    return key

@@ -4,6 +4,13 @@ POST /payments                start (idempotent by order id) -> payment id, stat
 GET  /payments/{id}           status, refunds and timeline
 POST /payments/{id}/refunds   refund part or all of a paid payment (idempotent by Idempotency-Key)
 GET  /callbacks               verified callbacks that could not be delivered to a payment
+
+Every route but /health, /metrics and the docs needs ``Authorization: Bearer <merchant API key>``
+with a scope: POST /payments ``payments``, refunds ``refunds``, the reads ``read`` (401 without a
+valid key, 403 naming the missing scope). A merchant sees only its own payments: another
+merchant's payment answers 404 exactly like an unknown one. The merchant's ``order_id`` becomes
+the internal order number ``<merchant>-<order>`` (the workflow's, the provider's, the operators');
+every view here shows the merchant's own order id again. See paysentinel/merchants.py.
 (The operator API is not served here: it has its own listener, see starters/operator_api.py.)
 """
 
@@ -16,6 +23,7 @@ from typing import Literal, Optional
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
@@ -23,6 +31,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from paysentinel import db, tracing
+from paysentinel.merchants import INTERNAL_ORDER_MAX, Caller, authenticate, internal_order, merchant_order
 from paysentinel.config import Settings, timing_from
 from paysentinel.models import (
     ORDER_ID_PATTERN,
@@ -50,6 +59,46 @@ from starters.common import (
 from workflows.payment import AMOUNT_MINOR, CURRENCY, ORDER_ID, PAYMENT_STATUS, PROVIDER, PaymentWorkflow, payment_workflow_id
 
 log = logging.getLogger("paysentinel.api")
+bearer = HTTPBearer(auto_error=False)
+UNAUTHENTICATED = ("merchant API key missing, unknown or revoked: send 'Authorization: Bearer <merchant API key>'; "
+                   "create one with `paysentinel key create --merchant M --scope payments`")
+
+
+def merchant_key(scope: str):
+    """A dependency: the caller of a valid, unrevoked merchant key holding ``scope``."""
+
+    async def caller(
+        credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer), res: Resources = Depends(resources)
+    ) -> Caller:
+        found = await authenticate(res.sessions, credentials.credentials) if credentials else None
+        if found is None:
+            raise HTTPException(401, UNAUTHENTICATED, headers={"WWW-Authenticate": "Bearer"})
+        if scope not in found.scopes:
+            raise HTTPException(
+                403, f"key {found.key_id} of merchant {found.merchant_id} lacks the scope {scope!r} "
+                     f"(it has: {', '.join(found.scopes) or 'none'}); create a key with it: "
+                     f"`paysentinel key create --merchant {found.merchant_id} --scope {scope}`")
+        return found
+
+    return caller
+
+
+def unknown_payment(payment_id: str) -> HTTPException:
+    """The same answer for a payment that does not exist and one of another merchant."""
+    return HTTPException(404, f"no payment {payment_id!r}; payment ids are the payment_id POST /payments answered")
+
+
+def merchant_view(view: PaymentView, merchant_id: str) -> PaymentView:
+    """A view as the merchant sees it: its own order id, not the internal order number."""
+    return view.model_copy(update={"order_id": merchant_order(merchant_id, view.order_id)})
+
+
+async def own_payment(res: Resources, caller: Caller, payment_id: str) -> db.Payment:
+    async with res.sessions() as session:
+        row = await session.get(db.Payment, payment_id)
+    if row is None or row.merchant_id != caller.merchant_id:
+        raise unknown_payment(payment_id)
+    return row
 
 
 def view_from_row(row: db.Payment) -> PaymentView:
@@ -68,13 +117,14 @@ def view_from_row(row: db.Payment) -> PaymentView:
     )
 
 
-async def start_payment(res: Resources, request: CheckoutRequest) -> tuple[PaymentView, bool]:
-    """Record the order and start (or find) its workflow. Returns (view, created)."""
+async def start_payment(res: Resources, request: CheckoutRequest, merchant_id: str) -> tuple[PaymentView, bool]:
+    """Record the order and start (or find) its workflow. ``request`` carries the internal order
+    number (``<merchant>-<order>``). Returns (view, created); the view shows the internal number."""
     settings = res.settings
     payment_id = payment_workflow_id(request.order_id)
     ttl = request.expires_in_seconds or settings.payment_ttl_seconds
     row, created = await db.claim_order(
-        res.sessions, payment_id, request, datetime.now(timezone.utc) + timedelta(seconds=ttl)
+        res.sessions, payment_id, request, datetime.now(timezone.utc) + timedelta(seconds=ttl), merchant_id
     )
     stored_request = request if created else request.model_copy(update={"subject": row.subject})
     try:
@@ -128,9 +178,15 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/payments", response_model=PaymentView, status_code=201)
     async def create_payment(
-        request: CheckoutRequest, response: Response, res: Resources = Depends(resources)
+        request: CheckoutRequest, response: Response, res: Resources = Depends(resources),
+        caller: Caller = Depends(merchant_key("payments")),
     ) -> PaymentView:
-        bind(payment_workflow_id(request.order_id))
+        merchant = caller.merchant_id
+        internal = request.model_copy(update={"order_id": internal_order(merchant, request.order_id)})
+        if len(internal.order_id) > INTERNAL_ORDER_MAX:
+            raise HTTPException(422, f"order_id is too long: merchant {merchant}'s order ids have at most "
+                                     f"{INTERNAL_ORDER_MAX - len(merchant) - 1} characters")
+        bind(payment_workflow_id(internal.order_id))
         if request.provider not in SUPPORTED_PROVIDERS:
             raise HTTPException(422, f"unknown provider {request.provider!r}; supported: {', '.join(SUPPORTED_PROVIDERS)}")
         if request.notify_url:
@@ -140,28 +196,28 @@ def create_app(settings: Settings) -> FastAPI:
                 raise HTTPException(422, f"notify_url rejected: {err}") from err
         try:
             with tracing.tracer.start_as_current_span(
-                "checkout", attributes={"paysentinel.order_id": request.order_id, "paysentinel.provider": request.provider}
+                "checkout", attributes={"paysentinel.order_id": internal.order_id, "paysentinel.provider": request.provider}
             ):
-                view, created = await start_payment(res, request)
+                view, created = await start_payment(res, internal, merchant)
         except db.OrderConflict as err:
-            raise HTTPException(409, str(err)) from err
+            raise HTTPException(409, str(db.OrderConflict(request.order_id, err.differences))) from err
         if not created:
             response.status_code = 200
-        return view
+        return merchant_view(view, merchant)
 
     @app.get("/payments/{payment_id}", response_model=PaymentView)
-    async def get_payment(payment_id: str, res: Resources = Depends(resources)) -> PaymentView:
+    async def get_payment(
+        payment_id: str, res: Resources = Depends(resources), caller: Caller = Depends(merchant_key("read"))
+    ) -> PaymentView:
         bind(payment_id)
-        async with res.sessions() as session:
-            row = await session.get(db.Payment, payment_id)
-        if row is None:
-            raise HTTPException(404, f"no payment {payment_id!r}; payment ids look like 'payment-<order id>'")
+        row = await own_payment(res, caller, payment_id)
         try:
             view = await asyncio.wait_for(res.client.get_workflow_handle(payment_id).query(PaymentWorkflow.view), 5)
-            return public_view(view)  # a notification failure's detail is for operators (history, logs)
+            view = public_view(view)  # a notification failure's detail is for operators (history, logs)
         except Exception as err:  # timeout, worker down, query failed: the row alone is still correct
             log.info("payment %s: answering from the database (%s)", payment_id, err)
-            return view_from_row(row)
+            view = view_from_row(row)
+        return merchant_view(view, caller.merchant_id)
 
     @app.post("/payments/{payment_id}/refunds", response_model=RefundView, status_code=202)
     async def refund_payment(
@@ -172,11 +228,10 @@ def create_app(settings: Settings) -> FastAPI:
             description="Your key for this refund: the same key again returns the same refund",
         ),
         res: Resources = Depends(resources),
+        caller: Caller = Depends(merchant_key("refunds")),
     ) -> RefundView:
         bind(payment_id)
-        async with res.sessions() as session:
-            if await session.get(db.Payment, payment_id) is None:
-                raise HTTPException(404, f"no payment {payment_id!r}; payment ids look like 'payment-<order id>'")
+        await own_payment(res, caller, payment_id)
         command = RefundCommand(key=idempotency_key, amount_minor=body.amount_minor, reason=body.reason)
         try:
             return await res.client.get_workflow_handle(payment_id).execute_update(PaymentWorkflow.refund, command)
@@ -189,17 +244,22 @@ def create_app(settings: Settings) -> FastAPI:
         order_id: Optional[str] = Query(None, pattern=ORDER_ID_PATTERN),
         limit: int = Query(100, ge=1, le=1000),
         res: Resources = Depends(resources),
+        caller: Caller = Depends(merchant_key("read")),
     ) -> list[dict]:
-        query = select(db.Callback).order_by(db.Callback.id.desc()).limit(limit)
+        """The merchant's own callbacks: those for its order numbers (``<merchant>-...``)."""
+        merchant = caller.merchant_id
+        query = (select(db.Callback).where(db.Callback.order_id.startswith(f"{merchant}-", autoescape=True))
+                 .order_by(db.Callback.id.desc()).limit(limit))
         if delivery:
             query = query.where(db.Callback.delivery == delivery)
         if order_id:
-            query = query.where(db.Callback.order_id == order_id)
+            query = query.where(db.Callback.order_id == internal_order(merchant, order_id))
         async with res.sessions() as session:
             rows = (await session.scalars(query)).all()
         return [
             {
-                "event_id": r.event_id, "provider": r.provider, "order_id": r.order_id, "payment_id": r.payment_id,
+                "event_id": r.event_id, "provider": r.provider, "order_id": merchant_order(merchant, r.order_id or ""),
+                "payment_id": r.payment_id,
                 "trade_status": r.trade_status, "delivery": r.delivery, "delivery_error": r.delivery_error,
                 "received_at": r.received_at, "delivered_at": r.delivered_at,
             }

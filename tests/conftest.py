@@ -22,7 +22,10 @@ from temporalio.client import Client
 
 from paysentinel.config import DEFAULT_CACHE_DIR, token_digest
 from paysentinel.devserver import DevServer, ensure_temporal_cli, free_port
-from tests.helpers import MERCHANT_PREVIOUS_SECRET, MERCHANT_SECRET, SIMULATOR_SECRET, Books, assert_books_balance, track_books
+from tests.helpers import (
+    MERCHANT_A, MERCHANT_B, MERCHANT_PREVIOUS_SECRET, MERCHANT_SECRET, SIMULATOR_SECRET, Books, assert_books_balance,
+    track_books,
+)
 
 DEFAULT_TEST_DATABASE = "postgresql+asyncpg://paysentinel:paysentinel@127.0.0.1:5432/paysentinel_test"
 
@@ -121,6 +124,34 @@ async def database_url() -> AsyncIterator[str]:
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@dataclass(frozen=True)
+class Merchants:
+    """The session's two merchants' full keys (every scope), made through the db functions."""
+
+    a_key: str
+    b_key: str
+
+    def headers(self, merchant: str = MERCHANT_A) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.a_key if merchant == MERCHANT_A else self.b_key}"}
+
+
+@pytest.fixture(scope="session")
+async def merchants(database_url: str) -> Merchants:
+    from paysentinel import db
+    from paysentinel.merchants import API_SCOPES, create_key, create_merchant
+
+    engine = db.make_engine(database_url)
+    try:
+        sessions = db.make_sessionmaker(engine)
+        keys = []
+        for merchant in (MERCHANT_A, MERCHANT_B):
+            await create_merchant(sessions, merchant, f"Test merchant {merchant}")
+            keys.append((await create_key(sessions, merchant, list(API_SCOPES)))[1])
+    finally:
+        await engine.dispose()
+    return Merchants(*keys)
 
 
 @dataclass
@@ -272,8 +303,9 @@ def stack(temporal_server: DevServer, database_url: str, mailbox: Mailbox, tmp_p
 
 
 @pytest.fixture
-async def api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+async def api(stack: Stack, merchants: Merchants) -> AsyncIterator[httpx.AsyncClient]:
+    """The checkout API as merchant A (its key with every scope) sees it."""
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=merchants.headers(MERCHANT_A), timeout=30) as http:
         yield http
 
 

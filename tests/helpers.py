@@ -26,6 +26,24 @@ MERCHANT_SECRET = new_webhook_secret()
 MERCHANT_PREVIOUS_SECRET = new_webhook_secret()  # the stack rotates: merchant webhooks carry both signatures
 
 
+# The test session's merchants (tests/conftest.py makes them and their keys): the ``api`` fixture
+# is merchant A with every scope. A merchant's order ``o`` is ``<merchant>-o`` past the checkout
+# API: at the provider (the simulator), in the payments table, the workflow and the operator API.
+MERCHANT_A = "testa"
+MERCHANT_B = "testb"
+
+
+def provider_order(order: str, merchant: str | None = MERCHANT_A) -> str:
+    """The internal order number of a merchant's order (the simulator's, the database's);
+    ``merchant=None``: ``order`` is that number already (tests of the simulator alone)."""
+    return order if merchant is None else f"{merchant}-{order}"
+
+
+def payment_id_for(order: str, merchant: str = MERCHANT_A) -> str:
+    """The payment id the checkout API gives a merchant's order."""
+    return f"payment-{merchant}-{order}"
+
+
 def own_operator_tokens() -> str:
     """A PAYSENTINEL_OPERATOR_TOKENS value shaped like the development default, with a token of
     its own in place of the published one (so a start outside development accepts it)."""
@@ -41,13 +59,15 @@ def own_operator_tokens() -> str:
     return ":".join(parts)
 
 
-async def start_payment(api: httpx.AsyncClient, order_id: str, amount_minor: int = 9990, **extra) -> httpx.Response:
-    """POST /payments; an accepted order joins the running test's books (see ``Books``)."""
+async def start_payment(api: httpx.AsyncClient, order_id: str, amount_minor: int = 9990, *,
+                        merchant: str = MERCHANT_A, **extra) -> httpx.Response:
+    """POST /payments as ``merchant`` (whose key ``api`` sends); an accepted order joins the running
+    test's books (see ``Books``) under its internal order number."""
     body = {"order_id": order_id, "amount_minor": amount_minor, "currency": "CNY", "subject": "test order",
             "customer": {"email": f"{order_id}@example.com"}, **extra}
     response = await api.post("/payments", json=body)
     if response.is_success and _books is not None:
-        _books.started(order_id)
+        _books.started(provider_order(order_id, merchant))
     return response
 
 
@@ -70,17 +90,17 @@ class Books:
     def started(self, order_id: str) -> None:
         self.orders.setdefault(order_id, None)
 
-    def exempt(self, order_id: str, reason: str) -> None:
-        """Leave this order out of the check (e.g. the test ends while it is deliberately PENDING)."""
+    def exempt(self, order_id: str, reason: str, merchant: str = MERCHANT_A) -> None:
+        """Leave this merchant's order out of the check (e.g. the test ends while it is deliberately PENDING)."""
         if not reason.strip():
             raise ValueError("say why the order is exempt from the books check")
-        self.exempted[order_id] = reason
+        self.exempted[provider_order(order_id, merchant)] = reason
 
-    def allow_review(self, order_id: str, reason: str) -> None:
-        """This order may end IN_REVIEW with amounts that differ from the provider's (a person decides)."""
+    def allow_review(self, order_id: str, reason: str, merchant: str = MERCHANT_A) -> None:
+        """This merchant's order may end IN_REVIEW with amounts that differ from the provider's (a person decides)."""
         if not reason.strip():
             raise ValueError("say why the order may stay in review")
-        self.review_allowed[order_id] = reason
+        self.review_allowed[provider_order(order_id, merchant)] = reason
 
     def to_check(self) -> list[str]:
         return [order for order in self.orders if order not in self.exempted]
@@ -169,7 +189,8 @@ async def _ledgers(sim: httpx.AsyncClient, orders: list[str], batch: int = 100) 
 async def assert_books_balance(sim: httpx.AsyncClient, sessions, order_ids: Iterable[str] | None = None,
                                timeout: float | None = None, *,
                                allow_review: bool | Collection[str] = False) -> dict[str, dict]:
-    """For each order (by default every order this test started and did not exempt), wait until our
+    """For each internal order number (by default every order this test started and did not exempt;
+    ``provider_order`` turns a merchant's order into one), wait until our
     payments row is no longer CREATED, PENDING or REFUNDING and the provider's captured − refunded
     equals our paid − refunded. An IN_REVIEW row may differ only for orders in ``allow_review``
     (True: all of them). Fails after ``timeout`` (PAYSENTINEL_TEST_BOOKS_TIMEOUT_SECONDS) showing
@@ -206,8 +227,9 @@ async def assert_books_balance(sim: httpx.AsyncClient, sessions, order_ids: Iter
     return {}
 
 
-async def script(sim: httpx.AsyncClient, order_id: str, **behaviour) -> None:
-    response = await sim.put(f"/control/scripts/{order_id}", json=behaviour)
+async def script(sim: httpx.AsyncClient, order_id: str, merchant: str | None = MERCHANT_A, **behaviour) -> None:
+    """Script the simulator for a merchant's order (the provider knows its internal number)."""
+    response = await sim.put(f"/control/scripts/{provider_order(order_id, merchant)}", json=behaviour)
     assert response.status_code == 200, response.text
 
 
@@ -252,13 +274,14 @@ async def payment_row(sessions, payment_id: str, status: str | None = None) -> d
         await asyncio.sleep(0.1)
 
 
-async def callback_rows(sessions, order_id: str) -> list[db.Callback]:
+async def callback_rows(sessions, order_id: str, merchant: str = MERCHANT_A) -> list[db.Callback]:
+    internal = provider_order(order_id, merchant)
     async with sessions() as session:
-        return list((await session.scalars(select(db.Callback).where(db.Callback.order_id == order_id))).all())
+        return list((await session.scalars(select(db.Callback).where(db.Callback.order_id == internal))).all())
 
 
-async def sim_trade(sim: httpx.AsyncClient, order_id: str) -> dict:
-    response = await sim.get(f"/control/trades/{order_id}")
+async def sim_trade(sim: httpx.AsyncClient, order_id: str, merchant: str | None = MERCHANT_A) -> dict:
+    response = await sim.get(f"/control/trades/{provider_order(order_id, merchant)}")
     assert response.status_code == 200, response.text
     return response.json()
 

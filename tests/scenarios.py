@@ -23,7 +23,7 @@ from temporalio.client import Client, WorkflowHistory
 
 from paysentinel.models import PaymentView, RefundStatus, SettlementFinding
 from tests.conftest import new_order
-from tests.helpers import script, sim_trade, start_payment, wait_for, wait_status
+from tests.helpers import provider_order, script, sim_trade, start_payment, wait_for, wait_status
 
 AMOUNT = 9990  # start_payment's default amount, minor units
 FINAL = ("SUCCEEDED", "FAILED", "CLOSED", "REFUNDED", "PARTIALLY_REFUNDED")
@@ -156,7 +156,8 @@ async def _start(parts: Parts, name: str, expires_in_seconds: Optional[float] = 
 
 async def _open_review(parts: Parts, order: str) -> dict:
     async def found():
-        reviews = (await parts.operator.get("/operator/reviews", params={"order_id": order})).json()
+        # Operators know the internal order number: <merchant>-<order>.
+        reviews = (await parts.operator.get("/operator/reviews", params={"order_id": provider_order(order)})).json()
         return reviews[0] if reviews else None
 
     return await wait_for(found, timeout=30, what=f"an open review for {order}")
@@ -293,7 +294,7 @@ async def settlement(parts: Parts) -> str:
     handle = parts.client.get_workflow_handle(payment_id)
 
     def finding(kind: str, amount_minor: int) -> SettlementFinding:
-        return SettlementFinding(kind=kind, day=paid_at.date(), order_id=order, trade_no=trade["trade_no"],
+        return SettlementFinding(kind=kind, day=paid_at.date(), order_id=provider_order(order), trade_no=trade["trade_no"],
                                  amount_minor=amount_minor, currency="CNY", paid_at=paid_at,
                                  detail=f"{kind} found by reconciliation")
 

@@ -16,7 +16,7 @@ from paysentinel.config import DEV_WEBHOOK_SECRET, Settings
 from paysentinel.ratelimit import Limit, RateLimiter, TokenBucket, admit
 from starters.limits import address_key, client_key
 from tests.conftest import new_order
-from tests.helpers import start_payment
+from tests.helpers import payment_id_for, provider_order, start_payment
 
 
 # --- The pure rules ------------------------------------------------------------------------
@@ -99,13 +99,14 @@ def assert_429(response: httpx.Response, limit: str) -> None:
     assert "Nothing was done" in body["error"]
 
 
-async def test_payment_creation_over_the_limit_is_429_and_creates_nothing(stack, client, sim, sessions):
+async def test_payment_creation_over_the_limit_is_429_and_creates_nothing(stack, client, sim, sessions, merchants):
     from starters.checkout_api import create_app
 
     async with in_process(stack, create_app, rate_limit_payments_per_second=0.01, rate_limit_payments_burst=1,
                           rate_limit_payments_address_per_second=0.01, rate_limit_payments_address_burst=2) as api:
+        api.headers.update(merchants.headers())  # merchant A
         first = new_order("limit")
-        await sim.put(f"/control/scripts/{first}", json={"pay": "immediately"})
+        await sim.put(f"/control/scripts/{provider_order(first)}", json={"pay": "immediately"})
         assert (await start_payment(api, first)).status_code == 201
 
         # The same client again: over its own limit.
@@ -113,7 +114,7 @@ async def test_payment_creation_over_the_limit_is_429_and_creates_nothing(stack,
         assert_429(await start_payment(api, second), "client")
         # Another client from the same address passes (the refusal took nothing from the address)...
         other = await api.post("/payments", json={"order_id": "x"}, headers={"Authorization": "Bearer shop-b"})
-        assert other.status_code == 422
+        assert other.status_code == 401  # past the limits: an unknown key
         # ... and then the address is spent for everyone on it.
         third = new_order("limited")
         response = await api.post("/payments", headers={"Authorization": "Bearer shop-c"},
@@ -121,9 +122,9 @@ async def test_payment_creation_over_the_limit_is_429_and_creates_nothing(stack,
         assert_429(response, "address")
 
     for order in (second, third):  # a limited request changed nothing
-        assert await payment_rows(sessions, order) == []
+        assert await payment_rows(sessions, provider_order(order)) == []
         with pytest.raises(RPCError):
-            await client.get_workflow_handle(f"payment-{order}").describe()
+            await client.get_workflow_handle(payment_id_for(order)).describe()
     # The stack's own API (default limits) is not affected by these.
     async with httpx.AsyncClient(base_url=stack.api_url) as api:
         assert (await api.get("/health")).status_code == 200

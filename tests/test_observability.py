@@ -17,7 +17,7 @@ from temporalio.client import WorkflowExecutionStatus
 from paysentinel import db
 from paysentinel.models import MonitorInput
 from tests.conftest import new_order
-from tests.helpers import mails_to, script, start_payment, wait_for, wait_status
+from tests.helpers import mails_to, provider_order, script, start_payment, wait_for, wait_status
 from workflows.monitor import MONITOR_SCHEDULE_ID, MonitorWorkflow
 
 OPS = "ops@paysentinel.test"  # PAYSENTINEL_ALERT_EMAIL of the test stack
@@ -195,7 +195,7 @@ async def test_one_trace_from_checkout_through_the_workflow_to_the_provider(api,
     def spans() -> list[dict]:
         return [json.loads(line) for line in stack.spans_file.read_text().splitlines()] if stack.spans_file.exists() else []
 
-    [checkout] = [s for s in spans() if s["name"] == "checkout" and s["attributes"].get("paysentinel.order_id") == order]
+    [checkout] = [s for s in spans() if s["name"] == "checkout" and s["attributes"].get("paysentinel.order_id") == provider_order(order)]
     expected = {"checkout", "StartWorkflow:PaymentWorkflow", "RunWorkflow:PaymentWorkflow",
                 "StartActivity:create_trade", "RunActivity:create_trade", "provider create_trade"}
 
@@ -206,7 +206,7 @@ async def test_one_trace_from_checkout_through_the_workflow_to_the_provider(api,
     trace = await wait_for(whole_trace, what=f"the spans {sorted(expected)} in one trace")
     by_id = {s["span_id"]: s for s in trace}
     provider = next(s for s in trace if s["name"] == "provider create_trade")
-    assert provider["attributes"]["paysentinel.order_id"] == order
+    assert provider["attributes"]["paysentinel.order_id"] == provider_order(order)  # the internal order number
     # The provider call's ancestry leads back to the checkout span.
     chain, span = [], provider
     while span["parent_id"] in by_id:

@@ -15,7 +15,7 @@ from sqlalchemy import select, text
 from paysentinel import db
 from paysentinel.config import DEV_OPERATOR, Settings, token_digest
 from tests.conftest import FOUR_EYES_MINOR, Stack, bearer, new_order
-from tests.helpers import assert_books_balance, script, start_payment, wait_status
+from tests.helpers import assert_books_balance, provider_order, script, start_payment, wait_status
 from tests.test_refunds_reviews_e2e import ledger, open_review, run_cli
 
 
@@ -103,7 +103,7 @@ async def test_a_large_reject_needs_a_second_different_approver(api, sim, sessio
         assert done.json()["operator"] == "alice+bob" and "second approval by bob" in done.json()["reason"]
     await wait_status(api, payment_id, "REFUNDED", timeout=30)
     assert (await ledger(sim, order))["refunded_minor"] == 150_000
-    await assert_books_balance(sim, sessions, [order])
+    await assert_books_balance(sim, sessions, [provider_order(order)])
 
     entries = await _audit(sessions, review_id)
     assert [(e.operator, e.role, e.action, e.result) for e in entries] == [

@@ -8,7 +8,9 @@ from tests.conftest import new_order
 from tests.helpers import (
     callback_rows,
     events,
+    payment_id_for,
     payment_row,
+    provider_order,
     script,
     search_count,
     sim_trade,
@@ -24,7 +26,7 @@ async def test_happy_path_paid_by_callback(api, sim, sessions, client):
     response = await start_payment(api, order)
     assert response.status_code == 201, response.text
     created = response.json()
-    assert created["payment_id"] == f"payment-{order}"
+    assert created["payment_id"] == payment_id_for(order) and created["order_id"] == order
     assert created["pay_url"] and created["trade_no"]
 
     view = await wait_status(api, created["payment_id"], "SUCCEEDED")
@@ -39,7 +41,7 @@ async def test_happy_path_paid_by_callback(api, sim, sessions, client):
     trade = await sim_trade(sim, order)
     assert trade["trade"]["trade_status"] == "TRADE_SUCCESS"
     assert [d["status_code"] for d in trade["deliveries"]] == [200]
-    await search_count(client, f'OrderId = "{order}" AND PaymentStatus = "SUCCEEDED" AND Provider = "simulator"', 1)
+    await search_count(client, f'OrderId = "{provider_order(order)}" AND PaymentStatus = "SUCCEEDED" AND Provider = "simulator"', 1)
 
 
 async def test_callback_lost_is_resolved_by_query(api, sim, sessions):
@@ -84,14 +86,14 @@ async def test_payer_never_pays_is_closed_at_provider(api, sim, sessions, client
     assert trade["trade"]["trade_status"] == "TRADE_CLOSED"
     assert trade["calls"]["close"] == 1 and trade["calls"]["query"] >= 1
     assert (await payment_row(sessions, payment_id, "CLOSED")).status == "CLOSED"
-    await search_count(client, f'OrderId = "{order}" AND PaymentStatus = "CLOSED"', 1)
+    await search_count(client, f'OrderId = "{provider_order(order)}" AND PaymentStatus = "CLOSED"', 1)
 
 
 async def test_close_reveals_payment_when_queries_fail(api, sim, sessions):
     order = new_order("race")
     await script(sim, order, pay="never", callback="drop", faults={"query": {"mode": "error", "times": -1}})
     payment_id = (await start_payment(api, order, expires_in_seconds=5)).json()["payment_id"]
-    assert (await sim.post(f"/control/trades/{order}/pay")).status_code == 200
+    assert (await sim.post(f"/control/trades/{provider_order(order)}/pay")).status_code == 200
     view = await wait_status(api, payment_id, "SUCCEEDED", timeout=30)
     assert "confirmed by close" in events(view, "paid")[0]["detail"]
     assert any(e["event"].startswith("query #") and e["event"].endswith("failed") for e in view["timeline"])
@@ -171,7 +173,7 @@ async def test_idempotent_start_same_order_concurrently(api, sim, books):
     assert (await sim_trade(sim, order))["calls"]["create"] == 1
 
     again = await start_payment(api, order, expires_in_seconds=60)
-    assert again.status_code == 200 and again.json()["payment_id"] == f"payment-{order}"
+    assert again.status_code == 200 and again.json()["payment_id"] == payment_id_for(order)
     conflict = await start_payment(api, order, amount_minor=100, expires_in_seconds=60)
     assert conflict.status_code == 409
     assert "amount_minor: existing 9990 vs requested 100" in conflict.json()["error"]

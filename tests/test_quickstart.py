@@ -45,11 +45,19 @@ def test_paysentinel_up_on_embedded_defaults_serves_a_payment(tmp_path):
         printed = log.read_text()
         assert "paysentinel is running" in printed and f"127.0.0.1:{ports['operator']}" in printed
         assert (tmp_path / "data" / "secrets.json").exists()  # the development profile made its secrets
+        # ... and merchant demo's key, with every scope: in the data dir (0600) and in the printed table.
+        key_file = tmp_path / "data" / "merchant-key"
+        key = key_file.read_text().strip()
+        assert key.startswith("psk_") and key_file.stat().st_mode & 0o777 == 0o600
+        assert key in printed and "merchant demo; shown because this is the development profile" in printed
 
         order = new_order("quick")
-        created = httpx.post(f"{api}/payments", json={"order_id": order, "amount_minor": 2599, "currency": "CNY",
-                                                       "subject": "Coffee beans"}, timeout=30)
+        body = {"order_id": order, "amount_minor": 2599, "currency": "CNY", "subject": "Coffee beans"}
+        refused = httpx.post(f"{api}/payments", json=body, timeout=30)
+        assert refused.status_code == 401 and "paysentinel key create" in refused.json()["error"]
+        created = httpx.post(f"{api}/payments", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
         assert created.status_code == 201, created.text
+        assert created.json()["order_id"] == order and created.json()["payment_id"] == f"payment-demo-{order}"
         assert created.json()["status"] == "PENDING" and created.json()["pay_url"]
         reviews = httpx.get(f"{operator}/operator/reviews", timeout=10,
                             headers={"Authorization": f"Bearer {DEV_OPERATOR_TOKEN}"})

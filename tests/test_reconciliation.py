@@ -20,7 +20,7 @@ from temporalio.testing import ActivityEnvironment
 
 from paysentinel import db
 from tests.conftest import OPERATOR_HEADERS, Stack, new_order
-from tests.helpers import events, mails_to, payment_row, script, sim_trade, start_payment, wait_for, wait_status
+from tests.helpers import events, mails_to, payment_row, provider_order, script, start_payment, wait_for, wait_status
 from workflows.reconcile import RECONCILE_SCHEDULE_ID, reconcile_workflow_id
 
 TZ = ZoneInfo("Asia/Shanghai")  # PAYSENTINEL_SETTLEMENT_TIMEZONE (default)
@@ -59,11 +59,13 @@ async def ledger(sim: httpx.AsyncClient, order: str) -> dict:
 
 
 async def paid_now(api, sim, prefix: str, **behaviour) -> tuple[str, str]:
+    """A payment of merchant A paid now: (its internal order number, as the provider and reconciliation
+    know it, and its payment id)."""
     order = new_order(prefix)
     await script(sim, order, pay="immediately", **behaviour)
     payment_id = (await start_payment(api, order)).json()["payment_id"]
     await wait_status(api, payment_id, "SUCCEEDED")
-    return order, payment_id
+    return provider_order(order), payment_id
 
 
 async def test_each_class_of_difference_is_found_and_repaired_once(api, sim, finance, mailbox, sessions, client):
@@ -75,6 +77,7 @@ async def test_each_class_of_difference_is_found_and_repaired_once(api, sim, fin
     await script(sim, orders["open_payment"], pay="immediately", callback="drop",
                  faults={"query": {"mode": "error", "times": -1}})
     open_id = (await start_payment(api, orders["open_payment"], expires_in_seconds=300)).json()["payment_id"]
+    orders["open_payment"] = provider_order(orders["open_payment"])  # from here on: internal order numbers
     # Paid at the provider for an order we never had.
     orders["unknown_order"] = new_order("rc-orphan")
     assert (await sim.post("/control/orphans", json={"out_trade_no": orders["unknown_order"],
@@ -84,6 +87,7 @@ async def test_each_class_of_difference_is_found_and_repaired_once(api, sim, fin
     await script(sim, orders["closed_order_paid"], pay="never", after_close="pay", after_close_delay_seconds=0.5,
                  callback="drop")
     closed_id = (await start_payment(api, orders["closed_order_paid"], expires_in_seconds=5)).json()["payment_id"]
+    orders["closed_order_paid"] = provider_order(orders["closed_order_paid"])
     # Paid twice; the second charge's callback lost.
     orders["duplicate_charge"], duplicate_id = await paid_now(
         api, sim, "rc-dup", callback="drop", second_charge=True, second_charge_delay_seconds=4)
@@ -180,12 +184,19 @@ async def _refund_recorded(sessions, order: str) -> bool:
             db.Refund.order_id == order, db.Refund.status == "SUCCEEDED"))).all())
 
 
+async def _trade(sim, order: str) -> dict:
+    """The simulator's trade of an internal order number."""
+    response = await sim.get(f"/control/trades/{order}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 async def _paid_at_provider(sim, order: str) -> bool:
-    return (await sim_trade(sim, order))["trade"]["trade_status"] == "TRADE_SUCCESS"
+    return (await _trade(sim, order))["trade"]["trade_status"] == "TRADE_SUCCESS"
 
 
 async def _second_charge(sim, order: str) -> bool:
-    return bool((await sim_trade(sim, order))["extra_trades"])
+    return bool((await _trade(sim, order))["extra_trades"])
 
 
 async def _net(sim, order: str, expected: int) -> bool:
@@ -316,8 +327,8 @@ async def paid_on(api, sim, prefix: str, at: datetime, **payment) -> str:
     await script(sim, order, pay="immediately")
     payment_id = (await start_payment(api, order, **payment)).json()["payment_id"]
     await wait_status(api, payment_id, "SUCCEEDED")
-    await move_paid_at(sim, order, at)
-    return order
+    await move_paid_at(sim, provider_order(order), at)
+    return provider_order(order)  # what the provider's bill and the reconciliation report show
 
 
 async def move_paid_at(sim, order: str, at: datetime) -> None:
@@ -379,6 +390,7 @@ async def test_a_reconciliation_refund_is_verified_and_booked_on_the_finished_pa
     order = new_order("rc-late")
     await script(sim, order, pay="never", after_close="pay", after_close_delay_seconds=0.5, callback="drop")
     payment_id = (await start_payment(api, order, expires_in_seconds=5)).json()["payment_id"]
+    order = provider_order(order)  # the provider's and reconciliation's order number
     await wait_status(api, payment_id, "CLOSED")
     await wait_for(lambda: _paid_at_provider(sim, order), what="the late payment")
 

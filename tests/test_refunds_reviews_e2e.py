@@ -17,6 +17,7 @@ from tests.helpers import (
     assert_books_balance,
     events,
     payment_row,
+    provider_order,
     script,
     search_count,
     sim_trade,
@@ -28,14 +29,14 @@ from tests.helpers import (
 
 
 async def ledger(sim: httpx.AsyncClient, order: str) -> dict:
-    response = await sim.get(f"/control/ledger/{order}")
+    response = await sim.get(f"/control/ledger/{provider_order(order)}")
     assert response.status_code == 200, response.text
     return response.json()
 
 
 async def assert_books_agree(sim, sessions, order: str) -> dict:
     """The provider's books and ours agree on the money for this order; the provider's ledger."""
-    return (await assert_books_balance(sim, sessions, [order]))[order]
+    return (await assert_books_balance(sim, sessions, [provider_order(order)]))[provider_order(order)]
 
 
 async def refund(api, payment_id: str, key: str, amount: int, reason: str = "customer returned the goods"):
@@ -45,7 +46,7 @@ async def refund(api, payment_id: str, key: str, amount: int, reason: str = "cus
 
 async def open_review(operator: httpx.AsyncClient, order: str) -> dict:
     async def found():
-        reviews = (await operator.get("/operator/reviews", params={"order_id": order})).json()
+        reviews = (await operator.get("/operator/reviews", params={"order_id": provider_order(order)})).json()
         return reviews[0] if reviews else None
 
     return await wait_for(found, what=f"an open review for {order}")
@@ -78,7 +79,7 @@ async def test_success_after_close_is_refunded(api, sim, sessions, client):
         "closed", "paid after close", "refunded"]
     books = await assert_books_agree(sim, sessions, order)
     assert (books["captured_minor"], books["refunded_minor"]) == (9990, 9990)
-    await search_count(client, f'OrderId = "{order}" AND PaymentStatus = "REFUNDED"', 1)
+    await search_count(client, f'OrderId = "{provider_order(order)}" AND PaymentStatus = "REFUNDED"', 1)
 
 
 async def test_partial_refunds_up_to_the_captured_amount(api, sim, sessions):
@@ -260,7 +261,7 @@ async def test_operator_cli_lists_shows_and_decides(api, sim, sessions, operator
     await wait_status(api, payment_id, "IN_REVIEW")
     review_id = (await open_review(operator, order))["review_id"]
 
-    listed = await asyncio.to_thread(run_cli, stack, "review", "list", "--order", order)
+    listed = await asyncio.to_thread(run_cli, stack, "review", "list", "--order", provider_order(order))
     assert listed.returncode == 0 and review_id in listed.stdout and "amount_mismatch" in listed.stdout
     shown = await asyncio.to_thread(run_cli, stack, "review", "show", review_id)
     assert shown.returncode == 0 and "possible: approve, reject, refund" in shown.stdout and "timeline" in shown.stdout
@@ -269,7 +270,7 @@ async def test_operator_cli_lists_shows_and_decides(api, sim, sessions, operator
     decided = await asyncio.to_thread(run_cli, stack, "review", "reject", review_id, "--reason", "tampered amount")
     assert decided.returncode == 0 and "reject by bob" in decided.stdout, decided.stdout + decided.stderr
     await wait_status(api, payment_id, "REFUNDED", timeout=30)
-    payment = await asyncio.to_thread(run_cli, stack, "payment", "show", order)
+    payment = await asyncio.to_thread(run_cli, stack, "payment", "show", provider_order(order))
     assert payment.returncode == 0 and "REFUNDED" in payment.stdout and "refunded 0.01" in payment.stdout
     await assert_books_agree(sim, sessions, order)
 

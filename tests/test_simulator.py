@@ -5,7 +5,17 @@ from __future__ import annotations
 import asyncio
 
 from tests.conftest import new_order
-from tests.helpers import SIMULATOR_SECRET, receiver, script, sim_trade, wait_for
+from tests import helpers
+from tests.helpers import SIMULATOR_SECRET, receiver, wait_for
+
+
+async def script(sim, order: str, **behaviour) -> None:
+    """Script the simulator for its own order number (no merchant: the simulator alone)."""
+    await helpers.script(sim, order, merchant=None, **behaviour)
+
+
+async def sim_trade(sim, order: str) -> dict:
+    return await helpers.sim_trade(sim, order, merchant=None)
 
 
 def trade_body(order: str, amount: str = "12.30", **extra) -> dict:

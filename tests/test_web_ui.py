@@ -13,7 +13,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.conftest import OPERATORS, new_order
-from tests.helpers import script, search_count, start_payment, wait_status
+from tests.helpers import provider_order, script, search_count, start_payment, wait_status
 
 
 def chromium() -> str:
@@ -31,7 +31,8 @@ async def test_operator_finds_a_payment_by_order_id_in_the_web_ui(api, sim, clie
     await script(sim, order, pay="immediately")
     payment_id = (await start_payment(api, order, amount_minor=4200)).json()["payment_id"]
     await wait_status(api, payment_id, "SUCCEEDED")
-    await search_count(client, f'OrderId = "{order}" AND PaymentStatus = "SUCCEEDED"', 1)
+    internal = provider_order(order)  # operators search by the internal order number
+    await search_count(client, f'OrderId = "{internal}" AND PaymentStatus = "SUCCEEDED"', 1)
 
     ui = temporal_server.ui_url
     async with async_playwright() as playwright:
@@ -53,7 +54,7 @@ async def test_operator_finds_a_payment_by_order_id_in_the_web_ui(api, sim, clie
                 localStorage.setItem("overrideRemoteCodecConfiguration", "true");
             }""", f"{stack.operator_url}/codec")
 
-            query = f'OrderId="{order}"'
+            query = f'OrderId="{internal}"'
             await page.goto(f"{ui}/namespaces/default/workflows?query={quote(query)}")
             row = page.get_by_role("link", name=payment_id).first
             await row.wait_for(timeout=30_000)
@@ -62,7 +63,7 @@ async def test_operator_finds_a_payment_by_order_id_in_the_web_ui(api, sim, clie
             await page.get_by_text("1 Workflow", exact=True).first.wait_for(timeout=10_000)
 
             await row.click()
-            await page.get_by_text(f"Payment for order {order}").first.wait_for(timeout=30_000)
+            await page.get_by_text(f"Payment for order {internal}").first.wait_for(timeout=30_000)
             await page.get_by_text("create_trade").first.wait_for(timeout=30_000)
             # The payment's input, decoded by the codec endpoint: the customer's e-mail in clear.
             await page.get_by_text(f"{order}@example.com").first.wait_for(timeout=30_000)

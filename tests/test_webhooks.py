@@ -11,7 +11,9 @@ import pytest
 
 from paysentinel import signing
 from tests.conftest import new_order
-from tests.helpers import SIMULATOR_SECRET, callback_rows, exempt, payment_row, script, start_payment, wait_for, wait_status
+from tests.helpers import (
+    SIMULATOR_SECRET, callback_rows, exempt, payment_row, provider_order, script, start_payment, wait_for, wait_status,
+)
 
 
 def trade_event(order_id: str, trade_no: str, status: str = "TRADE_SUCCESS", amount: str = "99.90") -> tuple[str, bytes]:
@@ -60,7 +62,7 @@ async def assert_unchanged(api, sessions, payment: dict) -> None:
 
 
 async def test_bad_signature_is_401_and_changes_nothing(webhooks, api, sessions, pending_payment):
-    event_id, body = trade_event(pending_payment["order_id"], pending_payment["trade_no"])
+    event_id, body = trade_event(provider_order(pending_payment["order_id"]), pending_payment["trade_no"])
     headers = signing.signed_headers("whsec_" + "d3Jvbmctc2VjcmV0LXdyb25nLXNlY3JldA==", event_id, body)
     response = await webhooks.post("/webhooks/simulator", content=body, headers=headers)
     assert response.status_code == 401
@@ -74,7 +76,7 @@ async def test_bad_signature_is_401_and_changes_nothing(webhooks, api, sessions,
 
 
 async def test_stale_timestamp_is_401(webhooks, api, sessions, pending_payment):
-    event_id, body = trade_event(pending_payment["order_id"], pending_payment["trade_no"])
+    event_id, body = trade_event(provider_order(pending_payment["order_id"]), pending_payment["trade_no"])
     headers = signing.signed_headers(SIMULATOR_SECRET, event_id, body, timestamp=int(time.time()) - 3600)
     response = await webhooks.post("/webhooks/simulator", content=body, headers=headers)
     assert response.status_code == 401 and "timestamp" in response.json()["error"]
@@ -111,7 +113,7 @@ async def test_unknown_provider_is_404(webhooks):
 
 async def test_verified_callback_for_unknown_payment_is_stored_and_listed(webhooks, api, sessions):
     order = new_order("ghost")
-    event_id, body = trade_event(order, "2026112299999999")
+    event_id, body = trade_event(provider_order(order), "2026112299999999")  # merchant A's order number
     response = await webhooks.post("/webhooks/simulator", content=body,
                                    headers=signing.signed_headers(SIMULATOR_SECRET, event_id, body))
     assert response.status_code == 200
@@ -119,7 +121,7 @@ async def test_verified_callback_for_unknown_payment_is_stored_and_listed(webhoo
     [row] = await callback_rows(sessions, order)
     assert (row.delivery, row.event_id, row.signature_verified) == ("unknown_payment", event_id, True)
     listed = (await api.get("/callbacks", params={"delivery": "unknown_payment", "order_id": order})).json()
-    assert [c["event_id"] for c in listed] == [event_id]
+    assert [(c["event_id"], c["order_id"]) for c in listed] == [(event_id, order)]
     # The provider resends: acknowledged as a duplicate, stored once.
     again = await webhooks.post("/webhooks/simulator", content=body,
                                 headers=signing.signed_headers(SIMULATOR_SECRET, event_id, body))
@@ -130,8 +132,8 @@ async def test_verified_callback_for_unknown_payment_is_stored_and_listed(webhoo
 async def test_valid_callback_is_delivered_once(webhooks, api, sim, sessions, pending_payment):
     order = pending_payment["order_id"]
     await script(sim, order, pay="never", callback="drop")  # the payer pays; our callback below tells of it
-    assert (await sim.post(f"/control/trades/{order}/pay")).status_code == 200
-    event_id, body = trade_event(order, pending_payment["trade_no"])
+    assert (await sim.post(f"/control/trades/{provider_order(order)}/pay")).status_code == 200
+    event_id, body = trade_event(provider_order(order), pending_payment["trade_no"])
     for expected in ("delivered", "duplicate"):
         response = await webhooks.post("/webhooks/simulator", content=body,
                                        headers=signing.signed_headers(SIMULATOR_SECRET, event_id, body))
