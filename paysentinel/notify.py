@@ -315,16 +315,20 @@ def compose_alert(incident: Incident) -> tuple[str, str]:
     else:
         subject = f"[paysentinel] resolved: {name} back under {incident.threshold:.1%} (monitor {incident.monitor})"
         next_step = "Nothing to do; the incident is closed."
-    body = "\n".join([
+    return subject, _incident_body(incident, subject, f"Highest rate seen: {incident.peak_rate:.1%}", next_step)
+
+
+def _incident_body(incident: Incident, subject: str, peak: str, next_step: str) -> str:
+    """An incident's message: what opened it, its worst figure, when it ended, what to do."""
+    return "\n".join([
         subject + ".",
         "",
         f"Incident: {incident.id} ({incident.kind}), opened {incident.opened_at:%Y-%m-%d %H:%M:%S} UTC",
         f"When opened: {incident.detail}",
-        f"Highest rate seen: {incident.peak_rate:.1%}",
-        *( [f"Resolved: {incident.resolved_at:%Y-%m-%d %H:%M:%S} UTC"] if incident.resolved_at else [] ),
+        peak,
+        *([f"Resolved: {incident.resolved_at:%Y-%m-%d %H:%M:%S} UTC"] if incident.resolved_at else []),
         f"What to do: {next_step}",
     ])
-    return subject, body
 
 
 def compose_stuck_alert(incident: Incident) -> tuple[str, str]:
@@ -343,13 +347,4 @@ def compose_stuck_alert(incident: Incident) -> tuple[str, str]:
     else:
         subject = f"[paysentinel] resolved: no payments stuck (monitor {incident.monitor})"
         next_step = "Nothing to do; the incident is closed."
-    body = "\n".join([
-        subject + ".",
-        "",
-        f"Incident: {incident.id} ({incident.kind}), opened {incident.opened_at:%Y-%m-%d %H:%M:%S} UTC",
-        f"When opened: {incident.detail}",
-        f"Most stuck at once: {incident.peak_rate:g}",
-        *([f"Resolved: {incident.resolved_at:%Y-%m-%d %H:%M:%S} UTC"] if incident.resolved_at else []),
-        f"What to do: {next_step}",
-    ])
-    return subject, body
+    return subject, _incident_body(incident, subject, f"Most stuck at once: {incident.peak_rate:g}", next_step)

@@ -28,6 +28,7 @@ from paysentinel.ledger import Ledger, retry_budget
 from paysentinel.models import (
     CheckoutRequest,
     PaymentInput,
+    PaymentStatus,
     PaymentView,
     RefundCommand,
     ReviewAction,
@@ -294,23 +295,17 @@ def test_ledger_owes_back_every_trade_the_order_is_not_paid_with():
     assert ledger.excess() == {"T2": 500} and not ledger.balanced(reviews_open=False)
     assert ledger.balanced(reviews_open=True)
     ledger.refunding["T2"] = 500
-    assert ledger.excess() == {} and ledger.status(ledger_base(), reviews_open=False).value == "REFUNDING"
+    assert ledger.excess() == {} and ledger.status(PaymentStatus.SUCCEEDED, reviews_open=False).value == "REFUNDING"
     ledger.refunding.clear()
     ledger.refunded["T2"] = 500
     assert ledger.balanced(reviews_open=False) and ledger.refundable() == 1000
     ledger.refunded["T1"] = 300
-    assert ledger.refundable() == 700 and ledger.status(ledger_base(), False).value == "PARTIALLY_REFUNDED"
+    assert ledger.refundable() == 700 and ledger.status(PaymentStatus.SUCCEEDED, False).value == "PARTIALLY_REFUNDED"
 
 
 def test_ledger_keeps_what_a_person_decided_to_keep():
     ledger = Ledger(captured={"T9": 800}, kept={"T9": 800})
     assert ledger.balanced(reviews_open=False)
-
-
-def ledger_base():
-    from paysentinel.models import PaymentStatus
-
-    return PaymentStatus.SUCCEEDED
 
 
 async def _status(handle: WorkflowHandle, status: str, refunded: int | None = None) -> bool:
