@@ -114,12 +114,14 @@ class PaymentActivities:
     @activity.defn
     async def query_trade(self, ref: TradeRef) -> Trade:
         async with self._calling(ref.order_id, ref.provider):
-            return await self._provider(ref.provider).query_trade(ref.order_id, ref.trade_no)
+            return await self._provider(ref.provider).query_trade(ref.order_id, ref.trade_no,
+                                                                 created_trade_no=ref.created_trade_no)
 
     @activity.defn
     async def close_trade(self, ref: TradeRef) -> Trade:
         async with self._calling(ref.order_id, ref.provider):
-            return await self._provider(ref.provider).close_trade(ref.order_id, ref.idempotency_key)
+            return await self._provider(ref.provider).close_trade(ref.order_id, ref.idempotency_key,
+                                                                 created_trade_no=ref.created_trade_no)
 
     @activity.defn
     async def refund_trade(self, request: RefundInput) -> ProviderRefund:
@@ -130,7 +132,8 @@ class PaymentActivities:
     @activity.defn
     async def query_refund(self, request: RefundInput) -> Optional[ProviderRefund]:
         async with self._calling(request.order_id, request.provider):
-            return await self._provider(request.provider).query_refund(request.order_id, request.refund_id)
+            return await self._provider(request.provider).query_refund(request.order_id, request.refund_id,
+                                                                            request.trade_no)
 
     @activity.defn
     async def save_refund(self, record: RefundRecord) -> None:

@@ -33,7 +33,7 @@ from paysentinel.models import (
     to_major,
 )
 from paysentinel.providers import Provider
-from paysentinel.settlement import PAYMENT, REFUND, BillFormatError, parse_bill
+from paysentinel.settlement import PAYMENT, REFUND, BillFormatError
 from workflows.payment import PaymentWorkflow, refund_id_for
 from workflows.refund import RefundWorkflow
 
@@ -125,7 +125,7 @@ class ReconciliationActivities:
             activity.heartbeat(count)
 
         try:
-            async for row in parse_bill(provider.bill_lines(step.day), self._tz):
+            async for row in provider.bill_rows(step.day, self._tz):
                 count += 1
                 if count <= resume:
                     continue
@@ -279,7 +279,7 @@ class ReconciliationActivities:
             )).all()
         found = []
         for queried, payment in enumerate(candidates, 1):
-            trade = await self._providers[step.provider].query_trade(payment.order_id)
+            trade = await self._providers[step.provider].query_trade(payment.order_id, created_trade_no=payment.trade_no)
             activity.heartbeat(f"{queried} of {len(candidates)} payments queried")
             row = db.SettlementRowRecord(order_id=payment.order_id, trade_no=payment.trade_no, refund_no="",
                                          amount_minor=payment.paid_amount_minor or payment.amount_minor,
@@ -321,7 +321,7 @@ class ReconciliationActivities:
                 ).limit(step.limit)
             )).all()
         for queried, refund in enumerate(candidates, 1):
-            theirs = await self._providers[step.provider].query_refund(refund.order_id, refund.refund_id)
+            theirs = await self._providers[step.provider].query_refund(refund.order_id, refund.refund_id, refund.trade_no)
             activity.heartbeat(f"{queried} of {len(candidates)} refunds queried")
             row = db.SettlementRowRecord(order_id=refund.order_id, trade_no=refund.trade_no, refund_no=refund.refund_id,
                                          amount_minor=refund.amount_minor, currency=refund.currency)

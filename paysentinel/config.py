@@ -65,6 +65,12 @@ SECRETS: list[Secret] = [
     Secret("merchant_webhook_secret_previous", required=False),
     Secret("operator_tokens"),  # development keeps operator:dev-operator-token
     Secret("payload_keys"),  # development makes its own key file in the data dir (paysentinel/codec.py)
+    # Real providers' credentials: required only by a provider listed in PAYSENTINEL_PROVIDERS.
+    Secret("alipay_private_key", required=False),
+    Secret("wechatpay_private_key", required=False),
+    Secret("wechatpay_apiv3_key", required=False),
+    Secret("stripe_api_key", required=False),
+    Secret("stripe_webhook_secret", required=False),
 ]
 
 
@@ -145,6 +151,32 @@ class Settings(BaseSettings):
     simulator_webhook_secret_previous: str = ""  # still accepted while the provider rotates
     webhook_tolerance_seconds: int = 300
     webhook_max_body_bytes: int = 64 * 1024
+
+    # Providers this deployment takes payments with (comma-separated: simulator, alipay,
+    # wechatpay, stripe). Each real one needs its settings below; keys and secrets can come
+    # from files (PAYSENTINEL_<NAME>_FILE), see SECRETS. README: "Going live with a provider".
+    providers: Annotated[list[str], NoDecode] = ["simulator"]
+    # Alipay open platform (RSA2): the app's id, its private key (PEM), Alipay's public key (PEM).
+    alipay_app_id: str = ""
+    alipay_gateway_url: str = "https://openapi.alipay.com/gateway.do"
+    alipay_private_key: str = ""
+    alipay_public_key: str = ""
+    alipay_return_url: str = ""  # where the cashier page sends the payer back (page pay)
+    # WeChat Pay API v3: merchant id, the app id the payments are for, the serial number of the
+    # merchant API certificate and its private key (PEM), the APIv3 key (32 characters), and
+    # WeChat Pay's public key (PEM) with its id (PUB_KEY_ID_...) that verifies its answers.
+    wechatpay_mchid: str = ""
+    wechatpay_appid: str = ""
+    wechatpay_api_url: str = "https://api.mch.weixin.qq.com"
+    wechatpay_cert_serial: str = ""
+    wechatpay_private_key: str = ""
+    wechatpay_apiv3_key: str = ""
+    wechatpay_public_key: str = ""
+    wechatpay_public_key_id: str = ""
+    # Stripe: the secret API key, the webhook endpoint's signing secret (whsec_...).
+    stripe_api_url: str = "https://api.stripe.com"
+    stripe_api_key: str = ""
+    stripe_webhook_secret: str = ""
 
     # Payment timing (the workflow receives these in its input, so they are in its history).
     callback_timeout_seconds: float = 10.0
@@ -266,7 +298,7 @@ class Settings(BaseSettings):
             return [float(part) for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("notify_allowed_hosts", "codec_cors_origins", mode="before")
+    @field_validator("notify_allowed_hosts", "codec_cors_origins", "providers", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):

@@ -89,6 +89,9 @@ class TradeStatus(str, Enum):
     """Alipay-like trade statuses, as the provider reports them."""
 
     WAIT_BUYER_PAY = "WAIT_BUYER_PAY"
+    # The payer's payment is under way (WeChat Pay USERPAYING, a Stripe PaymentIntent
+    # "processing"): not paid yet, and the trade cannot be closed until it ends.
+    PAYING = "PAYING"
     TRADE_SUCCESS = "TRADE_SUCCESS"
     TRADE_FINISHED = "TRADE_FINISHED"
     TRADE_CLOSED = "TRADE_CLOSED"
@@ -370,6 +373,9 @@ class TradeRef(BaseModel):
     order_id: str
     idempotency_key: str = ""
     trade_no: Optional[str] = None  # one trade of the order; None: the order's trade
+    # The provider's number of the trade we created, for providers that cannot look a trade
+    # up by our order number (Stripe's PaymentIntent id).
+    created_trade_no: Optional[str] = None
 
 
 class Trade(BaseModel):

@@ -44,7 +44,6 @@ from paysentinel.models import (
     RefundView,
 )
 from paysentinel.notify import UnsafeTarget, check_target, public_view
-from paysentinel.providers import SUPPORTED_PROVIDERS
 from paysentinel.logs import bind
 from starters.limits import add_abuse_limits
 from starters.common import (
@@ -187,8 +186,12 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(422, f"order_id is too long: merchant {merchant}'s order ids have at most "
                                      f"{INTERNAL_ORDER_MAX - len(merchant) - 1} characters")
         bind(payment_workflow_id(internal.order_id))
-        if request.provider not in SUPPORTED_PROVIDERS:
-            raise HTTPException(422, f"unknown provider {request.provider!r}; supported: {', '.join(SUPPORTED_PROVIDERS)}")
+        adapter = res.providers.get(request.provider)
+        if adapter is None:
+            raise HTTPException(422, f"unknown provider {request.provider!r}; this deployment takes "
+                                     f"{', '.join(res.providers) or 'none'}")
+        if (problem := adapter.check_order(internal.order_id, request.amount_minor, request.currency)) is not None:
+            raise HTTPException(422, f"{request.provider} cannot take this order: {problem}")
         if request.notify_url:
             try:
                 check_target(request.notify_url, res.settings.notify_allowed_hosts)

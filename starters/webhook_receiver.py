@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, Response
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from temporalio.service import RPCError, RPCStatusCode
@@ -20,7 +20,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from paysentinel import db, metrics
 from paysentinel.config import Settings
 from paysentinel.models import CallbackOutcome, ProviderCallback
-from paysentinel.providers import MalformedCallback
+from paysentinel.providers import CallbackIgnored, MalformedCallback
 from paysentinel.signing import SignatureError
 from paysentinel.logs import bind
 from starters.common import Resources, add_metrics, error_body, lifespan_for
@@ -105,30 +105,44 @@ def create_app(settings: Settings) -> FastAPI:
         return {"status": "ok"}
 
     @app.post("/webhooks/{provider}", response_model=CallbackOutcome)
-    async def receive(provider: str, request: Request) -> CallbackOutcome:
+    async def receive(provider: str, request: Request) -> Response:
+        """Each provider is answered in its own protocol (``Provider.callback_reply``)."""
         res: Resources = request.app.state.resources
         adapter = res.providers.get(provider)
         if adapter is None:
             raise HTTPException(404, f"unknown provider {provider!r}")
+
+        def reply(status: int, detail: object) -> Response:
+            answer = adapter.callback_reply(status, detail)
+            return Response(answer.body, answer.status, headers=answer.headers, media_type=answer.media_type)
+
         try:
             raw = await read_limited(request, settings.webhook_max_body_bytes)
-        except HTTPException:
+        except HTTPException as err:
             metrics.callbacks.labels(provider, "rejected_too_large").inc()
-            raise
+            return reply(err.status_code, err.detail)
         try:
             event = adapter.parse_callback(request.headers, raw)
         except SignatureError as err:
             log.warning("rejected %s callback: %s", provider, err)
             metrics.callbacks.labels(provider, "rejected_signature").inc()
-            raise HTTPException(401, f"signature check failed: {err}") from err
+            return reply(401, f"signature check failed: {err}")
         except MalformedCallback as err:
             log.warning("rejected %s callback: %s", provider, err)
             metrics.callbacks.labels(provider, "rejected_malformed").inc()
-            raise HTTPException(400, str(err)) from err
+            return reply(400, str(err))
+        except CallbackIgnored as err:
+            log.info("acknowledged %s notification without delivering it: %s", provider, err)
+            metrics.callbacks.labels(provider, "ignored").inc()
+            return reply(200, {"result": "ignored", "detail": str(err)})
         bind(payment_workflow_id(event.order_id))
-        outcome = await deliver(res, event, raw)
+        try:
+            outcome = await deliver(res, event, raw)
+        except HTTPException as err:
+            metrics.callbacks.labels(provider, "not_accepted").inc()
+            return reply(err.status_code, err.detail)
         metrics.callbacks.labels(provider, outcome.result).inc()
         log.info("callback %s for order %s: %s", event.event_id, event.order_id, outcome.result)
-        return outcome
+        return reply(200, outcome.model_dump(mode="json"))
 
     return app

@@ -13,7 +13,9 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -24,8 +26,9 @@ from paysentinel.config import DEFAULT_CACHE_DIR, token_digest
 from paysentinel.devserver import DevServer, ensure_temporal_cli, free_port
 from tests.helpers import (
     MERCHANT_A, MERCHANT_B, MERCHANT_PREVIOUS_SECRET, MERCHANT_SECRET, SIMULATOR_SECRET, Books, assert_books_balance,
-    track_books,
+    set_provider_urls, track_books,
 )
+from tests.fakes import FAKES
 
 DEFAULT_TEST_DATABASE = "postgresql+asyncpg://paysentinel:paysentinel@127.0.0.1:5432/paysentinel_test"
 
@@ -166,6 +169,7 @@ class Stack:
     env: dict[str, str]
     log_file: Path
     app: subprocess.Popen | None = None  # worker, APIs and webhook receiver (the simulator runs apart)
+    provider_urls: dict[str, str] = field(default_factory=dict)  # each provider's fake (tests/fakes), by name
 
     def start_app(self) -> None:
         self.app = start_parts(self.env, "worker,api,webhooks,operator", self.log_file)
@@ -201,6 +205,13 @@ def start_parts(env: dict[str, str], parts: str, log_file: Path) -> subprocess.P
             [sys.executable, "-m", "paysentinel.cli", "up", "--parts", parts],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
+
+
+def start_fake(name: str, env: dict[str, str], log_file: Path) -> subprocess.Popen:
+    """A provider's fake (tests/fakes/<name>.py) as its own process."""
+    with open(log_file, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", f"tests.fakes.{name}"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
 def stop_process(process: subprocess.Popen) -> None:
@@ -290,14 +301,32 @@ def stack(temporal_server: DevServer, database_url: str, mailbox: Mailbox, tmp_p
         env=env,
         log_file=log_file,
     )
+    fakes: list[tuple[str, str, dict[str, str]]] = []  # (provider, url, its environment)
+    for name in FAKES:
+        if importlib.util.find_spec(f"tests.fakes.{name}") is None:
+            continue
+        port = free_port()
+        setup = importlib.import_module(f"tests.fakes.{name}").prepare(
+            tmp_path_factory.mktemp(f"fake-{name}"), port, f"{stack.webhook_url}/webhooks/{name}")
+        env.update(setup.app_env)
+        fakes.append((name, f"http://127.0.0.1:{port}", {**os.environ, **setup.fake_env}))
+    env["PAYSENTINEL_PROVIDERS"] = ",".join(["simulator", *(name for name, _, _ in fakes)])
+    stack.provider_urls = {"simulator": stack.simulator_url, **{name: url for name, url, _ in fakes}}
+    set_provider_urls(stack.provider_urls)
     simulator = start_parts(env, "simulator", log_file)
+    fake_processes: list[subprocess.Popen] = []
     try:
         _wait_healthy([stack.simulator_url], simulator, log_file)
+        for name, url, fake_env in fakes:
+            fake_processes.append(start_fake(name, fake_env, log_file))
+            _wait_healthy([url], fake_processes[-1], log_file)
         stack.start_app()
         yield stack
     finally:
         if stack.app is not None:
             stop_process(stack.app)
+        for process in fake_processes:
+            stop_process(process)
         stop_process(simulator)
         print(f"\n[paysentinel log: {log_file}]", file=sys.stderr)
 

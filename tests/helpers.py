@@ -176,13 +176,34 @@ class _Side:
         return f"  {self.order}: {problem}\n    {provider}\n    {ours}"
 
 
-async def _ledgers(sim: httpx.AsyncClient, orders: list[str], batch: int = 100) -> dict[str, dict]:
-    """The provider's ledger of each order (GET /control/ledger?order=..., a batch at a time)."""
+# Where each provider's ledger is read (GET /control/ledger): the simulator's and the fakes'
+# (tests/conftest.py sets them when the stack starts).
+_PROVIDER_URLS: dict[str, str] = {}
+
+
+def set_provider_urls(urls: dict[str, str]) -> None:
+    _PROVIDER_URLS.clear()
+    _PROVIDER_URLS.update(urls)
+
+
+async def _ledgers(sim: httpx.AsyncClient, orders: list[str], providers: dict[str, str] | None = None,
+                   batch: int = 100) -> dict[str, dict]:
+    """The provider's ledger of each order (GET /control/ledger?order=..., a batch at a time);
+    ``providers`` names each order's provider (default: the simulator, ``sim``)."""
+    by_provider: dict[str, list[str]] = {}
+    for order in orders:
+        by_provider.setdefault((providers or {}).get(order, "simulator"), []).append(order)
     found: dict[str, dict] = {}
-    for start in range(0, len(orders), batch):
-        response = await sim.get("/control/ledger", params={"order": orders[start:start + batch]})
-        assert response.status_code == 200, response.text
-        found.update(response.json()["orders"])
+    for provider, names in by_provider.items():
+        http = sim if provider == "simulator" else httpx.AsyncClient(base_url=_PROVIDER_URLS[provider], timeout=30)
+        try:
+            for start in range(0, len(names), batch):
+                response = await http.get("/control/ledger", params={"order": names[start:start + batch]})
+                assert response.status_code == 200, response.text
+                found.update(response.json()["orders"])
+        finally:
+            if http is not sim:
+                await http.aclose()
     return found
 
 
@@ -206,10 +227,10 @@ async def assert_books_balance(sim: httpx.AsyncClient, sessions, order_ids: Iter
     sides = {order: _Side(order) for order in orders}
     deadline = time.monotonic() + timeout
     while orders:
-        ledgers = await _ledgers(sim, orders)
         async with sessions() as session:
             rows = {row.order_id: row for row in
                     (await session.scalars(select(db.Payment).where(db.Payment.order_id.in_(orders)))).all()}
+        ledgers = await _ledgers(sim, orders, {order: row.provider for order, row in rows.items()})
         unsettled: dict[str, str] = {}
         for order in orders:
             side = sides[order]

@@ -19,15 +19,15 @@ from paysentinel import db
 from paysentinel.config import Settings
 from paysentinel.devserver import ensure_search_attributes
 from paysentinel.models import MonitorInput
-from paysentinel.providers import build_providers
+from paysentinel.providers import SUPPORTED_PROVIDERS, build_providers
 from paysentinel.temporal import connect, remove_schedule
 from workflows.monitor import MONITOR_SCHEDULE_ID, MonitorWorkflow, ensure_monitor_schedule
 from workflows.payment import PaymentWorkflow
 from workflows.reconcile import (
-    RECONCILE_SCHEDULE_ID,
     ReconciliationWorkflow,
     ensure_reconcile_schedule,
     reconcile_input,
+    reconcile_schedule_id,
 )
 from workflows.refund import RefundWorkflow
 from workflows.review import ManualReviewWorkflow
@@ -91,13 +91,16 @@ async def schedule_monitor(client: Client, settings: Settings) -> None:
 
 
 async def schedule_reconciliation(client: Client, settings: Settings) -> None:
-    if settings.reconcile_enabled:
-        await ensure_reconcile_schedule(client, reconcile_input(settings), settings.reconcile_at,
-                                        settings.settlement_timezone, settings.task_queue)
-        log.info("reconciliation scheduled daily at %s %s (schedule %s)", settings.reconcile_at,
-                 settings.settlement_timezone, RECONCILE_SCHEDULE_ID)
-    elif await remove_schedule(client, RECONCILE_SCHEDULE_ID):
-        log.info("reconciliation schedule removed (reconcile_enabled is false)")
+    """One daily schedule per provider this deployment uses (reconcile_enabled false removes them)."""
+    for provider in SUPPORTED_PROVIDERS:
+        schedule_id = reconcile_schedule_id(provider)
+        if settings.reconcile_enabled and provider in settings.providers:
+            await ensure_reconcile_schedule(client, reconcile_input(settings, provider), settings.reconcile_at,
+                                            settings.settlement_timezone, settings.task_queue)
+            log.info("%s reconciliation scheduled daily at %s %s (schedule %s)", provider, settings.reconcile_at,
+                     settings.settlement_timezone, schedule_id)
+        elif await remove_schedule(client, schedule_id):
+            log.info("reconciliation schedule %s removed", schedule_id)
 
 
 def sdk_runtime(settings: Settings) -> Runtime | None:

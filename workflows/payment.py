@@ -1044,6 +1044,7 @@ class Payment:
             provider=self._request.provider,
             order_id=self._request.order_id,
             idempotency_key=f"{workflow.info().workflow_id}:{purpose}",
+            created_trade_no=self._trade_no,
         )
 
     # --- Helpers --------------------------------------------------------------------

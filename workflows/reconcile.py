@@ -44,7 +44,11 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.common import alert_once, cause
 
-RECONCILE_SCHEDULE_ID = "paysentinel-reconcile"
+RECONCILE_SCHEDULE_ID = "paysentinel-reconcile"  # the simulator's; a real provider's adds "-<provider>"
+
+
+def reconcile_schedule_id(provider: str) -> str:
+    return RECONCILE_SCHEDULE_ID if provider == "simulator" else f"{RECONCILE_SCHEDULE_ID}-{provider}"
 # Patches (kept histories of earlier releases replay without them).
 VERIFY_PATCH = "reconcile-verify-repairs"  # a verification stage after repair and at the start of a run
 VERIFY_WAIT_PATCH = "reconcile-verify-waits"  # then wait, on a backoff, for repairs to show in our books
@@ -200,7 +204,9 @@ def reconcile_input(settings: "Settings", provider: str = "simulator") -> Reconc
 def reconcile_schedule(input: ReconcileInput, at: str, time_zone: str, task_queue: str) -> Schedule:
     hour, minute = (int(part) for part in at.split(":"))
     return Schedule(
-        action=ScheduleActionStartWorkflow(ReconciliationWorkflow.run, input, id="reconcile-daily",
+        action=ScheduleActionStartWorkflow(ReconciliationWorkflow.run, input,
+                                           id="reconcile-daily" if input.provider == "simulator"
+                                           else f"reconcile-daily-{input.provider}",
                                            task_queue=task_queue),
         spec=ScheduleSpec(
             calendars=[ScheduleCalendarSpec(hour=[ScheduleRange(hour)], minute=[ScheduleRange(minute)])],
@@ -213,4 +219,4 @@ def reconcile_schedule(input: ReconcileInput, at: str, time_zone: str, task_queu
 async def ensure_reconcile_schedule(client: Client, input: ReconcileInput, at: str, time_zone: str,
                                     task_queue: str) -> None:
     schedule = reconcile_schedule(input, at, time_zone, task_queue)
-    await ensure_schedule(client, RECONCILE_SCHEDULE_ID, schedule)
+    await ensure_schedule(client, reconcile_schedule_id(input.provider), schedule)

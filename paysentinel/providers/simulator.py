@@ -6,11 +6,13 @@ import json
 from collections.abc import AsyncIterator, Mapping
 from datetime import date, datetime, timezone
 from typing import Any, Optional
+from zoneinfo import ZoneInfo
 
 import httpx
 from pydantic import ValidationError
 
 from paysentinel import signing
+from paysentinel.config import Settings
 from paysentinel.models import (
     CreateTradeInput,
     ProviderCallback,
@@ -22,7 +24,8 @@ from paysentinel.models import (
     to_major,
     to_minor,
 )
-from paysentinel.providers.base import MalformedCallback, ProviderRejected, ProviderUnavailable
+from paysentinel.providers.base import CallbackReply, MalformedCallback, ProviderRejected, ProviderUnavailable, json_reply
+from paysentinel.settlement import SettlementRow, parse_bill
 
 # Provider sub-codes that mean "try again later" rather than "no".
 TRANSIENT_CODES = {"ACQ.SYSTEM_ERROR", "ACQ.RATE_LIMITED"}
@@ -92,6 +95,9 @@ class SimulatorProvider:
             raise ProviderUnavailable(f"{method} {path}: HTTP {response.status_code} {sub_code} {body.get('msg', '')}".strip())
         return response.status_code, body
 
+    def check_order(self, order_id: str, amount_minor: int, currency: str) -> Optional[str]:
+        return None  # the simulator takes every order the checkout API accepts
+
     async def create_trade(self, request: CreateTradeInput) -> Trade:
         status, body = await self._call(
             "POST",
@@ -110,6 +116,10 @@ class SimulatorProvider:
             raise _rejected(status, body, "trade not created")
         return _trade(body["trade"])
 
+    async def bill_rows(self, day: date, tz: ZoneInfo) -> AsyncIterator[SettlementRow]:
+        async for row in parse_bill(self.bill_lines(day), tz):
+            yield row
+
     async def bill_lines(self, day: date) -> AsyncIterator[str]:
         """Stream the day's settlement bill as the provider sends it (text in pieces; a
         line break inside a quoted field is the parser's to keep)."""
@@ -126,7 +136,8 @@ class SimulatorProvider:
         except httpx.TransportError as err:
             raise ProviderUnavailable(f"GET {path}: provider unreachable ({err!r})") from err
 
-    async def query_trade(self, order_id: str, trade_no: Optional[str] = None) -> Trade:
+    async def query_trade(self, order_id: str, trade_no: Optional[str] = None, *,
+                          created_trade_no: Optional[str] = None) -> Trade:
         status, body = await self._call("GET", f"/v1/trades/{order_id}",
                                         params={"trade_no": trade_no} if trade_no else None)
         if status == 404 and body.get("sub_code") == "ACQ.TRADE_NOT_EXIST":
@@ -135,7 +146,8 @@ class SimulatorProvider:
             raise _rejected(status, body, "query rejected")
         return _trade(body["trade"])
 
-    async def close_trade(self, order_id: str, idempotency_key: str) -> Trade:
+    async def close_trade(self, order_id: str, idempotency_key: str, *,
+                          created_trade_no: Optional[str] = None) -> Trade:
         status, body = await self._call(
             "POST", f"/v1/trades/{order_id}/close", headers={"Idempotency-Key": idempotency_key}
         )
@@ -161,7 +173,7 @@ class SimulatorProvider:
             raise _rejected(status, body, "refund rejected")
         return _refund(body["refund"])
 
-    async def query_refund(self, order_id: str, refund_id: str) -> ProviderRefund | None:
+    async def query_refund(self, order_id: str, refund_id: str, trade_no: Optional[str] = None) -> ProviderRefund | None:
         status, body = await self._call("GET", f"/v1/trades/{order_id}/refunds/{refund_id}")
         if status == 404:
             return None
@@ -192,3 +204,16 @@ class SimulatorProvider:
             raise
         except (ValueError, KeyError, TypeError, ValidationError, ArithmeticError) as err:
             raise MalformedCallback(f"callback body is not a valid trade event: {err}") from err
+
+    def callback_reply(self, status: int, detail: object) -> CallbackReply:
+        """JSON: the outcome's fields when accepted, {"error": ...} otherwise."""
+        return json_reply(status, detail if status < 300 else {"error": detail})
+
+
+def build(settings: Settings, http: httpx.AsyncClient) -> SimulatorProvider:
+    return SimulatorProvider(
+        http, settings.effective_simulator_url,
+        # During a rotation callbacks signed with the previous secret are accepted too.
+        (settings.simulator_webhook_secret, settings.simulator_webhook_secret_previous),
+        settings.webhook_tolerance_seconds,
+    )
