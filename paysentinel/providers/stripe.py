@@ -31,7 +31,8 @@ settlement time zone), read page by page with ``data.source.payment_intent`` exp
 ``charge``/``payment`` rows are payments, ``refund``/``payment_refund`` rows refunds, each
 with the amount and currency of its charge or refund (minor units). Balance transactions
 that are not ours (no ``metadata[order_id]`` on the PaymentIntent: invoices,
-subscriptions, payouts, fees) are left out.
+subscriptions, payouts, fees) are left out, and so is a refund that failed (its
+``refund_failure`` transaction gives the money back).
 
 Webhooks: ``Stripe-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>``
 checked with ``stripe.WebhookSignature.verify_header`` within the tolerance; the events
@@ -436,6 +437,8 @@ class StripeProvider:
         order_id = _order_of(intent)
         if not order_id:
             return None  # not made by us
+        if kind == REFUND and REFUND_STATUSES.get(source.get("status", "")) is RefundStatus.FAILED:
+            return None  # a failed refund: its refund_failure transaction gives the money back
         try:
             currency = str(source["currency"]).upper()
             return SettlementRow(
