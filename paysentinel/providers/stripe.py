@@ -487,6 +487,8 @@ class StripeProvider:
             intent = event["data"]["object"]
             if intent.get("object") != "payment_intent":
                 raise ValueError(f"data.object is a {intent.get('object')!r}, not a payment_intent")
+            if not isinstance(intent["id"], str) or not intent.get("status"):
+                raise ValueError("the PaymentIntent has no id or status")
             order_id = _order_of(intent)
             if not order_id:
                 raise CallbackIgnored(f"event {event_id}: PaymentIntent {intent.get('id')} has no metadata order_id "
