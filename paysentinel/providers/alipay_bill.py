@@ -132,13 +132,18 @@ def rows(chunks: Iterator[str]) -> Iterator[SettlementRow]:
             at = parse_china_time(row["完成时间"])
             if at is None:
                 raise ValueError("完成时间 is empty")
-            amount = abs(to_minor(row["订单金额（元）"].lstrip("-"), "CNY"))
+            try:
+                amount = abs(to_minor(row["订单金额（元）"].lstrip("-"), "CNY"))
+            except (ValueError, ArithmeticError):
+                raise ValueError(f"订单金额（元） {row['订单金额（元）']!r} is not an amount in yuan") from None
             if not row["支付宝交易号"] or not row["商户订单号"]:
                 raise ValueError("支付宝交易号 and 商户订单号 must not be empty")
             if kind == REFUND and not row["退款批次号/请求号"]:
                 raise ValueError("a refund row without 退款批次号/请求号")
-        except (KeyError, ValueError, ArithmeticError) as err:
-            raise BillFormatError(f"line {number}: {err!r} in {line[:120]!r}") from None
+        except KeyError as err:
+            raise BillFormatError(f"line {number}: unknown 业务类型 {err} in {line[:120]!r}") from None
+        except (ValueError, ArithmeticError) as err:
+            raise BillFormatError(f"line {number}: {err} in {line[:120]!r}") from None
         counted[kind] += 1
         yield SettlementRow(kind=kind, trade_no=row["支付宝交易号"], order_id=row["商户订单号"],
                             refund_no=row["退款批次号/请求号"] if kind == REFUND else "",

@@ -311,10 +311,11 @@ class Alipay:
             trade.status, trade.gmt_close = "TRADE_CLOSED", now()
             self.notify(trade)
 
-    def scan(self, trade: FakeTrade) -> Optional[str]:
-        self.expire(trade)
+    def scan(self, trade: FakeTrade, under_way: bool = False) -> Optional[str]:
+        if not under_way:
+            self.expire(trade)
         if trade.status == "NOT_SCANNED":
-            if trade.time_expire is not None and now() > trade.time_expire:
+            if not under_way and trade.time_expire is not None and now() > trade.time_expire:
                 return "the QR code has expired"
             trade.status = "WAIT_BUYER_PAY"
             trade.trade_no = now().astimezone(CHINA).strftime("%Y%m%d") + "22001" + "".join(
@@ -322,9 +323,11 @@ class Alipay:
             self.by_trade_no[trade.trade_no] = trade.out_trade_no
         return None
 
-    def pay(self, trade: FakeTrade, amount: Optional[str] = None, scan_only: bool = False) -> Optional[str]:
-        """The buyer scans (and pays). Returns why not, or None."""
-        if (why := self.scan(trade)) is not None:
+    def pay(self, trade: FakeTrade, amount: Optional[str] = None, scan_only: bool = False,
+            under_way: bool = False) -> Optional[str]:
+        """The buyer scans (and pays). Returns why not, or None. ``under_way``: the buyer's
+        payment started before time_expire and completes now."""
+        if (why := self.scan(trade, under_way)) is not None:
             return why
         if trade.status != "WAIT_BUYER_PAY":
             return f"the trade is {trade.status}"
@@ -490,9 +493,9 @@ class Alipay:
         trade = self.find(biz)
         if trade is None:
             raise not_exist()
-        self.expire(trade)
         if self.script(trade.out_trade_no).pay_on_close and trade.status in ("NOT_SCANNED", "WAIT_BUYER_PAY"):
-            self.pay(trade)  # the buyer's password went in a moment before our close
+            self.pay(trade, under_way=True)  # the buyer's password went in a moment before our close
+        self.expire(trade)
         if trade.status == "NOT_SCANNED":
             raise not_exist()  # no trade until scanned; the QR code lives on until time_expire
         if trade.status != "WAIT_BUYER_PAY":
