@@ -354,6 +354,48 @@ async def test_reference_client_talks_to_the_fake(stack, wxfake, books):
     assert (await wxfake.get("/control/signature-failures")).json()["failures"] == []
 
 
+def adapter_for(stack: Stack, http: httpx.AsyncClient) -> wx.WeChatPayProvider:
+    """Our adapter, configured as the running system is (the stack's settings)."""
+    env = stack.env
+    return wx.WeChatPayProvider(
+        http, api_url=env["PAYSENTINEL_WECHATPAY_API_URL"], mchid=env["PAYSENTINEL_WECHATPAY_MCHID"],
+        appid=env["PAYSENTINEL_WECHATPAY_APPID"], serial_no=env["PAYSENTINEL_WECHATPAY_CERT_SERIAL"],
+        private_key=Path(env["PAYSENTINEL_WECHATPAY_PRIVATE_KEY_FILE"]).read_text(),
+        apiv3_key=Path(env["PAYSENTINEL_WECHATPAY_APIV3_KEY_FILE"]).read_text().strip(),
+        public_key=env["PAYSENTINEL_WECHATPAY_PUBLIC_KEY"], public_key_id=env["PAYSENTINEL_WECHATPAY_PUBLIC_KEY_ID"])
+
+
+async def test_adapter_refuses_altered_answers_and_a_bill_that_fails_its_hash(stack, wxfake):
+    from paysentinel.models import CreateTradeInput
+    from paysentinel.providers.base import ProviderUnavailable
+
+    async with httpx.AsyncClient(timeout=10) as http:
+        provider = adapter_for(stack, http)
+        order = provider_order(new_order("wxadapt"))
+        created = await provider.create_trade(CreateTradeInput(
+            provider=PROVIDER, order_id=order, amount_minor=4321, currency="CNY", subject="adapter",
+            notify_url=f"{stack.webhook_url}/webhooks/wechatpay",
+            expires_at=datetime.now(timezone.utc) + timedelta(minutes=10), idempotency_key="k"))
+        assert created.trade_no is None and created.status is TradeStatus.WAIT_BUYER_PAY
+        assert (await wxfake.post(f"/control/pay/{order}")).status_code == 200
+        assert (await wxfake.post("/control/tamper", json={"answers": 1})).status_code == 200
+        with pytest.raises(ProviderUnavailable, match="signature does not verify"):
+            await provider.query_trade(order)  # an answer we cannot trust is not an answer
+        paid = await provider.query_trade(order)
+        assert (paid.status, paid.amount_minor) == (TradeStatus.TRADE_SUCCESS, 4321)
+        closed = await provider.close_trade(order, "k")  # a paid trade stays paid
+        assert closed.status is TradeStatus.TRADE_SUCCESS and closed.trade_no == paid.trade_no
+
+        today = datetime.now(CHINA).date()
+        assert (await wxfake.post("/control/tamper", json={"bill_hash": 1})).status_code == 200
+        with pytest.raises(BillFormatError, match="SHA1"):
+            [row async for row in provider.bill_rows(today, CHINA)]
+        rows = [row async for row in provider.bill_rows(today, CHINA)]  # gzip, hash checked, then read
+        assert [(r.kind, r.trade_no, r.amount_minor) for r in rows if r.order_id == order] == [
+            ("payment", paid.trade_no, 4321)]
+    assert (await wxfake.get("/control/signature-failures")).json()["failures"] == []
+
+
 async def _delivered(wxfake, order: str):
     trade = (await wxfake.get(f"/control/trades/{order}")).json()
     return trade if trade["deliveries"] else None

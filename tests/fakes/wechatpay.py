@@ -22,7 +22,8 @@ Control API: ``GET /health``; ``GET /control/ledger?order=``; ``PUT /control/scr
 the next calls of a route, any order); ``GET /control/trades/{order}`` (trade, refunds,
 calls, deliveries); ``POST /control/notify/{order}`` (send one crafted notification:
 tampered, wrong key, stale, a replay; answers what the receiver said);
-``PUT /control/bills/{day}/adjustments``; ``GET /control/signature-failures``.
+``PUT /control/bills/{day}/adjustments``; ``POST /control/tamper`` (answers altered after
+signing, bills with a wrong hash); ``GET /control/signature-failures``.
 """
 
 from __future__ import annotations
@@ -310,6 +311,8 @@ class WeChatPayFake:
         self.adjustments: dict[str, Adjustments] = {}
         self.bill_files: dict[str, bytes] = {}
         self.signature_failures: list[str] = []
+        self.tamper_answers = 0  # the next answers' bodies change after signing
+        self.corrupt_bill_hash = 0  # the next bill answers give a wrong hash_value
         self.resend = [float(s) for s in os.environ.get("WECHATPAY_FAKE_RESEND_SECONDS", "").split(",") if s] \
             or RESEND_SECONDS
         self.http: Optional[httpx.AsyncClient] = None
@@ -333,6 +336,9 @@ class WeChatPayFake:
         raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() if body is not None else b""
         headers = sign.signed_headers(self.keys.platform_private, self.keys.public_key_id, raw)
         headers["Request-ID"] = uuid.uuid4().hex
+        if self.tamper_answers > 0 and raw:
+            self.tamper_answers -= 1
+            raw = raw[:-1] + b' ,"tampered":true}'
         return Response(raw, status_code=status, headers=headers,
                         media_type="application/json" if body is not None else None)
 
@@ -798,7 +804,11 @@ def make_app(fake: WeChatPayFake) -> FastAPI:
         plain = "".join(render_bill(rows)).encode()
         token = secrets.token_urlsafe(16)
         fake.bill_files[token] = gzip.compress(plain) if tar_type == "GZIP" else plain
-        return fake.answer(200, {"hash_type": "SHA1", "hash_value": hashlib.sha1(plain).hexdigest(),
+        digest = hashlib.sha1(plain)
+        if fake.corrupt_bill_hash > 0:
+            fake.corrupt_bill_hash -= 1
+            digest.update(b"corrupt")
+        return fake.answer(200, {"hash_type": "SHA1", "hash_value": digest.hexdigest(),
                                  "download_url": f"{fake.base_url}/v3/billdownload/file?token={token}"})
 
     @app.get("/v3/billdownload/file")
@@ -871,6 +881,15 @@ def make_app(fake: WeChatPayFake) -> FastAPI:
     async def adjust(day: date, body: Adjustments) -> dict[str, Any]:
         fake.adjustments[day.isoformat()] = body
         return body.model_dump()
+
+    @app.post("/control/tamper")
+    async def tamper(request: Request) -> dict[str, int]:
+        """``{"answers": n, "bill_hash": n}``: the next n answers altered after signing, the next
+        n bill answers with a hash_value the file does not have."""
+        body = json.loads(await request.body() or b"{}")
+        fake.tamper_answers = int(body.get("answers", 0))
+        fake.corrupt_bill_hash = int(body.get("bill_hash", 0))
+        return {"answers": fake.tamper_answers, "bill_hash": fake.corrupt_bill_hash}
 
     @app.get("/control/signature-failures")
     async def signature_failures() -> dict[str, Any]:
