@@ -542,8 +542,11 @@ async def test_refund_processing_then_success_and_processing_then_abnormal(api, 
     await wait_status(api, bad_id, "SUCCEEDED")
     assert (await refund(api, ok_id, "r-ok", 9990)).status_code == 202
     assert (await refund(api, bad_id, "r-bad", 9990)).status_code == 202
-    await asyncio.sleep(0.5)
-    assert [r["status"] for r in (await trade_at(wxfake, ok))["refunds"]] == ["PROCESSING"]
+    async def processing_at_wechat():
+        return [r["status"] for r in (await trade_at(wxfake, ok))["refunds"]] == ["PROCESSING"]
+
+    await wait_for(processing_at_wechat, what="the refund PROCESSING at WeChat Pay (for 2 s)")
+    assert (await api.get(f"/payments/{ok_id}")).json()["refunds"][0]["status"] == "PROCESSING"
     await wait_status(api, ok_id, "REFUNDED", timeout=30)
     assert [r["status"] for r in (await trade_at(wxfake, ok))["refunds"]] == ["SUCCESS"]
     view = await wait_status(api, bad_id, "IN_REVIEW", timeout=30)
