@@ -20,7 +20,7 @@ from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
 from paysentinel.config import Settings
-from paysentinel.providers import CallbackIgnored, MalformedCallback, ProviderRejected, ProviderUnavailable
+from paysentinel.providers import CallbackIgnored, MalformedCallback, ProviderUnavailable
 from paysentinel.providers import alipay as alipay_module
 from paysentinel.providers import alipay_bill
 from paysentinel.providers.alipay import AlipayProvider, classify
@@ -577,6 +577,28 @@ async def test_transient_codes_are_retried_and_final_codes_are_not(api, ali):
     assert "ACQ.INVALID_PARAMETER" in json.dumps(view["timeline"], ensure_ascii=False)
     calls = (await fake_trade(ali, refused))["calls"]
     assert calls["alipay.trade.precreate"] == 1  # a final answer is not retried
+
+
+async def test_a_final_refund_answer_is_not_retried(api, ali):
+    order = new_order("ali-broke")
+    await script(ali, order, failures=[{"method": "alipay.trade.refund", "code": "40004",
+                                        "sub_code": "ACQ.SELLER_BALANCE_NOT_ENOUGH", "sub_msg": "卖家余额不足",
+                                        "times": 1}])
+    created = await start(api, order)
+    await pay(ali, order)
+    await wait_status(api, created["payment_id"], "SUCCEEDED")
+    await refund(api, created["payment_id"], "r1", 1000)
+
+    async def failed():
+        view = (await api.get(f"/payments/{created['payment_id']}")).json()
+        return view if view["refunds"] and view["refunds"][0]["status"] == "FAILED" else None
+
+    view = await wait_for(failed, timeout=30, what="the refund refused by Alipay")
+    assert "ACQ.SELLER_BALANCE_NOT_ENOUGH" in view["refunds"][0]["detail"]
+    assert (await fake_trade(ali, order))["calls"]["alipay.trade.refund"] == 1  # one submission, no retries
+    books = (await ali.get(f"/control/ledger/{provider_order(order)}")).json()
+    assert books["refunded_minor"] == 0
+    # Nothing was refunded on either side: the books agree while a person reviews the failed refund.
 
 
 async def test_checkout_refuses_what_alipay_cannot_take(api):
