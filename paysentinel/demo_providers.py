@@ -466,30 +466,27 @@ def _money(minor: Optional[int]) -> str:
 
 
 def _table(provider: str, items: list[ProviderScenario]) -> Table:
-    table = Table(title=f"paysentinel demo on the {provider} fake: expected vs actual, their books vs ours")
-    table.add_column("scenario", ratio=3)
-    table.add_column("order id", no_wrap=True)
-    table.add_column("expected", ratio=2)
-    table.add_column("our database", ratio=2)
-    table.add_column(f"{provider} ledger\ncaptured − refunded", justify="right")
-    table.add_column("ours\npaid − refunded", justify="right")
-    table.add_column("seconds", justify="right")
-    table.add_column("")
+    table = Table(title=f"paysentinel demo on the {provider} fake: expected vs actual, {provider}'s books vs ours")
+    table.add_column("scenario (order id)", ratio=1, min_width=20)
+    table.add_column("expected", no_wrap=True)
+    table.add_column("our database", no_wrap=True)
+    table.add_column(f"{provider}:\ncaptured\n− refunded", justify="right", no_wrap=True)
+    table.add_column("ours:\npaid\n− refunded", justify="right", no_wrap=True)
+    table.add_column("s", justify="right", no_wrap=True)
+    table.add_column("", no_wrap=True)
     for s in items:
         expected = f"{s.expected}\n{_money(s.captured)} − {_money(s.refunded)}"
-        actual = s.actual + (f" ({s.actual_review})" if s.actual_review else "")
+        actual = s.actual + (f"\n({s.actual_review})" if s.actual_review else "")
         theirs = "-" if s.ledger is None else (f"{_money(s.ledger['captured_minor'])} − "
                                                f"{_money(s.ledger['refunded_minor'])}")
         ours = "-" if s.row is None else f"{_money(s.row[0])} − {_money(s.row[1])}"
-        if s.ok:
-            mark = "[green]ok[/green]"
-        elif s.seconds:
-            mark = "[red]DIFFERS[/red]" if s.books_agree else "[red]BOOKS DIFFER[/red]"
-        else:
-            mark = ""
-        notes = "".join(f"\n[red]{text}[/red]" for text in (s.problem, s.error) if text and s.seconds)
-        table.add_row(f"[bold]{s.name}[/bold]\n[dim]{s.story}[/dim]{notes}", s.order_id, expected, actual,
-                      theirs, ours, f"{s.seconds:.1f}" if s.seconds else "", mark)
+        mark = "[green]ok[/green]" if s.ok else ("[red]DIFFERS[/red]" if s.seconds else "")
+        notes = [s.problem, s.error]
+        if s.seconds and not s.books_agree:
+            notes.insert(0, "the books differ")
+        story = (f"[bold]{s.name}[/bold] [dim]({s.order_id})[/dim]\n[dim]{s.story}[/dim]"
+                 + "".join(f"\n[red]{escape(text)}[/red]" for text in notes if text and s.seconds))
+        table.add_row(story, expected, actual, theirs, ours, f"{s.seconds:.1f}" if s.seconds else "", mark)
     return table
 
 
@@ -514,6 +511,7 @@ async def run_fake_demo(system: System, console: Console, timeout: float = 60.0)
                     await asyncio.sleep(0.5)
                 await work
                 live.update(_table(system.provider, items))
+            console.print()
     finally:
         await engine.dispose()
     passed = sum(s.ok for s in items)
