@@ -529,7 +529,7 @@ async def _simulator_demo(system: System, console: Console) -> bool:
     from paysentinel.demo import run_demo
 
     day = datetime.now(ZoneInfo(Settings.model_fields["settlement_timezone"].default)).date().isoformat()
-    return await run_demo(system.api_url, system.url("simulator"), ui_url=system.url("temporal_ui"), console=console,
+    return await run_demo(system.api_url, system.url("simulator"), ui_url=None, console=console,  # stopped after
                           operator_token=DEV_OPERATOR_TOKEN, settlement_day=day, operator_url=system.url("operator"),
                           merchant_key=system.merchant_key, merchant=MERCHANT)
 
