@@ -214,7 +214,8 @@ def demo(
                                               "are <merchant>-<order>)"),
     provider: str = typer.Option("simulator", help="simulator (the running system), alipay, wechatpay or stripe "
                                                    "(its fake from tests/fakes and a system of its own; run from the "
-                                                   "repository root), or all (each in turn)"),
+                                                   "repository root), or all (each in turn, the simulator too, "
+                                                   "each on a system of its own)"),
     own_system: bool = typer.Option(False, "--own-system", help="With the simulator: start a system of its own "
                                                                 "(temporary data dir, free ports) instead of using "
                                                                 "the running one"),
