@@ -92,6 +92,11 @@ class FakeProvider:
         async def record_payment(payload: RecordPaymentInput) -> None:
             self.calls.append("record")
 
+        @activity.defn(name="open_payment")
+        async def open_payment(payload: RecordPaymentInput) -> RiskVerdict:
+            self.calls.append("record")
+            return RiskVerdict(flagged=bool(self.risk_hits), hits=self.risk_hits)
+
         @activity.defn(name="save_payment_state")
         async def save_payment_state(record: PaymentRecord) -> bool:
             if record.status.value == "SUCCEEDED" and self.save_failures > 0:
@@ -173,7 +178,7 @@ class FakeProvider:
         async def send_alert(incident: Incident) -> None:
             self.calls.append(f"alert:{incident.kind}:{incident.status}")
 
-        return [record_payment, save_payment_state, create_trade, query_trade, close_trade, refund_trade,
+        return [record_payment, open_payment, save_payment_state, create_trade, query_trade, close_trade, refund_trade,
                 query_refund, save_refund, open_review, escalate_review, close_review, assess_risk,
                 track_incident, send_alert]
 
