@@ -25,7 +25,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
-from temporalio.client import WithStartWorkflowOperation, WorkflowUpdateFailedError
+from temporalio.client import WithStartWorkflowOperation, WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
@@ -161,7 +161,8 @@ async def start_payment(res: Resources, request: CheckoutRequest, merchant_id: s
         return view, created
     except WorkflowAlreadyStartedError:
         log.info("payment %s: an earlier, finished run; answering from the database", payment_id)
-    except (asyncio.TimeoutError, WorkflowUpdateFailedError, RPCError) as err:
+    except (asyncio.TimeoutError, WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError, RPCError) as err:
+        # The payment is recorded; its workflow runs (started below if need be): the row says where it is.
         log.info("payment %s: answering from the database (%s)", payment_id, type(err).__name__)
         # The workflow must run even if the request above never reached the server (starting is idempotent).
         try:
