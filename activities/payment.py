@@ -109,7 +109,8 @@ class PaymentActivities:
         if result.applied:
             async with self._sessions() as session:
                 row = await session.get(db.Payment, record.payment_id)
-            metrics.count_transition(record, row, finished=result.finished)
+            if row is not None:
+                metrics.count_transition(record, row, finished=result.finished)
         return result.applied
 
     @activity.defn

@@ -140,7 +140,8 @@ def _code(err: stripe_sdk.StripeError) -> str:
     """The error's code (``lock_timeout``, ``resource_missing``...) or its type."""
     code = getattr(err, "code", None)
     body = err.json_body if isinstance(err.json_body, dict) else {}
-    detail = body.get("error") if isinstance(body.get("error"), dict) else {}
+    detail = body.get("error") if isinstance(body.get("error"), dict) else None
+    detail = detail or {}
     return str(code or detail.get("code") or detail.get("type") or type(err).__name__)
 
 
@@ -372,7 +373,7 @@ class StripeProvider:
         for round_ in range(REFUND_KEY_ROUNDS):
             key = base_key if round_ == 0 else f"{base_key}:after5xx{round_}"
             try:
-                created = await self._v1.refunds.create_async(params=params, options={"idempotency_key": key})
+                created = await self._v1.refunds.create_async(params=params, options={"idempotency_key": key})  # type: ignore[arg-type]
             except stripe_sdk.StripeError as err:
                 mapped = classify(err, f"refund {refund_id} of {request.trade_no}")
                 if not (isinstance(err, stripe_sdk.APIError) and (err.http_status or 0) >= 500):

@@ -40,7 +40,8 @@ def _yuan(text: str, line: int, column: str) -> Decimal:
         amount = Decimal(text or "0")
     except InvalidOperation:
         raise BillFormatError(f"line {line}: {column} {text!r} is not an amount") from None
-    if amount < 0 or amount.as_tuple().exponent < -2:
+    exponent = amount.as_tuple().exponent
+    if not amount.is_finite() or not isinstance(exponent, int) or amount < 0 or exponent < -2:
         raise BillFormatError(f"line {line}: {column} {text!r} is not an amount in yuan")
     return amount
 
@@ -59,10 +60,10 @@ async def lines_of(chunks: AsyncIterator[bytes] | Iterable[bytes]) -> AsyncItera
 
     async def pieces():
         if hasattr(chunks, "__aiter__"):
-            async for chunk in chunks:  # type: ignore[union-attr]
+            async for chunk in chunks:
                 yield chunk
         else:
-            for chunk in chunks:  # type: ignore[union-attr]
+            for chunk in chunks:
                 yield chunk
 
     try:

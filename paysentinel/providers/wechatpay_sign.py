@@ -49,6 +49,7 @@ def load_private_key(pem: str) -> rsa.RSAPrivateKey:
 
 def load_public_key(pem: str) -> rsa.RSAPublicKey:
     text = pem_text(pem)
+    key: object
     if "BEGIN CERTIFICATE" in text:  # platform-certificate mode: the certificate's key
         from cryptography import x509
 
