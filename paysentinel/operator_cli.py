@@ -241,7 +241,8 @@ def _print_reconciliation(view) -> None:
         for column in ("class", "order", "provider", "ours", "detail", "resolution"):
             items.add_column(column, overflow="fold")
         for d in view["discrepancies"]:
-            money = lambda v: "" if v is None else to_major(v, d["currency"])  # noqa: E731
+            def money(v, currency=d["currency"]):
+                return "" if v is None else to_major(v, currency)
             items.add_row(d["kind"], d["order_id"], money(d["provider_amount_minor"]), money(d["our_amount_minor"]),
                           d["detail"], ("" if d["resolved"] else "[red]open[/red] ") + (d["resolution"] or "pending"))
         console.print(items)

@@ -675,7 +675,8 @@ async def test_a_days_bill_reconciles_and_differences_are_found(api, ali, financ
         orders[name] = created["payment_id"]
         if name == "rc-refunded":
             await refund(api, created["payment_id"], "r1", 2300)
-            await wait_for(lambda: refunds_done(api, created["payment_id"], 1), what="the refund")
+            payment_id = created["payment_id"]
+            await wait_for(lambda pid=payment_id: refunds_done(api, pid, 1), what="the refund")
     internal = {name: payment_id.removeprefix("payment-") for name, payment_id in orders.items()}
 
     first = await reconcile(finance, client, today, passes=1)

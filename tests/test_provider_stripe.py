@@ -26,7 +26,6 @@ from paysentinel.signing import SignatureError
 from tests.conftest import OPERATOR_HEADERS, Stack, new_order
 from tests.fakes import stripe as fake
 from tests.helpers import (
-    assert_books_balance,
     callback_rows,
     events,
     payment_row,

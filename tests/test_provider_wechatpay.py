@@ -6,7 +6,6 @@ PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 import time
 from datetime import datetime, timedelta, timezone
