@@ -188,6 +188,23 @@ class Settings(BaseSettings):
     provider_retry_initial_seconds: float = 1.0
     provider_max_attempts: int = 4
     checkout_wait_seconds: float = 10.0
+    # Back-pressure on POST /payments: at most checkout_concurrency checkouts in flight per API
+    # process; one more waits up to checkout_queue_seconds for a slot, then is answered 503 with
+    # Retry-After (as is a checkout Temporal or the database is too busy to take).
+    checkout_concurrency: int = Field(32, ge=1)
+    checkout_queue_seconds: float = Field(1.0, ge=0)
+    retry_after_seconds: int = Field(1, ge=1)  # what overload answers ask callers to wait
+
+    # Worker tuning. A waiting payment is cheap while its workflow stays in the worker's cache;
+    # one evicted from it is replayed from its first event at its next timer, so the cache
+    # should hold the payments that wait at once (each cached payment costs some tens of KiB).
+    worker_max_cached_workflows: int = Field(10_000, ge=0)
+    worker_max_concurrent_workflow_tasks: int = Field(200, ge=1)
+    worker_max_concurrent_activities: int = Field(200, ge=1)
+    # The workflow sandbox re-imports the workflow modules for each payment it starts or
+    # replays: keep their compiled bytecode (under cache_dir) even where
+    # PYTHONDONTWRITEBYTECODE is set, so it is not compiled from source every time.
+    worker_bytecode_cache: bool = True
 
     # Refunds and manual reviews.
     refund_window_seconds: float = 90 * 86400.0  # how long after payment a refund may be asked for

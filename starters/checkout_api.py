@@ -25,7 +25,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
@@ -45,6 +45,7 @@ from paysentinel.models import (
 )
 from paysentinel.notify import UnsafeTarget, check_target, public_view
 from paysentinel.logs import bind
+from starters.backpressure import Admission, add_overload_answers
 from starters.limits import add_abuse_limits
 from starters.common import (
     Resources,
@@ -157,7 +158,8 @@ async def start_payment(res: Resources, request: CheckoutRequest, merchant_id: s
             handle.execute_update(PaymentWorkflow.checkout), timeout=settings.checkout_wait_seconds
         )
         return view, created
-    except (asyncio.TimeoutError, WorkflowUpdateFailedError, RPCError) as err:
+    except (asyncio.TimeoutError, WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError, RPCError) as err:
+        # The payment is recorded and its workflow started: it goes on; the row says where it is.
         log.info("payment %s: answering from the database (%s)", payment_id, type(err).__name__)
     async with res.sessions() as session:
         row = await session.get(db.Payment, payment_id)
@@ -170,6 +172,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(HTTPException, error_body)
     add_metrics(app)
     add_abuse_limits(app, settings, "payments")
+    add_overload_answers(app, "payments", settings.retry_after_seconds)
+    checkouts = Admission(settings.checkout_concurrency, settings.checkout_queue_seconds, settings.retry_after_seconds)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -201,7 +205,8 @@ def create_app(settings: Settings) -> FastAPI:
             with tracing.tracer.start_as_current_span(
                 "checkout", attributes={"paysentinel.order_id": internal.order_id, "paysentinel.provider": request.provider}
             ):
-                view, created = await start_payment(res, internal, merchant)
+                async with checkouts.slot():
+                    view, created = await start_payment(res, internal, merchant)
         except db.OrderConflict as err:
             raise HTTPException(409, str(db.OrderConflict(request.order_id, err.differences))) from err
         if not created:
