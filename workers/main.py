@@ -49,8 +49,11 @@ PASSTHROUGH_MODULES = (
 )
 
 
-def workflow_runner() -> SandboxedWorkflowRunner:
-    return SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH_MODULES))
+def workflow_runner(sandbox: str = "isolated") -> SandboxedWorkflowRunner:
+    """The sandbox: ``isolated`` imports the workflow modules afresh for each workflow (and so
+    checks their calls), ``shared`` passes them through as well (see Settings.worker_sandbox)."""
+    modules = PASSTHROUGH_MODULES + (("workflows",) if sandbox == "shared" else ())
+    return SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules(*modules))
 
 
 def keep_bytecode(settings: Settings) -> Path | None:
@@ -190,13 +193,14 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
             workflows=WORKFLOWS,
             activities=activities_of(payment, notifications, MonitorActivities(sessions, client, settings),
                                      ReconciliationActivities(sessions, providers, client, settings)),
-            workflow_runner=workflow_runner(),
+            workflow_runner=workflow_runner(settings.worker_sandbox),
             max_cached_workflows=settings.worker_max_cached_workflows,
             max_concurrent_workflow_tasks=settings.worker_max_concurrent_workflow_tasks,
             max_concurrent_activities=settings.worker_max_concurrent_activities,
         )
-        log.info("worker polling task queue %s on %s (workflow cache %d, %d workflow tasks and %d activities at once)",
-                 settings.task_queue, settings.effective_temporal_address, settings.worker_max_cached_workflows,
+        log.info("worker polling task queue %s on %s (%s sandbox, workflow cache %d, %d workflow tasks and %d "
+                 "activities at once)", settings.task_queue, settings.effective_temporal_address,
+                 settings.worker_sandbox, settings.worker_max_cached_workflows,
                  settings.worker_max_concurrent_workflow_tasks, settings.worker_max_concurrent_activities)
         try:
             async with worker:
