@@ -18,7 +18,7 @@ import asyncio
 import time
 import uuid
 
-from system import StatusWatch, add_options, header, infrastructure, layouts, median, ms, new_order, pct, post_payment, script, system
+from system import settings_env, StatusWatch, add_options, header, infrastructure, layouts, median, ms, new_order, pct, post_payment, script, system
 
 import httpx
 from sqlalchemy import select, update
@@ -62,13 +62,14 @@ async def main() -> None:
     parser.add_argument("--payments", type=int, default=40)
     add_options(parser)
     args = parser.parse_args()
-    header("callback latency: the payer pays -> SUCCEEDED in the database, and its floor")
+    extra_env = settings_env(args)
+    header("callback latency: the payer pays -> SUCCEEDED in the database, and its floor", extra_env)
     print(f"database: {'SQLite' if args.sqlite else 'PostgreSQL'}; {args.payments} payments, one at a time")
     async with infrastructure(args) as infra:
         client = await infra.client()
         watch = StatusWatch(infra.sessions, interval=0.005)
         for layout in layouts(args.layout):
-            async with system(infra, layout) as s:
+            async with system(infra, layout, extra_env) as s:
                 orders = [new_order("cb") for _ in range(args.payments)]
                 ids = {}
                 async with httpx.AsyncClient(base_url=s.simulator_url, timeout=30) as sim, \

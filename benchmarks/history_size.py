@@ -20,7 +20,7 @@ import asyncio
 import time
 from collections import Counter
 
-from system import add_options, header, infrastructure, new_order, post_payment, script, system
+from system import settings_env, add_options, header, infrastructure, new_order, post_payment, script, system
 
 import httpx
 from temporalio.client import WorkflowExecutionStatus
@@ -91,10 +91,11 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_options(parser)
     args = parser.parse_args()
-    header("history size: events per payment scenario")
+    extra_env = settings_env(args)
+    header("history size: events per payment scenario", extra_env)
     async with infrastructure(args) as infra:
         client = await infra.client()
-        async with system(infra, args.layout if args.layout != "both" else "one-process", TIMINGS) as s:
+        async with system(infra, args.layout if args.layout != "both" else "one-process", {**TIMINGS, **extra_env}) as s:
             async with httpx.AsyncClient(base_url=s.simulator_url, timeout=30) as sim, \
                     httpx.AsyncClient(base_url=s.api_url, headers=s.headers, timeout=60) as api:
                 started = {}

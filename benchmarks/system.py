@@ -47,10 +47,12 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def header(title: str) -> None:
+def header(title: str, env: dict[str, str] | None = None) -> None:
     print(f"== {title}")
     print(f"machine: {machine()}")
     print("one run on a machine possibly shared with other work: medians and ratios of this run only")
+    if env:
+        print("settings: " + ", ".join(f"{name}={value}" for name, value in env.items()))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -74,6 +76,13 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temporal-address", help="an existing Temporal server (else a dev server is started)")
     parser.add_argument("--layout", choices=(*LAYOUTS, "both"), default="one-process",
                         help="`paysentinel up` in one process, each part in its own (--processes), or both")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for the system, e.g. PAYSENTINEL_WORKER_SANDBOX=shared (repeatable)")
+
+
+def settings_env(args: argparse.Namespace) -> dict[str, str]:
+    """The --env settings (``header`` prints them, so the figures say what they ran with)."""
+    return dict(item.split("=", 1) for item in args.env)
 
 
 def layouts(choice: str) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ import uuid
 
 from system import (
     StatusWatch, add_options, header, infrastructure, layouts, median, ms, new_order, pct, post_payment, script,
-    system,
+    settings_env, system,
 )
 
 import httpx
@@ -117,8 +117,9 @@ async def main() -> None:
     parser.add_argument("--posts", type=int, default=256, help="POST /payments per client count (8 and 64)")
     add_options(parser)
     args = parser.parse_args()
+    extra_env = settings_env(args)
     levels = [int(c) for c in args.concurrency.split(",")]
-    header("throughput: happy-path payments per second vs a no-op one-activity workflow per second")
+    header("throughput: happy-path payments per second vs a no-op one-activity workflow per second", extra_env)
     print(f"database: {'SQLite' if args.sqlite else 'PostgreSQL'}; {args.payments} per level; "
           f"POST latency over {args.posts} checkouts")
     rows = []
@@ -128,7 +129,7 @@ async def main() -> None:
         async with Worker(client, task_queue=noop_queue, workflows=[NoopWorkflow], activities=[noop_activity]):
             watch = StatusWatch(infra.sessions)
             for layout in layouts(args.layout):
-                async with system(infra, layout) as s:
+                async with system(infra, layout, extra_env) as s:
                     await happy_rate(s, watch, 4, 8)  # warm up
                     for level in levels:
                         rate, latencies, failed = await happy_rate(s, watch, level, args.payments)

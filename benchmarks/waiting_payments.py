@@ -18,7 +18,7 @@ import argparse
 import asyncio
 import time
 
-from system import StatusWatch, add_options, header, infrastructure, layouts, median, ms, new_order, pct, post_payment, script, system
+from system import settings_env, StatusWatch, add_options, header, infrastructure, layouts, median, ms, new_order, pct, post_payment, script, system
 
 import httpx
 from sqlalchemy import func, select
@@ -70,14 +70,15 @@ async def main() -> None:
     parser.add_argument("--cache", type=int, help="the worker's workflow cache (PAYSENTINEL_WORKER_MAX_CACHED_WORKFLOWS)")
     add_options(parser)
     args = parser.parse_args()
-    header(f"waiting payments: {args.waiting} with a one-hour time to live, started at once by {args.clients} clients")
+    extra_env = settings_env(args)
+    header(f"waiting payments: {args.waiting} with a one-hour time to live, started at once by {args.clients} clients", extra_env)
     extra = {"PAYSENTINEL_WORKER_MAX_CACHED_WORKFLOWS": str(args.cache)} if args.cache is not None else {}
     print(f"database: {'SQLite' if args.sqlite else 'PostgreSQL'}; worker workflow cache: "
           f"{args.cache if args.cache is not None else 'default'}")
     async with infrastructure(args) as infra:
         watch = StatusWatch(infra.sessions, interval=0.02)
         for layout in layouts(args.layout):
-            async with system(infra, layout, extra) as s:
+            async with system(infra, layout, {**extra, **extra_env}) as s:
                 rss_idle, _ = s.worker_rss_mib()
                 ids, failed, retried, answers, took = await start_waiting(s, args.waiting, args.clients)
                 print(f"[{layout}] started {len(ids)} in {took:.0f}s ({len(ids) / took:.1f}/s); failed starts "
