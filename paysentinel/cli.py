@@ -113,7 +113,7 @@ def up(
             raise typer.Exit(1) from err
     _migrate(settings)
     merchant_key = _development_merchant_key(settings, chosen)
-    _print_where(settings, chosen, server, merchant_key)
+    _print_where(settings, chosen, server, merchant_key, processes)
     try:
         _run(settings, chosen, processes, verbose)
     finally:
@@ -138,7 +138,7 @@ def _codec_endpoint(settings: Settings) -> str:
     return endpoint_url(settings)
 
 
-def _print_where(settings: Settings, parts: list[str], server, merchant_key: str = "") -> None:
+def _print_where(settings: Settings, parts: list[str], server, merchant_key: str = "", processes: bool = False) -> None:
     table = Table(title="paysentinel is running (Ctrl-C stops everything)", show_header=True)
     table.add_column("part")
     table.add_column("where")
@@ -161,6 +161,9 @@ def _print_where(settings: Settings, parts: list[str], server, merchant_key: str
         table.add_row("metrics", f"http://{settings.host}:{settings.api_port}/metrics  (Prometheus)")
     elif "operator" in parts:
         table.add_row("metrics", f"http://{settings.host}:{settings.operator_port}/metrics  (Prometheus)")
+    if "worker" in parts and processes and len(parts) > 1:
+        table.add_row("processes", "each part in its own; the worker's metrics on "
+                                   f"http://{settings.host}:{settings.metrics_port}/metrics")
     if "worker" in parts and settings.sdk_metrics_port:
         table.add_row("worker metrics", f"http://{settings.host}:{settings.sdk_metrics_port}/metrics  (Temporal SDK)")
     if "worker" in parts and settings.monitor_interval_seconds > 0:
