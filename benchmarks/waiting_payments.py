@@ -67,6 +67,7 @@ async def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--happy", type=int, default=20, help="happy-path payments timed while they wait")
     parser.add_argument("--settle", type=float, default=300, help="longest wait for none to be CREATED (s)")
+    parser.add_argument("--happy-timeout", type=float, default=120, help="longest wait for a happy payment (s)")
     parser.add_argument("--cache", type=int, help="the worker's workflow cache (PAYSENTINEL_WORKER_MAX_CACHED_WORKFLOWS)")
     add_options(parser)
     args = parser.parse_args()
@@ -93,7 +94,8 @@ async def main() -> None:
                 pending = await count_status(infra.sessions, prefix, "PENDING")
                 settled = time.perf_counter()
                 print(f"[{layout}] left CREATED: {created}; PENDING: {pending}", flush=True)
-                latencies = []
+                memory(s, layout, rss_idle, len(ids), "once started")
+                latencies, late = [], 0
                 async with httpx.AsyncClient(base_url=s.simulator_url, timeout=30) as sim, \
                         httpx.AsyncClient(base_url=s.api_url, headers=s.headers, timeout=60) as api:
                     for _ in range(args.happy):
@@ -102,16 +104,24 @@ async def main() -> None:
                         started = time.perf_counter()
                         response, _ = await post_payment(api, order, retries=10)
                         response.raise_for_status()
-                        latencies.append(await watch.until(response.json()["payment_id"], {"SUCCEEDED"}) - started)
-                rss, peak = s.worker_rss_mib()
-                cached = s.sdk_metric("temporal_sticky_cache_size")
-                evicted = s.sdk_metric("temporal_sticky_cache_total_forced_eviction")
+                        try:
+                            latencies.append(await watch.until(response.json()["payment_id"], {"SUCCEEDED"},
+                                                               timeout=args.happy_timeout) - started)
+                        except asyncio.TimeoutError:
+                            late += 1
                 print(f"[{layout}] happy path while {len(ids)} wait: POST -> SUCCEEDED p50 {ms(median(latencies))}, "
-                      f"p99 {ms(pct(latencies, 99))} (over {time.perf_counter() - settled:.0f}s)")
-                print(f"[{layout}] worker RSS {rss:.0f} MiB (peak {peak:.0f} MiB, {rss_idle:.0f} MiB before); "
-                      f"{(rss - rss_idle) * 1024 / max(1, len(ids)):.0f} KiB per waiting payment; workflow cache "
-                      f"{cached:.0f}, forced evictions {evicted:.0f}", flush=True)
+                      f"p99 {ms(pct(latencies, 99))}; {late} of {args.happy} not SUCCEEDED within "
+                      f"{args.happy_timeout:g}s (over {time.perf_counter() - settled:.0f}s)")
+                memory(s, layout, rss_idle, len(ids), "after the happy path")
 
+
+def memory(s, layout: str, rss_idle: float, waiting: int, when: str) -> None:
+    rss, peak = s.worker_rss_mib()
+    cached = s.sdk_metric("temporal_sticky_cache_size")
+    evicted = s.sdk_metric("temporal_sticky_cache_total_forced_eviction")
+    print(f"[{layout}] {when}: worker RSS {rss:.0f} MiB (peak {peak:.0f} MiB, {rss_idle:.0f} MiB before); "
+          f"{(rss - rss_idle) * 1024 / max(1, waiting):.0f} KiB per waiting payment; workflow cache "
+          f"{cached:.0f}, forced evictions {evicted:.0f}", flush=True)
 
 if __name__ == "__main__":
     asyncio.run(main())
