@@ -196,11 +196,12 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(1, ge=1)  # what overload answers ask callers to wait
 
     # Worker tuning. A waiting payment is cheap while its workflow stays in the worker's cache;
-    # one evicted from it is replayed from its first event at its next timer, so the cache
-    # should hold the payments that wait at once (each cached payment costs some tens of KiB).
-    worker_max_cached_workflows: int = Field(10_000, ge=0)
-    worker_max_concurrent_workflow_tasks: int = Field(200, ge=1)
-    worker_max_concurrent_activities: int = Field(200, ge=1)
+    # one evicted from it is replayed from its first event at its next timer. Each cached payment
+    # costs about 0.5 MiB of worker memory with the isolated sandbox, 0.2 MiB with the shared one
+    # (benchmarks/waiting_payments.py): 2,000 keeps an isolated worker near 1 GiB.
+    worker_max_cached_workflows: int = Field(2_000, ge=0)
+    worker_max_concurrent_workflow_tasks: int = Field(100, ge=2)  # the Temporal SDK's defaults
+    worker_max_concurrent_activities: int = Field(100, ge=1)
     # The workflow sandbox re-imports the workflow modules for each payment it starts or
     # replays: keep their compiled bytecode (under cache_dir) even where
     # PYTHONDONTWRITEBYTECODE is set, so it is not compiled from source every time.
