@@ -13,7 +13,7 @@ from rich.table import Table
 from paysentinel.config import Settings, get_settings
 from paysentinel.merchant_cli import key_app, merchant_app
 from paysentinel.operator_cli import audit_app, operator_app, payment_app, reconcile_app, review_app
-from paysentinel.runner import PARTS, run_parts
+from paysentinel.runner import PARTS, run_parts, run_processes
 
 app = typer.Typer(help="paysentinel: trustworthy payment results on Temporal.", no_args_is_help=True)
 db_app = typer.Typer(help="Application database schema.", no_args_is_help=True)
@@ -55,10 +55,13 @@ def _secured(settings: Settings, parts: list[str]) -> Settings:
         raise typer.Exit(1) from err
 
 
-def _run(settings: Settings, parts: list[str]) -> None:
+def _run(settings: Settings, parts: list[str], processes: bool = False, verbose: bool = False) -> None:
     settings = _secured(settings, parts)
     try:
-        asyncio.run(run_parts(settings, parts))
+        if processes and len(parts) > 1:
+            asyncio.run(run_processes(settings, parts, verbose=verbose))
+        else:
+            asyncio.run(run_parts(settings, parts))
     except RuntimeError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(1) from err
@@ -68,6 +71,10 @@ def _run(settings: Settings, parts: list[str]) -> None:
 def up(
     parts: str = typer.Option(",".join(PARTS), help="Comma-separated parts to run: " + ", ".join(PARTS)),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    processes: bool = typer.Option(
+        False, "--processes/--one-process",
+        help="Each part in a process of its own (the worker does not share an event loop with the HTTP "
+             "servers; stopping stops them all, a part that exits stops the rest), or all in this one"),
 ) -> None:
     """Run the whole system locally: Temporal dev server (unless TEMPORAL_ADDRESS is set),
     the provider simulator, the worker, the checkout API, the webhook receiver and the operator API."""
@@ -106,9 +113,9 @@ def up(
             raise typer.Exit(1) from err
     _migrate(settings)
     merchant_key = _development_merchant_key(settings, chosen)
-    _print_where(settings, chosen, server, merchant_key)
+    _print_where(settings, chosen, server, merchant_key, processes)
     try:
-        _run(settings, chosen)
+        _run(settings, chosen, processes, verbose)
     finally:
         if server is not None:
             console.print("stopping the Temporal dev server")
@@ -131,7 +138,7 @@ def _codec_endpoint(settings: Settings) -> str:
     return endpoint_url(settings)
 
 
-def _print_where(settings: Settings, parts: list[str], server, merchant_key: str = "") -> None:
+def _print_where(settings: Settings, parts: list[str], server, merchant_key: str = "", processes: bool = False) -> None:
     table = Table(title="paysentinel is running (Ctrl-C stops everything)", show_header=True)
     table.add_column("part")
     table.add_column("where")
@@ -154,6 +161,9 @@ def _print_where(settings: Settings, parts: list[str], server, merchant_key: str
         table.add_row("metrics", f"http://{settings.host}:{settings.api_port}/metrics  (Prometheus)")
     elif "operator" in parts:
         table.add_row("metrics", f"http://{settings.host}:{settings.operator_port}/metrics  (Prometheus)")
+    if "worker" in parts and processes and len(parts) > 1:
+        table.add_row("processes", "each part in its own; the worker's metrics on "
+                                   f"http://{settings.host}:{settings.metrics_port}/metrics")
     if "worker" in parts and settings.sdk_metrics_port:
         table.add_row("worker metrics", f"http://{settings.host}:{settings.sdk_metrics_port}/metrics  (Temporal SDK)")
     if "worker" in parts and settings.monitor_interval_seconds > 0:

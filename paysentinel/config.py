@@ -190,6 +190,30 @@ class Settings(BaseSettings):
     provider_retry_initial_seconds: float = 1.0
     provider_max_attempts: int = 4
     checkout_wait_seconds: float = 10.0
+    # Back-pressure on POST /payments: at most checkout_concurrency checkouts in flight per API
+    # process; one more waits up to checkout_queue_seconds for a slot, then is answered 503 with
+    # Retry-After (as is a checkout Temporal or the database is too busy to take).
+    checkout_concurrency: int = Field(32, ge=1)
+    checkout_queue_seconds: float = Field(1.0, ge=0)
+    retry_after_seconds: int = Field(1, ge=1)  # what overload answers ask callers to wait
+
+    # Worker tuning. A waiting payment is cheap while its workflow stays in the worker's cache;
+    # one evicted from it is replayed from its first event at its next timer. Each cached payment
+    # costs about 0.5 MiB of worker memory with the isolated sandbox, 0.2 MiB with the shared one
+    # (benchmarks/waiting_payments.py): 2,000 keeps an isolated worker near 1 GiB.
+    worker_max_cached_workflows: int = Field(2_000, ge=0)
+    worker_max_concurrent_workflow_tasks: int = Field(100, ge=2)  # the Temporal SDK's defaults
+    worker_max_concurrent_activities: int = Field(100, ge=1)
+    # The workflow sandbox re-imports the workflow modules for each payment it starts or
+    # replays: keep their compiled bytecode (under cache_dir) even where
+    # PYTHONDONTWRITEBYTECODE is set, so it is not compiled from source every time.
+    worker_bytecode_cache: bool = True
+    # "isolated": each payment's workflow imports the workflow modules afresh inside the sandbox,
+    # which then refuses non-deterministic calls in them (about 0.3 MiB and 10-40 ms per payment
+    # started or replayed). "shared": the workflow modules are passed through the sandbox, one copy
+    # for every payment (about 15 KiB and 3 ms), but the sandbox no longer checks their calls; the
+    # release histories' replay (tests/test_replay.py) runs isolated and still does.
+    worker_sandbox: Literal["isolated", "shared"] = "isolated"
 
     # Refunds and manual reviews.
     refund_window_seconds: float = 90 * 86400.0  # how long after payment a refund may be asked for

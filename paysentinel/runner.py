@@ -1,11 +1,15 @@
-"""Runs the parts of paysentinel in one process until asked to stop."""
+"""Runs the parts of paysentinel until asked to stop: in one process (``run_parts``), or each
+part in a process of its own (``run_processes``), so the worker does not share an event loop
+with the HTTP servers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 
 import uvicorn
@@ -84,3 +88,104 @@ async def run_parts(settings: Settings, parts: list[str], stop: asyncio.Event | 
         stop.set()
         if tasks:
             await asyncio.wait(tasks, timeout=15)
+
+
+# --- Each part in a process of its own ---------------------------------------------------
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the child gets SIGTERM when the process that started it dies (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def child_command(part: str, parts: list[str], verbose: bool = False) -> list[str]:
+    return [sys.executable, "-m", "paysentinel.runner", part, "--of", ",".join(parts),
+            *(["--verbose"] if verbose else [])]
+
+
+async def run_processes(settings: Settings, parts: list[str], stop: asyncio.Event | None = None,
+                        verbose: bool = False, stop_timeout: float = 15) -> None:
+    """Run each named part as a child process (``python -m paysentinel.runner PART``) until
+    SIGINT/SIGTERM (or ``stop``). A child that exits stops the others and raises RuntimeError
+    naming it; stopping sends each child SIGTERM by its pid, then SIGKILL after ``stop_timeout``."""
+    del settings  # the children read the same environment
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    children: dict[str, asyncio.subprocess.Process] = {}
+    failure: str | None = None
+    try:
+        for part in parts:
+            children[part] = await asyncio.create_subprocess_exec(
+                *child_command(part, parts, verbose), stdin=asyncio.subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            log.info("%s runs as process %d", part, children[part].pid)
+        exits = {asyncio.create_task(child.wait(), name=part): part for part, child in children.items()}
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({stopper, *exits}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        for task in done:
+            if task is not stopper and not stop.is_set():
+                part = exits[task]
+                failure = f"{part} (pid {children[part].pid}) exited with status {task.result()}"
+                log.error("%s; stopping everything", failure)
+                break
+    finally:
+        stop.set()
+        await _stop_children(children, stop_timeout)
+    if failure is not None:
+        raise RuntimeError(failure)
+
+
+async def _stop_children(children: dict[str, asyncio.subprocess.Process], timeout: float) -> None:
+    running = {part: child for part, child in children.items() if child.returncode is None}
+    for child in running.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGTERM)
+    for part, child in running.items():
+        try:
+            await asyncio.wait_for(child.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("%s (pid %d) did not stop within %gs; killing it", part, child.pid, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
+            await child.wait()
+
+
+def _child_main(argv: list[str]) -> int:
+    """One part, started by ``run_processes``: the same environment and settings as its parent."""
+    import argparse
+
+    from paysentinel import logs
+    from paysentinel.config import get_settings
+    from paysentinel.profile import SecretsRefused, secured
+
+    parser = argparse.ArgumentParser(prog="python -m paysentinel.runner")
+    parser.add_argument("part", choices=PARTS)
+    parser.add_argument("--of", default="", help="every part the parent runs (decides the settings profile)")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    logs.configure(settings.log_format, args.verbose)
+    try:
+        settings = secured(settings, [p for p in args.of.split(",") if p] or [args.part], PARTS)
+    except SecretsRefused as err:
+        log.error("%s", err)
+        return 1
+    try:
+        asyncio.run(run_parts(settings, [args.part]))
+    except RuntimeError as err:
+        log.error("%s stopped: %s", args.part, err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

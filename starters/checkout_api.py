@@ -45,6 +45,7 @@ from paysentinel.models import (
 )
 from paysentinel.notify import UnsafeTarget, check_target, public_view
 from paysentinel.logs import bind
+from starters.backpressure import Admission, add_overload_answers
 from starters.limits import add_abuse_limits
 from starters.common import (
     Resources,
@@ -180,6 +181,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(HTTPException, error_body)
     add_metrics(app)
     add_abuse_limits(app, settings, "payments")
+    add_overload_answers(app, "payments", settings.retry_after_seconds)
+    checkouts = Admission(settings.checkout_concurrency, settings.checkout_queue_seconds, settings.retry_after_seconds)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -211,7 +214,8 @@ def create_app(settings: Settings) -> FastAPI:
             with tracing.tracer.start_as_current_span(
                 "checkout", attributes={"paysentinel.order_id": internal.order_id, "paysentinel.provider": request.provider}
             ):
-                view, created = await start_payment(res, internal, merchant)
+                async with checkouts.slot():
+                    view, created = await start_payment(res, internal, merchant)
         except db.OrderConflict as err:
             raise HTTPException(409, str(db.OrderConflict(request.order_id, err.differences))) from err
         if not created:

@@ -93,4 +93,4 @@ def update_error(err: Exception, what: str) -> HTTPException:
         return HTTPException(409, str(getattr(cause, "message", None) or cause or err))
     if isinstance(err, RPCError) and err.status == RPCStatusCode.NOT_FOUND:
         return HTTPException(409, f"{what} is no longer running (its refund and review windows are over)")
-    return HTTPException(503, f"Temporal did not take the request ({err}); try again")
+    return HTTPException(503, f"Temporal did not take the request ({err}); try again", headers={"Retry-After": "1"})

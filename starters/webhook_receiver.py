@@ -24,6 +24,7 @@ from paysentinel.providers import CallbackIgnored, MalformedCallback
 from paysentinel.signing import SignatureError
 from paysentinel.logs import bind
 from starters.common import Resources, add_metrics, error_body, lifespan_for
+from starters.backpressure import add_overload_answers
 from starters.limits import add_abuse_limits
 from workflows.payment import PaymentWorkflow, payment_workflow_id
 
@@ -99,6 +100,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(HTTPException, error_body)
     add_metrics(app)
     add_abuse_limits(app, settings, "webhooks")
+    add_overload_answers(app, "webhooks", settings.retry_after_seconds)  # the provider resends
 
     @app.get("/health")
     async def health() -> dict[str, str]:
