@@ -25,7 +25,8 @@ from paysentinel.signing import SignatureError
 from paysentinel.logs import bind
 from starters.common import Resources, add_metrics, error_body, lifespan_for
 from starters.limits import add_abuse_limits
-from workflows.payment import PaymentWorkflow, payment_workflow_id
+from paysentinel.names import payment_workflow_id
+from workflows.payment import PaymentWorkflow
 
 log = logging.getLogger("paysentinel.webhooks")
 
