@@ -32,10 +32,10 @@ from paysentinel.models import (
     StepResult,
     to_major,
 )
+from paysentinel.names import REFUND_WORKFLOW, SETTLEMENT_SIGNAL, payment_workflow_id
 from paysentinel.providers import Provider
+from paysentinel.rules import refund_id_for
 from paysentinel.settlement import PAYMENT, REFUND, BillFormatError
-from workflows.payment import PaymentWorkflow, refund_id_for
-from workflows.refund import RefundWorkflow
 
 BAD_BILL = "BadBill"
 OPEN = ("CREATED", "PENDING")
@@ -359,14 +359,14 @@ class ReconciliationActivities:
         return StepResult(last=todo[-1].id if todo else step.after, handled=len(todo), done=len(todo) < step.limit)
 
     async def _repair_one(self, step: ReconcileStep, item: db.Discrepancy) -> tuple[bool, str]:
-        payment_id = f"payment-{item.order_id}"
+        payment_id = payment_workflow_id(item.order_id)
         if item.kind in TO_WORKFLOW:
             finding = SettlementFinding(
                 kind=item.kind, day=step.day, order_id=item.order_id, trade_no=item.trade_no,
                 amount_minor=item.provider_amount_minor or 0, currency=item.currency, detail=item.detail,
             )
             try:
-                await self._client.get_workflow_handle(payment_id).signal(PaymentWorkflow.settlement, finding)
+                await self._client.get_workflow_handle(payment_id).signal(SETTLEMENT_SIGNAL, finding)
                 # Delivered is not done: the verification pass resolves it once the money agrees.
                 if item.kind == "missing_at_provider":
                     return False, (f"delivered to the payment workflow ({payment_id}): a settlement_mismatch review, "
@@ -464,9 +464,9 @@ class ReconciliationActivities:
         money = f"{to_major(item.provider_amount_minor or 0, item.currency)} {item.currency}"
         try:
             await self._client.start_workflow(
-                RefundWorkflow.run,
+                REFUND_WORKFLOW,
                 RefundInput(
-                    payment_id=f"payment-{item.order_id}", provider=step.provider, order_id=item.order_id,
+                    payment_id=payment_workflow_id(item.order_id), provider=step.provider, order_id=item.order_id,
                     trade_no=item.trade_no, refund_id=refund_id_for(item.order_id, f"settle-{item.trade_no}"),
                     amount_minor=item.provider_amount_minor or 0, currency=item.currency,
                     reason=f"reconciliation {step.day}: {item.kind}", requested_by="reconciliation",

@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from paysentinel.models import CheckoutRequest, PaymentRecord, PaymentStatus, RefundRecord
+from paysentinel.models import CheckoutRequest, PaymentOrder, PaymentRecord, PaymentStatus, RefundRecord
 
 
 def utcnow() -> datetime:
@@ -385,7 +385,7 @@ class OrderConflict(Exception):
         super().__init__(f"order {order_id} already has a payment with different parameters ({details})")
 
 
-def _differences(row: Payment, request: CheckoutRequest) -> dict[str, tuple[object, object]]:
+def _differences(row: Payment, request: CheckoutRequest | PaymentOrder) -> dict[str, tuple[object, object]]:
     pairs = {
         "amount_minor": (row.amount_minor, request.amount_minor),
         "currency": (row.currency, request.currency),
@@ -395,7 +395,8 @@ def _differences(row: Payment, request: CheckoutRequest) -> dict[str, tuple[obje
 
 
 async def claim_order(
-    sessions: async_sessionmaker[AsyncSession], payment_id: str, request: CheckoutRequest, expires_at: datetime | None,
+    sessions: async_sessionmaker[AsyncSession], payment_id: str, request: CheckoutRequest | PaymentOrder,
+    expires_at: datetime | None,
     merchant_id: str | None = None,
 ) -> tuple[Payment, bool]:
     """Insert the payment for this order, or return the existing one.

@@ -37,6 +37,7 @@ from paysentinel.models import (
     ORDER_ID_PATTERN,
     CheckoutRequest,
     PaymentInput,
+    PaymentOrder,
     PaymentStatus,
     PaymentView,
     RefundCommand,
@@ -56,7 +57,9 @@ from starters.common import (
     resources,
     update_error,
 )
-from workflows.payment import AMOUNT_MINOR, CURRENCY, ORDER_ID, PAYMENT_STATUS, PROVIDER, PaymentWorkflow, payment_workflow_id
+from paysentinel.names import payment_workflow_id
+from paysentinel.projection import AMOUNT_MINOR, CURRENCY, ORDER_ID, PAYMENT_STATUS, PROVIDER
+from workflows.payment import PaymentWorkflow
 
 log = logging.getLogger("paysentinel.api")
 bearer = HTTPBearer(auto_error=False)
@@ -145,7 +148,7 @@ async def start_payment(res: Resources, request: CheckoutRequest, merchant_id: s
     )
     payment_input = PaymentInput(
         payment_id=payment_id,
-        request=stored_request,
+        request=PaymentOrder.of(stored_request),  # the workflow's own model, apart from the API's
         notify_url=f"{settings.effective_webhook_base_url}/webhooks/{request.provider}",
         timing=timing_from(settings),
     )

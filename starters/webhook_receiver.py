@@ -26,7 +26,8 @@ from paysentinel.logs import bind
 from starters.common import Resources, add_metrics, error_body, lifespan_for
 from starters.backpressure import add_overload_answers
 from starters.limits import add_abuse_limits
-from workflows.payment import PaymentWorkflow, payment_workflow_id
+from paysentinel.names import payment_workflow_id
+from workflows.payment import PaymentWorkflow
 
 log = logging.getLogger("paysentinel.webhooks")
 

@@ -14,7 +14,7 @@ from temporalio.worker import Worker
 
 from activities.payment import PROVIDER_REJECTED
 from paysentinel.models import (
-    CheckoutRequest,
+    PaymentOrder,
     CreateTradeInput,
     Incident,
     IncidentInput,
@@ -191,7 +191,7 @@ async def started_payment(client: Client, provider: FakeProvider, signals: list[
     order = f"wf-{uuid.uuid4().hex[:8]}"
     payment_input = PaymentInput(
         payment_id=f"payment-{order}",
-        request=CheckoutRequest(order_id=order, amount_minor=1000, currency="CNY"),
+        request=PaymentOrder(order_id=order, amount_minor=1000, currency="CNY"),
         notify_url="http://127.0.0.1:1/webhooks/simulator",
         timing=timing,
     )
