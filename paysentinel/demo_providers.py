@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import httpx
 from rich.console import Console
@@ -76,7 +76,7 @@ def load_fake(provider: str) -> ModuleType:
 
 def _fake_root(module: ModuleType) -> Path:
     """The directory that holds the ``tests`` package the fake came from."""
-    return Path(module.__file__).resolve().parents[2]
+    return Path(module.__file__ or ".").resolve().parents[2]
 
 
 # --- The system ----------------------------------------------------------------------------------
@@ -345,6 +345,12 @@ def _both(*checks: Check) -> Check:
 
 def provider_scenarios(provider: str) -> list[ProviderScenario]:
     """The scenarios ``provider``'s fake supports (its own script keys: tests/fakes/<provider>.py)."""
+    paid: dict[str, Any] | None
+    lost: dict[str, Any]
+    never: dict[str, Any] | None
+    pay: dict[str, Any] | None
+    at_close: dict[str, Any]
+    retried: dict[str, Any]
     if provider == "alipay":
         paid, lost, never = None, {"notify": "drop"}, None
         pay = {}  # the buyer scans and pays through the fake's control route

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime, timedelta, timezone
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Response
 from fastapi.exceptions import RequestValidationError
@@ -130,7 +130,7 @@ async def start_payment(res: Resources, request: CheckoutRequest, merchant_id: s
         res.sessions, payment_id, request, datetime.now(timezone.utc) + timedelta(seconds=ttl), merchant_id
     )
     stored_request = request if created else request.model_copy(update={"subject": row.subject})
-    start = dict(
+    start: dict[str, Any] = dict(
         id=payment_id,
         task_queue=settings.task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
@@ -174,14 +174,15 @@ async def start_payment(res: Resources, request: CheckoutRequest, merchant_id: s
         except WorkflowAlreadyStartedError:
             pass
     async with res.sessions() as session:
-        row = await session.get(db.Payment, payment_id)
-    return view_from_row(row), created
+        current = await session.get(db.Payment, payment_id)
+    assert current is not None, f"payment {payment_id} was recorded above"
+    return view_from_row(current), created
 
 
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="paysentinel checkout API", version="0.1.0", lifespan=lifespan_for(settings))
-    app.add_exception_handler(RequestValidationError, readable_validation_error)
-    app.add_exception_handler(HTTPException, error_body)
+    app.add_exception_handler(RequestValidationError, readable_validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, error_body)  # type: ignore[arg-type]
     add_metrics(app)
     add_abuse_limits(app, settings, "payments")
     add_overload_answers(app, "payments", settings.retry_after_seconds)

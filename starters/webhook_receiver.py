@@ -98,7 +98,7 @@ async def deliver(res: Resources, event: ProviderCallback, raw: bytes) -> Callba
 
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="paysentinel webhook receiver", version="0.1.0", lifespan=lifespan_for(settings))
-    app.add_exception_handler(HTTPException, error_body)
+    app.add_exception_handler(HTTPException, error_body)  # type: ignore[arg-type]
     add_metrics(app)
     add_abuse_limits(app, settings, "webhooks")
     add_overload_answers(app, "webhooks", settings.retry_after_seconds)  # the provider resends
