@@ -20,7 +20,7 @@ from paysentinel.config import Settings
 from paysentinel.devserver import ensure_search_attributes
 from paysentinel.models import MonitorInput
 from paysentinel.providers import SUPPORTED_PROVIDERS, build_providers
-from paysentinel.temporal import connect, remove_schedule
+from paysentinel.temporal import configured_address, connect, remove_schedule
 from workflows.monitor import MONITOR_SCHEDULE_ID, MonitorWorkflow, ensure_monitor_schedule
 from workflows.payment import PaymentWorkflow
 from workflows.reconcile import (
@@ -118,7 +118,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
     ``serve_metrics``: serve this process's app metrics on metrics_port (a worker running
     without the API, which otherwise serves them on /metrics)."""
     client = await connect(settings, sdk_runtime(settings))
-    if settings.temporal_address:  # a server we did not start: make sure operators can search
+    if configured_address(settings):  # a server we did not start: make sure operators can search
         await ensure_search_attributes(client)
     if serve_metrics:
         start_http_server(settings.metrics_port, addr=settings.host)
@@ -154,7 +154,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
             activities=activities_of(payment, notifications, MonitorActivities(sessions, client, settings),
                                      ReconciliationActivities(sessions, providers, client, settings)),
         )
-        log.info("worker polling task queue %s on %s", settings.task_queue, settings.effective_temporal_address)
+        log.info("worker polling task queue %s on %s (namespace %s)", settings.task_queue,
+                 client.service_client.config.target_host, client.namespace)
         try:
             async with worker:
                 await (stop or asyncio.Event()).wait()
