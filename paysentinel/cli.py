@@ -301,6 +301,8 @@ def cluster_up(
     postgres_port: int = typer.Option(5433, help="The port of Temporal's own PostgreSQL"),
 ) -> None:
     """Build (first time) and start the cluster in the background; write cluster.env for clients."""
+    from rich.markup import escape
+
     from paysentinel import cluster as tc
     from paysentinel.devserver import TemporalCliUnavailable, ensure_temporal_cli
 
@@ -316,7 +318,7 @@ def cluster_up(
         binaries = tc.ensure_server_binaries(settings.cache_dir, log=say)
         cli = ensure_temporal_cli(settings.cache_dir, log=say)
     except (tc.ClusterError, TemporalCliUnavailable) as err:
-        console.print(f"[red]cannot obtain the Temporal server:[/red] {err}", soft_wrap=True)
+        console.print("[red]cannot obtain the Temporal server:[/red]", escape(str(err)), soft_wrap=True)
         raise typer.Exit(1) from err
     ports = tc.ClusterPorts(frontend=frontend_port, frontend_http=frontend_port + 10, postgres=postgres_port)
     cluster = tc.TemporalCluster(binaries, cli, directory, ports=ports, namespace=namespace,
@@ -325,7 +327,7 @@ def cluster_up(
         asyncio.run(cluster.up())
     except tc.ClusterError as err:
         cluster.down()
-        console.print(f"[red]the cluster did not start:[/red] {err}", soft_wrap=True)
+        console.print("[red]the cluster did not start:[/red]", escape(str(err)), soft_wrap=True)
         raise typer.Exit(1) from err
     pids = tc.detached(cluster)
     tc.ClusterState(ports=ports, namespace=namespace, pg_dir=str(cluster.postgres.data_dir), pids=pids).save(state_path)
@@ -350,8 +352,8 @@ def _cluster_table(directory) -> bool:
         pid = state.pids.get(service, 0)
         alive = bool(pid) and tc.pid_alive(pid)
         healthy &= alive
-        extra = " (mTLS)" if service == "frontend" else ""
-        table.add_row(f"temporal {service}", str(pid), f"127.0.0.1:{state.ports.grpc(service)}{extra}",
+        extra = {"frontend": " (gRPC, mTLS)", "worker": " (membership)"}.get(service, " (gRPC)")
+        table.add_row(f"temporal {service}", str(pid), f"127.0.0.1:{state.ports.listening(service)}{extra}",
                       "running" if alive else "[red]stopped[/red]")
     pg_up = port_in_use("127.0.0.1", state.ports.postgres)
     healthy &= pg_up

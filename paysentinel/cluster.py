@@ -111,7 +111,7 @@ def ensure_server_binaries(cache_dir: Path, log: Callable[[str], None] = print) 
     if found.schema_dir.exists():
         shutil.rmtree(found.schema_dir)
     shutil.copytree(source, found.schema_dir)
-    for path in found.schema_dir.rglob("*"):  # the module cache is read-only; our copy need not be
+    for path in [found.schema_dir, *found.schema_dir.rglob("*")]:  # the module cache is read-only; our copy need not be
         path.chmod(0o755 if path.is_dir() else 0o644)
     found.server.parent.mkdir(parents=True, exist_ok=True)
     os.replace(build / "server", found.server)
@@ -296,6 +296,13 @@ class ClusterPorts:
     def grpc(self, service: str) -> int:
         return getattr(self, service)
 
+    def membership(self, service: str) -> int:
+        return getattr(self, f"{service}_membership")
+
+    def listening(self, service: str) -> int:
+        """The port that shows the service is up (the worker service serves no gRPC, only membership)."""
+        return self.membership(service) if service == "worker" else self.grpc(service)
+
 
 @dataclass
 class ClusterState:
@@ -449,8 +456,9 @@ class TemporalCluster:
                 "--allow-no-auth", "start", "--service", service]
 
     def start_service(self, service: str) -> subprocess.Popen:
-        if port_in_use("127.0.0.1", self.ports.grpc(service)):
-            raise ClusterError(f"port {self.ports.grpc(service)} for Temporal's {service} service is in use")
+        for port in (self.ports.grpc(service), self.ports.membership(service)):
+            if port_in_use("127.0.0.1", port):
+                raise ClusterError(f"port {port} for Temporal's {service} service is in use")
         with open(self.log_file(service), "ab") as log:
             process = subprocess.Popen(self.service_command(service), stdin=subprocess.DEVNULL, stdout=log,
                                        stderr=subprocess.STDOUT, start_new_session=True, cwd=self.state_dir)
@@ -470,8 +478,9 @@ class TemporalCluster:
 
     def restart_service(self, service: str) -> None:
         self.stop_service(service)
-        self.wait_port_free(self.ports.grpc(service))
+        self.wait_port_free(self.ports.listening(service))
         self.start_service(service)
+        self.wait_listening(service)
 
     def wait_port_free(self, port: int, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -481,8 +490,20 @@ class TemporalCluster:
             time.sleep(0.2)
 
     def start(self) -> None:
+        """One service after the other (the first initialises the cluster's metadata in the database)."""
         for service in SERVICES:
             self.start_service(service)
+            self.wait_listening(service)
+
+    def wait_listening(self, service: str, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        port = self.ports.listening(service)
+        while not port_in_use("127.0.0.1", port):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise ClusterError(f"Temporal's {service} service does not listen on {port} after {timeout:.0f}s; "
+                                   f"its log ({self.log_file(service)}) ends with:\n{self.log_tail(service)}")
+            time.sleep(0.2)
 
     def stop(self) -> None:
         for service in reversed(SERVICES):
@@ -573,7 +594,11 @@ class TemporalCluster:
 
     async def up(self, timeout: float = 180.0) -> None:
         await asyncio.to_thread(self.prepare)
-        self.start()
+        try:
+            await asyncio.to_thread(self.start)
+        except BaseException:
+            self.stop()
+            raise
         try:
             await self.wait_ready(timeout)
         except BaseException:
