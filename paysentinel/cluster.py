@@ -291,7 +291,14 @@ class ClusterPorts:
 
     @classmethod
     def free(cls) -> ClusterPorts:
-        return cls(**{name: free_port() for name in cls.__dataclass_fields__})
+        """Ports free right now; membership ports below 32768 (Temporal's SQL membership table keeps
+        them as a smallint)."""
+        taken: set[int] = set()
+        ports = {}
+        for name in cls.__dataclass_fields__:
+            ports[name] = _free_port_below(32768, taken) if name.endswith("_membership") else free_port()
+            taken.add(ports[name])
+        return cls(**ports)
 
     def grpc(self, service: str) -> int:
         return getattr(self, service)
@@ -302,6 +309,16 @@ class ClusterPorts:
     def listening(self, service: str) -> int:
         """The port that shows the service is up (the worker service serves no gRPC, only membership)."""
         return self.membership(service) if service == "worker" else self.grpc(service)
+
+
+def _free_port_below(limit: int, taken: set[int], attempts: int = 200) -> int:
+    import random
+
+    for _ in range(attempts):
+        port = random.randrange(20000, limit)
+        if port not in taken and not port_in_use("127.0.0.1", port):
+            return port
+    raise ClusterError(f"no free port below {limit} after {attempts} tries")
 
 
 @dataclass
@@ -514,7 +531,7 @@ class TemporalCluster:
             text = self.log_file(service).read_text(errors="replace")
         except OSError as exc:
             return f"(no log: {exc})"
-        return "\n".join(text.splitlines()[-lines:]) or "(the log is empty)"
+        return "\n".join(line[:500] for line in text.splitlines()[-lines:]) or "(the log is empty)"
 
     def _check_alive(self) -> None:
         for service, process in self.processes.items():

@@ -76,9 +76,16 @@ def _describe_tls(options: dict[str, Any], environ: Mapping[str, str]) -> str:
 def connection_advice(error: str, options: dict[str, Any], environ: Mapping[str, str]) -> str:
     """What to fix, from what went wrong when connecting."""
     text = error.lower()
-    if any(word in text for word in ("certificate", "handshake", "tls", "unknownca", "unknown ca", "badcert",
-                                     "unknownissuer", "alert", "invalidcertificate")):
-        return ("the TLS handshake failed: TEMPORAL_TLS_SERVER_CA_CERT_PATH must be the CA that signed the "
+    tls_words = ("certificate", "handshake", "tls", "unknownca", "unknown ca", "badcert", "unknownissuer", "alert",
+                 "invalidcertificate")
+    # A server that refuses our client certificate (TLS 1.3) closes the stream right after the handshake.
+    refused_after_handshake = options.get("tls") and any(
+        word in text for word in ("broken pipe", "connection reset", "transport error"))
+    if any(word in text for word in tls_words) or refused_after_handshake:
+        client_cert = isinstance(options.get("tls"), TLSConfig) and options["tls"].client_cert
+        missing = "" if client_cert else (
+            "no client certificate is configured, and the server may require one (mTLS); ")
+        return (f"the TLS handshake failed: {missing}TEMPORAL_TLS_SERVER_CA_CERT_PATH must be the CA that signed the "
                 "server's certificate, TEMPORAL_TLS_SERVER_NAME a name in it, and for mTLS "
                 "TEMPORAL_TLS_CLIENT_CERT_PATH / TEMPORAL_TLS_CLIENT_KEY_PATH a certificate and key signed by a CA "
                 "the server trusts (Temporal Cloud: the CA certificate uploaded for the namespace)")

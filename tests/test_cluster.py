@@ -429,7 +429,8 @@ async def test_frontend_requires_a_client_certificate(temporal_cluster: Temporal
 def test_a_worker_with_a_wrong_certificate_stops_at_start_up_saying_what_to_fix(
         cluster_stack: ClusterStack, tmp_path: Path):
     other = make_certificates(tmp_path / "other")
-    env = {**cluster_stack.of("worker")[0].env, "TEMPORAL_TLS_SERVER_CA_CERT_PATH": str(other.ca)}
+    env = {**cluster_stack.of("worker")[0].env, "TEMPORAL_TLS_SERVER_CA_CERT_PATH": str(other.ca),
+           "PAYSENTINEL_SDK_METRICS_PORT": "0", "PAYSENTINEL_METRICS_PORT": str(free_port())}
     result = subprocess.run([sys.executable, "-m", "paysentinel.cli", "worker"], env=env, capture_output=True,
                             text=True, timeout=60, stdin=subprocess.DEVNULL)
     output = result.stdout + result.stderr
