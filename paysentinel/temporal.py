@@ -80,7 +80,8 @@ def connection_advice(error: str, options: dict[str, Any], environ: Mapping[str,
                  "invalidcertificate")
     # A server that refuses our client certificate (TLS 1.3) closes the stream right after the handshake.
     refused_after_handshake = options.get("tls") and any(
-        word in text for word in ("broken pipe", "connection reset", "transport error"))
+        word in text for word in ("broken pipe", "connection reset", "transport error", "connection closed",
+                                  "canceled"))
     if any(word in text for word in tls_words) or refused_after_handshake:
         client_cert = isinstance(options.get("tls"), TLSConfig) and options["tls"].client_cert
         missing = "" if client_cert else (

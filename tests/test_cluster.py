@@ -196,6 +196,15 @@ class Replica:
             stop_process(self.process)
 
 
+def stop_all(replicas: list[Replica]) -> None:
+    """SIGTERM them all at once, then wait for each (SIGKILL after 20 s)."""
+    for replica in replicas:
+        if replica.process is not None and replica.process.poll() is None:
+            replica.process.terminate()
+    for replica in replicas:
+        replica.stop()
+
+
 @dataclass
 class ClusterStack:
     cluster: TemporalCluster
@@ -295,8 +304,7 @@ def cluster_stack(temporal_cluster: TemporalCluster, cluster_database_url: str,
         _wait_polling(stack, stack.of("worker"))
         yield stack
     finally:
-        for replica in stack.replicas.values():
-            replica.stop()
+        stop_all(list(stack.replicas.values()))
         stop_process(stack.simulator)
         balancer.stop()
         print(f"\n[cluster tier logs: {logs}; Temporal logs: {temporal_cluster.state_dir / 'logs'}]", file=sys.stderr)
@@ -457,11 +465,12 @@ async def test_payments_through_both_api_replicas(cluster_stack, apis, csim, cse
 async def _history_identities(client, orders: list[str]) -> dict[str, int]:
     """How many activity starts each worker identity made for these payments."""
     seen: dict[str, int] = {}
-    for order in orders:
-        async for event in client.get_workflow_handle(payment_id_for(order)).fetch_history_events():
-            if event.HasField("activity_task_started_event_attributes"):
-                identity = event.activity_task_started_event_attributes.identity
-                seen[identity] = seen.get(identity, 0) + 1
+    for order in orders:  # every run: a paid payment continues as new after the resend window
+        async for run in client.list_workflows(f"WorkflowId = '{payment_id_for(order)}'"):
+            async for event in client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history_events():
+                if event.HasField("activity_task_started_event_attributes"):
+                    identity = event.activity_task_started_event_attributes.identity
+                    seen[identity] = seen.get(identity, 0) + 1
     return seen
 
 
@@ -493,8 +502,7 @@ async def test_worker_replica_killed_with_sigkill_mid_activities(cluster_stack, 
 async def test_both_workers_down_for_a_while_then_back(cluster_stack, apis, csim, csessions):
     workers = cluster_stack.of("worker")
     orders = await start_payments(apis, csim, 4, "cl-down", pay="after_delay", pay_delay_seconds=2.0)
-    for worker in workers:
-        worker.stop()
+    await asyncio.to_thread(stop_all, workers)
     await asyncio.sleep(8)  # the payers pay, the callbacks arrive, the payments' timers fire: nobody works
     assert "SUCCEEDED" not in (await statuses(apis, orders)).values()
     for worker in workers:
