@@ -223,7 +223,7 @@ class ClusterStack:
         return [r.url for r in self.of("api") if r.url]
 
 
-def _wait_healthy(replicas: list[Replica], timeout: float = 90) -> None:
+def _wait_healthy(replicas: list[Replica], timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     pending = [r for r in replicas if r.url]
     while pending:
@@ -243,7 +243,7 @@ def _wait_healthy(replicas: list[Replica], timeout: float = 90) -> None:
         time.sleep(0.2)
 
 
-def _wait_polling(stack: ClusterStack, replicas: list[Replica], timeout: float = 90) -> None:
+def _wait_polling(stack: ClusterStack, replicas: list[Replica], timeout: float = 240) -> None:
     """Until each worker replica has logged that it polls the task queue."""
     deadline = time.monotonic() + timeout
     for replica in replicas:
