@@ -363,6 +363,22 @@ def _cluster_table(directory) -> bool:
     return healthy
 
 
+@cluster_app.command("build")
+def cluster_build() -> None:
+    """Build (first time) or find the cached Temporal server and schema tool; print where they are."""
+    from rich.markup import escape
+
+    from paysentinel import cluster as tc
+
+    try:
+        binaries = tc.ensure_server_binaries(get_settings().cache_dir,
+                                             log=lambda line: console.print(f"[dim]{escape(line)}[/dim]"))
+    except tc.ClusterError as err:
+        console.print("[red]cannot obtain the Temporal server:[/red]", escape(str(err)), soft_wrap=True)
+        raise typer.Exit(1) from err
+    print(binaries.server.parent)
+
+
 @cluster_app.command("status")
 def cluster_status(state_dir: Optional[str] = STATE_DIR_OPTION) -> None:
     """Show the cluster's processes; exit 1 unless all run."""

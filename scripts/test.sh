@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the tests need, then runs them against real parts:
 # Python packages, the Temporal CLI (found, downloaded, or built with `go install`
-# and cached in ~/.cache/paysentinel), PostgreSQL on 127.0.0.1:5432, and Debian's
+# and cached in ~/.cache/paysentinel), the Temporal server and its schema tool for the
+# cluster tier (built with `go install` once, cached there too), PostgreSQL on
+# 127.0.0.1:5432 (its server programs also run Temporal's own instance), and Debian's
 # chromium for the test that drives the Temporal Web UI.
 # Extra arguments go to pytest, e.g.  bash scripts/test.sh -k webhook
 set -euo pipefail
@@ -13,6 +15,9 @@ echo "==> Python packages"
 
 echo "==> Temporal CLI"
 "$PYTHON" -m paysentinel.cli temporal-cli
+
+echo "==> Temporal server (the cluster tier, tests/test_cluster.py)"
+"$PYTHON" -m paysentinel.cli cluster build
 
 echo "==> PostgreSQL"
 bash scripts/ensure-postgres.sh
