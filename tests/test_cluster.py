@@ -393,6 +393,12 @@ async def books_balance(sim, sessions, orders: list[str], *, trades_per_order: i
     return ledgers
 
 
+async def assert_all_succeeded(apis: Apis, orders: list[str]) -> None:
+    views = {order: (await apis.next().get(f"/payments/{payment_id_for(order)}")).json() for order in orders}
+    wrong = {order: view for order, view in views.items() if view.get("status") != "SUCCEEDED"}
+    assert not wrong, "\n".join(f"{order}: {view.get('status')}: {view.get('timeline')}" for order, view in wrong.items())
+
+
 async def statuses(apis: Apis, orders: list[str]) -> dict[str, str]:
     found = {}
     for order in orders:
@@ -487,7 +493,7 @@ async def test_worker_replica_killed_with_sigkill_mid_activities(cluster_stack, 
     try:
         await books_balance(csim, csessions, paid)
         await books_balance(csim, csessions, twice, trades_per_order=2, refunds_per_order=1)
-        assert set((await statuses(apis, paid + twice)).values()) == {"SUCCEEDED"}
+        await assert_all_succeeded(apis, paid + twice)
         settled = time.monotonic() - started
         identities = await _history_identities(cclient, paid + twice)
         print(f"\n[worker kill -9: settled {settled:.1f}s after the kill; activity starts by worker: {identities}]",
@@ -509,7 +515,7 @@ async def test_both_workers_down_for_a_while_then_back(cluster_stack, apis, csim
         worker.start()
     _wait_polling(cluster_stack, workers)
     await books_balance(csim, csessions, orders)
-    assert set((await statuses(apis, orders)).values()) == {"SUCCEEDED"}
+    await assert_all_succeeded(apis, orders)
 
 
 async def test_history_service_restarted_while_payments_wait_for_callbacks(cluster_stack, apis, csim, csessions):
@@ -519,7 +525,7 @@ async def test_history_service_restarted_while_payments_wait_for_callbacks(clust
     await asyncio.to_thread(cluster.restart_service, "history")
     restarted = time.monotonic() - started
     await books_balance(csim, csessions, orders)
-    assert set((await statuses(apis, orders)).values()) == {"SUCCEEDED"}
+    await assert_all_succeeded(apis, orders)
     print(f"\n[history restart: {restarted:.1f}s; books balanced {time.monotonic() - started:.1f}s after it began]",
           file=sys.stderr)
 
@@ -532,6 +538,66 @@ async def test_temporal_postgres_restarted(cluster_stack, apis, csim, csessions)
     await asyncio.to_thread(cluster.postgres.restart)
     restarted = time.monotonic() - started
     await books_balance(csim, csessions, orders)
-    assert set((await statuses(apis, orders)).values()) == {"SUCCEEDED"}
+    await assert_all_succeeded(apis, orders)
     print(f"\n[Temporal PostgreSQL restart: {restarted:.1f}s; books balanced {time.monotonic() - started:.1f}s after]",
           file=sys.stderr)
+
+
+async def _database_connections(url: str, allow: bool) -> None:
+    """Refuse (or allow again) new connections to the application database and end the open ones:
+    the database is unavailable to every replica, the rest of the PostgreSQL server is not."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    target = make_url(url)
+    admin = await asyncpg.connect(target.set(drivername="postgresql", database="postgres")
+                                  .render_as_string(hide_password=False), timeout=10)
+    try:
+        await admin.execute(f'ALTER DATABASE "{target.database}" WITH ALLOW_CONNECTIONS {str(allow).lower()}')
+        if not allow:
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE datname = $1 AND pid <> pg_backend_pid()", target.database)
+    finally:
+        await admin.close()
+
+
+async def _deliveries(sim: httpx.AsyncClient, order: str) -> list[dict]:
+    return (await sim.get(f"/control/trades/{provider_order(order)}")).json()["deliveries"]
+
+
+async def test_app_database_unavailable_while_callbacks_arrive(cluster_stack, apis, csim, csessions):
+    """The webhook receivers answer 503 while the application database is unavailable; the
+    provider's resends are accepted once it is back."""
+    orders = await start_payments(apis, csim, 3, "cl-appdb", pay="after_delay", pay_delay_seconds=0.5)
+    await _database_connections(cluster_stack.database_url, allow=False)
+    try:
+        deadline = time.monotonic() + 20
+        while not all(any(d["status_code"] == 503 for d in await _deliveries(csim, o)) for o in orders):
+            assert time.monotonic() < deadline, {o: await _deliveries(csim, o) for o in orders}
+            await asyncio.sleep(0.2)
+    finally:
+        await _database_connections(cluster_stack.database_url, allow=True)
+    await books_balance(csim, csessions, orders)
+    await assert_all_succeeded(apis, orders)
+    for order in orders:
+        codes = [d["status_code"] for d in await _deliveries(csim, order)]
+        first_503 = codes.index(503)
+        assert 200 in codes[first_503:], (order, codes)  # a resend after the outage was accepted
+
+
+async def test_webhook_receiver_replica_killed_mid_request(cluster_stack, apis, csim, csessions):
+    """kill -9 one receiver while callbacks are being delivered (each sent twice): the provider's
+    resends reach the other one through the balancer; every payment settles."""
+    victim = cluster_stack.of("webhooks")[0]
+    orders = await start_payments(apis, csim, 6, "cl-hook", pay="after_delay", pay_delay_seconds=0.3,
+                                  callback="duplicate")
+    await asyncio.sleep(0.4)
+    victim.kill()
+    try:
+        await books_balance(csim, csessions, orders)
+        await assert_all_succeeded(apis, orders)
+        for order in orders:
+            assert any(d["status_code"] == 200 for d in await _deliveries(csim, order)), order
+    finally:
+        victim.start()
+        await asyncio.to_thread(_wait_healthy, [victim])
