@@ -572,8 +572,11 @@ async def test_app_database_unavailable_while_callbacks_arrive(cluster_stack, ap
     await _database_connections(cluster_stack.database_url, allow=False)
     try:
         deadline = time.monotonic() + 20
-        while not all(any(d["status_code"] == 503 for d in await _deliveries(csim, o)) for o in orders):
-            assert time.monotonic() < deadline, {o: await _deliveries(csim, o) for o in orders}
+        while True:
+            seen = {o: [d["status_code"] for d in await _deliveries(csim, o)] for o in orders}
+            if all(503 in codes for codes in seen.values()):
+                break
+            assert time.monotonic() < deadline, f"not every callback was answered 503: {seen}"
             await asyncio.sleep(0.2)
     finally:
         await _database_connections(cluster_stack.database_url, allow=True)
