@@ -642,7 +642,10 @@ def default_pg_dir(state_dir: Path) -> Path:
         return path
     if all(p.stat().st_mode & 0o001 for p in Path(state_dir).parents if p.exists() and p != Path("/")):
         return path
-    return Path("/var/tmp") / f"paysentinel-temporal-pg-{abs(hash(str(state_dir))) % 10**8}"
+    import hashlib
+
+    digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:10]
+    return Path("/var/tmp") / f"paysentinel-temporal-pg-{digest}"
 
 
 def pid_alive(pid: int) -> bool:
