@@ -377,6 +377,8 @@ async def start_payments(apis: Apis, sim: httpx.AsyncClient, n: int, prefix: str
     async def one(order: str) -> None:
         response = await start_payment(apis.next(), order)
         assert response.status_code in (200, 201, 202), response.text
+        # The trade exists at the provider (its pay URL is known): the scripted payer's clock runs.
+        assert response.json().get("pay_url"), response.text
 
     await asyncio.gather(*(one(order) for order in orders))
     return orders
@@ -520,7 +522,8 @@ async def test_both_workers_down_for_a_while_then_back(cluster_stack, apis, csim
 
 async def test_history_service_restarted_while_payments_wait_for_callbacks(cluster_stack, apis, csim, csessions):
     cluster = cluster_stack.cluster
-    orders = await start_payments(apis, csim, 4, "cl-history", pay="after_delay", pay_delay_seconds=3.0)
+    # The payers pay 1.5 s after their trades were made: while history restarts or just after.
+    orders = await start_payments(apis, csim, 4, "cl-history", pay="after_delay", pay_delay_seconds=1.5)
     started = time.monotonic()
     await asyncio.to_thread(cluster.restart_service, "history")
     restarted = time.monotonic() - started
