@@ -67,6 +67,8 @@ SECRETS: list[Secret] = [
     Secret("payload_keys"),  # development makes its own key file in the data dir (paysentinel/codec.py)
     # Real providers' credentials: required only by a provider listed in PAYSENTINEL_PROVIDERS.
     Secret("alipay_private_key", required=False),
+    Secret("alipay_public_key", required=False),  # not secret, but a PEM file is the easy way to give it
+    Secret("wechatpay_public_key", required=False),  # likewise
     Secret("wechatpay_private_key", required=False),
     Secret("wechatpay_apiv3_key", required=False),
     Secret("stripe_api_key", required=False),

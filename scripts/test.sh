@@ -2,8 +2,9 @@
 # Installs everything the tests need, then runs them against real parts:
 # Python packages, the Temporal CLI (found, downloaded, or built with `go install`
 # and cached in ~/.cache/paysentinel), the Temporal server and its schema tool for the
-# cluster tier (built with `go install` once, cached there too), PostgreSQL on
-# 127.0.0.1:5432 (its server programs also run Temporal's own instance), and Debian's
+# cluster tier (built with `go install` once, cached there too), Temporal's time-skipping
+# test server (Java, from Maven Central), PostgreSQL on 127.0.0.1:5432 (its server
+# programs also run Temporal's own instance), and Debian's
 # chromium for the test that drives the Temporal Web UI.
 # Extra arguments go to pytest, e.g.  bash scripts/test.sh -k webhook
 set -euo pipefail
@@ -18,6 +19,9 @@ echo "==> Temporal CLI"
 
 echo "==> Temporal server (the cluster tier, tests/test_cluster.py)"
 "$PYTHON" -m paysentinel.cli cluster build
+
+echo "==> Temporal time-skipping test server (for the tests of long timers)"
+bash scripts/ensure-test-server.sh
 
 echo "==> PostgreSQL"
 bash scripts/ensure-postgres.sh

@@ -25,7 +25,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio.client import WithStartWorkflowOperation, WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
@@ -126,39 +126,49 @@ async def start_payment(res: Resources, request: CheckoutRequest, merchant_id: s
         res.sessions, payment_id, request, datetime.now(timezone.utc) + timedelta(seconds=ttl), merchant_id
     )
     stored_request = request if created else request.model_copy(update={"subject": row.subject})
-    try:
-        handle = await res.client.start_workflow(
-            PaymentWorkflow.run,
-            PaymentInput(
-                payment_id=payment_id,
-                request=stored_request,
-                notify_url=f"{settings.effective_webhook_base_url}/webhooks/{request.provider}",
-                timing=timing_from(settings),
-            ),
-            id=payment_id,
-            task_queue=settings.task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(PAYMENT_STATUS, PaymentStatus.CREATED.value),
-                    SearchAttributePair(ORDER_ID, request.order_id),
-                    SearchAttributePair(PROVIDER, request.provider),
-                    SearchAttributePair(AMOUNT_MINOR, request.amount_minor),
-                    SearchAttributePair(CURRENCY, request.currency),
-                ]
-            ),
-            static_summary=f"Payment for order {request.order_id}",
-        )
-    except WorkflowAlreadyStartedError:
-        handle = res.client.get_workflow_handle(payment_id)  # an earlier, finished run of this order
+    start = dict(
+        id=payment_id,
+        task_queue=settings.task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        search_attributes=TypedSearchAttributes(
+            [
+                SearchAttributePair(PAYMENT_STATUS, PaymentStatus.CREATED.value),
+                SearchAttributePair(ORDER_ID, request.order_id),
+                SearchAttributePair(PROVIDER, request.provider),
+                SearchAttributePair(AMOUNT_MINOR, request.amount_minor),
+                SearchAttributePair(CURRENCY, request.currency),
+            ]
+        ),
+        static_summary=f"Payment for order {request.order_id}",
+    )
+    payment_input = PaymentInput(
+        payment_id=payment_id,
+        request=stored_request,
+        notify_url=f"{settings.effective_webhook_base_url}/webhooks/{request.provider}",
+        timing=timing_from(settings),
+    )
+    # Start the workflow and wait for its pay URL in one request (update-with-start): the
+    # checkout update reaches the payment in its first workflow task.
     try:
         view = await asyncio.wait_for(
-            handle.execute_update(PaymentWorkflow.checkout), timeout=settings.checkout_wait_seconds
+            res.client.execute_update_with_start_workflow(
+                PaymentWorkflow.checkout,
+                start_workflow_operation=WithStartWorkflowOperation(PaymentWorkflow.run, payment_input, **start),
+            ),
+            timeout=settings.checkout_wait_seconds,
         )
         return view, created
-    except (asyncio.TimeoutError, WorkflowUpdateFailedError, RPCError) as err:
+    except WorkflowAlreadyStartedError:
+        log.info("payment %s: an earlier, finished run; answering from the database", payment_id)
+    except (asyncio.TimeoutError, WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError, RPCError) as err:
+        # The payment is recorded; its workflow runs (started below if need be): the row says where it is.
         log.info("payment %s: answering from the database (%s)", payment_id, type(err).__name__)
+        # The workflow must run even if the request above never reached the server (starting is idempotent).
+        try:
+            await res.client.start_workflow(PaymentWorkflow.run, payment_input, **start)
+        except WorkflowAlreadyStartedError:
+            pass
     async with res.sessions() as session:
         row = await session.get(db.Payment, payment_id)
     return view_from_row(row), created

@@ -19,10 +19,17 @@ The money rules (what is captured, refunded, refundable, owed back) live in
 paysentinel/ledger.py. Amounts always come from what the provider says it took, never
 from a callback's claim.
 
+A payment's history stays short: the database writes, the provider calls and the
+notifications are local activities (one marker event each, no workflow task of their
+own), and the payment row is recorded and the risk rules checked in one call. A run
+never completes or continues as new in a workflow task that ran a local activity (see
+``workflows.common.before_run_ends``).
+
 Versioning: payments live for days, so a change to the commands this workflow issues
-is guarded by ``workflow.patched`` (see the README, "Changing a workflow"). Payments
-started by release 0.1.0 carry no ``payment-0.2.0`` marker and run on the frozen
-0.1.0 code in workflows/releases/.
+is guarded by ``workflow.patched`` (see the README, "Changing a workflow"). Each run
+carries the marker of the release that started it: ``payment-0.3.0`` runs this code,
+``payment-0.2.0`` the frozen 0.2.0 code, neither the frozen 0.1.0 code (both in
+workflows/releases/).
 """
 
 from __future__ import annotations
@@ -33,20 +40,29 @@ from datetime import datetime, timedelta
 from typing import Any, Awaitable, Callable, Optional, Union
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ActivityError, ChildWorkflowError, WorkflowAlreadyStartedError
 from temporalio.workflow import ParentClosePolicy
 
-from workflows.common import alert_once, cause, db_call, provider_call, rejection_code
+from workflows.common import (
+    alert_once_local,
+    before_run_ends,
+    cause,
+    db_local,
+    notify_local,
+    provider_local,
+    rejection_code,
+)
 from workflows.refund import RefundWorkflow, refund_workflow_id
 from workflows.releases.payment_0_1_0 import PaymentWorkflow_0_1_0
+from workflows.releases.payment_0_2_0 import Payment as Payment_0_2_0
 from workflows.review import ManualReviewWorkflow, review_workflow_id
 
 with workflow.unsafe.imports_passed_through():
     import email_validator  # noqa: F401  (pydantic loads it lazily to validate EmailStr)
     import idna.uts46data  # noqa: F401
 
-    from activities.notify import UNSAFE_TARGET, NotificationActivities
+    from activities.notify import NotificationActivities
     from activities.payment import PaymentActivities
     from paysentinel.ledger import Ledger, snapshot_seq
     from paysentinel.models import (
@@ -70,7 +86,7 @@ with workflow.unsafe.imports_passed_through():
         ReviewInput,
         ReviewOutcome,
         ReviewReason,
-        RiskCheckInput,
+        RiskVerdict,
         SettlementFinding,
         TimelineEntry,
         Trade,
@@ -79,7 +95,10 @@ with workflow.unsafe.imports_passed_through():
         to_major,
     )
 
-# The marker of this release: present in every history started by 0.2.0 or later.
+# The markers of the releases: each run records the one of the release that started it.
+# Checked newest first: a history without a marker replays with patched() False, a new
+# run records the first marker it is asked about (and only that one).
+RELEASE_0_3_0 = "payment-0.3.0"
 RELEASE_0_2_0 = "payment-0.2.0"
 
 PAYMENT_STATUS = SearchAttributeKey.for_keyword("PaymentStatus")
@@ -166,11 +185,16 @@ class PaymentWorkflow:
     @workflow.init
     def __init__(self, input: PaymentInput) -> None:
         self._input = input
-        self._impl: Union[Payment, PaymentWorkflow_0_1_0, None] = None
+        self._impl: Union[Payment, Payment_0_2_0, PaymentWorkflow_0_1_0, None] = None
 
     def _current(self) -> Any:
         if self._impl is None:
-            self._impl = Payment(self._input) if workflow.patched(RELEASE_0_2_0) else PaymentWorkflow_0_1_0(self._input)
+            if workflow.patched(RELEASE_0_3_0):
+                self._impl = Payment(self._input)
+            elif workflow.patched(RELEASE_0_2_0):
+                self._impl = Payment_0_2_0(self._input)
+            else:
+                self._impl = PaymentWorkflow_0_1_0(self._input)
         return self._impl
 
     @workflow.run
@@ -208,7 +232,7 @@ class PaymentWorkflow:
 
 
 class Payment:
-    """The payment's lifecycle as of release 0.2.0 (what PaymentWorkflow runs for new payments)."""
+    """The payment's lifecycle as of release 0.3.0 (what PaymentWorkflow runs for new payments)."""
 
     def __init__(self, input: PaymentInput) -> None:
         self._input = input
@@ -314,12 +338,12 @@ class Payment:
             f"order {request.order_id}, {self._money(request.amount_minor)} via {request.provider}, "
             f"expires {self._expires_at.isoformat() if self._expires_at else '?'}",
         )
-        await db_call(
-            PaymentActivities.record_payment,
+        verdict = await db_local(
+            PaymentActivities.open_payment,
             RecordPaymentInput(payment_id=input.payment_id, request=request, expires_at=self._expires_at),
-            "record payment",
+            "record payment, risk rules",
         )
-        if await self._passes_risk_rules():
+        if await self._passes_risk_rules(verdict):
             trade = await self._create_trade()
             if trade is not None:
                 self._trade_no, self._pay_url = trade.trade_no, trade.pay_url
@@ -332,6 +356,7 @@ class Payment:
             await workflow.wait_condition(workflow.all_handlers_finished)
             self._note("refund phase", "the resend window is over; refunds stay possible until "
                        f"{self._refund_window_end().isoformat()} on the current release")
+            await before_run_ends()
             workflow.continue_as_new(input.model_copy(update={"resume": self._state()}))
         return await self._complete()
 
@@ -347,18 +372,14 @@ class Payment:
             await self._alert_child(breach=False, detail="all child workflows of the payment have finished")
         self._note("completed", f"final status {self._status.value}")
         await workflow.wait_condition(workflow.all_handlers_finished)
+        await before_run_ends()
         return self._view()
 
     def _set_expiry(self) -> None:
         ttl = self._request.expires_in_seconds or self._input.timing.payment_ttl_seconds
         self._expires_at = workflow.now() + timedelta(seconds=ttl)
 
-    async def _passes_risk_rules(self) -> bool:
-        verdict = await db_call(
-            PaymentActivities.assess_risk,
-            RiskCheckInput(payment_id=self._input.payment_id, request=self._request),
-            "risk rules",
-        )
+    async def _passes_risk_rules(self, verdict: RiskVerdict) -> bool:
         if not verdict.flagged:
             return True
         outcome = await self._review(ReviewReason.RISK_RULE, "; ".join(verdict.hits))
@@ -372,7 +393,7 @@ class Payment:
         request = self._request
         for attempt in (1, 2):
             try:
-                return await provider_call(
+                return await provider_local(
                     PaymentActivities.create_trade,
                     CreateTradeInput(
                         provider=request.provider,
@@ -834,7 +855,7 @@ class Payment:
 
     async def _alert_child(self, breach: bool, detail: str) -> None:
         digest = hashlib.sha256(self._input.payment_id.encode()).hexdigest()[:20]
-        await alert_once(IncidentInput(monitor=f"payment:{digest}", kind="child_failed", breach=breach, rate=1,
+        await alert_once_local(IncidentInput(monitor=f"payment:{digest}", kind="child_failed", breach=breach, rate=1,
                                        threshold=0, payments=1, detail=detail),
                          "alert: a child workflow failed" if breach else "all-clear: children finished")
 
@@ -851,22 +872,9 @@ class Payment:
         self._spawn(self._send(notification), f"notify {kind.value}")
 
     async def _send(self, notification: NotificationInput) -> None:
-        timing = self._input.timing
-        initial = timing.notify_retry_initial_seconds
         try:
-            await workflow.execute_activity_method(
-                NotificationActivities.notify,
-                notification,
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=RetryPolicy(
-                    initial_interval=timedelta(seconds=initial),
-                    backoff_coefficient=2.0,
-                    maximum_interval=timedelta(seconds=initial * 64),
-                    maximum_attempts=timing.notify_max_attempts,
-                    non_retryable_error_types=[UNSAFE_TARGET],
-                ),
-                summary=f"notify customer: {notification.kind.value}",
-            )
+            await notify_local(NotificationActivities.notify, notification, self._input.timing,
+                               f"notify customer: {notification.kind.value}")
             self._note("notified", f"{notification.kind.value}: {notification.detail}")
         except ActivityError as err:
             self._note("notification failed", f"{notification.kind.value}: {cause(err)}")
@@ -945,7 +953,7 @@ class Payment:
         """Write the whole snapshot; ordered by the workflow's clock, so the newest always wins."""
         self._seq = snapshot_seq(self._seq, int(workflow.now().timestamp() * 1_000_000))
         try:
-            await db_call(PaymentActivities.save_payment_state, self._record(event), f"save {self._status.value}")
+            await db_local(PaymentActivities.save_payment_state, self._record(event), f"save {self._status.value}")
             self._dirty = False
             return True
         except ActivityError as err:
@@ -1017,7 +1025,7 @@ class Payment:
         label = f"query trade #{number}" if number else f"query trade {trade_no or ''}".strip()
         ref = self._ref("query").model_copy(update={"trade_no": trade_no})
         try:
-            return await provider_call(PaymentActivities.query_trade, ref, self._input.timing, label)
+            return await provider_local(PaymentActivities.query_trade, ref, self._input.timing, label)
         except ActivityError as err:
             self._note(f"query #{number} failed" if number else "query failed", cause(err))
             return None
@@ -1026,7 +1034,7 @@ class Payment:
         """Close with bounded rounds of bounded retries. None when the provider never answered."""
         for number in range(1, attempts + 1):
             try:
-                return await provider_call(
+                return await provider_local(
                     PaymentActivities.close_trade, self._ref("close"), self._input.timing, f"close trade #{number}"
                 )
             except ActivityError as err:
