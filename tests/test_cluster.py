@@ -471,14 +471,16 @@ async def test_payments_through_both_api_replicas(cluster_stack, apis, csim, cse
 
 
 async def _history_identities(client, orders: list[str]) -> dict[str, int]:
-    """How many activity starts each worker identity made for these payments."""
+    """How many workflow tasks (which run the payment's local activities) and activity tasks each
+    worker identity completed or started for these payments."""
     seen: dict[str, int] = {}
     for order in orders:  # every run: a paid payment continues as new after the resend window
         async for run in client.list_workflows(f"WorkflowId = '{payment_id_for(order)}'"):
             async for event in client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history_events():
-                if event.HasField("activity_task_started_event_attributes"):
-                    identity = event.activity_task_started_event_attributes.identity
-                    seen[identity] = seen.get(identity, 0) + 1
+                for kind in ("workflow_task_completed_event_attributes", "activity_task_started_event_attributes"):
+                    if event.HasField(kind):
+                        identity = getattr(event, kind).identity
+                        seen[identity] = seen.get(identity, 0) + 1
     return seen
 
 
@@ -498,10 +500,10 @@ async def test_worker_replica_killed_with_sigkill_mid_activities(cluster_stack, 
         await assert_all_succeeded(apis, paid + twice)
         settled = time.monotonic() - started
         identities = await _history_identities(cclient, paid + twice)
-        print(f"\n[worker kill -9: settled {settled:.1f}s after the kill; activity starts by worker: {identities}]",
+        print(f"\n[worker kill -9: settled {settled:.1f}s after the kill; tasks by worker: {identities}]",
               file=sys.stderr)
         victim_identity = f"{victim.process.pid}@"
-        assert any(i.startswith(victim_identity) for i in identities), "the killed worker ran none of these activities"
+        assert any(i.startswith(victim_identity) for i in identities), "the killed worker ran none of these payments' tasks"
     finally:
         victim.start()
         _wait_polling(cluster_stack, [victim])
