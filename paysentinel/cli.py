@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -299,9 +300,7 @@ cluster_app = typer.Typer(help="A Temporal cluster on this machine: the Temporal
 app.add_typer(cluster_app, name="cluster")
 
 
-def _cluster_dir(state_dir: Optional[str]) -> "Path":
-    from pathlib import Path
-
+def _cluster_dir(state_dir: Optional[str]) -> Path:
     return Path(state_dir) if state_dir else get_settings().data_dir / "cluster"
 
 
@@ -421,8 +420,6 @@ def cluster_down(state_dir: Optional[str] = STATE_DIR_OPTION) -> None:
     for service in reversed(tc.SERVICES):
         if service in state.pids:
             tc.stop_pid(state.pids[service])
-    from pathlib import Path
-
     tc.TemporalPostgres(Path(state.pg_dir), state.ports.postgres).stop()
     state.pids = {}
     state.save(path)

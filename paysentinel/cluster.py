@@ -566,7 +566,8 @@ class TemporalCluster:
                 client, last = None, exc
                 if time.monotonic() > deadline:
                     raise ClusterError(f"the Temporal frontend at {self.address} did not answer in {timeout:.0f}s "
-                                       f"(last error: {_describe(exc)}); frontend log:\n{self.log_tail('frontend')}")
+                                       f"(last error: {_describe(exc)}); frontend log:\n{self.log_tail('frontend')}"
+                                       ) from exc
                 await asyncio.sleep(0.5)
         await asyncio.to_thread(self.register_namespace, max(5.0, deadline - time.monotonic()))
         while True:
