@@ -120,9 +120,10 @@ async def connect(settings: Settings, runtime: Optional[Runtime] = None, *,
         )
     except (RuntimeError, OSError, ValueError) as err:
         options["target_host"] = target
+        advice = connection_advice(str(err), options, environ).rstrip(".")
         raise RuntimeError(
             f"cannot connect to Temporal at {target} (namespace {options['namespace']}, "
-            f"{_describe_tls(options, environ)}): {err}. What to fix: {connection_advice(str(err), options, environ)}."
+            f"{_describe_tls(options, environ)}): {err}. What to fix: {advice}."
         ) from err
 
 
