@@ -181,7 +181,8 @@ class Replica:
 
     def start(self) -> None:
         with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "paysentinel.cli", "up", "--parts", self.part],
+            # `paysentinel worker|api|webhooks`: one part, as in docker-compose.yml and deploy/k8s/
+            self.process = subprocess.Popen([sys.executable, "-m", "paysentinel.cli", self.part],
                                             env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL)
 
@@ -294,7 +295,7 @@ def cluster_stack(temporal_cluster: TemporalCluster, cluster_database_url: str,
             stack.replicas[replica.name] = replica
     sim_log = logs / "simulator.log"
     with open(sim_log, "ab") as log:
-        stack.simulator = subprocess.Popen([sys.executable, "-m", "paysentinel.cli", "up", "--parts", "simulator"],
+        stack.simulator = subprocess.Popen([sys.executable, "-m", "paysentinel.cli", "simulator"],
                                            env=base, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     balancer.start()
     try:

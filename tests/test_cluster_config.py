@@ -52,3 +52,15 @@ def test_certificates_chain_to_the_ca(tmp_path: Path):
     names = server_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "localhost" in names.get_values_for_type(x509.DNSName)
     assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+
+
+def test_cluster_commands_without_a_cluster(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from paysentinel.cli import app
+
+    runner = CliRunner()
+    status = runner.invoke(app, ["cluster", "status", "--state-dir", str(tmp_path)])
+    assert status.exit_code == 1 and "no cluster in" in status.output
+    down = runner.invoke(app, ["cluster", "down", "--state-dir", str(tmp_path)])
+    assert down.exit_code == 0 and "no cluster in" in down.output
