@@ -513,14 +513,20 @@ async def test_worker_replica_killed_with_sigkill_mid_activities(cluster_stack, 
 async def test_both_workers_down_for_a_while_then_back(cluster_stack, apis, csim, csessions):
     workers = cluster_stack.of("worker")
     orders = await start_payments(apis, csim, 4, "cl-down", pay="after_delay", pay_delay_seconds=2.0)
+    began = time.monotonic()
     await asyncio.to_thread(stop_all, workers)
-    await asyncio.sleep(8)  # the payers pay, the callbacks arrive, the payments' timers fire: nobody works
+    stopped = time.monotonic() - began
+    await asyncio.sleep(6)  # the payers pay, the callbacks arrive, the payments' timers fire: nobody works
     assert "SUCCEEDED" not in (await statuses(apis, orders)).values()
+    began = time.monotonic()
     for worker in workers:
         worker.start()
-    _wait_polling(cluster_stack, workers)
+    await asyncio.to_thread(_wait_polling, cluster_stack, workers)
+    polling = time.monotonic() - began
     await books_balance(csim, csessions, orders)
     await assert_all_succeeded(apis, orders)
+    print(f"\n[both workers down: stopped in {stopped:.1f}s, down 6s, polling again {polling:.1f}s after the start, "
+          f"books balanced {time.monotonic() - began - polling:.1f}s later]", file=sys.stderr)
 
 
 async def test_history_service_restarted_while_payments_wait_for_callbacks(cluster_stack, apis, csim, csessions):
