@@ -174,12 +174,14 @@ class Replica:
     url: str | None  # its HTTP listener (None: the worker)
     log_file: Path
     process: subprocess.Popen | None = None
+    log_offset: int = 0  # where this start's lines begin in log_file
 
     @property
     def name(self) -> str:
         return f"{self.part}-{self.index}"
 
     def start(self) -> None:
+        self.log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         with open(self.log_file, "ab") as log:
             # `paysentinel worker|api|webhooks`: one part, as in docker-compose.yml and deploy/k8s/
             self.process = subprocess.Popen([sys.executable, "-m", "paysentinel.cli", self.part],
@@ -248,7 +250,8 @@ def _wait_polling(stack: ClusterStack, replicas: list[Replica], timeout: float =
     """Until each worker replica has logged that it polls the task queue."""
     deadline = time.monotonic() + timeout
     for replica in replicas:
-        while "worker polling task queue" not in replica.log_file.read_text(errors="replace"):
+        while "worker polling task queue" not in replica.log_file.read_bytes()[replica.log_offset:].decode(
+                errors="replace"):
             assert replica.process is not None
             if replica.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{replica.name} is not polling:\n{replica.log_file.read_text()[-3000:]}")
@@ -580,7 +583,8 @@ async def _deliveries(sim: httpx.AsyncClient, order: str) -> list[dict]:
 async def test_app_database_unavailable_while_callbacks_arrive(cluster_stack, apis, csim, csessions):
     """The webhook receivers answer 503 while the application database is unavailable; the
     provider's resends are accepted once it is back."""
-    orders = await start_payments(apis, csim, 3, "cl-appdb", pay="after_delay", pay_delay_seconds=0.5)
+    # The payers pay 3 s after their trades were made: after the database has gone away.
+    orders = await start_payments(apis, csim, 3, "cl-appdb", pay="after_delay", pay_delay_seconds=3.0)
     await _database_connections(cluster_stack.database_url, allow=False)
     try:
         deadline = time.monotonic() + 20
