@@ -130,7 +130,10 @@ async def temporal_cluster(server_binaries: ServerBinaries, temporal_cli: Path) 
         await cluster.up(timeout=180)
     except ClusterError as err:
         await asyncio.to_thread(cluster.down)
-        pytest.fail(f"the Temporal cluster did not start: {err}", pytrace=False)
+        logs = {service: cluster.log_tail(service, 5) for service in SERVICES}
+        shutil.rmtree(state, ignore_errors=True)
+        pytest.fail(f"the Temporal cluster did not start: {err}\n" + "\n".join(f"{s}: {t}" for s, t in logs.items()),
+                    pytrace=False)
     print(f"\n[Temporal cluster up in {time.monotonic() - started:.1f}s: {state}]", file=sys.stderr)
     try:
         yield cluster
