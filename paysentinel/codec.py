@@ -102,7 +102,9 @@ def keys_for(settings: "Settings") -> list[tuple[str, bytes]]:
     """The configured keys, or the development key of the data directory when none are set."""
     if settings.payload_keys.strip():
         return parse_keys(settings.payload_keys)
-    if settings.temporal_address or getattr(settings, "env", "development") == "production":
+    from paysentinel.temporal import configured_address  # (imports this module)
+
+    if configured_address(settings) or getattr(settings, "env", "development") == "production":
         # Processes on a shared Temporal must share the key: a key per data directory would
         # leave each unable to read what the others wrote.
         raise PayloadKeyError(

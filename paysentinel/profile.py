@@ -30,6 +30,11 @@ def not_development(settings: Settings, parts: Collection[str], all_parts: Colle
         reasons.append("PAYSENTINEL_ENV is production")
     if settings.temporal_address:
         reasons.append("TEMPORAL_ADDRESS is set")
+    else:
+        from paysentinel.temporal import configured_address
+
+        if configured_address(settings):
+            reasons.append("a Temporal address is configured (TEMPORAL_CONFIG_FILE / TEMPORAL_PROFILE)")
     if settings.database_url and not settings.database_url.startswith("sqlite"):
         reasons.append("PAYSENTINEL_DATABASE_URL is not SQLite")
     if set(parts) != set(all_parts):

@@ -14,7 +14,7 @@ import logging
 
 from fastapi import FastAPI, HTTPException, Request, Response
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from temporalio.service import RPCError, RPCStatusCode
 
 from paysentinel import db, metrics
@@ -144,6 +144,12 @@ def create_app(settings: Settings) -> FastAPI:
         except HTTPException as err:
             metrics.callbacks.labels(provider, "not_accepted").inc()
             return reply(err.status_code, err.detail)
+        except (SQLAlchemyError, OSError) as err:
+            # The database is unreachable: nothing stored, so the provider must send it again.
+            log.warning("callback %s for order %s not accepted: the database is unavailable (%s)", event.event_id,
+                        event.order_id, type(err).__name__)
+            metrics.callbacks.labels(provider, "not_accepted").inc()
+            return reply(503, "the database is unavailable; the callback was not stored and will be accepted on resend")
         metrics.callbacks.labels(provider, outcome.result).inc()
         log.info("callback %s for order %s: %s", event.event_id, event.order_id, outcome.result)
         return reply(200, outcome.model_dump(mode="json"))

@@ -23,7 +23,7 @@ from paysentinel.config import Settings
 from paysentinel.devserver import ensure_search_attributes
 from paysentinel.models import MonitorInput
 from paysentinel.providers import SUPPORTED_PROVIDERS, build_providers
-from paysentinel.temporal import connect, remove_schedule
+from paysentinel.temporal import configured_address, connect, remove_schedule
 from workflows.monitor import MONITOR_SCHEDULE_ID, MonitorWorkflow, ensure_monitor_schedule
 from workflows.payment import PaymentWorkflow
 from workflows.reconcile import (
@@ -159,7 +159,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
     without the API, which otherwise serves them on /metrics)."""
     keep_bytecode(settings)
     client = await connect(settings, sdk_runtime(settings))
-    if settings.temporal_address:  # a server we did not start: make sure operators can search
+    if configured_address(settings):  # a server we did not start: make sure operators can search
         await ensure_search_attributes(client)
     if serve_metrics:
         start_http_server(settings.metrics_port, addr=settings.host)
@@ -199,9 +199,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
             max_concurrent_workflow_tasks=settings.worker_max_concurrent_workflow_tasks,
             max_concurrent_activities=settings.worker_max_concurrent_activities,
         )
-        log.info("worker polling task queue %s on %s (%s sandbox, workflow cache %d, %d workflow tasks and %d "
-                 "activities at once)", settings.task_queue, settings.effective_temporal_address,
-                 settings.worker_sandbox, settings.worker_max_cached_workflows,
+        log.info("worker polling task queue %s on %s (namespace %s; %s sandbox, workflow cache %d, %d workflow tasks "
+                 "and %d activities at once)", settings.task_queue, client.service_client.config.target_host,
+                 client.namespace, settings.worker_sandbox, settings.worker_max_cached_workflows,
                  settings.worker_max_concurrent_workflow_tasks, settings.worker_max_concurrent_activities)
         try:
             async with worker:

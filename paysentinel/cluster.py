@@ -1,0 +1,688 @@
+"""A Temporal cluster on this machine: the real server, one process per service, on PostgreSQL.
+
+What it runs (all on loopback):
+
+- Temporal's own PostgreSQL instance (``initdb`` into the cluster's state directory, its own
+  port), with the databases ``temporal`` and ``temporal_visibility`` set up by Temporal's
+  schema tool (``temporal-sql-tool``, plugin ``postgres12``);
+- the Temporal server ``v1.29.1`` (``go install go.temporal.io/server/cmd/server``), as four
+  processes: ``history``, ``matching``, ``frontend`` and ``worker``, each
+  ``server --root <state> --config config --env cluster --allow-no-auth start --service <name>``;
+- the frontend with mutual TLS: a certificate authority, a server certificate for
+  127.0.0.1/localhost and a client certificate, made per cluster with ``cryptography``;
+  clients (and Temporal's own system worker) present the client certificate.
+
+Then the namespace is registered with the Temporal CLI (``temporal operator namespace
+create``) and paysentinel's search attributes through the operator service.
+
+``paysentinel cluster up|down|status`` runs it in the background (pids in ``cluster.json``);
+the tests use :class:`TemporalCluster` directly. Every wait is bounded; processes are stopped
+by their pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from paysentinel.devserver import (
+    GO_FALLBACK_DIRS, SEARCH_ATTRIBUTES, _describe, _go_install, ensure_search_attributes, free_port, port_in_use,
+)
+
+TEMPORAL_SERVER_VERSION = "v1.29.1"
+TEMPORAL_SERVER_MODULE = "go.temporal.io/server"
+SERVER_TARGETS = {"server": "cmd/server", "sql": "cmd/tools/sql"}  # binary name -> package in the module
+SERVICES = ("history", "matching", "frontend", "worker")  # the order they start in
+SCHEMA = "schema/postgresql/v12"  # in the server module: temporal/ and visibility/
+TEMPORAL_DB_USER = "temporal"
+DATABASES = {"temporal": "temporal", "temporal_visibility": "visibility"}  # database -> schema directory
+TLS_SERVER_NAME = "localhost"
+COMMAND_TIMEOUT_SECONDS = 120.0
+
+# What the server needs for paysentinel beyond its defaults (the dev server turns these on too).
+DYNAMIC_CONFIG = {
+    "frontend.enableUpdateWorkflowExecution": [{"value": True}],
+    "frontend.enableUpdateWorkflowExecutionAsyncAccepted": [{"value": True}],
+    "frontend.enableExecuteMultiOperation": [{"value": True}],
+    "system.forceSearchAttributesCacheRefreshOnRead": [{"value": True}],
+    "limit.maxIDLength": [{"value": 255}],
+}
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be built, set up or started."""
+
+
+# --- The server binaries --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerBinaries:
+    server: Path
+    sql_tool: Path
+    schema_dir: Path  # .../schema/postgresql/v12
+
+
+def server_cache_dir(cache_dir: Path) -> Path:
+    return Path(cache_dir) / f"temporal-server-{TEMPORAL_SERVER_VERSION}"
+
+
+def ensure_server_binaries(cache_dir: Path, log: Callable[[str], None] = print) -> ServerBinaries:
+    """The Temporal server, its SQL schema tool and the PostgreSQL schema files, built with
+    ``go install`` the first time and kept in ``cache_dir/temporal-server-<version>``."""
+    home = server_cache_dir(cache_dir)
+    found = ServerBinaries(home / "bin" / "server", home / "bin" / "temporal-sql-tool", home / SCHEMA)
+    if _complete(found):
+        log(f"Temporal server {TEMPORAL_SERVER_VERSION}: using cached binaries in {home}")
+        return found
+    go = shutil.which("go") or shutil.which("go", path=os.pathsep.join(GO_FALLBACK_DIRS))
+    if go is None:
+        raise ClusterError(
+            f"the Temporal server {TEMPORAL_SERVER_VERSION} is not in {home} and `go` is not on PATH to build it; "
+            "install Go (https://go.dev/dl/, 1.24 or newer), or place the binaries `server` and "
+            f"`temporal-sql-tool` in {home / 'bin'} and the module's {SCHEMA} in {home / SCHEMA}")
+    build = home / "build"
+    for name, package in SERVER_TARGETS.items():
+        target = f"{TEMPORAL_SERVER_MODULE}/{package}@{TEMPORAL_SERVER_VERSION}"
+        log(f"Temporal server: building `go install {target}` (several minutes the first time) ...")
+        started = time.monotonic()
+        try:
+            _go_install(go, target, build, log)
+        except Exception as exc:  # noqa: BLE001 - said to the user with what to do
+            raise ClusterError(f"go install {target} failed: {_describe(exc)}") from exc
+        log(f"Temporal server: {name} built in {time.monotonic() - started:.0f}s")
+    modcache = subprocess.run([go, "env", "GOMODCACHE"], capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL).stdout.strip()
+    source = Path(modcache) / f"{TEMPORAL_SERVER_MODULE}@{TEMPORAL_SERVER_VERSION}" / SCHEMA
+    if not source.is_dir():
+        raise ClusterError(f"the schema files are not in the Go module cache at {source}")
+    if found.schema_dir.exists():
+        shutil.rmtree(found.schema_dir)
+    shutil.copytree(source, found.schema_dir)
+    for path in [found.schema_dir, *found.schema_dir.rglob("*")]:  # the module cache is read-only; our copy need not be
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    found.server.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(build / "server", found.server)
+    os.replace(build / "sql", found.sql_tool)
+    if not _complete(found):
+        raise ClusterError(f"after the build, {home} still lacks a binary or the schema")
+    return found
+
+
+def _complete(binaries: ServerBinaries) -> bool:
+    return (os.access(binaries.server, os.X_OK) and os.access(binaries.sql_tool, os.X_OK)
+            and (binaries.schema_dir / "temporal" / "versioned").is_dir()
+            and (binaries.schema_dir / "visibility" / "versioned").is_dir())
+
+
+# --- Certificates -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certificates:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_certificates(directory: Path, *, common_name: str = "paysentinel") -> Certificates:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, all signed
+    by the CA (PEM files in ``directory``; keys mode 0600)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write_key(path: Path, key) -> None:
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+        path.chmod(0o600)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (x509.CertificateBuilder().subject_name(name(f"{common_name} CA")).issuer_name(name(f"{common_name} CA"))
+               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=30))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                            content_commitment=False, key_encipherment=False,
+                                            data_encipherment=False, key_agreement=False, encipher_only=False,
+                                            decipher_only=False), critical=True)
+               .sign(ca_key, hashes.SHA256()))
+
+    def leaf(cn: str, usage, sans: list | None):
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca_cert.subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=30))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return key, builder.sign(ca_key, hashes.SHA256())
+
+    server_key, server_cert = leaf(TLS_SERVER_NAME, ExtendedKeyUsageOID.SERVER_AUTH,
+                                   [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    client_key, client_cert = leaf(f"{common_name}-client", ExtendedKeyUsageOID.CLIENT_AUTH, None)
+    certs = Certificates(directory / "ca.pem", directory / "server.pem", directory / "server.key",
+                         directory / "client.pem", directory / "client.key")
+    pem = serialization.Encoding.PEM
+    certs.ca.write_bytes(ca_cert.public_bytes(pem))
+    certs.server_cert.write_bytes(server_cert.public_bytes(pem))
+    certs.client_cert.write_bytes(client_cert.public_bytes(pem))
+    write_key(certs.server_key, server_key)
+    write_key(certs.client_key, client_key)
+    return certs
+
+
+# --- Temporal's own PostgreSQL ----------------------------------------------------------------
+
+
+def _pg_bin() -> Path:
+    on_path = shutil.which("pg_ctl")
+    if on_path:
+        return Path(on_path).parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parent.parent.name)
+                      if p.parent.parent.name.isdigit() else 0)
+    if not versions:
+        raise ClusterError("PostgreSQL's server programs (initdb, pg_ctl) are not installed; "
+                           "run `bash scripts/ensure-postgres.sh` (installs PostgreSQL)")
+    return versions[-1].parent
+
+
+class TemporalPostgres:
+    """A PostgreSQL instance of Temporal's own (``initdb`` + ``pg_ctl``) on a loopback port.
+
+    As root the server runs as the ``postgres`` user (PostgreSQL refuses root)."""
+
+    def __init__(self, data_dir: Path, port: int, log: Callable[[str], None] = print) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port
+        self.log = log
+        self.bin = _pg_bin()
+
+    def _as_owner(self, cmd: list[str]) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+    def _run(self, cmd: list[str], what: str, timeout: float = COMMAND_TIMEOUT_SECONDS) -> None:
+        try:
+            result = subprocess.run(self._as_owner(cmd), capture_output=True, text=True, timeout=timeout,
+                                    stdin=subprocess.DEVNULL, cwd="/")
+        except subprocess.TimeoutExpired as exc:
+            raise ClusterError(f"{what} did not finish in {timeout:.0f}s") from exc
+        if result.returncode != 0:
+            raise ClusterError(f"{what} failed (exit {result.returncode}): {(result.stderr or result.stdout).strip()}")
+
+    def init(self) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            # The postgres user must reach and own the directory.
+            for parent in [self.data_dir, *self.data_dir.parents]:
+                if parent == Path("/"):
+                    break
+                mode = parent.stat().st_mode
+                if not mode & 0o001:
+                    raise ClusterError(
+                        f"{parent} is not searchable by the postgres user; put Temporal's PostgreSQL "
+                        "directory somewhere it can reach (the cluster's --pg-dir)")
+            shutil.chown(self.data_dir, "postgres", "postgres")
+        self.data_dir.chmod(0o700)
+        self._run([str(self.bin / "initdb"), "-D", str(self.data_dir), "-U", TEMPORAL_DB_USER, "--auth=trust",
+                   "-E", "UTF8", "--no-sync"], "initdb")
+        with open(self.data_dir / "postgresql.conf", "a") as conf:
+            conf.write("\nlisten_addresses = '127.0.0.1'\nfsync = off\nmax_connections = 200\n")
+
+    @property
+    def running(self) -> bool:
+        return (self.data_dir / "postmaster.pid").exists() and port_in_use("127.0.0.1", self.port)
+
+    def start(self, timeout: float = 60.0) -> None:
+        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.data_dir / "server.log"),
+                   "-o", f"-p {self.port} -k {self.data_dir}", "-w", "-t", str(int(timeout)), "start"],
+                  f"starting Temporal's PostgreSQL on port {self.port}", timeout + 10)
+
+    def stop(self, mode: str = "fast", timeout: float = 60.0) -> None:
+        if not (self.data_dir / "postmaster.pid").exists():
+            return
+        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "-t", str(int(timeout)),
+                   "stop"], "stopping Temporal's PostgreSQL", timeout + 10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+# --- The cluster ------------------------------------------------------------------------------
+
+
+@dataclass
+class ClusterPorts:
+    frontend: int = 7233
+    frontend_http: int = 7243
+    history: int = 7234
+    matching: int = 7235
+    worker: int = 7239
+    frontend_membership: int = 6933
+    history_membership: int = 6934
+    matching_membership: int = 6935
+    worker_membership: int = 6939
+    postgres: int = 5433
+
+    @classmethod
+    def free(cls) -> ClusterPorts:
+        """Ports free right now; membership ports below 32768 (Temporal's SQL membership table keeps
+        them as a smallint)."""
+        taken: set[int] = set()
+        ports = {}
+        for name in cls.__dataclass_fields__:
+            ports[name] = _free_port_below(32768, taken) if name.endswith("_membership") else free_port()
+            taken.add(ports[name])
+        return cls(**ports)
+
+    def grpc(self, service: str) -> int:
+        return getattr(self, service)
+
+    def membership(self, service: str) -> int:
+        return getattr(self, f"{service}_membership")
+
+    def listening(self, service: str) -> int:
+        """The port that shows the service is up (the worker service serves no gRPC, only membership)."""
+        return self.membership(service) if service == "worker" else self.grpc(service)
+
+
+def _free_port_below(limit: int, taken: set[int], attempts: int = 200) -> int:
+    import random
+
+    for _ in range(attempts):
+        port = random.randrange(20000, limit)
+        if port not in taken and not port_in_use("127.0.0.1", port):
+            return port
+    raise ClusterError(f"no free port below {limit} after {attempts} tries")
+
+
+@dataclass
+class ClusterState:
+    """What ``cluster.json`` keeps between ``paysentinel cluster up`` and ``down``."""
+
+    ports: ClusterPorts
+    namespace: str
+    pg_dir: str
+    pids: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> ClusterState:
+        data = json.loads(path.read_text())
+        return cls(ports=ClusterPorts(**data["ports"]), namespace=data["namespace"], pg_dir=data["pg_dir"],
+                   pids={k: int(v) for k, v in data.get("pids", {}).items()})
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+
+class TemporalCluster:
+    """The Temporal server as one process per service on its own PostgreSQL, frontend with mTLS."""
+
+    def __init__(self, binaries: ServerBinaries, cli: Path, state_dir: Path, *, ports: ClusterPorts | None = None,
+                 namespace: str = "default", pg_dir: Path | None = None, log: Callable[[str], None] = print,
+                 num_history_shards: int = 4) -> None:
+        self.binaries = binaries
+        self.cli = Path(cli)
+        self.state_dir = Path(state_dir)
+        self.ports = ports or ClusterPorts()
+        self.namespace = namespace
+        self.log = log
+        self.num_history_shards = num_history_shards
+        self.postgres = TemporalPostgres(pg_dir or self.state_dir / "postgres", self.ports.postgres, log)
+        self.certs = Certificates(*(self.state_dir / "tls" / name for name in
+                                    ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")))
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    # -- what clients need --
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.ports.frontend}"
+
+    def client_env(self) -> dict[str, str]:
+        """The TEMPORAL_* variables a paysentinel process (or the Temporal CLI) connects with."""
+        return {
+            "TEMPORAL_ADDRESS": self.address,
+            "TEMPORAL_NAMESPACE": self.namespace,
+            "TEMPORAL_TLS_SERVER_CA_CERT_PATH": str(self.certs.ca),
+            "TEMPORAL_TLS_CLIENT_CERT_PATH": str(self.certs.client_cert),
+            "TEMPORAL_TLS_CLIENT_KEY_PATH": str(self.certs.client_key),
+            "TEMPORAL_TLS_SERVER_NAME": TLS_SERVER_NAME,
+        }
+
+    def log_file(self, service: str) -> Path:
+        return self.state_dir / "logs" / f"{service}.log"
+
+    # -- set-up --
+
+    def prepare(self) -> None:
+        """Certificates, Temporal's PostgreSQL with both schemas, the server's configuration."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "logs").mkdir(exist_ok=True)
+        if not self.certs.ca.exists():
+            make_certificates(self.certs.ca.parent)
+        self.postgres.init()
+        if not self.postgres.running:
+            self.postgres.start()
+        self.setup_schema()
+        self.write_config()
+
+    def _sql_tool(self, database: str, *args: str) -> None:
+        cmd = [str(self.binaries.sql_tool), "--plugin", "postgres12", "--ep", "127.0.0.1",
+               "-p", str(self.ports.postgres), "-u", TEMPORAL_DB_USER, "--pw", "temporal", "--db", database, *args]
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_SECONDS,
+                                    stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as exc:
+            raise ClusterError(f"temporal-sql-tool {' '.join(args)} on {database} timed out") from exc
+        if result.returncode != 0:
+            raise ClusterError(f"temporal-sql-tool {' '.join(args)} on {database} failed: "
+                               f"{(result.stderr or result.stdout).strip()[-2000:]}")
+
+    def setup_schema(self) -> None:
+        """Create both databases and bring their schema to this server version (idempotent)."""
+        for database, schema in DATABASES.items():
+            self._sql_tool(database, "create-database")  # ignores an existing database
+            self._sql_tool(database, "setup-schema", "-v", "0.0")  # creates the version table if missing
+            self._sql_tool(database, "update-schema", "-d", str(self.binaries.schema_dir / schema / "versioned"))
+
+    def config(self) -> dict:
+        def store(database: str, conns: int) -> dict:
+            return {"sql": {"pluginName": "postgres12", "databaseName": database,
+                            "connectAddr": f"127.0.0.1:{self.ports.postgres}", "connectProtocol": "tcp",
+                            "user": TEMPORAL_DB_USER, "password": "temporal", "maxConns": conns,
+                            "maxIdleConns": conns, "maxConnLifetime": "1h"}}
+
+        def service(name: str) -> dict:
+            rpc = {"grpcPort": self.ports.grpc(name), "membershipPort": getattr(self.ports, f"{name}_membership"),
+                   "bindOnIP": "127.0.0.1"}
+            if name == "frontend":
+                rpc["httpPort"] = self.ports.frontend_http
+            return {"rpc": rpc}
+
+        ca = str(self.certs.ca)
+        return {
+            "log": {"stdout": True, "level": "warn"},
+            "persistence": {
+                "defaultStore": "default", "visibilityStore": "visibility",
+                "numHistoryShards": self.num_history_shards,
+                "datastores": {"default": store("temporal", 20), "visibility": store("temporal_visibility", 10)},
+            },
+            "global": {
+                "membership": {"maxJoinDuration": "30s", "broadcastAddress": "127.0.0.1"},
+                "tls": {
+                    "frontend": {
+                        "server": {"certFile": str(self.certs.server_cert), "keyFile": str(self.certs.server_key),
+                                   "requireClientAuth": True, "clientCaFiles": [ca]},
+                        "client": {"serverName": TLS_SERVER_NAME, "rootCaFiles": [ca]},
+                    },
+                    # Temporal's own clients of the frontend (system worker, history) present this.
+                    "systemWorker": {"certFile": str(self.certs.client_cert), "keyFile": str(self.certs.client_key),
+                                     "client": {"serverName": TLS_SERVER_NAME, "rootCaFiles": [ca]}},
+                },
+            },
+            "services": {name: service(name) for name in SERVICES},
+            "clusterMetadata": {
+                "enableGlobalNamespace": False, "failoverVersionIncrement": 10,
+                "masterClusterName": "active", "currentClusterName": "active",
+                "clusterInformation": {"active": {"enabled": True, "initialFailoverVersion": 1,
+                                                  "rpcName": "frontend", "rpcAddress": self.address}},
+            },
+            "dcRedirectionPolicy": {"policy": "noop"},
+            "dynamicConfigClient": {"filepath": str(self.state_dir / "config" / "dynamicconfig.yaml"),
+                                    "pollInterval": "10s"},
+        }
+
+    def write_config(self) -> Path:
+        directory = self.state_dir / "config"
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "dynamicconfig.yaml").write_text(yaml.safe_dump(DYNAMIC_CONFIG))
+        path = directory / "cluster.yaml"
+        path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        return path
+
+    # -- the service processes --
+
+    def service_command(self, service: str) -> list[str]:
+        return [str(self.binaries.server), "--root", str(self.state_dir), "--config", "config", "--env", "cluster",
+                "--allow-no-auth", "start", "--service", service]
+
+    def start_service(self, service: str) -> subprocess.Popen:
+        for port in (self.ports.grpc(service), self.ports.membership(service)):
+            if port_in_use("127.0.0.1", port):
+                raise ClusterError(f"port {port} for Temporal's {service} service is in use")
+        with open(self.log_file(service), "ab") as log:
+            process = subprocess.Popen(self.service_command(service), stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True, cwd=self.state_dir)
+        self.processes[service] = process
+        return process
+
+    def stop_service(self, service: str, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+        process = self.processes.pop(service, None)
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+    def restart_service(self, service: str) -> None:
+        self.stop_service(service)
+        self.wait_port_free(self.ports.listening(service))
+        self.start_service(service)
+        self.wait_listening(service)
+
+    def wait_port_free(self, port: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while port_in_use("127.0.0.1", port):
+            if time.monotonic() > deadline:
+                raise ClusterError(f"port {port} still in use {timeout:.0f}s after its service stopped")
+            time.sleep(0.2)
+
+    def start(self) -> None:
+        """One service after the other (the first initialises the cluster's metadata in the database)."""
+        for service in SERVICES:
+            self.start_service(service)
+            self.wait_listening(service)
+
+    def wait_listening(self, service: str, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        port = self.ports.listening(service)
+        while not port_in_use("127.0.0.1", port):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise ClusterError(f"Temporal's {service} service does not listen on {port} after {timeout:.0f}s; "
+                                   f"its log ({self.log_file(service)}) ends with:\n{self.log_tail(service)}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for service in reversed(SERVICES):
+            self.stop_service(service)
+
+    def log_tail(self, service: str, lines: int = 15) -> str:
+        try:
+            text = self.log_file(service).read_text(errors="replace")
+        except OSError as exc:
+            return f"(no log: {exc})"
+        return "\n".join(line[:500] for line in text.splitlines()[-lines:]) or "(the log is empty)"
+
+    def _check_alive(self) -> None:
+        for service, process in self.processes.items():
+            if process.poll() is not None:
+                raise ClusterError(f"Temporal's {service} service exited with code {process.returncode}; "
+                                   f"its log ({self.log_file(service)}) ends with:\n{self.log_tail(service)}")
+
+    # -- readiness, namespace, search attributes --
+
+    async def _client(self, namespace: str):
+        from temporalio.client import Client
+        from temporalio.service import TLSConfig
+
+        return await Client.connect(self.address, namespace=namespace, tls=TLSConfig(
+            server_root_ca_cert=self.certs.ca.read_bytes(), domain=TLS_SERVER_NAME,
+            client_cert=self.certs.client_cert.read_bytes(), client_private_key=self.certs.client_key.read_bytes()))
+
+    async def wait_ready(self, timeout: float = 120.0) -> None:
+        """Until the frontend answers over mTLS, the namespace is registered and usable and the
+        search attributes exist."""
+        deadline = time.monotonic() + timeout
+        last: BaseException | None = None
+        client = None
+        while client is None:
+            self._check_alive()
+            try:
+                client = await asyncio.wait_for(self._client("temporal-system"), 5)
+                from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
+
+                await client.workflow_service.get_system_info(GetSystemInfoRequest())
+            except Exception as exc:  # noqa: BLE001 - not up yet
+                client, last = None, exc
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"the Temporal frontend at {self.address} did not answer in {timeout:.0f}s "
+                                       f"(last error: {_describe(exc)}); frontend log:\n{self.log_tail('frontend')}"
+                                       ) from exc
+                await asyncio.sleep(0.5)
+        await asyncio.to_thread(self.register_namespace, max(5.0, deadline - time.monotonic()))
+        while True:
+            self._check_alive()
+            try:
+                ns_client = await self._client(self.namespace)
+                await ensure_search_attributes(ns_client, self.namespace)
+                await ns_client.count_workflows("PaymentStatus = 'x'")
+                return
+            except Exception as exc:  # noqa: BLE001 - the namespace reaches every service in a few seconds
+                last = exc
+            if time.monotonic() > deadline:
+                raise ClusterError(f"namespace {self.namespace} not usable after {timeout:.0f}s: {_describe(last)}")
+            await asyncio.sleep(0.5)
+
+    def cli_tls_args(self) -> list[str]:
+        return ["--address", self.address, "--tls-ca-path", str(self.certs.ca), "--tls-cert-path",
+                str(self.certs.client_cert), "--tls-key-path", str(self.certs.client_key),
+                "--tls-server-name", TLS_SERVER_NAME]
+
+    def register_namespace(self, timeout: float = 60.0) -> None:
+        """``temporal operator namespace create`` (an existing namespace is fine)."""
+        deadline = time.monotonic() + timeout
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_")}
+        while True:
+            describe = subprocess.run([str(self.cli), "operator", "namespace", "describe", "--namespace",
+                                       self.namespace, *self.cli_tls_args()], capture_output=True, text=True,
+                                      timeout=30, stdin=subprocess.DEVNULL, env=env)
+            if describe.returncode == 0:
+                return
+            create = subprocess.run([str(self.cli), "operator", "namespace", "create", "--namespace", self.namespace,
+                                     "--retention", "72h", *self.cli_tls_args()], capture_output=True, text=True,
+                                    timeout=30, stdin=subprocess.DEVNULL, env=env)
+            if create.returncode == 0 or "already" in (create.stderr + create.stdout).lower():
+                self.log(f"Temporal cluster: namespace {self.namespace} registered")
+                return
+            if time.monotonic() > deadline:
+                raise ClusterError(f"`temporal operator namespace create` failed: {create.stderr.strip()}")
+            time.sleep(1)
+
+    # -- the whole thing --
+
+    async def up(self, timeout: float = 180.0) -> None:
+        await asyncio.to_thread(self.prepare)
+        try:
+            await asyncio.to_thread(self.start)
+        except BaseException:
+            self.stop()
+            raise
+        try:
+            await self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def down(self) -> None:
+        self.stop()
+        self.postgres.stop()
+
+
+# --- `paysentinel cluster up|down|status` ---------------------------------------------------------
+
+
+def state_file(state_dir: Path) -> Path:
+    return Path(state_dir) / "cluster.json"
+
+
+def default_pg_dir(state_dir: Path) -> Path:
+    """Where Temporal's PostgreSQL keeps its data: in the state directory, unless that is not
+    reachable by the ``postgres`` user the server runs as under root."""
+    path = Path(state_dir) / "postgres"
+    if os.geteuid() != 0:
+        return path
+    if all(p.stat().st_mode & 0o001 for p in Path(state_dir).parents if p.exists() and p != Path("/")):
+        return path
+    import hashlib
+
+    digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:10]
+    return Path("/var/tmp") / f"paysentinel-temporal-pg-{digest}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_pid(pid: int, timeout: float = 20.0) -> None:
+    """SIGTERM the process, SIGKILL it after ``timeout``."""
+    if not pid_alive(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def env_file_text(cluster: TemporalCluster) -> str:
+    lines = ["# Source this file (set -a; . cluster.env) to point paysentinel at the cluster."]
+    lines += [f"{key}={value}" for key, value in cluster.client_env().items()]
+    return "\n".join(lines) + "\n"
+
+
+def detached(cluster: TemporalCluster) -> dict[str, int]:
+    """Leave the running services to themselves (``cluster up`` exits; ``cluster down`` stops them)."""
+    pids = {name: process.pid for name, process in cluster.processes.items()}
+    cluster.processes.clear()
+    return pids
+
+
+__all__ = ["TemporalCluster", "ClusterPorts", "ClusterState", "ClusterError", "ServerBinaries", "Certificates",
+           "ensure_server_binaries", "make_certificates", "SEARCH_ATTRIBUTES", "TEMPORAL_SERVER_VERSION"]

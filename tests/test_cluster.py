@@ -1,0 +1,625 @@
+"""paysentinel on a real Temporal cluster, with replicas, under faults.
+
+One cluster per session (its own fixtures; the dev-server ``stack`` is not involved): the
+Temporal server v1.29.1 as separate frontend, history, matching and worker processes on a
+PostgreSQL instance of its own, frontend with mTLS (paysentinel/cluster.py), and against it two
+workers, two checkout APIs and two webhook receivers, each its own process, behind a round-robin
+TCP balancer for the provider's callbacks, on a fresh application database. Every fault test
+ends with the provider's ledger equal to our database and nothing left open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+
+import httpx
+import pytest
+
+from paysentinel.cluster import (
+    SERVICES, ClusterError, ClusterPorts, ServerBinaries, TemporalCluster, ensure_server_binaries, make_certificates,
+)
+from paysentinel.config import DEFAULT_CACHE_DIR, Settings, token_digest
+from paysentinel.devserver import free_port
+from tests.conftest import OPERATORS, ROLES, TEST_PAYLOAD_KEYS, TEST_TIMINGS, new_order, stop_process
+from tests.helpers import (
+    MERCHANT_A, MERCHANT_SECRET, SIMULATOR_SECRET, assert_books_balance, payment_id_for, provider_order, script,
+    start_payment, wait_status,
+)
+
+BOOKS_TIMEOUT = 90.0  # an activity on a killed worker is retried after its 15 s start-to-close timeout
+
+
+# --- A round-robin TCP balancer (what a Kubernetes Service is to the replicas) ---------------------
+
+
+class Balancer:
+    """Accepts on a loopback port and pipes each connection to the next upstream that accepts it."""
+
+    def __init__(self, upstreams: list[int]) -> None:
+        self.upstreams = upstreams
+        self.port = free_port()
+        self._next = count()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener.settimeout(0.5)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="balancer")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._listener.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            threading.Thread(target=self._pipe, args=(conn,), daemon=True).start()
+
+    def _pipe(self, client: socket.socket) -> None:
+        upstream = None
+        for _ in range(len(self.upstreams)):
+            port = self.upstreams[next(self._next) % len(self.upstreams)]
+            try:
+                upstream = socket.create_connection(("127.0.0.1", port), timeout=2)
+                break
+            except OSError:
+                continue
+        if upstream is None:
+            client.close()
+            return
+        sel = selectors.DefaultSelector()
+        sel.register(client, selectors.EVENT_READ, upstream)
+        sel.register(upstream, selectors.EVENT_READ, client)
+        deadline = time.monotonic() + 120
+        try:
+            while time.monotonic() < deadline and not self._stop.is_set():
+                for key, _ in sel.select(0.5):
+                    data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+                    if not data:
+                        return
+                    key.data.sendall(data)
+        except OSError:
+            return
+        finally:
+            sel.close()
+            client.close()
+            upstream.close()
+
+
+# --- The cluster and the replicas -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def server_binaries() -> ServerBinaries:
+    cache = Path(os.environ.get("PAYSENTINEL_CACHE_DIR", DEFAULT_CACHE_DIR))
+    try:
+        return ensure_server_binaries(cache, log=lambda line: print(line, file=sys.stderr))
+    except ClusterError as err:
+        pytest.fail(f"the Temporal server is not available: {err}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+async def temporal_cluster(server_binaries: ServerBinaries, temporal_cli: Path) -> AsyncIterator[TemporalCluster]:
+    # Under /tmp, reachable by the postgres user Temporal's PostgreSQL runs as when we are root.
+    state = Path(tempfile.mkdtemp(prefix="paysentinel-cluster-"))
+    state.chmod(0o755)
+    cluster = TemporalCluster(server_binaries, temporal_cli, state, ports=ClusterPorts.free(),
+                              log=lambda line: print(line, file=sys.stderr))
+    started = time.monotonic()
+    try:
+        await cluster.up(timeout=180)
+    except ClusterError as err:
+        await asyncio.to_thread(cluster.down)
+        logs = {service: cluster.log_tail(service, 5) for service in SERVICES}
+        shutil.rmtree(state, ignore_errors=True)
+        pytest.fail(f"the Temporal cluster did not start: {err}\n" + "\n".join(f"{s}: {t}" for s, t in logs.items()),
+                    pytrace=False)
+    print(f"\n[Temporal cluster up in {time.monotonic() - started:.1f}s: {state}]", file=sys.stderr)
+    try:
+        yield cluster
+    finally:
+        await asyncio.to_thread(cluster.down)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+async def _fresh_database() -> tuple[str, object]:
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    from tests.conftest import DEFAULT_TEST_DATABASE
+
+    base = make_url(os.environ.get("PAYSENTINEL_TEST_DATABASE_URL", DEFAULT_TEST_DATABASE))
+    admin = await asyncpg.connect(base.set(drivername="postgresql").render_as_string(hide_password=False), timeout=10)
+    name = f"paysentinel_c{uuid.uuid4().hex[:10]}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    return base.set(database=name).render_as_string(hide_password=False), (admin, name)
+
+
+@pytest.fixture(scope="session")
+async def cluster_database_url() -> AsyncIterator[str]:
+    """The application database of the cluster tier (its own, so schedules there touch nothing else)."""
+    from paysentinel import db
+
+    url, (admin, name) = await _fresh_database()
+    await asyncio.to_thread(db.upgrade, url)
+    try:
+        yield url
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@dataclass
+class Replica:
+    part: str
+    index: int
+    env: dict[str, str]
+    url: str | None  # its HTTP listener (None: the worker)
+    log_file: Path
+    process: subprocess.Popen | None = None
+    log_offset: int = 0  # where this start's lines begin in log_file
+
+    @property
+    def name(self) -> str:
+        return f"{self.part}-{self.index}"
+
+    def start(self) -> None:
+        self.log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        with open(self.log_file, "ab") as log:
+            # `paysentinel worker|api|webhooks`: one part, as in docker-compose.yml and deploy/k8s/
+            self.process = subprocess.Popen([sys.executable, "-m", "paysentinel.cli", self.part],
+                                            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+
+    def kill(self) -> None:
+        """kill -9: no shutdown of any kind."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+
+
+def stop_all(replicas: list[Replica]) -> None:
+    """SIGTERM them all at once, then wait for each (SIGKILL after 20 s)."""
+    for replica in replicas:
+        if replica.process is not None and replica.process.poll() is None:
+            replica.process.terminate()
+    for replica in replicas:
+        replica.stop()
+
+
+@dataclass
+class ClusterStack:
+    cluster: TemporalCluster
+    database_url: str
+    simulator_url: str
+    webhook_balancer: Balancer
+    task_queue: str
+    replicas: dict[str, Replica] = field(default_factory=dict)
+    simulator: subprocess.Popen | None = None
+
+    def of(self, part: str) -> list[Replica]:
+        return [r for name, r in sorted(self.replicas.items()) if r.part == part]
+
+    @property
+    def api_urls(self) -> list[str]:
+        return [r.url for r in self.of("api") if r.url]
+
+
+def _wait_healthy(replicas: list[Replica], timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    pending = [r for r in replicas if r.url]
+    while pending:
+        replica = pending[0]
+        assert replica.process is not None
+        if replica.process.poll() is not None:
+            raise RuntimeError(f"{replica.name} exited with {replica.process.returncode}:\n"
+                               f"{replica.log_file.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{replica.url}/health", timeout=1).status_code == 200:
+                pending.pop(0)
+                continue
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{replica.name} not healthy after {timeout}s:\n{replica.log_file.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def _wait_polling(stack: ClusterStack, replicas: list[Replica], timeout: float = 240) -> None:
+    """Until each worker replica has logged that it polls the task queue."""
+    deadline = time.monotonic() + timeout
+    for replica in replicas:
+        while "worker polling task queue" not in replica.log_file.read_bytes()[replica.log_offset:].decode(
+                errors="replace"):
+            assert replica.process is not None
+            if replica.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{replica.name} is not polling:\n{replica.log_file.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def cluster_stack(temporal_cluster: TemporalCluster, cluster_database_url: str,
+                  tmp_path_factory) -> Iterator[ClusterStack]:
+    logs = tmp_path_factory.mktemp("cluster-stack")
+    webhook_ports = [free_port(), free_port()]
+    balancer = Balancer(webhook_ports)
+    simulator_port = free_port()
+    task_queue = f"payments-cluster-{uuid.uuid4().hex[:8]}"
+    base = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_")},
+        **TEST_TIMINGS,
+        **temporal_cluster.client_env(),  # address, namespace, mTLS files: the SDK's environment configuration
+        "PAYSENTINEL_DATABASE_URL": cluster_database_url,
+        "PAYSENTINEL_TASK_QUEUE": task_queue,
+        "PAYSENTINEL_SIMULATOR_PORT": str(simulator_port),
+        "PAYSENTINEL_SIMULATOR_URL": f"http://127.0.0.1:{simulator_port}",
+        "PAYSENTINEL_PUBLIC_WEBHOOK_BASE_URL": f"http://127.0.0.1:{balancer.port}",
+        "PAYSENTINEL_PROVIDERS": "simulator",
+        "PAYSENTINEL_DATA_DIR": str(tmp_path_factory.mktemp("cluster-data")),
+        "PAYSENTINEL_OPERATOR_TOKENS": ",".join(f"{name}:{ROLES[name]}:{token_digest(token)}"
+                                                for name, token in OPERATORS.items()),
+        "PAYSENTINEL_SIMULATOR_WEBHOOK_SECRET": SIMULATOR_SECRET,
+        "PAYSENTINEL_MERCHANT_WEBHOOK_SECRET": MERCHANT_SECRET,
+        "PAYSENTINEL_PAYLOAD_KEYS": TEST_PAYLOAD_KEYS,
+        "PAYSENTINEL_RECONCILE_ENABLED": "false",
+        "PAYSENTINEL_SMTP_HOST": "",
+    }
+    stack = ClusterStack(temporal_cluster, cluster_database_url, f"http://127.0.0.1:{simulator_port}", balancer,
+                         task_queue)
+    for index in range(2):
+        ports = {"worker": free_port(), "api": free_port(), "webhooks": webhook_ports[index]}
+        for part, port in ports.items():
+            env = {**base, "PAYSENTINEL_SDK_METRICS_PORT": str(free_port()), "PAYSENTINEL_METRICS_PORT": str(free_port()),
+                   "PAYSENTINEL_API_PORT": str(ports["api"]), "PAYSENTINEL_WEBHOOK_PORT": str(ports["webhooks"]),
+                   "PAYSENTINEL_OPERATOR_PORT": str(free_port())}
+            url = None if part == "worker" else f"http://127.0.0.1:{port}"
+            replica = Replica(part, index, env, url, logs / f"{part}-{index}.log")
+            stack.replicas[replica.name] = replica
+    sim_log = logs / "simulator.log"
+    with open(sim_log, "ab") as log:
+        stack.simulator = subprocess.Popen([sys.executable, "-m", "paysentinel.cli", "simulator"],
+                                           env=base, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    balancer.start()
+    try:
+        for replica in stack.replicas.values():
+            replica.start()
+        _wait_healthy([*stack.replicas.values()])
+        _wait_polling(stack, stack.of("worker"))
+        yield stack
+    finally:
+        stop_all(list(stack.replicas.values()))
+        stop_process(stack.simulator)
+        balancer.stop()
+        print(f"\n[cluster tier logs: {logs}; Temporal logs: {temporal_cluster.state_dir / 'logs'}]", file=sys.stderr)
+
+
+@dataclass
+class Apis:
+    """The checkout API replicas, used in turn (as a load balancer would)."""
+
+    clients: list[httpx.AsyncClient]
+    _turn: count = field(default_factory=count)
+
+    def next(self) -> httpx.AsyncClient:
+        return self.clients[next(self._turn) % len(self.clients)]
+
+
+@pytest.fixture(scope="session")
+async def cluster_merchant_key(cluster_database_url: str) -> str:
+    from paysentinel import db
+    from paysentinel.merchants import API_SCOPES, create_key, create_merchant
+
+    engine = db.make_engine(cluster_database_url)
+    try:
+        sessions = db.make_sessionmaker(engine)
+        await create_merchant(sessions, MERCHANT_A, "Cluster test merchant")
+        return (await create_key(sessions, MERCHANT_A, list(API_SCOPES)))[1]
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def apis(cluster_stack: ClusterStack, cluster_merchant_key: str) -> AsyncIterator[Apis]:
+    headers = {"Authorization": f"Bearer {cluster_merchant_key}"}
+    clients = [httpx.AsyncClient(base_url=url, headers=headers, timeout=30) for url in cluster_stack.api_urls]
+    try:
+        yield Apis(clients)
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+@pytest.fixture
+async def csim(cluster_stack: ClusterStack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=cluster_stack.simulator_url, timeout=30) as http:
+        yield http
+
+
+@pytest.fixture
+async def csessions(cluster_database_url: str):
+    from paysentinel import db
+
+    engine = db.make_engine(cluster_database_url)
+    yield db.make_sessionmaker(engine)
+    await engine.dispose()
+
+
+@pytest.fixture
+async def cclient(temporal_cluster: TemporalCluster):
+    from paysentinel.temporal import connect
+
+    return await connect(Settings(payload_keys=TEST_PAYLOAD_KEYS), environ=temporal_cluster.client_env())
+
+
+async def start_payments(apis: Apis, sim: httpx.AsyncClient, n: int, prefix: str, **behaviour) -> list[str]:
+    """``n`` orders scripted with ``behaviour``, started through the API replicas in turn."""
+    orders = [new_order(prefix) for _ in range(n)]
+    for order in orders:
+        await script(sim, order, **behaviour)
+
+    async def one(order: str) -> None:
+        response = await start_payment(apis.next(), order)
+        assert response.status_code in (200, 201, 202), response.text
+        # The trade exists at the provider (its pay URL is known): the scripted payer's clock runs.
+        assert response.json().get("pay_url"), response.text
+
+    await asyncio.gather(*(one(order) for order in orders))
+    return orders
+
+
+async def books_balance(sim, sessions, orders: list[str], *, trades_per_order: int = 1,
+                        refunds_per_order: int = 0) -> dict[str, dict]:
+    """The provider's ledger equals our database for every order, none is open, and no trade was
+    created (nor refund made) twice."""
+    ledgers = await assert_books_balance(sim, sessions, [provider_order(o) for o in orders], timeout=BOOKS_TIMEOUT)
+    for order, ledger in ledgers.items():
+        assert len(ledger["trades"]) == trades_per_order, (order, ledger)
+        assert len(ledger["refunds"]) == refunds_per_order, (order, ledger)
+    return ledgers
+
+
+async def assert_all_succeeded(apis: Apis, orders: list[str]) -> None:
+    views = {order: (await apis.next().get(f"/payments/{payment_id_for(order)}")).json() for order in orders}
+    wrong = {order: view for order, view in views.items() if view.get("status") != "SUCCEEDED"}
+    assert not wrong, "\n".join(f"{order}: {view.get('status')}: {view.get('timeline')}" for order, view in wrong.items())
+
+
+async def statuses(apis: Apis, orders: list[str]) -> dict[str, str]:
+    found = {}
+    for order in orders:
+        found[order] = (await apis.next().get(f"/payments/{payment_id_for(order)}")).json().get("status")
+    return found
+
+
+# --- The cluster itself -------------------------------------------------------------------------
+
+
+def test_each_temporal_service_is_its_own_process(temporal_cluster: TemporalCluster):
+    pids = {service: process.pid for service, process in temporal_cluster.processes.items()}
+    assert set(pids) == set(SERVICES) and len(set(pids.values())) == 4
+    assert all(process.poll() is None for process in temporal_cluster.processes.values())
+    for service in SERVICES:
+        command = Path(f"/proc/{pids[service]}/cmdline").read_bytes().split(b"\0")
+        assert command[-2:] == [b"--service", service.encode()] or command[-3:-1] == [b"--service", service.encode()]
+    assert temporal_cluster.postgres.running
+
+
+async def test_frontend_requires_a_client_certificate(temporal_cluster: TemporalCluster, tmp_path: Path):
+    from paysentinel.temporal import connect
+
+    env = temporal_cluster.client_env()
+    # Without a client certificate (server CA only): refused.
+    no_cert = {k: v for k, v in env.items() if "CLIENT" not in k}
+    with pytest.raises(RuntimeError, match="TEMPORAL_TLS_CLIENT_CERT_PATH"):
+        await asyncio.wait_for(connect(Settings(payload_keys=TEST_PAYLOAD_KEYS), environ=no_cert), 30)
+    # A client certificate from another CA: refused, saying what to fix.
+    other = make_certificates(tmp_path / "other")
+    wrong = {**env, "TEMPORAL_TLS_CLIENT_CERT_PATH": str(other.client_cert),
+             "TEMPORAL_TLS_CLIENT_KEY_PATH": str(other.client_key)}
+    with pytest.raises(RuntimeError) as refused:
+        await asyncio.wait_for(connect(Settings(payload_keys=TEST_PAYLOAD_KEYS), environ=wrong), 30)
+    message = str(refused.value)
+    assert "TLS handshake failed" in message and "TEMPORAL_TLS_CLIENT_CERT_PATH" in message, message
+    # The right one works.
+    client = await connect(Settings(payload_keys=TEST_PAYLOAD_KEYS), environ=env)
+    assert client.namespace == temporal_cluster.namespace
+
+
+def test_a_worker_with_a_wrong_certificate_stops_at_start_up_saying_what_to_fix(
+        cluster_stack: ClusterStack, tmp_path: Path):
+    other = make_certificates(tmp_path / "other")
+    env = {**cluster_stack.of("worker")[0].env, "TEMPORAL_TLS_SERVER_CA_CERT_PATH": str(other.ca),
+           "PAYSENTINEL_SDK_METRICS_PORT": "0", "PAYSENTINEL_METRICS_PORT": str(free_port())}
+    result = subprocess.run([sys.executable, "-m", "paysentinel.cli", "worker"], env=env, capture_output=True,
+                            text=True, timeout=60, stdin=subprocess.DEVNULL)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "cannot connect to Temporal at" in output and "TEMPORAL_TLS_SERVER_CA_CERT_PATH" in output, output
+
+
+async def test_payments_through_both_api_replicas(cluster_stack, apis, csim, csessions, cclient):
+    orders = await start_payments(apis, csim, 4, "cl-ok", pay="immediately")
+    for order in orders:
+        await wait_status(apis.next(), payment_id_for(order), "SUCCEEDED", timeout=60)
+    await books_balance(csim, csessions, orders)
+    # Custom search attributes on SQL visibility.
+    query = " OR ".join(f"OrderId = '{provider_order(o)}'" for o in orders)
+    deadline = time.monotonic() + 30
+    while (found := (await cclient.count_workflows(f"PaymentStatus = 'SUCCEEDED' AND ({query})")).count) < 4:
+        assert time.monotonic() < deadline, f"visibility shows {found} of 4"
+        await asyncio.sleep(0.5)
+
+
+# --- Faults -----------------------------------------------------------------------------------------
+
+
+async def _history_identities(client, orders: list[str]) -> dict[str, int]:
+    """How many workflow tasks (which run the payment's local activities) and activity tasks each
+    worker identity completed or started for these payments."""
+    seen: dict[str, int] = {}
+    for order in orders:  # every run: a paid payment continues as new after the resend window
+        async for run in client.list_workflows(f"WorkflowId = '{payment_id_for(order)}'"):
+            async for event in client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history_events():
+                for kind in ("workflow_task_completed_event_attributes", "activity_task_started_event_attributes"):
+                    if event.HasField(kind):
+                        identity = getattr(event, kind).identity
+                        seen[identity] = seen.get(identity, 0) + 1
+    return seen
+
+
+async def test_worker_replica_killed_with_sigkill_mid_activities(cluster_stack, apis, csim, csessions, cclient):
+    """kill -9 one worker while payments are in flight (callbacks, duplicate charges being refunded):
+    the other worker finishes them; no trade created twice, no refund made twice."""
+    victim, survivor = cluster_stack.of("worker")
+    paid = await start_payments(apis, csim, 4, "cl-kill-paid", pay="after_delay", pay_delay_seconds=1.0)
+    twice = await start_payments(apis, csim, 4, "cl-kill-twice", pay="immediately", second_charge=True,
+                                 second_charge_delay_seconds=0.5, refund_delay_seconds=1.0)
+    await asyncio.sleep(1.0)
+    victim.kill()
+    started = time.monotonic()
+    try:
+        await books_balance(csim, csessions, paid)
+        await books_balance(csim, csessions, twice, trades_per_order=2, refunds_per_order=1)
+        await assert_all_succeeded(apis, paid + twice)
+        settled = time.monotonic() - started
+        identities = await _history_identities(cclient, paid + twice)
+        print(f"\n[worker kill -9: settled {settled:.1f}s after the kill; tasks by worker: {identities}]",
+              file=sys.stderr)
+        victim_identity = f"{victim.process.pid}@"
+        assert any(i.startswith(victim_identity) for i in identities), "the killed worker ran none of these payments' tasks"
+    finally:
+        victim.start()
+        _wait_polling(cluster_stack, [victim])
+
+
+async def test_both_workers_down_for_a_while_then_back(cluster_stack, apis, csim, csessions):
+    workers = cluster_stack.of("worker")
+    orders = await start_payments(apis, csim, 4, "cl-down", pay="after_delay", pay_delay_seconds=2.0)
+    began = time.monotonic()
+    await asyncio.to_thread(stop_all, workers)
+    stopped = time.monotonic() - began
+    await asyncio.sleep(6)  # the payers pay, the callbacks arrive, the payments' timers fire: nobody works
+    assert "SUCCEEDED" not in (await statuses(apis, orders)).values()
+    began = time.monotonic()
+    for worker in workers:
+        worker.start()
+    await asyncio.to_thread(_wait_polling, cluster_stack, workers)
+    polling = time.monotonic() - began
+    await books_balance(csim, csessions, orders)
+    await assert_all_succeeded(apis, orders)
+    print(f"\n[both workers down: stopped in {stopped:.1f}s, down 6s, polling again {polling:.1f}s after the start, "
+          f"books balanced {time.monotonic() - began - polling:.1f}s later]", file=sys.stderr)
+
+
+async def test_history_service_restarted_while_payments_wait_for_callbacks(cluster_stack, apis, csim, csessions):
+    cluster = cluster_stack.cluster
+    # The payers pay 1.5 s after their trades were made: while history restarts or just after.
+    orders = await start_payments(apis, csim, 4, "cl-history", pay="after_delay", pay_delay_seconds=1.5)
+    started = time.monotonic()
+    await asyncio.to_thread(cluster.restart_service, "history")
+    restarted = time.monotonic() - started
+    await books_balance(csim, csessions, orders)
+    await assert_all_succeeded(apis, orders)
+    print(f"\n[history restart: {restarted:.1f}s; books balanced {time.monotonic() - started:.1f}s after it began]",
+          file=sys.stderr)
+
+
+async def test_temporal_postgres_restarted(cluster_stack, apis, csim, csessions):
+    """Temporal's own PostgreSQL (a separate instance) is restarted while payments are in flight."""
+    cluster = cluster_stack.cluster
+    orders = await start_payments(apis, csim, 4, "cl-pg", pay="after_delay", pay_delay_seconds=2.0)
+    started = time.monotonic()
+    await asyncio.to_thread(cluster.postgres.restart)
+    restarted = time.monotonic() - started
+    await books_balance(csim, csessions, orders)
+    await assert_all_succeeded(apis, orders)
+    print(f"\n[Temporal PostgreSQL restart: {restarted:.1f}s; books balanced {time.monotonic() - started:.1f}s after]",
+          file=sys.stderr)
+
+
+async def _database_connections(url: str, allow: bool) -> None:
+    """Refuse (or allow again) new connections to the application database and end the open ones:
+    the database is unavailable to every replica, the rest of the PostgreSQL server is not."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    target = make_url(url)
+    admin = await asyncpg.connect(target.set(drivername="postgresql", database="postgres")
+                                  .render_as_string(hide_password=False), timeout=10)
+    try:
+        await admin.execute(f'ALTER DATABASE "{target.database}" WITH ALLOW_CONNECTIONS {str(allow).lower()}')
+        if not allow:
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE datname = $1 AND pid <> pg_backend_pid()", target.database)
+    finally:
+        await admin.close()
+
+
+async def _deliveries(sim: httpx.AsyncClient, order: str) -> list[dict]:
+    return (await sim.get(f"/control/trades/{provider_order(order)}")).json()["deliveries"]
+
+
+async def test_app_database_unavailable_while_callbacks_arrive(cluster_stack, apis, csim, csessions):
+    """The webhook receivers answer 503 while the application database is unavailable; the
+    provider's resends are accepted once it is back."""
+    # The payers pay 3 s after their trades were made: after the database has gone away.
+    orders = await start_payments(apis, csim, 3, "cl-appdb", pay="after_delay", pay_delay_seconds=3.0)
+    await _database_connections(cluster_stack.database_url, allow=False)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            seen = {o: [d["status_code"] for d in await _deliveries(csim, o)] for o in orders}
+            if all(503 in codes for codes in seen.values()):
+                break
+            assert time.monotonic() < deadline, f"not every callback was answered 503: {seen}"
+            await asyncio.sleep(0.2)
+    finally:
+        await _database_connections(cluster_stack.database_url, allow=True)
+    await books_balance(csim, csessions, orders)
+    await assert_all_succeeded(apis, orders)
+    for order in orders:
+        codes = [d["status_code"] for d in await _deliveries(csim, order)]
+        first_503 = codes.index(503)
+        assert 200 in codes[first_503:], (order, codes)  # a resend after the outage was accepted
+
+
+async def test_webhook_receiver_replica_killed_mid_request(cluster_stack, apis, csim, csessions):
+    """kill -9 one receiver while callbacks are being delivered (each sent twice): the provider's
+    resends reach the other one through the balancer; every payment settles."""
+    victim = cluster_stack.of("webhooks")[0]
+    orders = await start_payments(apis, csim, 6, "cl-hook", pay="after_delay", pay_delay_seconds=0.3,
+                                  callback="duplicate")
+    await asyncio.sleep(0.4)
+    victim.kill()
+    try:
+        await books_balance(csim, csessions, orders)
+        await assert_all_succeeded(apis, orders)
+        for order in orders:
+            assert any(d["status_code"] == 200 for d in await _deliveries(csim, order)), order
+    finally:
+        victim.start()
+        await asyncio.to_thread(_wait_healthy, [victim])
