@@ -558,10 +558,11 @@ class TemporalCluster:
         while client is None:
             self._check_alive()
             try:
-                client = await asyncio.wait_for(self._client("temporal-system"), 5)
+                connected = await asyncio.wait_for(self._client("temporal-system"), 5)
                 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 
-                await client.workflow_service.get_system_info(GetSystemInfoRequest())
+                await connected.workflow_service.get_system_info(GetSystemInfoRequest())
+                client = connected
             except Exception as exc:  # noqa: BLE001 - not up yet
                 client, last = None, exc
                 if time.monotonic() > deadline:

@@ -61,8 +61,8 @@ def parse_keys(text: str) -> list[tuple[str, bytes]]:
         except ValueError as err:
             raise PayloadKeyError(f"payload key {key_id!r} is not valid base64") from err
         if len(key) != 32:
-            raise PayloadKeyError(f"payload key {key_id!r} is {len(key)} bytes; AES-256 needs 32 "
-                                  "(make one with: python -c \"import os,base64;print(base64.b64encode(os.urandom(32)).decode())\")")
+            make_one = 'python -c "import os,base64;print(base64.b64encode(os.urandom(32)).decode())"'
+            raise PayloadKeyError(f"payload key {key_id!r} is {len(key)} bytes; AES-256 needs 32 (make one with: {make_one})")
         if any(key_id == known for known, _ in keys):
             raise PayloadKeyError(f"payload key id {key_id!r} is listed twice")
         keys.append((key_id, key))
