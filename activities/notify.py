@@ -135,6 +135,7 @@ class NotificationActivities:
     async def _done(self, key: str, channel: str, error: str | None = None) -> None:
         async with self._sessions() as session:
             row = await session.get(db.Notification, f"{key}:{channel}")
+            assert row is not None, f"notification {key}:{channel} was claimed before it is sent"
             row.status, row.sent_at, row.error = "sent", db.utcnow(), error
             await session.commit()
 

@@ -93,6 +93,12 @@ class PaymentActivities:
             raise ApplicationError(str(err), type=ORDER_CONFLICT, non_retryable=True) from err
 
     @activity.defn
+    async def open_payment(self, payload: RecordPaymentInput) -> RiskVerdict:
+        """Make sure the payment row exists, then check our risk rules (one call since 0.3.0)."""
+        await self.record_payment(payload)
+        return await self.assess_risk(RiskCheckInput(payment_id=payload.payment_id, request=payload.request))
+
+    @activity.defn
     async def save_payment_state(self, record: PaymentRecord) -> bool:
         """Write the workflow's newest snapshot; an older snapshot never overwrites a newer one."""
         result = await db.apply_record(self._sessions, record)
@@ -103,7 +109,8 @@ class PaymentActivities:
         if result.applied:
             async with self._sessions() as session:
                 row = await session.get(db.Payment, record.payment_id)
-            metrics.count_transition(record, row, finished=result.finished)
+            if row is not None:
+                metrics.count_transition(record, row, finished=result.finished)
         return result.applied
 
     @activity.defn

@@ -32,10 +32,10 @@ from paysentinel.models import (
     StepResult,
     to_major,
 )
+from paysentinel.names import REFUND_WORKFLOW, SETTLEMENT_SIGNAL, payment_workflow_id
 from paysentinel.providers import Provider
+from paysentinel.rules import refund_id_for
 from paysentinel.settlement import PAYMENT, REFUND, BillFormatError
-from workflows.payment import PaymentWorkflow, refund_id_for
-from workflows.refund import RefundWorkflow
 
 BAD_BILL = "BadBill"
 OPEN = ("CREATED", "PENDING")
@@ -109,7 +109,7 @@ class ReconciliationActivities:
         provider = self._providers[step.provider]
         details = activity.info().heartbeat_details
         resume = int(details[0]) if details else 0
-        count, batch = 0, []
+        count, batch = 0, list[dict]()
         if not resume:  # the bill as the provider serves it now replaces what an earlier run loaded
             async with self._sessions() as session:
                 await session.execute(delete(db.SettlementRowRecord).where(
@@ -138,7 +138,7 @@ class ReconciliationActivities:
         if batch:
             await flush()
         async with self._sessions() as session:
-            if session.bind.dialect.name == "postgresql":  # fresh statistics, so matching uses the indexes
+            if session.get_bind().dialect.name == "postgresql":  # fresh statistics, so matching uses the indexes
                 await session.execute(text("ANALYZE settlement_rows"))
                 await session.commit()
         activity.logger.info("bill %s %s: %d rows loaded", step.provider, step.day, count)
@@ -353,20 +353,21 @@ class ReconciliationActivities:
             resolved, resolution = await self._repair_one(step, item)
             async with self._sessions() as session:
                 row = await session.get(db.Discrepancy, item.id)
+                assert row is not None, f"difference {item.id} was listed above"
                 row.resolved, row.resolution, row.resolved_at = resolved, resolution, db.utcnow() if resolved else None
                 await session.commit()
             activity.logger.info("reconciliation %s: %s %s -> %s", row.run_id, item.kind, item.order_id, resolution)
         return StepResult(last=todo[-1].id if todo else step.after, handled=len(todo), done=len(todo) < step.limit)
 
     async def _repair_one(self, step: ReconcileStep, item: db.Discrepancy) -> tuple[bool, str]:
-        payment_id = f"payment-{item.order_id}"
+        payment_id = payment_workflow_id(item.order_id)
         if item.kind in TO_WORKFLOW:
             finding = SettlementFinding(
                 kind=item.kind, day=step.day, order_id=item.order_id, trade_no=item.trade_no,
                 amount_minor=item.provider_amount_minor or 0, currency=item.currency, detail=item.detail,
             )
             try:
-                await self._client.get_workflow_handle(payment_id).signal(PaymentWorkflow.settlement, finding)
+                await self._client.get_workflow_handle(payment_id).signal(SETTLEMENT_SIGNAL, finding)
                 # Delivered is not done: the verification pass resolves it once the money agrees.
                 if item.kind == "missing_at_provider":
                     return False, (f"delivered to the payment workflow ({payment_id}): a settlement_mismatch review, "
@@ -402,8 +403,8 @@ class ReconciliationActivities:
         amount = item.provider_amount_minor or 0
         if count + 1 > most:
             return f"{count} refunded automatically on {step.day}, at most {most} a day"
-        if int(total) + amount > most_minor:
-            return (f"{to_major(int(total), item.currency)} {item.currency} refunded automatically on {step.day}, "
+        if int(total or 0) + amount > most_minor:
+            return (f"{to_major(int(total or 0), item.currency)} {item.currency} refunded automatically on {step.day}, "
                     f"{to_major(amount, item.currency)} more would exceed "
                     f"{to_major(most_minor, item.currency)} {item.currency} a day")
         return None
@@ -464,9 +465,9 @@ class ReconciliationActivities:
         money = f"{to_major(item.provider_amount_minor or 0, item.currency)} {item.currency}"
         try:
             await self._client.start_workflow(
-                RefundWorkflow.run,
+                REFUND_WORKFLOW,
                 RefundInput(
-                    payment_id=f"payment-{item.order_id}", provider=step.provider, order_id=item.order_id,
+                    payment_id=payment_workflow_id(item.order_id), provider=step.provider, order_id=item.order_id,
                     trade_no=item.trade_no, refund_id=refund_id_for(item.order_id, f"settle-{item.trade_no}"),
                     amount_minor=item.provider_amount_minor or 0, currency=item.currency,
                     reason=f"reconciliation {step.day}: {item.kind}", requested_by="reconciliation",
@@ -486,6 +487,7 @@ class ReconciliationActivities:
         """Record why a run stopped; the rows loaded so far stay for the next run."""
         async with self._sessions() as session:
             run = await session.get(db.ReconciliationRun, run_id(failure.provider, failure.day))
+            assert run is not None, "start_run records the run first"
             run.status, run.error, run.finished_at = "FAILED", failure.error, db.utcnow()
             await session.commit()
             return report_of(run)
@@ -516,6 +518,7 @@ class ReconciliationActivities:
             boundary = classes.get("day_boundary", {}).get("count", 0)
             unresolved = sum(c["unresolved"] for c in classes.values())
             run = await session.get(db.ReconciliationRun, rid)
+            assert run is not None, "start_run records the run first"
             final = self._day_bounds(step.day)[1] <= db.utcnow()
             run.status, run.rows, run.unresolved = "DONE" if final else "PROVISIONAL", rows or 0, unresolved
             run.matched, run.day_boundary = (rows or 0) - flagged_rows, boundary

@@ -222,15 +222,31 @@ def demo(
     simulator_url: Optional[str] = typer.Option(None, help="Provider simulator (default: from settings)"),
     merchant: str = typer.Option("demo", help="The merchant whose key is used (its order numbers at the provider "
                                               "are <merchant>-<order>)"),
+    provider: str = typer.Option("simulator", help="simulator (the running system), alipay, wechatpay or stripe "
+                                                   "(its fake from tests/fakes and a system of its own; run from the "
+                                                   "repository root), or all (each in turn, the simulator too, "
+                                                   "each on a system of its own)"),
+    own_system: bool = typer.Option(False, "--own-system", help="With the simulator: start a system of its own "
+                                                                "(temporary data dir, free ports) instead of using "
+                                                                "the running one"),
 ) -> None:
     """Drive one payment through each scenario against the running system and compare outcomes,
-    then reconcile today's settlement bill, which holds one payment only the provider knows."""
+    then reconcile today's settlement bill, which holds one payment only the provider knows.
+    With --provider alipay|wechatpay|stripe: start that provider's fake and a system configured
+    for it, compare its ledger with our database for every order, and stop them again."""
     from datetime import datetime
     from zoneinfo import ZoneInfo
 
     from paysentinel.demo import run_demo
+    from paysentinel.demo_providers import PROVIDERS, run_providers
     from paysentinel.profile import merchant_key_for_demo
 
+    chosen = list(PROVIDERS) if provider == "all" else [provider]
+    if provider != "all" and provider not in PROVIDERS:
+        raise typer.BadParameter(f"unknown provider {provider}; choose from {', '.join(PROVIDERS)} or all",
+                                 param_hint="--provider")
+    if chosen != ["simulator"] or own_system:
+        raise typer.Exit(0 if run_providers(chosen, console) else 1)
     settings = get_settings()
     merchant_key = merchant_key_for_demo(settings)
     if not merchant_key:

@@ -15,13 +15,16 @@ from hashlib import sha256
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 from pathlib import Path
 
 from pydantic import Field, field_validator
 
 
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from paysentinel.models import PaymentTiming
 
 DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "paysentinel"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "paysentinel"
@@ -67,6 +70,8 @@ SECRETS: list[Secret] = [
     Secret("payload_keys"),  # development makes its own key file in the data dir (paysentinel/codec.py)
     # Real providers' credentials: required only by a provider listed in PAYSENTINEL_PROVIDERS.
     Secret("alipay_private_key", required=False),
+    Secret("alipay_public_key", required=False),  # not secret, but a PEM file is the easy way to give it
+    Secret("wechatpay_public_key", required=False),  # likewise
     Secret("wechatpay_private_key", required=False),
     Secret("wechatpay_apiv3_key", required=False),
     Secret("stripe_api_key", required=False),
@@ -114,7 +119,7 @@ class Settings(BaseSettings):
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings):  # type: ignore[override]
+                                   file_secret_settings):
         return init_settings, env_settings, SecretFilesSource(settings_cls), dotenv_settings, file_secret_settings
 
     # "production" refuses development secrets even for `paysentinel up` on embedded defaults.
@@ -335,7 +340,7 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         names = set()
-        for entry in value:  # type: ignore[union-attr]
+        for entry in cast(list, value):
             match = _OPERATOR_ENTRY.match(str(entry))
             if match is None:
                 shown = str(entry).partition(":")[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from sqlalchemy import (
     BigInteger, Boolean, DateTime, Float, Integer, String, Text, TypeDecorator, UniqueConstraint, case, func, or_, select,
@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from paysentinel.models import CheckoutRequest, PaymentRecord, PaymentStatus, RefundRecord
+from paysentinel.models import CheckoutRequest, PaymentOrder, PaymentRecord, PaymentStatus, RefundRecord
 
 
 def utcnow() -> datetime:
@@ -315,14 +315,18 @@ async def record_audit(sessions: async_sessionmaker[AsyncSession], **values: obj
 STALE = "no longer a difference: the bill as the provider serves it now agrees"
 
 
+def _dialect_insert(session: AsyncSession) -> Any:
+    """The INSERT with ON CONFLICT of the session's database (PostgreSQL or SQLite)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
 def upsert_findings(session: AsyncSession, rows: list[dict]):
     """Store differences found by a pass: new ones inserted; one stored already keeps what
     was done about it and is marked seen by this pass (and, if nothing was done yet, takes
     the bill's figures as they are now)."""
-    if session.bind.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
+    insert = _dialect_insert(session)
     table = Discrepancy.__table__
     statement = insert(table)
     untouched = or_(table.c.resolution.is_(None), table.c.resolution == STALE)
@@ -340,10 +344,7 @@ def upsert_findings(session: AsyncSession, rows: list[dict]):
 
 def insert_ignoring_duplicates(session: AsyncSession, table, rows: list[dict]):
     """INSERT ... ON CONFLICT DO NOTHING, on PostgreSQL and SQLite alike."""
-    if session.bind.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
+    insert = _dialect_insert(session)
     return session.execute(insert(table).on_conflict_do_nothing(), rows)
 
 
@@ -384,7 +385,7 @@ class OrderConflict(Exception):
         super().__init__(f"order {order_id} already has a payment with different parameters ({details})")
 
 
-def _differences(row: Payment, request: CheckoutRequest) -> dict[str, tuple[object, object]]:
+def _differences(row: Payment, request: CheckoutRequest | PaymentOrder) -> dict[str, tuple[object, object]]:
     pairs = {
         "amount_minor": (row.amount_minor, request.amount_minor),
         "currency": (row.currency, request.currency),
@@ -394,7 +395,8 @@ def _differences(row: Payment, request: CheckoutRequest) -> dict[str, tuple[obje
 
 
 async def claim_order(
-    sessions: async_sessionmaker[AsyncSession], payment_id: str, request: CheckoutRequest, expires_at: datetime | None,
+    sessions: async_sessionmaker[AsyncSession], payment_id: str, request: CheckoutRequest | PaymentOrder,
+    expires_at: datetime | None,
     merchant_id: str | None = None,
 ) -> tuple[Payment, bool]:
     """Insert the payment for this order, or return the existing one.
@@ -455,14 +457,15 @@ async def apply_record(sessions: async_sessionmaker[AsyncSession], record: Payme
             .values(**values, status_seq=record.seq, updated_at=utcnow())
         )
         finished = None
-        if result.rowcount == 1 and record.outcome is not None:
+        applied = getattr(result, "rowcount", 0) == 1  # an UPDATE's result is a CursorResult
+        if applied and record.outcome is not None:
             finished = await session.execute(
                 update(Payment)
                 .where(Payment.payment_id == record.payment_id, Payment.finished_at.is_(None))
                 .values(outcome=record.outcome.value, finished_at=utcnow())
             )
         await session.commit()
-        return Applied(result.rowcount == 1, finished is not None and finished.rowcount == 1)
+        return Applied(applied, finished is not None and getattr(finished, "rowcount", 0) == 1)
 
 
 async def save_refund(sessions: async_sessionmaker[AsyncSession], record: RefundRecord) -> None:
@@ -614,7 +617,7 @@ async def outcomes_since(sessions: async_sessionmaker[AsyncSession], since: date
         rows = await session.execute(
             select(Payment.outcome, func.count()).where(Payment.finished_at >= since).group_by(Payment.outcome)
         )
-        return {outcome: count for outcome, count in rows.all()}
+        return {outcome: count for outcome, count in rows.all() if outcome is not None}
 
 
 async def track_incident(

@@ -467,7 +467,7 @@ async def ensure_search_attributes(client: Client, namespace: str | None = None)
     namespace = namespace or client.namespace
     listed = await client.operator_service.list_search_attributes(ListSearchAttributesRequest(namespace=namespace))
     existing = {**dict(listed.system_attributes), **dict(listed.custom_attributes)}
-    missing: dict[str, int] = {}
+    missing: dict[str, Any] = {}
     for name, kind in SEARCH_ATTRIBUTES.items():
         wanted = IndexedValueType.Value(f"INDEXED_VALUE_TYPE_{_snake_upper(kind)}")
         if name not in existing:

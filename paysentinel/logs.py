@@ -108,8 +108,8 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
-            "payment_id": None if record.payment_id == "-" else record.payment_id,
-            "workflow_id": None if record.workflow_id == "-" else record.workflow_id,
+            "payment_id": None if record.__dict__.get("payment_id", "-") == "-" else record.__dict__["payment_id"],
+            "workflow_id": None if record.__dict__.get("workflow_id", "-") == "-" else record.__dict__["workflow_id"],
         }
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)

@@ -265,9 +265,52 @@ class PaymentState(BaseModel):
     alerted: bool = False
 
 
+class OrderCustomer(BaseModel):
+    """The payer's contact details as the workflow keeps them (see PaymentOrder)."""
+
+    model_config = ConfigDict(extra="ignore")
+    email: Optional[str] = None
+    phone: Optional[str] = None
+
+
+class PaymentOrder(BaseModel):
+    """The order a payment workflow runs, apart from the API's CheckoutRequest.
+
+    Workflow histories keep it for as long as a payment lives, and every release's code
+    decodes it again on replay. So it has the field names, types and defaults of
+    CheckoutRequest as first recorded, ignores fields it does not know, and validates
+    nothing the API checks (a limit the API tightens later must not make a recorded
+    history undecodable). Renaming a field of CheckoutRequest changes ``of`` only.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    order_id: str
+    amount_minor: int
+    currency: str = "CNY"
+    provider: str = "simulator"
+    subject: str = ""
+    customer: OrderCustomer = Field(default_factory=OrderCustomer)
+    notify_url: Optional[str] = None
+    client_ip: Optional[str] = None
+    device_id: Optional[str] = None
+    expires_in_seconds: Optional[float] = None
+
+    @classmethod
+    def of(cls, request: CheckoutRequest) -> "PaymentOrder":
+        """The order of a validated checkout request."""
+        return cls(
+            order_id=request.order_id, amount_minor=request.amount_minor, currency=request.currency,
+            provider=request.provider, subject=request.subject,
+            customer=OrderCustomer(email=request.customer.email, phone=request.customer.phone),
+            notify_url=request.notify_url, client_ip=request.client_ip, device_id=request.device_id,
+            expires_in_seconds=request.expires_in_seconds,
+        )
+
+
 class PaymentInput(BaseModel):
     payment_id: str
-    request: CheckoutRequest
+    request: PaymentOrder  # the order as the checkout API accepted it (not the API's own model)
     notify_url: str
     timing: PaymentTiming
     resume: Optional[PaymentState] = None  # set when the payment continues into its refund phase
@@ -431,7 +474,7 @@ class NotificationInput(BaseModel):
 
 class RiskCheckInput(BaseModel):
     payment_id: str
-    request: CheckoutRequest
+    request: PaymentOrder
 
 
 class RiskVerdict(BaseModel):
@@ -466,7 +509,7 @@ class PaymentRecord(BaseModel):
 
 class RecordPaymentInput(BaseModel):
     payment_id: str
-    request: CheckoutRequest
+    request: PaymentOrder
     expires_at: datetime
 
 

@@ -12,7 +12,7 @@ import re
 import secrets
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Optional
+from typing import Any, Optional
 
 import httpx
 import typer
@@ -44,7 +44,7 @@ def _client(api: Optional[str]) -> httpx.Client:
     )
 
 
-def _call(api: Optional[str], method: str, path: str, **kwargs) -> object:
+def _call(api: Optional[str], method: str, path: str, **kwargs) -> Any:
     try:
         with _client(api) as http:
             response = http.request(method, path, **kwargs)
@@ -73,7 +73,7 @@ def review_list(
     table.add_column("review id (payment-<order>-review-<n>)", no_wrap=True)  # never shortened: operators copy it
     for column in ("reason", "status", "default", "deadline", "decision"):
         table.add_column(column, overflow="fold")
-    for r in reviews:  # type: ignore[union-attr]
+    for r in reviews:
         decision, pending = r["decision"], r.get("pending_decision")
         shown = f"{decision['action']} by {decision['operator']}" if decision else ""
         if pending and not decision:
@@ -87,27 +87,27 @@ def review_list(
 def review_show(review_id: str, api: Optional[str] = API_OPTION) -> None:
     """One review: reason, evidence, what may be done, and the payment's timeline."""
     r = _call(api, "GET", f"/operator/reviews/{review_id}")
-    console.print(f"[bold]{r['review_id']}[/bold]  {r['reason']}  {r['status']}")  # type: ignore[index]
-    console.print(f"evidence: {r['evidence']}")  # type: ignore[index]
-    console.print(f"possible: {', '.join(r['allowed_actions'])}; at the deadline {(r['deadline_at'] or '')[:19]}: "  # type: ignore[index]
-                  f"{r['default_action']}")  # type: ignore[index]
-    if r["decision"]:  # type: ignore[index]
-        d = r["decision"]  # type: ignore[index]
+    console.print(f"[bold]{r['review_id']}[/bold]  {r['reason']}  {r['status']}")
+    console.print(f"evidence: {r['evidence']}")
+    console.print(f"possible: {', '.join(r['allowed_actions'])}; at the deadline {(r['deadline_at'] or '')[:19]}: "
+                  f"{r['default_action']}")
+    if r["decision"]:
+        d = r["decision"]
         console.print(f"decided: {d['action']} by {d['operator']}: {d['reason']}")
-    elif r.get("pending_decision"):  # type: ignore[union-attr]
-        pd = r["pending_decision"]  # type: ignore[index]
+    elif r.get("pending_decision"):
+        pd = r["pending_decision"]
         console.print(f"[yellow]pending a second approval by an approver:[/yellow] {pd['action']} by "
                       f"{pd['operator']}: {pd['reason']}")
-    _print_payment(_call(api, "GET", f"/operator/payments/{r['payment_id']}"))  # type: ignore[index]
+    _print_payment(_call(api, "GET", f"/operator/payments/{r['payment_id']}"))
 
 
 def _decide(action: str):
     def command(review_id: str, reason: str = REASON_OPTION, api: Optional[str] = API_OPTION) -> None:
         outcome = _call(api, "POST", f"/operator/reviews/{review_id}/decision", json={"action": action, "reason": reason})
-        if outcome.get("status") == "pending":  # type: ignore[union-attr]
-            console.print(f"[yellow]recorded:[/yellow] {outcome['message']}")  # type: ignore[index]
+        if outcome.get("status") == "pending":
+            console.print(f"[yellow]recorded:[/yellow] {outcome['message']}")
             return
-        console.print(f"[green]{outcome['action']}[/green] by {outcome['operator']}: {outcome['reason']}")  # type: ignore[index]
+        console.print(f"[green]{outcome['action']}[/green] by {outcome['operator']}: {outcome['reason']}")
 
     command.__doc__ = {
         "approve": "Let the payment go on as it is (risk holds, an accepted amount).",
@@ -180,7 +180,7 @@ def reconcile_run(
     Running a day again repairs nothing twice."""
     asked = datetime.now(timezone.utc)
     started = _call(api, "POST", f"/operator/reconciliations/{day}", params={"provider": provider})
-    console.print(f"started {started['workflow_id']} (follow it in the Temporal Web UI)")  # type: ignore[index]
+    console.print(f"started {started['workflow_id']} (follow it in the Temporal Web UI)")
     if not wait:
         return
     with console.status("reconciling") as status:
@@ -188,7 +188,7 @@ def reconcile_run(
             view = _get_run(api, day, provider)
             report = view["report"] if view else None
             finished = report and report["status"] in ("DONE", "PROVISIONAL")  # PROVISIONAL: a day not yet over
-            if finished and datetime.fromisoformat(report["finished_at"]) > asked:
+            if finished and report and datetime.fromisoformat(report["finished_at"]) > asked:
                 break
             if view:
                 status.update(f"reconciling {day}: {view['bill_rows_loaded']} bill rows loaded, "
@@ -209,7 +209,7 @@ def reconcile_list(api: Optional[str] = API_OPTION) -> None:
     table = Table(title="reconciliations")
     for column in ("day", "provider", "status", "rows", "matched", "day boundary", "differences", "unresolved", "passes"):
         table.add_column(column)
-    for r in _call(api, "GET", "/operator/reconciliations"):  # type: ignore[union-attr]
+    for r in _call(api, "GET", "/operator/reconciliations"):
         differences = sum(c["count"] for k, c in r["classes"].items() if k != "day_boundary")
         table.add_row(r["day"], r["provider"], r["status"], str(r["rows"]), str(r["matched"]), str(r["day_boundary"]),
                       str(differences), str(r["unresolved"]), str(r["passes"]))
@@ -241,7 +241,8 @@ def _print_reconciliation(view) -> None:
         for column in ("class", "order", "provider", "ours", "detail", "resolution"):
             items.add_column(column, overflow="fold")
         for d in view["discrepancies"]:
-            money = lambda v: "" if v is None else to_major(v, d["currency"])  # noqa: E731
+            def money(v, currency=d["currency"]):
+                return "" if v is None else to_major(v, currency)
             items.add_row(d["kind"], d["order_id"], money(d["provider_amount_minor"]), money(d["our_amount_minor"]),
                           d["detail"], ("" if d["resolved"] else "[red]open[/red] ") + (d["resolution"] or "pending"))
         console.print(items)
@@ -283,7 +284,7 @@ def audit_list(
     for column in ("reason", "detail"):
         table.add_column(column, overflow="fold", ratio=1)
     colour = {"done": "green", "pending": "yellow", "refused": "red"}
-    for r in rows:  # type: ignore[union-attr]
+    for r in rows:
         table.add_row(r["at"][:19], r["operator"], r["role"], r["address"], r["action"], r["target"],
                       f"[{colour[r['result']]}]{r['result']}[/{colour[r['result']]}]", r["reason"], r["detail"])
     console.print(table)

@@ -26,7 +26,7 @@ class _Server(uvicorn.Server):
     """A uvicorn server that leaves signal handling to the runner."""
 
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[override]
+    def capture_signals(self):
         yield
 
 
@@ -75,15 +75,22 @@ async def run_parts(settings: Settings, parts: list[str], stop: asyncio.Event | 
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     runners = part_runners(settings, parts)
-    tasks = {asyncio.create_task(runners[name](stop), name=name) for name in parts}
+    tasks: set[asyncio.Future[None]] = set()
+    for name in parts:
+        task = asyncio.ensure_future(runners[name](stop))
+        if isinstance(task, asyncio.Task):
+            task.set_name(name)
+        tasks.add(task)
     try:
         while tasks:
             done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task.exception() is not None and not stop.is_set():
-                    log.error("%s stopped: %s; stopping everything", task.get_name(), task.exception())
+            for finished in done:
+                error = finished.exception()
+                if error is not None and not stop.is_set():
+                    name = finished.get_name() if isinstance(finished, asyncio.Task) else "a part"
+                    log.error("%s stopped: %s; stopping everything", name, error)
                     stop.set()
-                    raise task.exception()
+                    raise error
     finally:
         stop.set()
         if tasks:

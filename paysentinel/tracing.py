@@ -47,6 +47,8 @@ class JsonLinesExporter(SpanExporter):
         lines = []
         for span in spans:
             context = span.get_span_context()
+            if context is None:
+                continue
             lines.append(json.dumps({
                 "name": span.name,
                 "trace_id": f"{context.trace_id:032x}",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the tests need, then runs them against real parts:
 # Python packages, the Temporal CLI (found, downloaded, or built with `go install`
-# and cached in ~/.cache/paysentinel), PostgreSQL on 127.0.0.1:5432, and Debian's
+# and cached in ~/.cache/paysentinel), Temporal's time-skipping test server (Java, from
+# Maven Central), PostgreSQL on 127.0.0.1:5432, and Debian's
 # chromium for the test that drives the Temporal Web UI.
 # Extra arguments go to pytest, e.g.  bash scripts/test.sh -k webhook
 set -euo pipefail
@@ -13,6 +14,9 @@ echo "==> Python packages"
 
 echo "==> Temporal CLI"
 "$PYTHON" -m paysentinel.cli temporal-cli
+
+echo "==> Temporal time-skipping test server (for the tests of long timers)"
+bash scripts/ensure-test-server.sh
 
 echo "==> PostgreSQL"
 bash scripts/ensure-postgres.sh

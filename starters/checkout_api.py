@@ -19,13 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime, timedelta, timezone
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
-from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
+from temporalio.client import WithStartWorkflowOperation, WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
@@ -37,6 +37,7 @@ from paysentinel.models import (
     ORDER_ID_PATTERN,
     CheckoutRequest,
     PaymentInput,
+    PaymentOrder,
     PaymentStatus,
     PaymentView,
     RefundCommand,
@@ -56,7 +57,9 @@ from starters.common import (
     resources,
     update_error,
 )
-from workflows.payment import AMOUNT_MINOR, CURRENCY, ORDER_ID, PAYMENT_STATUS, PROVIDER, PaymentWorkflow, payment_workflow_id
+from paysentinel.names import payment_workflow_id
+from paysentinel.projection import AMOUNT_MINOR, CURRENCY, ORDER_ID, PAYMENT_STATUS, PROVIDER
+from workflows.payment import PaymentWorkflow
 
 log = logging.getLogger("paysentinel.api")
 bearer = HTTPBearer(auto_error=False)
@@ -127,49 +130,59 @@ async def start_payment(res: Resources, request: CheckoutRequest, merchant_id: s
         res.sessions, payment_id, request, datetime.now(timezone.utc) + timedelta(seconds=ttl), merchant_id
     )
     stored_request = request if created else request.model_copy(update={"subject": row.subject})
-    try:
-        handle = await res.client.start_workflow(
-            PaymentWorkflow.run,
-            PaymentInput(
-                payment_id=payment_id,
-                request=stored_request,
-                notify_url=f"{settings.effective_webhook_base_url}/webhooks/{request.provider}",
-                timing=timing_from(settings),
-            ),
-            id=payment_id,
-            task_queue=settings.task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(PAYMENT_STATUS, PaymentStatus.CREATED.value),
-                    SearchAttributePair(ORDER_ID, request.order_id),
-                    SearchAttributePair(PROVIDER, request.provider),
-                    SearchAttributePair(AMOUNT_MINOR, request.amount_minor),
-                    SearchAttributePair(CURRENCY, request.currency),
-                ]
-            ),
-            static_summary=f"Payment for order {request.order_id}",
-        )
-    except WorkflowAlreadyStartedError:
-        handle = res.client.get_workflow_handle(payment_id)  # an earlier, finished run of this order
+    start: dict[str, Any] = dict(
+        id=payment_id,
+        task_queue=settings.task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        search_attributes=TypedSearchAttributes(
+            [
+                SearchAttributePair(PAYMENT_STATUS, PaymentStatus.CREATED.value),
+                SearchAttributePair(ORDER_ID, request.order_id),
+                SearchAttributePair(PROVIDER, request.provider),
+                SearchAttributePair(AMOUNT_MINOR, request.amount_minor),
+                SearchAttributePair(CURRENCY, request.currency),
+            ]
+        ),
+        static_summary=f"Payment for order {request.order_id}",
+    )
+    payment_input = PaymentInput(
+        payment_id=payment_id,
+        request=PaymentOrder.of(stored_request),  # the workflow's own model, apart from the API's
+        notify_url=f"{settings.effective_webhook_base_url}/webhooks/{request.provider}",
+        timing=timing_from(settings),
+    )
+    # Start the workflow and wait for its pay URL in one request (update-with-start): the
+    # checkout update reaches the payment in its first workflow task.
     try:
         view = await asyncio.wait_for(
-            handle.execute_update(PaymentWorkflow.checkout), timeout=settings.checkout_wait_seconds
+            res.client.execute_update_with_start_workflow(
+                PaymentWorkflow.checkout,
+                start_workflow_operation=WithStartWorkflowOperation(PaymentWorkflow.run, payment_input, **start),
+            ),
+            timeout=settings.checkout_wait_seconds,
         )
         return view, created
+    except WorkflowAlreadyStartedError:
+        log.info("payment %s: an earlier, finished run; answering from the database", payment_id)
     except (asyncio.TimeoutError, WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError, RPCError) as err:
-        # The payment is recorded and its workflow started: it goes on; the row says where it is.
+        # The payment is recorded; its workflow runs (started below if need be): the row says where it is.
         log.info("payment %s: answering from the database (%s)", payment_id, type(err).__name__)
+        # The workflow must run even if the request above never reached the server (starting is idempotent).
+        try:
+            await res.client.start_workflow(PaymentWorkflow.run, payment_input, **start)
+        except WorkflowAlreadyStartedError:
+            pass
     async with res.sessions() as session:
-        row = await session.get(db.Payment, payment_id)
-    return view_from_row(row), created
+        current = await session.get(db.Payment, payment_id)
+    assert current is not None, f"payment {payment_id} was recorded above"
+    return view_from_row(current), created
 
 
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="paysentinel checkout API", version="0.1.0", lifespan=lifespan_for(settings))
-    app.add_exception_handler(RequestValidationError, readable_validation_error)
-    app.add_exception_handler(HTTPException, error_body)
+    app.add_exception_handler(RequestValidationError, readable_validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, error_body)  # type: ignore[arg-type]
     add_metrics(app)
     add_abuse_limits(app, settings, "payments")
     add_overload_answers(app, "payments", settings.retry_after_seconds)

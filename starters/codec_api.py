@@ -99,7 +99,8 @@ async def _payloads(request: Request) -> Payloads:
     try:
         return json_format.Parse(body or b"{}", Payloads(), ignore_unknown_fields=True)
     except json_format.ParseError as err:
-        raise HTTPException(400, f"expected {{\"payloads\": [{{\"metadata\": {{...}}, \"data\": \"<base64>\"}}]}}: {err}")
+        expected = '{"payloads": [{"metadata": {...}, "data": "<base64>"}]}'
+        raise HTTPException(400, f"expected {expected}: {err}") from err
 
 
 def _answer(payloads: list) -> Response:

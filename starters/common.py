@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, HTTPException, Request
@@ -87,7 +88,7 @@ async def error_body(_: Request, exc: HTTPException) -> JSONResponse:
 def update_error(err: Exception, what: str) -> HTTPException:
     """A refused Temporal update as an HTTP error that says why."""
     if isinstance(err, WorkflowUpdateFailedError):
-        cause = err.cause
+        cause: Any = err.cause
         while getattr(cause, "cause", None) is not None:
             cause = cause.cause
         return HTTPException(409, str(getattr(cause, "message", None) or cause or err))

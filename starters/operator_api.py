@@ -456,8 +456,8 @@ def create_app(settings: Settings) -> FastAPI:
     from starters.codec_api import router as codec_router  # it uses `operator` above
 
     app = FastAPI(title="paysentinel operator API", version="0.1.0", lifespan=lifespan_for(settings))
-    app.add_exception_handler(RequestValidationError, readable_validation_error)
-    app.add_exception_handler(HTTPException, error_body)
+    app.add_exception_handler(RequestValidationError, readable_validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, error_body)  # type: ignore[arg-type]
     app.include_router(router)
     app.include_router(codec_router)  # the codec endpoint (starters/codec_api.py), behind the same tokens
     add_metrics(app)

@@ -26,7 +26,8 @@ from paysentinel.logs import bind
 from starters.common import Resources, add_metrics, error_body, lifespan_for
 from starters.backpressure import add_overload_answers
 from starters.limits import add_abuse_limits
-from workflows.payment import PaymentWorkflow, payment_workflow_id
+from paysentinel.names import payment_workflow_id
+from workflows.payment import PaymentWorkflow
 
 log = logging.getLogger("paysentinel.webhooks")
 
@@ -97,7 +98,7 @@ async def deliver(res: Resources, event: ProviderCallback, raw: bytes) -> Callba
 
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="paysentinel webhook receiver", version="0.1.0", lifespan=lifespan_for(settings))
-    app.add_exception_handler(HTTPException, error_body)
+    app.add_exception_handler(HTTPException, error_body)  # type: ignore[arg-type]
     add_metrics(app)
     add_abuse_limits(app, settings, "webhooks")
     add_overload_answers(app, "webhooks", settings.retry_after_seconds)  # the provider resends

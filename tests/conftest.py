@@ -82,6 +82,17 @@ def temporal_cli() -> Path:
 
 
 @pytest.fixture(scope="session")
+def time_skipping_server() -> str:
+    """Temporal's time-skipping test server (scripts/ensure-test-server.sh obtains it)."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "ensure-test-server.sh"
+    found = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    if found.returncode != 0:
+        pytest.fail(f"the time-skipping test server is missing and could not be obtained:\n{found.stderr}",
+                    pytrace=False)
+    return found.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
 async def temporal_server(temporal_cli: Path, tmp_path_factory) -> AsyncIterator[DevServer]:
     server = DevServer(
         temporal_cli, log_file=tmp_path_factory.mktemp("temporal") / "temporal.log", port=free_port(),

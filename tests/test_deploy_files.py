@@ -60,7 +60,7 @@ def test_alert_rules_are_valid():
 
 
 def test_a_broken_expression_is_caught():
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - the parser raises a plain Exception
         promql_parser.parse("sum(rate(paysentinel_payments_final_total[5m])")
 
 

@@ -26,7 +26,7 @@ from temporalio.worker import Worker
 from activities.payment import PROVIDER_REJECTED
 from paysentinel.ledger import Ledger, retry_budget
 from paysentinel.models import (
-    CheckoutRequest,
+    PaymentOrder,
     PaymentInput,
     PaymentStatus,
     PaymentView,
@@ -38,7 +38,8 @@ from tests.helpers import wait_for
 from tests.test_workflow_branches import TIMING, FakeProvider, callback, statuses
 from workers.main import WORKFLOWS
 from workflows.common import DB_OUTAGE_LIMIT, DB_RETRY
-from workflows.payment import PaymentWorkflow, merchant_refund_key, refund_id_for
+from paysentinel.rules import merchant_refund_key, refund_id_for
+from workflows.payment import PaymentWorkflow
 from workflows.review import ManualReviewWorkflow, review_workflow_id
 
 # Reviews wait for the test's operator (or, where a test wants the default, for 2 s).
@@ -51,7 +52,7 @@ async def payment(client: Client, provider: FakeProvider, timing=PATIENT):
     task_queue = f"money-{uuid.uuid4().hex[:8]}"
     order = f"ms-{uuid.uuid4().hex[:8]}"
     payment_input = PaymentInput(
-        payment_id=f"payment-{order}", request=CheckoutRequest(order_id=order, amount_minor=1000, currency="CNY"),
+        payment_id=f"payment-{order}", request=PaymentOrder(order_id=order, amount_minor=1000, currency="CNY"),
         notify_url="http://127.0.0.1:1/webhooks/simulator", timing=timing,
     )
     async with Worker(client, task_queue=task_queue, workflows=WORKFLOWS, activities=provider.activities()):

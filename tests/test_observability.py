@@ -17,7 +17,7 @@ from temporalio.client import WorkflowExecutionStatus
 from paysentinel import db
 from paysentinel.models import MonitorInput
 from tests.conftest import new_order
-from tests.helpers import mails_to, provider_order, script, start_payment, wait_for, wait_status
+from tests.helpers import provider_order, script, start_payment, wait_for, wait_status
 from workflows.monitor import MONITOR_SCHEDULE_ID, MonitorWorkflow
 
 OPS = "ops@paysentinel.test"  # PAYSENTINEL_ALERT_EMAIL of the test stack

@@ -6,7 +6,6 @@ a second run of the day repairs nothing again."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 

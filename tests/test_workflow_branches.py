@@ -14,7 +14,7 @@ from temporalio.worker import Worker
 
 from activities.payment import PROVIDER_REJECTED
 from paysentinel.models import (
-    CheckoutRequest,
+    PaymentOrder,
     CreateTradeInput,
     Incident,
     IncidentInput,
@@ -79,6 +79,7 @@ class FakeProvider:
         self.save_failures = save_failures  # the SUCCEEDED snapshot is refused (for good) this many times
         self.create_error_times = create_error_times  # -1: create_error every time
         self.creates: list[CreateTradeInput] = []
+        self.times: dict[str, datetime] = {}  # activity -> when it was last scheduled (the server's clock)
 
     def trade(self, order_id: str, status: str | None, trade_no: str = "T1") -> Trade:
         if status is None:
@@ -90,6 +91,11 @@ class FakeProvider:
         @activity.defn(name="record_payment")
         async def record_payment(payload: RecordPaymentInput) -> None:
             self.calls.append("record")
+
+        @activity.defn(name="open_payment")
+        async def open_payment(payload: RecordPaymentInput) -> RiskVerdict:
+            self.calls.append("record")
+            return RiskVerdict(flagged=bool(self.risk_hits), hits=self.risk_hits)
 
         @activity.defn(name="save_payment_state")
         async def save_payment_state(record: PaymentRecord) -> bool:
@@ -148,10 +154,12 @@ class FakeProvider:
         @activity.defn(name="escalate_review")
         async def escalate_review(review: ReviewInput) -> None:
             self.calls.append("escalate")
+            self.times["escalate"] = activity.info().current_attempt_scheduled_time
 
         @activity.defn(name="close_review")
         async def close_review(outcome: ReviewOutcome) -> None:
             self.calls.append(f"decided:{outcome.action.value}:{outcome.operator}")
+            self.times["close_review"] = activity.info().current_attempt_scheduled_time
 
         @activity.defn(name="assess_risk")
         async def assess_risk(check: RiskCheckInput) -> RiskVerdict:
@@ -170,21 +178,22 @@ class FakeProvider:
         async def send_alert(incident: Incident) -> None:
             self.calls.append(f"alert:{incident.kind}:{incident.status}")
 
-        return [record_payment, save_payment_state, create_trade, query_trade, close_trade, refund_trade,
+        return [record_payment, open_payment, save_payment_state, create_trade, query_trade, close_trade, refund_trade,
                 query_refund, save_refund, open_review, escalate_review, close_review, assess_risk,
                 track_incident, send_alert]
 
 
 @asynccontextmanager
-async def started_payment(client: Client, provider: FakeProvider, signals: list[ProviderCallback]):
+async def started_payment(client: Client, provider: FakeProvider, signals: list[ProviderCallback], *,
+                          timing: PaymentTiming = TIMING):
     """A payment on its own task queue, with a worker running the stubbed activities."""
     task_queue = f"branches-{uuid.uuid4().hex[:8]}"
     order = f"wf-{uuid.uuid4().hex[:8]}"
     payment_input = PaymentInput(
         payment_id=f"payment-{order}",
-        request=CheckoutRequest(order_id=order, amount_minor=1000, currency="CNY"),
+        request=PaymentOrder(order_id=order, amount_minor=1000, currency="CNY"),
         notify_url="http://127.0.0.1:1/webhooks/simulator",
-        timing=TIMING,
+        timing=timing,
     )
     async with Worker(client, task_queue=task_queue, workflows=WORKFLOWS, activities=provider.activities()):
         handle = await client.start_workflow(PaymentWorkflow.run, payment_input, id=payment_input.payment_id,

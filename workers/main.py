@@ -96,7 +96,8 @@ def activities_of(
         monitor.measure_window,
         monitor.measure_stuck,
         monitor.track_incident,
-        payment.record_payment,
+        payment.record_payment,  # payments started before 0.3.0
+        payment.open_payment,
         payment.save_payment_state,
         payment.create_trade,
         payment.query_trade,

@@ -1,4 +1,11 @@
-"""How every workflow calls activities: explicit timeouts and bounded retries."""
+"""How every workflow calls activities: explicit timeouts and bounded retries.
+
+The one place that says how an activity is called (its timeouts, retry policy and
+non-retryable error types). Since 0.3.0 a payment calls the database, the provider and
+the notification channels as local activities (a marker in its history instead of
+scheduled/started/completed events and a workflow task each); ``db_call`` and
+``provider_call`` stay for the frozen releases and the child workflows' histories.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,11 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from activities.monitor import MonitorActivities
-    from activities.notify import NotificationActivities
+    from activities.notify import UNSAFE_TARGET, NotificationActivities
     from activities.payment import ORDER_CONFLICT, PROVIDER_REJECTED
     from paysentinel.models import Incident, IncidentInput, PaymentTiming
 
@@ -26,27 +33,104 @@ DB_OUTAGE_LIMIT = timedelta(hours=6)
 
 async def provider_call(activity, arg, timing: PaymentTiming, summary: str):
     """A provider call: transient failures retried with backoff up to a limit, rejections never."""
-    initial = timing.provider_retry_initial_seconds
     return await workflow.execute_activity_method(
-        activity,
-        arg,
-        start_to_close_timeout=timedelta(seconds=15),
-        retry_policy=RetryPolicy(
-            initial_interval=timedelta(seconds=initial),
-            backoff_coefficient=2.0,
-            maximum_interval=timedelta(seconds=initial * 8),
-            maximum_attempts=timing.provider_max_attempts,
-            non_retryable_error_types=[PROVIDER_REJECTED],
-        ),
-        summary=summary,
+        activity, arg, start_to_close_timeout=PROVIDER_TIMEOUT, retry_policy=provider_retry(timing), summary=summary,
     )
+
+
+def provider_retry(timing: PaymentTiming) -> RetryPolicy:
+    """Transient provider failures: retried with backoff up to a limit; rejections never."""
+    initial = timing.provider_retry_initial_seconds
+    return RetryPolicy(
+        initial_interval=timedelta(seconds=initial),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(seconds=initial * 8),
+        maximum_attempts=timing.provider_max_attempts,
+        non_retryable_error_types=[PROVIDER_REJECTED],
+    )
+
+
+PROVIDER_TIMEOUT = timedelta(seconds=15)
+DB_TIMEOUT = timedelta(seconds=15)
+NOTIFY_TIMEOUT = timedelta(seconds=30)
+
+
+def notify_retry(timing: PaymentTiming) -> RetryPolicy:
+    """A notification: retried with backoff a bounded number of times; an unsafe target never."""
+    initial = timing.notify_retry_initial_seconds
+    return RetryPolicy(
+        initial_interval=timedelta(seconds=initial),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(seconds=initial * 64),
+        maximum_attempts=timing.notify_max_attempts,
+        non_retryable_error_types=[UNSAFE_TARGET],
+    )
+
+
+# Per run: the history length (the workflow task) in which a local activity last ran.
+_LOCAL_RAN_AT: dict[str, int] = {}
+
+
+async def before_run_ends() -> None:
+    """Call right before a run completes or continues as new.
+
+    The server refuses to end a run in a workflow task when new events (a signal, an
+    update) arrived while that task ran; the task is then run again from the history,
+    and local activities whose markers were not recorded run again (a database write
+    again with a newer snapshot number, a notification checked again). So a run ends only
+    in a task that ran no local activity: if one ran in this task, a short timer starts a
+    new one first (two events; most runs end on a timer anyway)."""
+    info = workflow.info()
+    if _LOCAL_RAN_AT.pop(info.run_id, None) == info.get_current_history_length():
+        await workflow.sleep(0.01, summary="end the run in a workflow task of its own")
+
+
+async def _local(activity, arg, **options):
+    """A local activity; its failure raised as an ``ActivityError`` whose cause is the
+    activity's error, as for an ordinary activity (so callers handle both alike)."""
+    info = workflow.info()
+    try:
+        return await workflow.execute_local_activity_method(activity, arg, **options)
+    except ActivityError:
+        raise
+    except FailureError as err:
+        name = getattr(activity, "__name__", str(activity))
+        raise ActivityError(f"local activity {name} failed", scheduled_event_id=0, started_event_id=0, identity="",
+                            activity_type=name, activity_id="", retry_state=None) from err
+    finally:
+        _LOCAL_RAN_AT[info.run_id] = info.get_current_history_length()
+
+
+async def provider_local(activity, arg, timing: PaymentTiming, summary: str):
+    """A provider call as a local activity: the same timeouts and retries as ``provider_call``."""
+    return await _local(activity, arg, start_to_close_timeout=PROVIDER_TIMEOUT, retry_policy=provider_retry(timing),
+                        summary=summary)
+
+
+async def db_local(activity, arg, summary: str):
+    """A database write as a local activity: idempotent, retried through an outage up to DB_OUTAGE_LIMIT."""
+    return await _local(activity, arg, start_to_close_timeout=DB_TIMEOUT, schedule_to_close_timeout=DB_OUTAGE_LIMIT,
+                        retry_policy=DB_RETRY, summary=summary)
+
+
+async def notify_local(activity, arg, timing: PaymentTiming, summary: str):
+    """A notification (e-mail, merchant webhook) as a local activity; each channel is sent once."""
+    return await _local(activity, arg, start_to_close_timeout=NOTIFY_TIMEOUT, retry_policy=notify_retry(timing),
+                        summary=summary)
 
 
 async def db_call(activity, arg, summary: str):
     """A database write: idempotent, so retried a bounded number of times."""
     return await workflow.execute_activity_method(
-        activity, arg, start_to_close_timeout=timedelta(seconds=15), schedule_to_close_timeout=DB_OUTAGE_LIMIT,
+        activity, arg, start_to_close_timeout=DB_TIMEOUT, schedule_to_close_timeout=DB_OUTAGE_LIMIT,
         retry_policy=DB_RETRY, summary=summary,
+    )
+
+
+async def notify_call(activity, arg, timing: PaymentTiming, summary: str):
+    """A notification as an activity (releases before 0.3.0)."""
+    return await workflow.execute_activity_method(
+        activity, arg, start_to_close_timeout=NOTIFY_TIMEOUT, retry_policy=notify_retry(timing), summary=summary,
     )
 
 
@@ -59,12 +143,23 @@ async def alert_once(check: IncidentInput, summary: str) -> Incident | None:
     when it opens, the all-clear when it is over) once. Returns the incident, with
     ``to_send`` telling whether this call sent something."""
     incident: Incident | None = await db_call(MonitorActivities.track_incident, check, summary)
+    await _send_news(incident)
+    return incident
+
+
+async def alert_once_local(check: IncidentInput, summary: str) -> Incident | None:
+    """``alert_once`` with the incident's database write as a local activity."""
+    incident: Incident | None = await db_local(MonitorActivities.track_incident, check, summary)
+    await _send_news(incident)
+    return incident
+
+
+async def _send_news(incident: Incident | None) -> None:
     if incident is not None and incident.to_send:
         await workflow.execute_activity_method(
             NotificationActivities.send_alert, incident, start_to_close_timeout=timedelta(seconds=30),
             retry_policy=ALERT_RETRY, summary=f"alert: incident {incident.id} {incident.status.lower()}",
         )
-    return incident
 
 
 def cause(err: ActivityError) -> str:

@@ -15,6 +15,7 @@ nothing twice: differences are stored once, and every repair is idempotent.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import cast
 
 from temporalio import workflow
 from temporalio.client import (
@@ -190,7 +191,8 @@ class ReconciliationWorkflow:
                 workflow.logger.warning("reconciliation of %s failed: %s; the other days go on", day, error)
                 done.append(f"{day}: failed: {error}")
                 continue
-            done.append(f"{day}: {report.rows} rows, {report.unresolved} unresolved")
+            day_report = cast(ReconcileReport, report)  # a day's run returns its report
+            done.append(f"{day}: {day_report.rows} rows, {day_report.unresolved} unresolved")
         return done
 
 

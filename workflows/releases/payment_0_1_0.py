@@ -5,6 +5,12 @@ Payments started by 0.1.0 have no ``payment-0.2.0`` patch marker in their histor
 their histories replay command for command. Never change this file: a change here
 breaks payments that are still running. (Its handlers are plain methods; the
 dispatcher in workflows/payment.py registers them.)
+
+When it can be deleted: 0.1.0 had no refund phase, so its longest payment is the time
+to live, the reviews it waits for (each up to the review deadline) and the resend window.
+Once ``WorkflowType = "PaymentWorkflow" AND ExecutionStatus = "Running" AND StartTime <
+"<0.2.0 deploy>"`` lists nothing, delete this file, its branch in the dispatcher and
+tests/histories/0.1.0 together.
 """
 
 from __future__ import annotations
