@@ -48,12 +48,12 @@ class _SlowUpdates:
     def __init__(self):
         self.started = []
 
-    async def start_workflow(self, *args, **kwargs):
+    async def execute_update_with_start_workflow(self, *args, **kwargs):
+        raise WorkflowUpdateRPCTimeoutOrCancelledError()
+
+    async def start_workflow(self, *args, **kwargs):  # the checkout makes sure the workflow runs
         self.started.append(kwargs["id"])
         return self
-
-    async def execute_update(self, *args, **kwargs):
-        raise WorkflowUpdateRPCTimeoutOrCancelledError()
 
 
 async def test_a_checkout_update_timed_out_by_temporal_answers_from_the_database(merchants, sessions):
