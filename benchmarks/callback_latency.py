@@ -18,7 +18,10 @@ import asyncio
 import time
 import uuid
 
-from system import settings_env, StatusWatch, add_options, header, infrastructure, layouts, median, ms, new_order, pct, post_payment, script, system
+from system import (
+    StatusWatch, add_options, header, infrastructure, layouts, median, ms, new_order, pct, post_payment, script,
+    settings_env, system,
+)
 
 import httpx
 from sqlalchemy import select, update
@@ -46,7 +49,7 @@ async def floor(s, infra, client, samples: int) -> dict[str, list[float]]:
         # A row write: what the worker does to record the new status.
         async with infra.sessions() as session:
             payment_id = await session.scalar(select(db.Payment.payment_id).limit(1))
-        for i in range(samples):
+        for _ in range(samples):
             started = time.perf_counter()
             async with infra.sessions() as session:
                 await session.execute(update(db.Payment).where(db.Payment.payment_id == payment_id)

@@ -18,7 +18,10 @@ import argparse
 import asyncio
 import time
 
-from system import settings_env, StatusWatch, add_options, header, infrastructure, layouts, median, ms, new_order, pct, post_payment, script, system
+from system import (
+    StatusWatch, add_options, header, infrastructure, layouts, median, ms, new_order, pct, post_payment, script,
+    settings_env, system,
+)
 
 import httpx
 from sqlalchemy import func, select

@@ -59,9 +59,9 @@ def workflow_runner(sandbox: str = "isolated") -> SandboxedWorkflowRunner:
 def keep_bytecode(settings: Settings) -> Path | None:
     """Keep compiled bytecode under ``cache_dir/bytecode`` where PYTHONDONTWRITEBYTECODE is set.
 
-    The sandbox imports the workflow modules (about 2,000 lines) afresh for each payment it
-    starts or replays; without bytecode each import compiles them from source, about four
-    times the cost of loading them compiled. Returns the directory, or None (left as it is)."""
+    The sandbox imports the workflow modules afresh for each payment it starts or replays;
+    without bytecode each import compiles them from source, four to ten times the cost of
+    loading them compiled (benchmarks/sandbox_cost.py). Returns the directory, or None (left as it is)."""
     if not settings.worker_bytecode_cache or not sys.dont_write_bytecode or sys.pycache_prefix:
         return None
     directory = settings.cache_dir / "bytecode"
