@@ -46,8 +46,13 @@ class MonitorActivities:
         metrics.window_timeout_rate.set(figures.timeout_rate)
         activity.logger.info(
             "monitor %s: %d finished in %gs (failed %d, closed %d), failure %.1f%%, timeout %.1f%%",
-            monitor.name, figures.finished, monitor.window_seconds, figures.failed, figures.closed,
-            figures.failure_rate * 100, figures.timeout_rate * 100,
+            monitor.name,
+            figures.finished,
+            monitor.window_seconds,
+            figures.failed,
+            figures.closed,
+            figures.failure_rate * 100,
+            figures.timeout_rate * 100,
         )
         return figures
 
@@ -64,8 +69,14 @@ class MonitorActivities:
     async def track_incident(self, check: IncidentInput) -> Optional[Incident]:
         """Open, keep or resolve the incident for this monitor and kind (idempotent)."""
         row = await db.track_incident(
-            self._sessions, check.monitor, check.kind, breach=check.breach, rate=check.rate,
-            threshold=check.threshold, payments=check.payments, detail=check.detail,
+            self._sessions,
+            check.monitor,
+            check.kind,
+            breach=check.breach,
+            rate=check.rate,
+            threshold=check.threshold,
+            payments=check.payments,
+            detail=check.detail,
         )
         if row is None:
             return None
@@ -79,8 +90,9 @@ async def payments_with_children(client: Client, grace_seconds: float) -> set[st
     less than ``grace_seconds`` ago (its parent may not have written the next status yet)."""
     since = (db.utcnow() - timedelta(seconds=grace_seconds)).astimezone(timezone.utc)
     types = ", ".join(f'"{name}"' for name in CHILD_TYPES)
-    query = (f'WorkflowType IN ({types}) AND '
-             f'(ExecutionStatus = "Running" OR CloseTime > "{since.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}")')
+    query = (
+        f'WorkflowType IN ({types}) AND (ExecutionStatus = "Running" OR CloseTime > "{since.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}")'
+    )
     payments: set[str] = set()
     async for execution in client.list_workflows(query):
         # Every prefix before a "-refund-" / "-review-" mark: order ids may contain the marks too.
@@ -102,7 +114,8 @@ async def measure_stuck(
     - ``refund_processing_too_long``: refunds PROCESSING longer than the provider's limit.
     """
     rows = await db.stuck_rows(
-        sessions, grace_seconds=settings.stuck_grace_seconds,
+        sessions,
+        grace_seconds=settings.stuck_grace_seconds,
         refund_processing_limit_seconds=settings.refund_processing_limit_seconds,
     )
     handled = await payments_with_children(client, settings.stuck_grace_seconds) if rows.refunding or rows.in_review else set()

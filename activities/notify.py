@@ -50,8 +50,13 @@ class Channels:
 
 
 class NotificationActivities:
-    def __init__(self, channels: Channels, http: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession],
-                 resolver: Resolver = system_resolver):
+    def __init__(
+        self,
+        channels: Channels,
+        http: httpx.AsyncClient,
+        sessions: async_sessionmaker[AsyncSession],
+        resolver: Resolver = system_resolver,
+    ):
         self._channels = channels
         self._http = http
         self._sessions = sessions
@@ -101,15 +106,19 @@ class NotificationActivities:
                 sent.append("email")
         if channels.alert_webhook_url:
             if await self._claim(incident.key, "webhook", channels.alert_webhook_url, subject, owner, "alert"):
-                event = {"id": incident.key, "type": f"alert.{incident.status.lower()}",
-                         "data": {**incident.model_dump(mode="json", exclude={"to_send"}), "message": body}}
+                event = {
+                    "id": incident.key,
+                    "type": f"alert.{incident.status.lower()}",
+                    "data": {**incident.model_dump(mode="json", exclude={"to_send"}), "message": body},
+                }
                 await self._post_alert(channels.alert_webhook_url, incident.key, event)
                 await self._done(incident.key, "webhook")
                 sent.append("webhook")
         if not (channels.alert_email and channels.smtp_host) and not channels.alert_webhook_url:
             if await self._claim(incident.key, "log", "worker log", subject, owner, "alert"):
-                activity.logger.warning("ALERT %s (set PAYSENTINEL_ALERT_EMAIL or PAYSENTINEL_ALERT_WEBHOOK_URL "
-                                        "to have alerts sent)", subject)
+                activity.logger.warning(
+                    "ALERT %s (set PAYSENTINEL_ALERT_EMAIL or PAYSENTINEL_ALERT_WEBHOOK_URL to have alerts sent)", subject
+                )
                 await self._done(incident.key, "log")
                 sent.append("log")
         else:
@@ -123,8 +132,16 @@ class NotificationActivities:
         async with self._sessions() as session:
             row = await session.get(db.Notification, f"{key}:{channel}")
             if row is None:
-                row = db.Notification(key=f"{key}:{channel}", payment_id=owner, kind=kind,
-                                      channel=channel, target=target, subject=subject, status="sending", attempts=0)
+                row = db.Notification(
+                    key=f"{key}:{channel}",
+                    payment_id=owner,
+                    kind=kind,
+                    channel=channel,
+                    target=target,
+                    subject=subject,
+                    status="sending",
+                    attempts=0,
+                )
                 session.add(row)
             if row.status == "sent":
                 return False
@@ -157,9 +174,14 @@ class NotificationActivities:
             "id": n.key,
             "type": f"payment.{n.kind.value}",
             "data": {
-                "payment_id": n.payment_id, "order_id": n.order_id, "kind": n.kind.value,
-                "amount": to_major(n.amount_minor, n.currency), "amount_minor": n.amount_minor,
-                "currency": n.currency, "detail": n.detail, "message": body,
+                "payment_id": n.payment_id,
+                "order_id": n.order_id,
+                "kind": n.kind.value,
+                "amount": to_major(n.amount_minor, n.currency),
+                "amount_minor": n.amount_minor,
+                "currency": n.currency,
+                "detail": n.detail,
+                "message": body,
             },
         }
         await self._post_signed(n.webhook_url, n.key, event)
@@ -183,8 +205,14 @@ class NotificationActivities:
         payload = json.dumps(event, separators=(",", ":")).encode()
         headers = signing.signed_headers(self._channels.webhook_secret, key, payload)
         try:
-            await post_pinned(url, payload, headers, allowed_hosts=self._channels.allowed_hosts,
-                              resolver=self._resolver, timeout=self._http.timeout)
+            await post_pinned(
+                url,
+                payload,
+                headers,
+                allowed_hosts=self._channels.allowed_hosts,
+                resolver=self._resolver,
+                timeout=self._http.timeout,
+            )
         except UnsafeTarget as err:
             activity.logger.warning("webhook %s not sent: %s", key, err)
             await self._done(key, "webhook", error=f"not sent: {err}")

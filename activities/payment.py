@@ -54,9 +54,7 @@ class RiskRules:
 
 
 class PaymentActivities:
-    def __init__(
-        self, providers: dict[str, Provider], sessions: async_sessionmaker[AsyncSession], risk: RiskRules = RiskRules()
-    ):
+    def __init__(self, providers: dict[str, Provider], sessions: async_sessionmaker[AsyncSession], risk: RiskRules = RiskRules()):
         self._providers = providers
         self._sessions = sessions
         self._risk = risk
@@ -103,7 +101,10 @@ class PaymentActivities:
         """Write the workflow's newest snapshot; an older snapshot never overwrites a newer one."""
         result = await db.apply_record(self._sessions, record)
         activity.logger.info(
-            "payment %s -> %s (seq %s, %s)", record.payment_id, record.status.value, record.seq,
+            "payment %s -> %s (seq %s, %s)",
+            record.payment_id,
+            record.status.value,
+            record.seq,
             "applied" if result.applied else "already newer",
         )
         if result.applied:
@@ -121,14 +122,16 @@ class PaymentActivities:
     @activity.defn
     async def query_trade(self, ref: TradeRef) -> Trade:
         async with self._calling(ref.order_id, ref.provider):
-            return await self._provider(ref.provider).query_trade(ref.order_id, ref.trade_no,
-                                                                 created_trade_no=ref.created_trade_no)
+            return await self._provider(ref.provider).query_trade(
+                ref.order_id, ref.trade_no, created_trade_no=ref.created_trade_no
+            )
 
     @activity.defn
     async def close_trade(self, ref: TradeRef) -> Trade:
         async with self._calling(ref.order_id, ref.provider):
-            return await self._provider(ref.provider).close_trade(ref.order_id, ref.idempotency_key,
-                                                                 created_trade_no=ref.created_trade_no)
+            return await self._provider(ref.provider).close_trade(
+                ref.order_id, ref.idempotency_key, created_trade_no=ref.created_trade_no
+            )
 
     @activity.defn
     async def refund_trade(self, request: RefundInput) -> ProviderRefund:
@@ -139,8 +142,7 @@ class PaymentActivities:
     @activity.defn
     async def query_refund(self, request: RefundInput) -> Optional[ProviderRefund]:
         async with self._calling(request.order_id, request.provider):
-            return await self._provider(request.provider).query_refund(request.order_id, request.refund_id,
-                                                                            request.trade_no)
+            return await self._provider(request.provider).query_refund(request.order_id, request.refund_id, request.trade_no)
 
     @activity.defn
     async def save_refund(self, record: RefundRecord) -> None:
@@ -156,10 +158,16 @@ class PaymentActivities:
         """Store the review with its reason and evidence (idempotent by review id)."""
         now = db.utcnow()
         await db.save_review(
-            self._sessions, review.review_id, payment_id=review.payment_id, order_id=review.order_id,
-            reason=review.reason.value, evidence=review.evidence, status="OPEN",
+            self._sessions,
+            review.review_id,
+            payment_id=review.payment_id,
+            order_id=review.order_id,
+            reason=review.reason.value,
+            evidence=review.evidence,
+            status="OPEN",
             default_action=REVIEW_ACTIONS[review.reason][1].value,
-            deadline_at=now + timedelta(seconds=review.deadline_seconds), created_at=now,
+            deadline_at=now + timedelta(seconds=review.deadline_seconds),
+            created_at=now,
         )
 
     @activity.defn
@@ -168,15 +176,23 @@ class PaymentActivities:
         await db.save_review(self._sessions, review.review_id, status="ESCALATED", escalated_at=db.utcnow())
         activity.logger.warning(
             "ESCALATION: review %s (%s, order %s) undecided after %gs; at the deadline the default applies: %s",
-            review.review_id, review.reason.value, review.order_id, review.escalate_after_seconds,
+            review.review_id,
+            review.reason.value,
+            review.order_id,
+            review.escalate_after_seconds,
             REVIEW_ACTIONS[review.reason][1].value,
         )
 
     @activity.defn
     async def close_review(self, outcome: ReviewOutcome) -> None:
         await db.save_review(
-            self._sessions, outcome.review_id, status="DECIDED", action=outcome.action.value,
-            decided_by=outcome.operator, decision_reason=outcome.reason, decided_at=db.utcnow(),
+            self._sessions,
+            outcome.review_id,
+            status="DECIDED",
+            action=outcome.action.value,
+            decided_by=outcome.operator,
+            decision_reason=outcome.reason,
+            decided_at=db.utcnow(),
         )
 
     @activity.defn
@@ -186,8 +202,11 @@ class PaymentActivities:
         now = db.utcnow()
         hits: list[str] = []
         recent = await db.recent_attempts(
-            self._sessions, now - timedelta(seconds=max(rules.window_seconds, rules.failure_window_seconds)),
-            exclude=check.payment_id, client_ip=request.client_ip, device_id=request.device_id,
+            self._sessions,
+            now - timedelta(seconds=max(rules.window_seconds, rules.failure_window_seconds)),
+            exclude=check.payment_id,
+            client_ip=request.client_ip,
+            device_id=request.device_id,
             customer_email=request.customer.email,
         )
         window_start = now - timedelta(seconds=rules.window_seconds)

@@ -46,20 +46,43 @@ def write_bill(kind: str, rows: int, path: Path) -> None:
     if kind == "alipay":
         from tests.fakes.alipay_bills import Adjustments, BillRow, bill_zip
 
-        bill = [BillRow(kind="交易", trade_no=f"2026112022001{n:012d}", out_trade_no=f"bench-{n}", subject="商品",
-                        created=start + timedelta(seconds=n % 86000), finished=start + timedelta(seconds=n % 86000),
-                        amount=Decimal("99.90")) for n in range(rows)]
+        bill = [
+            BillRow(
+                kind="交易",
+                trade_no=f"2026112022001{n:012d}",
+                out_trade_no=f"bench-{n}",
+                subject="商品",
+                created=start + timedelta(seconds=n % 86000),
+                finished=start + timedelta(seconds=n % 86000),
+                amount=Decimal("99.90"),
+            )
+            for n in range(rows)
+        ]
         path.write_bytes(bill_zip("2088000000000000", DAY, bill, Adjustments(), start + timedelta(days=1)))
     elif kind == "wechatpay":
         from paysentinel.providers.wechatpay_bill import render_bill
 
         def row(n: int) -> dict[str, str]:
             moment = (start + timedelta(seconds=n % 86000)).strftime("%Y-%m-%d %H:%M:%S")
-            return {"交易时间": moment, "公众账号ID": "wx0000000000000000", "商户号": "1900000000",
-                    "微信订单号": f"42000{n:023d}", "商户订单号": f"bench-{n}", "交易类型": "NATIVE",
-                    "交易状态": "SUCCESS", "货币种类": "CNY", "应结订单金额": "99.90", "代金券金额": "0.00",
-                    "退款金额": "0.00", "充值券退款金额": "0.00", "商品名称": "商品", "手续费": "0.60",
-                    "费率": "0.60%", "订单金额": "99.90", "申请退款金额": "0.00"}
+            return {
+                "交易时间": moment,
+                "公众账号ID": "wx0000000000000000",
+                "商户号": "1900000000",
+                "微信订单号": f"42000{n:023d}",
+                "商户订单号": f"bench-{n}",
+                "交易类型": "NATIVE",
+                "交易状态": "SUCCESS",
+                "货币种类": "CNY",
+                "应结订单金额": "99.90",
+                "代金券金额": "0.00",
+                "退款金额": "0.00",
+                "充值券退款金额": "0.00",
+                "商品名称": "商品",
+                "手续费": "0.60",
+                "费率": "0.60%",
+                "订单金额": "99.90",
+                "申请退款金额": "0.00",
+            }
 
         with gzip.open(path, "wt", encoding="utf-8") as out:
             for text in render_bill(row(n) for n in range(rows)):
@@ -68,8 +91,7 @@ def write_bill(kind: str, rows: int, path: Path) -> None:
         with open(path, "w", encoding="utf-8") as out:
             out.write("支付宝交易号,商户订单号,业务类型,商品名称,创建时间,完成时间,币种,订单金额（元）,退款批次号/请求号\n")
             for n in range(rows):
-                out.write(f"2026112022001{n:012d},bench-{n},交易,商品,2026-11-20 10:00:00,2026-11-20 10:00:01,"
-                          "CNY,99.90,\n")
+                out.write(f"2026112022001{n:012d},bench-{n},交易,商品,2026-11-20 10:00:00,2026-11-20 10:00:01,CNY,99.90,\n")
 
 
 async def read_bill(kind: str, path: Path) -> int:
@@ -119,8 +141,9 @@ def child(kind: str, path: str) -> None:
 def measure(kind: str, rows: int, directory: Path) -> dict:
     path = directory / f"{kind}-{rows}.bill"
     write_bill(kind, rows, path)
-    done = subprocess.run([sys.executable, __file__, "--child", kind, str(path)], capture_output=True, text=True,
-                          check=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", kind, str(path)], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["file_kib"] = path.stat().st_size // 1024
     return result
@@ -135,16 +158,17 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-          "one run")
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; one run")
     print(f"{'format':<10} {'rows':>8} {'file KiB':>9} {'seconds':>8} {'rows/s':>8} {'peak MiB':>9} {'grew MiB':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         for kind in FORMATS:
             for rows in (args.small, args.rows):
                 r = measure(kind, rows, Path(tmp))
                 assert r["rows"] == rows, f"{kind}: read {r['rows']} of {rows} rows"
-                print(f"{kind:<10} {rows:>8} {r['file_kib']:>9} {r['seconds']:>8.2f} {rows / r['seconds']:>8.0f} "
-                      f"{r['peak_kib'] / 1024:>9.1f} {r['grew_kib'] / 1024:>9.1f}")
+                print(
+                    f"{kind:<10} {rows:>8} {r['file_kib']:>9} {r['seconds']:>8.2f} {rows / r['seconds']:>8.0f} "
+                    f"{r['peak_kib'] / 1024:>9.1f} {r['grew_kib'] / 1024:>9.1f}"
+                )
 
 
 if __name__ == "__main__":

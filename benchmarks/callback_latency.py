@@ -19,8 +19,19 @@ import time
 import uuid
 
 from system import (
-    StatusWatch, add_options, header, infrastructure, layouts, median, ms, new_order, pct, post_payment, script,
-    settings_env, system,
+    StatusWatch,
+    add_options,
+    header,
+    infrastructure,
+    layouts,
+    median,
+    ms,
+    new_order,
+    pct,
+    post_payment,
+    script,
+    settings_env,
+    system,
 )
 
 import httpx
@@ -35,8 +46,9 @@ async def floor(s, infra, client, samples: int) -> dict[str, list[float]]:
     queue = f"bench-signal-{uuid.uuid4().hex[:6]}"
     figures: dict[str, list[float]] = {"http": [], "signal": [], "write": []}
     async with Worker(client, task_queue=queue, workflows=[SignalWaitWorkflow]):
-        handle = await client.start_workflow(SignalWaitWorkflow.run, samples, id=f"bench-wait-{uuid.uuid4().hex}",
-                                             task_queue=queue)
+        handle = await client.start_workflow(
+            SignalWaitWorkflow.run, samples, id=f"bench-wait-{uuid.uuid4().hex}", task_queue=queue
+        )
         async with httpx.AsyncClient(base_url=s.webhook_url, timeout=10) as http:
             await http.get("/health")
             for _ in range(samples):
@@ -52,8 +64,9 @@ async def floor(s, infra, client, samples: int) -> dict[str, list[float]]:
         for _ in range(samples):
             started = time.perf_counter()
             async with infra.sessions() as session:
-                await session.execute(update(db.Payment).where(db.Payment.payment_id == payment_id)
-                                      .values(updated_at=db.utcnow()))
+                await session.execute(
+                    update(db.Payment).where(db.Payment.payment_id == payment_id).values(updated_at=db.utcnow())
+                )
                 await session.commit()
             figures["write"].append(time.perf_counter() - started)
         await handle.result()
@@ -75,8 +88,10 @@ async def main() -> None:
             async with system(infra, layout, extra_env) as s:
                 orders = [new_order("cb") for _ in range(args.payments)]
                 ids = {}
-                async with httpx.AsyncClient(base_url=s.simulator_url, timeout=30) as sim, \
-                        httpx.AsyncClient(base_url=s.api_url, headers=s.headers, timeout=60) as api:
+                async with (
+                    httpx.AsyncClient(base_url=s.simulator_url, timeout=30) as sim,
+                    httpx.AsyncClient(base_url=s.api_url, headers=s.headers, timeout=60) as api,
+                ):
                     for order in orders:
                         await script(sim, order, pay="never")
                         response, _ = await post_payment(api, order, retries=10)
@@ -92,9 +107,11 @@ async def main() -> None:
                 parts = await floor(s, infra, client, args.payments)
             base = sum(median(v) for v in parts.values())
             print(f"[{layout}] pay -> SUCCEEDED: p50 {ms(median(latencies))}, p99 {ms(pct(latencies, 99))}")
-            print(f"[{layout}] floor: HTTP round trip p50 {ms(median(parts['http']))}, signal p50 "
-                  f"{ms(median(parts['signal']))}, row write p50 {ms(median(parts['write']))}; sum of medians "
-                  f"{ms(base)}")
+            print(
+                f"[{layout}] floor: HTTP round trip p50 {ms(median(parts['http']))}, signal p50 "
+                f"{ms(median(parts['signal']))}, row write p50 {ms(median(parts['write']))}; sum of medians "
+                f"{ms(base)}"
+            )
             print(f"[{layout}] ratio (pay -> SUCCEEDED p50) / floor: {median(latencies) / base:.1f}", flush=True)
 
 

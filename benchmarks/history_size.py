@@ -89,8 +89,14 @@ class Scripted:
         self.paid_on_query = paid_on_query
 
     def trade(self, order_id: str, status: str) -> Trade:
-        return Trade(order_id=order_id, trade_no="T1", status=TradeStatus(status), amount_minor=1000,
-                     currency="CNY", pay_url="http://pay/T1")
+        return Trade(
+            order_id=order_id,
+            trade_no="T1",
+            status=TradeStatus(status),
+            amount_minor=1000,
+            currency="CNY",
+            pay_url="http://pay/T1",
+        )
 
     def activities(self) -> list:
         @activity.defn(name="record_payment")
@@ -157,19 +163,34 @@ class Scripted:
         async def notify(n: NotificationInput) -> list[str]:
             return ["email"]
 
-        return [record_payment, open_payment, assess_risk, save_payment_state, create_trade, query_trade,
-                close_trade, refund_trade, query_refund, save_refund, open_review, escalate_review, close_review,
-                track_incident, send_alert, notify]
+        return [
+            record_payment,
+            open_payment,
+            assess_risk,
+            save_payment_state,
+            create_trade,
+            query_trade,
+            close_trade,
+            refund_trade,
+            query_refund,
+            save_refund,
+            open_review,
+            escalate_review,
+            close_review,
+            track_incident,
+            send_alert,
+            notify,
+        ]
 
 
 async def start(client: Client, payment_input: PaymentInput, task_queue: str, how: str) -> None:
     """As the checkout API does: start the payment and wait for its pay URL (the checkout update)."""
-    options = dict(id=payment_input.payment_id, task_queue=task_queue,
-                   id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING)
+    options = dict(id=payment_input.payment_id, task_queue=task_queue, id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING)
     if how == "update-with-start":  # the checkout API since 0.3.0
         await client.execute_update_with_start_workflow(
             PaymentWorkflow.checkout,
-            start_workflow_operation=WithStartWorkflowOperation(PaymentWorkflow.run, payment_input, **options))
+            start_workflow_operation=WithStartWorkflowOperation(PaymentWorkflow.run, payment_input, **options),
+        )
         return
     handle = await client.start_workflow(PaymentWorkflow.run, payment_input, **options)
     await handle.execute_update(PaymentWorkflow.checkout)
@@ -185,8 +206,7 @@ async def scenario(client: Client, name: str, scale: float, how: str) -> tuple[i
     order = f"hs-{name}-{uuid.uuid4().hex[:8]}"
     payment_input = PaymentInput(
         payment_id=f"payment-{order}",
-        request=PaymentOrder(order_id=order, amount_minor=1000, currency="CNY",
-                                customer=Customer(email="payer@example.com")),
+        request=PaymentOrder(order_id=order, amount_minor=1000, currency="CNY", customer=Customer(email="payer@example.com")),
         notify_url="http://127.0.0.1:1/webhooks/simulator",
         timing=timing(scale, 60 if name == "never" else 900),  # never: a 60 s time to live
     )
@@ -196,10 +216,19 @@ async def scenario(client: Client, name: str, scale: float, how: str) -> tuple[i
         run_id = (await handle.describe()).run_id
         if name == "paid":
             await asyncio.sleep(DEFAULTS["callback"] * scale / 3)  # the payer pays
-            await handle.signal(PaymentWorkflow.callback, ProviderCallback(
-                event_id="evt-1", provider="simulator", order_id=order, trade_no="T1",
-                trade_status=TradeStatus.TRADE_SUCCESS, amount_minor=1000, currency="CNY",
-                received_at=datetime.now(timezone.utc)))
+            await handle.signal(
+                PaymentWorkflow.callback,
+                ProviderCallback(
+                    event_id="evt-1",
+                    provider="simulator",
+                    order_id=order,
+                    trade_no="T1",
+                    trade_status=TradeStatus.TRADE_SUCCESS,
+                    amount_minor=1000,
+                    currency="CNY",
+                    received_at=datetime.now(timezone.utc),
+                ),
+            )
         deadline = datetime.now(timezone.utc) + timedelta(seconds=600 * scale + 60)
         running = None
         while datetime.now(timezone.utc) < deadline:
@@ -219,8 +248,12 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", type=float, default=0.05)
     parser.add_argument("--address", default=os.environ.get("TEMPORAL_ADDRESS"))
-    parser.add_argument("--start", choices=("update-with-start", "start-then-update"), default="update-with-start",
-                        help="how the checkout API starts a payment (before 0.3.0: start-then-update)")
+    parser.add_argument(
+        "--start",
+        choices=("update-with-start", "start-then-update"),
+        default="update-with-start",
+        help="how the checkout API starts a payment (before 0.3.0: start-then-update)",
+    )
     args = parser.parse_args()
     server = None
     address = args.address

@@ -96,8 +96,10 @@ async def main() -> None:
     async with infrastructure(args) as infra:
         client = await infra.client()
         async with system(infra, args.layout if args.layout != "both" else "one-process", {**TIMINGS, **extra_env}) as s:
-            async with httpx.AsyncClient(base_url=s.simulator_url, timeout=30) as sim, \
-                    httpx.AsyncClient(base_url=s.api_url, headers=s.headers, timeout=60) as api:
+            async with (
+                httpx.AsyncClient(base_url=s.simulator_url, timeout=30) as sim,
+                httpx.AsyncClient(base_url=s.api_url, headers=s.headers, timeout=60) as api,
+            ):
                 started = {}
                 for name, (behaviour, extra) in SCENARIOS.items():
                     order = new_order("hist")
@@ -110,8 +112,7 @@ async def main() -> None:
             final = {p: (await session.get(db.Payment, p)).status for p in started.values()}
     for (name, payment_id), (total, runs, kinds, status) in zip(started.items(), results):
         common = ", ".join(f"{kind} {count}" for kind, count in kinds.most_common(4))
-        print(f"{name}: {total} events in {runs} run(s); payment {final[payment_id]}, workflow {status.lower()} "
-              f"(most: {common})")
+        print(f"{name}: {total} events in {runs} run(s); payment {final[payment_id]}, workflow {status.lower()} (most: {common})")
 
 
 if __name__ == "__main__":

@@ -72,13 +72,27 @@ async def our_payments(url: str, day, prefix: str, rows: int) -> float:
             for i in range(first, min(first + 10_000, rows + 1)):
                 trade_no, order, amount, paid = synthetic_row(prefix, i, day)
                 minor = int(round(float(amount) * 100))
-                batch.append({
-                    "payment_id": f"payment-{order}", "order_id": order, "provider": "simulator",
-                    "amount_minor": minor, "currency": "CNY", "subject": "synthetic", "status": "SUCCEEDED",
-                    "status_seq": 5, "trade_no": trade_no, "paid_amount_minor": minor, "refunded_minor": 0,
-                    "provider_retries": 0, "outcome": "SUCCEEDED", "finished_at": now,
-                    "paid_at": paid.replace(tzinfo=TZ).astimezone(timezone.utc), "created_at": now, "updated_at": now,
-                })
+                batch.append(
+                    {
+                        "payment_id": f"payment-{order}",
+                        "order_id": order,
+                        "provider": "simulator",
+                        "amount_minor": minor,
+                        "currency": "CNY",
+                        "subject": "synthetic",
+                        "status": "SUCCEEDED",
+                        "status_seq": 5,
+                        "trade_no": trade_no,
+                        "paid_amount_minor": minor,
+                        "refunded_minor": 0,
+                        "provider_retries": 0,
+                        "outcome": "SUCCEEDED",
+                        "finished_at": now,
+                        "paid_at": paid.replace(tzinfo=TZ).astimezone(timezone.utc),
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                )
             await conn.execute(insert(db.Payment.__table__), batch)
     await engine.dispose()
     return time.perf_counter() - started
@@ -88,8 +102,11 @@ async def reconcile_day(client, task_queue: str, day, batch_rows: int) -> tuple[
     workflow_id = f"bench-reconcile-{day}-{uuid.uuid4().hex[:6]}"
     started = time.perf_counter()
     report = await client.execute_workflow(
-        ReconciliationWorkflow.run, ReconcileInput(provider="simulator", day=day, batch_rows=batch_rows),
-        id=workflow_id, task_queue=task_queue, result_type=ReconcileReport,
+        ReconciliationWorkflow.run,
+        ReconcileInput(provider="simulator", day=day, batch_rows=batch_rows),
+        id=workflow_id,
+        task_queue=task_queue,
+        result_type=ReconcileReport,
     )
     elapsed = time.perf_counter() - started
     runs = len([e async for e in client.list_workflows(f'WorkflowId = "{workflow_id}"')])
@@ -113,15 +130,28 @@ async def main() -> None:
     processes = []
     try:
         async with server:
-            env = {**os.environ, "TEMPORAL_ADDRESS": server.address, "PAYSENTINEL_DATABASE_URL": url,
-                   "PAYSENTINEL_TASK_QUEUE": task_queue, "PAYSENTINEL_SIMULATOR_PORT": str(sim_port),
-                   "PAYSENTINEL_DATA_DIR": str(workdir), "PAYSENTINEL_SDK_METRICS_PORT": "0",
-                   "PAYSENTINEL_MONITOR_INTERVAL_SECONDS": "0", "PAYSENTINEL_RECONCILE_ENABLED": "false",
-                   "PAYSENTINEL_PAYLOAD_KEYS": format_keys([("bench", os.urandom(32))])}
+            env = {
+                **os.environ,
+                "TEMPORAL_ADDRESS": server.address,
+                "PAYSENTINEL_DATABASE_URL": url,
+                "PAYSENTINEL_TASK_QUEUE": task_queue,
+                "PAYSENTINEL_SIMULATOR_PORT": str(sim_port),
+                "PAYSENTINEL_DATA_DIR": str(workdir),
+                "PAYSENTINEL_SDK_METRICS_PORT": "0",
+                "PAYSENTINEL_MONITOR_INTERVAL_SECONDS": "0",
+                "PAYSENTINEL_RECONCILE_ENABLED": "false",
+                "PAYSENTINEL_PAYLOAD_KEYS": format_keys([("bench", os.urandom(32))]),
+            }
             log = open(workdir / "paysentinel.log", "ab")
             for part in ("simulator", "worker"):
-                processes.append(subprocess.Popen([sys.executable, "-m", "paysentinel.cli", "up", "--parts", part],
-                                                  env=env, stdout=log, stderr=subprocess.STDOUT))
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "paysentinel.cli", "up", "--parts", part],
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
             sim = f"http://127.0.0.1:{sim_port}"
             for _ in range(100):
                 try:
@@ -133,11 +163,15 @@ async def main() -> None:
             client = await connect(Settings(TEMPORAL_ADDRESS=server.address, payload_keys=env["PAYSENTINEL_PAYLOAD_KEYS"]))
             today = datetime.now(TZ).date()
             await asyncio.sleep(3)  # the worker is up and polling
-            print(f"database: {'SQLite' if args.sqlite else 'PostgreSQL'}; batches of {args.batch_rows} rows; "
-                  f"worker peak RSS before any reconciliation {peak_rss_mib(worker.pid):.0f} MiB")
+            print(
+                f"database: {'SQLite' if args.sqlite else 'PostgreSQL'}; batches of {args.batch_rows} rows; "
+                f"worker peak RSS before any reconciliation {peak_rss_mib(worker.pid):.0f} MiB"
+            )
             results = []
-            for label, rows, day in (("small", args.small, today - timedelta(days=40)),
-                                     ("large", args.rows, today - timedelta(days=41))):
+            for label, rows, day in (
+                ("small", args.small, today - timedelta(days=40)),
+                ("large", args.rows, today - timedelta(days=41)),
+            ):
                 prefix = f"b{label[0]}{uuid.uuid4().hex[:4]}"
                 inserted = await our_payments(url, day, prefix, rows)
                 httpx.put(f"{sim}/control/bills/{day}/synthetic", json={"rows": rows, "prefix": prefix}).raise_for_status()
@@ -145,12 +179,16 @@ async def main() -> None:
                 peak = peak_rss_mib(worker.pid)
                 assert report.rows == rows and report.matched == rows and report.unresolved == 0, report
                 results.append((label, rows, elapsed, peak, runs))
-                print(f"{label}: {rows} rows ({inserted:.1f}s to create our side): reconciled in {elapsed:.1f}s "
-                      f"({rows / elapsed:,.0f} rows/s), {report.matched} matched, {report.unresolved} unresolved, "
-                      f"worker peak RSS {peak:.0f} MiB, {runs} workflow run(s) (continue-as-new)")
+                print(
+                    f"{label}: {rows} rows ({inserted:.1f}s to create our side): reconciled in {elapsed:.1f}s "
+                    f"({rows / elapsed:,.0f} rows/s), {report.matched} matched, {report.unresolved} unresolved, "
+                    f"worker peak RSS {peak:.0f} MiB, {runs} workflow run(s) (continue-as-new)"
+                )
             (_, small_rows, small_s, small_peak, _), (_, big_rows, big_s, big_peak, _) = results
-            print(f"ratio large/small: rows x{big_rows / small_rows:.0f}, time x{big_s / small_s:.1f}, "
-                  f"peak memory x{big_peak / small_peak:.2f}")
+            print(
+                f"ratio large/small: rows x{big_rows / small_rows:.0f}, time x{big_s / small_s:.1f}, "
+                f"peak memory x{big_peak / small_peak:.2f}"
+            )
     finally:
         for process in processes:
             process.terminate()

@@ -52,9 +52,17 @@ async def measure(sandbox: str, count: int) -> tuple[float, float]:
         return WorkflowInstanceDetails(
             payload_converter_factory=converter.DataConverter.default._new_payload_converter,
             failure_converter_class=converter.DataConverter.default.failure_converter_class,
-            interceptor_classes=[], defn=defn, info=_runner._fake_info, randomness_seed=-1, extern_functions={},
-            disable_eager_activity_execution=False, worker_level_failure_exception_types=[],
-            patch_activation_callback=None, last_completion_result=Payloads(), last_failure=Failure())
+            interceptor_classes=[],
+            defn=defn,
+            info=_runner._fake_info,
+            randomness_seed=-1,
+            extern_functions={},
+            disable_eager_activity_execution=False,
+            worker_level_failure_exception_types=[],
+            patch_activation_callback=None,
+            last_completion_result=Payloads(),
+            last_failure=Failure(),
+        )
 
     runner.create_instance(details())  # the first one writes the bytecode, where it is kept
     gc.collect()
@@ -95,14 +103,21 @@ def main() -> None:
     cache = tempfile.mkdtemp(prefix="paysentinel-bytecode-")
     results = {}
     for name, (sandbox, bytecode) in VARIANTS.items():
-        out = subprocess.run([sys.executable, __file__, "--instances", str(args.instances), "--child", sandbox,
-                              cache if bytecode else "-"], capture_output=True, text=True, check=True, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, __file__, "--instances", str(args.instances), "--child", sandbox, cache if bytecode else "-"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
         ms_each, kib_each = (float(v) for v in out.stdout.split()[-2:])
         results[name] = ms_each
         print(f"{name}: {ms_each:.1f} ms and {kib_each:.0f} KiB per instance", flush=True)
     source, kept = results["isolated, compiled from source"], results["isolated, bytecode kept"]
-    print(f"compiled from source / bytecode kept: x{source / kept:.1f}; "
-          f"isolated / shared (bytecode kept): x{kept / results['shared, bytecode kept']:.1f}")
+    print(
+        f"compiled from source / bytecode kept: x{source / kept:.1f}; "
+        f"isolated / shared (bytecode kept): x{kept / results['shared, bytecode kept']:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,7 @@ LAYOUTS = ("one-process", "processes")
 
 def machine() -> str:
     u = os.uname()
-    return (f"{u.nodename}: {u.sysname} {u.release} {u.machine}, {os.cpu_count()} CPUs, "
-            f"Python {platform.python_version()}")
+    return f"{u.nodename}: {u.sysname} {u.release} {u.machine}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
 def header(title: str, env: dict[str, str] | None = None) -> None:
@@ -74,10 +73,19 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sqlite", action="store_true", help="SQLite instead of PostgreSQL")
     parser.add_argument("--database-url", help="an existing, migrated application database (else a fresh one)")
     parser.add_argument("--temporal-address", help="an existing Temporal server (else a dev server is started)")
-    parser.add_argument("--layout", choices=(*LAYOUTS, "both"), default="one-process",
-                        help="`paysentinel up` in one process, each part in its own (--processes), or both")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="a setting for the system, e.g. PAYSENTINEL_WORKER_SANDBOX=shared (repeatable)")
+    parser.add_argument(
+        "--layout",
+        choices=(*LAYOUTS, "both"),
+        default="one-process",
+        help="`paysentinel up` in one process, each part in its own (--processes), or both",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the system, e.g. PAYSENTINEL_WORKER_SANDBOX=shared (repeatable)",
+    )
 
 
 def settings_env(args: argparse.Namespace) -> dict[str, str]:
@@ -195,8 +203,9 @@ def operator_entry(token: str) -> str:
 
 
 @asynccontextmanager
-async def system(infra: Infrastructure, layout: str, extra_env: dict[str, str] | None = None,
-                 parts: str = "simulator,worker,api,webhooks"):
+async def system(
+    infra: Infrastructure, layout: str, extra_env: dict[str, str] | None = None, parts: str = "simulator,worker,api,webhooks"
+):
     ports = {name: free_port() for name in ("api", "webhook", "simulator", "sdk", "metrics", "operator")}
     task_queue = f"bench-{uuid.uuid4().hex[:8]}"
     env = {
@@ -230,14 +239,20 @@ async def system(infra: Infrastructure, layout: str, extra_env: dict[str, str] |
     if layout == "processes":
         command.append("--processes")
     with open(log_file, "ab") as log:
-        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
-    sys_ = System(layout, f"http://127.0.0.1:{ports['api']}", f"http://127.0.0.1:{ports['webhook']}",
-                  f"http://127.0.0.1:{ports['simulator']}", f"http://127.0.0.1:{ports['sdk']}/metrics", task_queue,
-                  process, log_file, {"Authorization": f"Bearer {infra.key}"})
+        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    sys_ = System(
+        layout,
+        f"http://127.0.0.1:{ports['api']}",
+        f"http://127.0.0.1:{ports['webhook']}",
+        f"http://127.0.0.1:{ports['simulator']}",
+        f"http://127.0.0.1:{ports['sdk']}/metrics",
+        task_queue,
+        process,
+        log_file,
+        {"Authorization": f"Bearer {infra.key}"},
+    )
     try:
-        await asyncio.to_thread(_wait_healthy, [sys_.api_url, sys_.webhook_url, sys_.simulator_url], process,
-                                log_file)
+        await asyncio.to_thread(_wait_healthy, [sys_.api_url, sys_.webhook_url, sys_.simulator_url], process, log_file)
         await asyncio.sleep(1)  # the worker polls
         yield sys_
     finally:
@@ -272,8 +287,14 @@ def new_order(prefix: str) -> str:
 
 
 def checkout_body(order: str, **extra) -> dict:
-    return {"order_id": order, "amount_minor": 9990, "currency": "CNY", "subject": "benchmark order",
-            "customer": {"email": f"{order}@example.com"}, **extra}
+    return {
+        "order_id": order,
+        "amount_minor": 9990,
+        "currency": "CNY",
+        "subject": "benchmark order",
+        "customer": {"email": f"{order}@example.com"},
+        **extra,
+    }
 
 
 async def script(sim: httpx.AsyncClient, order: str, **behaviour) -> None:
@@ -319,8 +340,9 @@ class StatusWatch:
         while self.waiting:
             ids = list(self.waiting)
             async with self.sessions() as session:
-                rows = (await session.execute(select(db.Payment.payment_id, db.Payment.status)
-                                              .where(db.Payment.payment_id.in_(ids)))).all()
+                rows = (
+                    await session.execute(select(db.Payment.payment_id, db.Payment.status).where(db.Payment.payment_id.in_(ids)))
+                ).all()
             now = time.perf_counter()
             for payment_id, status in rows:
                 entry = self.waiting.get(payment_id)

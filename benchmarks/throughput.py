@@ -19,8 +19,19 @@ import time
 import uuid
 
 from system import (
-    StatusWatch, add_options, header, infrastructure, layouts, median, ms, new_order, pct, post_payment, script,
-    settings_env, system,
+    StatusWatch,
+    add_options,
+    header,
+    infrastructure,
+    layouts,
+    median,
+    ms,
+    new_order,
+    pct,
+    post_payment,
+    script,
+    settings_env,
+    system,
 )
 
 import httpx
@@ -105,9 +116,14 @@ async def post_latency(s, watch: StatusWatch, clients: int, total: int) -> dict:
         await asyncio.gather(*(client(api, orders[i::clients]) for i in range(clients)))
     # Let them finish before the next measurement.
     await asyncio.gather(*(watch.until(p, OVER, timeout=300) for p in accepted), return_exceptions=True)
-    return {"p50": pct(times, 50), "p99": pct(times, 99), "codes": codes,
-            "5xx": sum(n for code, n in codes.items() if code >= 500 and code != 503),
-            "refused": codes.get(429, 0) + codes.get(503, 0), "missing_retry_after": missing_retry_after}
+    return {
+        "p50": pct(times, 50),
+        "p99": pct(times, 99),
+        "codes": codes,
+        "5xx": sum(n for code, n in codes.items() if code >= 500 and code != 503),
+        "refused": codes.get(429, 0) + codes.get(503, 0),
+        "missing_retry_after": missing_retry_after,
+    }
 
 
 async def main() -> None:
@@ -120,8 +136,10 @@ async def main() -> None:
     extra_env = settings_env(args)
     levels = [int(c) for c in args.concurrency.split(",")]
     header("throughput: happy-path payments per second vs a no-op one-activity workflow per second", extra_env)
-    print(f"database: {'SQLite' if args.sqlite else 'PostgreSQL'}; {args.payments} per level; "
-          f"POST latency over {args.posts} checkouts")
+    print(
+        f"database: {'SQLite' if args.sqlite else 'PostgreSQL'}; {args.payments} per level; "
+        f"POST latency over {args.posts} checkouts"
+    )
     rows = []
     async with infrastructure(args) as infra:
         client = await infra.client()
@@ -135,15 +153,21 @@ async def main() -> None:
                         rate, latencies, failed = await happy_rate(s, watch, level, args.payments)
                         base = await noop_rate(client, noop_queue, level, args.payments)
                         rows.append((layout, level, rate, base, latencies, failed))
-                        print(f"[{layout}] concurrency {level}: {rate:.1f} payments/s (POST -> SUCCEEDED p50 "
-                              f"{ms(median(latencies))}, p99 {ms(pct(latencies, 99))}, {failed} failed); no-op "
-                              f"{base:.1f} workflows/s; ratio {rate / base:.2f}", flush=True)
+                        print(
+                            f"[{layout}] concurrency {level}: {rate:.1f} payments/s (POST -> SUCCEEDED p50 "
+                            f"{ms(median(latencies))}, p99 {ms(pct(latencies, 99))}, {failed} failed); no-op "
+                            f"{base:.1f} workflows/s; ratio {rate / base:.2f}",
+                            flush=True,
+                        )
                     for clients in (8, 64):
                         figures = await post_latency(s, watch, clients, args.posts)
-                        print(f"[{layout}] POST /payments at {clients} clients: p50 {ms(figures['p50'])}, p99 "
-                              f"{ms(figures['p99'])}; answers {dict(sorted(figures['codes'].items()))}; "
-                              f"5xx other than 503: {figures['5xx']}; 429/503 without Retry-After: "
-                              f"{figures['missing_retry_after']}", flush=True)
+                        print(
+                            f"[{layout}] POST /payments at {clients} clients: p50 {ms(figures['p50'])}, p99 "
+                            f"{ms(figures['p99'])}; answers {dict(sorted(figures['codes'].items()))}; "
+                            f"5xx other than 503: {figures['5xx']}; 429/503 without Retry-After: "
+                            f"{figures['missing_retry_after']}",
+                            flush=True,
+                        )
     if len(layouts(args.layout)) == 2:
         for level in levels:
             one = next(r for r in rows if r[0] == "one-process" and r[1] == level)

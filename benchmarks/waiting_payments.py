@@ -19,8 +19,19 @@ import asyncio
 import time
 
 from system import (
-    StatusWatch, add_options, header, infrastructure, layouts, median, ms, new_order, pct, post_payment, script,
-    settings_env, system,
+    StatusWatch,
+    add_options,
+    header,
+    infrastructure,
+    layouts,
+    median,
+    ms,
+    new_order,
+    pct,
+    post_payment,
+    script,
+    settings_env,
+    system,
 )
 
 import httpx
@@ -60,8 +71,11 @@ async def start_waiting(s, count: int, clients: int) -> tuple[list[str], int, in
 
 async def count_status(sessions, prefix: str, status: str) -> int:
     async with sessions() as session:
-        return await session.scalar(select(func.count()).select_from(db.Payment).where(
-            db.Payment.order_id.startswith(prefix), db.Payment.status == status))
+        return await session.scalar(
+            select(func.count())
+            .select_from(db.Payment)
+            .where(db.Payment.order_id.startswith(prefix), db.Payment.status == status)
+        )
 
 
 async def main() -> None:
@@ -77,17 +91,21 @@ async def main() -> None:
     extra_env = settings_env(args)
     header(f"waiting payments: {args.waiting} with a one-hour time to live, started at once by {args.clients} clients", extra_env)
     extra = {"PAYSENTINEL_WORKER_MAX_CACHED_WORKFLOWS": str(args.cache)} if args.cache is not None else {}
-    print(f"database: {'SQLite' if args.sqlite else 'PostgreSQL'}; worker workflow cache: "
-          f"{args.cache if args.cache is not None else 'default'}")
+    print(
+        f"database: {'SQLite' if args.sqlite else 'PostgreSQL'}; worker workflow cache: "
+        f"{args.cache if args.cache is not None else 'default'}"
+    )
     async with infrastructure(args) as infra:
         watch = StatusWatch(infra.sessions, interval=0.02)
         for layout in layouts(args.layout):
             async with system(infra, layout, {**extra, **extra_env}) as s:
                 rss_idle, _ = s.worker_rss_mib()
                 ids, failed, retried, answers, took = await start_waiting(s, args.waiting, args.clients)
-                print(f"[{layout}] started {len(ids)} in {took:.0f}s ({len(ids) / took:.1f}/s); failed starts "
-                      f"{failed}; 429/503 answers retried {retried}; final answers {dict(sorted(answers.items()))}",
-                      flush=True)
+                print(
+                    f"[{layout}] started {len(ids)} in {took:.0f}s ({len(ids) / took:.1f}/s); failed starts "
+                    f"{failed}; 429/503 answers retried {retried}; final answers {dict(sorted(answers.items()))}",
+                    flush=True,
+                )
                 prefix = "bench-wait-"
                 deadline = time.monotonic() + args.settle
                 created = await count_status(infra.sessions, prefix, "CREATED")
@@ -99,8 +117,10 @@ async def main() -> None:
                 print(f"[{layout}] left CREATED: {created}; PENDING: {pending}", flush=True)
                 memory(s, layout, rss_idle, len(ids), "once started")
                 latencies, late = [], 0
-                async with httpx.AsyncClient(base_url=s.simulator_url, timeout=30) as sim, \
-                        httpx.AsyncClient(base_url=s.api_url, headers=s.headers, timeout=60) as api:
+                async with (
+                    httpx.AsyncClient(base_url=s.simulator_url, timeout=30) as sim,
+                    httpx.AsyncClient(base_url=s.api_url, headers=s.headers, timeout=60) as api,
+                ):
                     for _ in range(args.happy):
                         order = new_order("happy")
                         await script(sim, order, pay="immediately")
@@ -108,13 +128,17 @@ async def main() -> None:
                         response, _ = await post_payment(api, order, retries=10)
                         response.raise_for_status()
                         try:
-                            latencies.append(await watch.until(response.json()["payment_id"], {"SUCCEEDED"},
-                                                               timeout=args.happy_timeout) - started)
+                            latencies.append(
+                                await watch.until(response.json()["payment_id"], {"SUCCEEDED"}, timeout=args.happy_timeout)
+                                - started
+                            )
                         except asyncio.TimeoutError:
                             late += 1
-                print(f"[{layout}] happy path while {len(ids)} wait: POST -> SUCCEEDED p50 {ms(median(latencies))}, "
-                      f"p99 {ms(pct(latencies, 99))}; {late} of {args.happy} not SUCCEEDED within "
-                      f"{args.happy_timeout:g}s (over {time.perf_counter() - settled:.0f}s)")
+                print(
+                    f"[{layout}] happy path while {len(ids)} wait: POST -> SUCCEEDED p50 {ms(median(latencies))}, "
+                    f"p99 {ms(pct(latencies, 99))}; {late} of {args.happy} not SUCCEEDED within "
+                    f"{args.happy_timeout:g}s (over {time.perf_counter() - settled:.0f}s)"
+                )
                 memory(s, layout, rss_idle, len(ids), "after the happy path")
 
 
@@ -122,9 +146,13 @@ def memory(s, layout: str, rss_idle: float, waiting: int, when: str) -> None:
     rss, peak = s.worker_rss_mib()
     cached = s.sdk_metric("temporal_sticky_cache_size")
     evicted = s.sdk_metric("temporal_sticky_cache_total_forced_eviction")
-    print(f"[{layout}] {when}: worker RSS {rss:.0f} MiB (peak {peak:.0f} MiB, {rss_idle:.0f} MiB before); "
-          f"{(rss - rss_idle) * 1024 / max(1, waiting):.0f} KiB per waiting payment; workflow cache "
-          f"{cached:.0f}, forced evictions {evicted:.0f}", flush=True)
+    print(
+        f"[{layout}] {when}: worker RSS {rss:.0f} MiB (peak {peak:.0f} MiB, {rss_idle:.0f} MiB before); "
+        f"{(rss - rss_idle) * 1024 / max(1, waiting):.0f} KiB per waiting payment; workflow cache "
+        f"{cached:.0f}, forced evictions {evicted:.0f}",
+        flush=True,
+    )
+
 
 if __name__ == "__main__":
     asyncio.run(main())

@@ -73,9 +73,11 @@ def up(
     parts: str = typer.Option(",".join(PARTS), help="Comma-separated parts to run: " + ", ".join(PARTS)),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     processes: bool = typer.Option(
-        False, "--processes/--one-process",
+        False,
+        "--processes/--one-process",
         help="Each part in a process of its own (the worker does not share an event loop with the HTTP "
-             "servers; stopping stops them all, a part that exits stops the rest), or all in this one"),
+        "servers; stopping stops them all, a part that exits stops the rest), or all in this one",
+    ),
 ) -> None:
     """Run the whole system locally: Temporal dev server (unless TEMPORAL_ADDRESS is set),
     the provider simulator, the worker, the checkout API, the webhook receiver and the operator API."""
@@ -157,8 +159,11 @@ def _print_where(settings: Settings, parts: list[str], server, merchant_key: str
         from paysentinel.temporal import connect_options
 
         options = connect_options(settings)
-        tls = "mTLS" if getattr(options.get("tls"), "client_cert", None) else (
-            "API key" if options.get("api_key") else ("TLS" if options.get("tls") else "no TLS"))
+        tls = (
+            "mTLS"
+            if getattr(options.get("tls"), "client_cert", None)
+            else ("API key" if options.get("api_key") else ("TLS" if options.get("tls") else "no TLS"))
+        )
         table.add_row("Temporal", f"{options['target_host']}  (namespace {options['namespace']}, {tls})")
     where = {
         "simulator": f"{settings.effective_simulator_url}  (control API /control, payer pages /pay)",
@@ -166,7 +171,7 @@ def _print_where(settings: Settings, parts: list[str], server, merchant_key: str
         "api": f"http://{settings.host}:{settings.api_port}  (POST /payments, docs at /docs)",
         "webhooks": f"{settings.effective_webhook_base_url}/webhooks/<provider>",
         "operator": f"http://{settings.host}:{settings.operator_port}/operator  (reviews, reconciliation, audit; "
-                    "keep it private)",
+        "keep it private)",
     }
     for part in parts:
         table.add_row(part, where[part])
@@ -175,16 +180,20 @@ def _print_where(settings: Settings, parts: list[str], server, merchant_key: str
     elif "operator" in parts:
         table.add_row("metrics", f"http://{settings.host}:{settings.operator_port}/metrics  (Prometheus)")
     if "worker" in parts and processes and len(parts) > 1:
-        table.add_row("processes", "each part in its own; the worker's metrics on "
-                                   f"http://{settings.host}:{settings.metrics_port}/metrics")
+        table.add_row(
+            "processes", f"each part in its own; the worker's metrics on http://{settings.host}:{settings.metrics_port}/metrics"
+        )
     if "worker" in parts and settings.sdk_metrics_port:
         table.add_row("worker metrics", f"http://{settings.host}:{settings.sdk_metrics_port}/metrics  (Temporal SDK)")
     if "worker" in parts and settings.monitor_interval_seconds > 0:
         alerts_to = ", ".join(filter(None, [settings.alert_email, settings.alert_webhook_url])) or "the worker log"
         table.add_row("monitor", f"every {settings.monitor_interval_seconds:g}s, alerts to {alerts_to}")
     if "worker" in parts and settings.reconcile_enabled:
-        table.add_row("reconciliation", f"daily at {settings.reconcile_at} {settings.settlement_timezone} "
-                                        f"(catches up {settings.reconcile_catchup_days} days)")
+        table.add_row(
+            "reconciliation",
+            f"daily at {settings.reconcile_at} {settings.settlement_timezone} "
+            f"(catches up {settings.reconcile_catchup_days} days)",
+        )
     table.add_row("app database", settings.effective_database_url)
     if merchant_key:
         # The key on a line of its own, so a narrow terminal never breaks it.
@@ -233,15 +242,21 @@ def demo(
     api_url: Optional[str] = typer.Option(None, help="Checkout API (default: from settings)"),
     operator_url: Optional[str] = typer.Option(None, help="Operator API (default: from settings)"),
     simulator_url: Optional[str] = typer.Option(None, help="Provider simulator (default: from settings)"),
-    merchant: str = typer.Option("demo", help="The merchant whose key is used (its order numbers at the provider "
-                                              "are <merchant>-<order>)"),
-    provider: str = typer.Option("simulator", help="simulator (the running system), alipay, wechatpay or stripe "
-                                                   "(its fake from tests/fakes and a system of its own; run from the "
-                                                   "repository root), or all (each in turn, the simulator too, "
-                                                   "each on a system of its own)"),
-    own_system: bool = typer.Option(False, "--own-system", help="With the simulator: start a system of its own "
-                                                                "(temporary data dir, free ports) instead of using "
-                                                                "the running one"),
+    merchant: str = typer.Option(
+        "demo", help="The merchant whose key is used (its order numbers at the provider are <merchant>-<order>)"
+    ),
+    provider: str = typer.Option(
+        "simulator",
+        help="simulator (the running system), alipay, wechatpay or stripe "
+        "(its fake from tests/fakes and a system of its own; run from the "
+        "repository root), or all (each in turn, the simulator too, "
+        "each on a system of its own)",
+    ),
+    own_system: bool = typer.Option(
+        False,
+        "--own-system",
+        help="With the simulator: start a system of its own (temporary data dir, free ports) instead of using the running one",
+    ),
 ) -> None:
     """Drive one payment through each scenario against the running system and compare outcomes,
     then reconcile today's settlement bill, which holds one payment only the provider knows.
@@ -256,16 +271,20 @@ def demo(
 
     chosen = list(PROVIDERS) if provider == "all" else [provider]
     if provider != "all" and provider not in PROVIDERS:
-        raise typer.BadParameter(f"unknown provider {provider}; choose from {', '.join(PROVIDERS)} or all",
-                                 param_hint="--provider")
+        raise typer.BadParameter(
+            f"unknown provider {provider}; choose from {', '.join(PROVIDERS)} or all", param_hint="--provider"
+        )
     if chosen != ["simulator"] or own_system:
         raise typer.Exit(0 if run_providers(chosen, console) else 1)
     settings = get_settings()
     merchant_key = merchant_key_for_demo(settings)
     if not merchant_key:
-        console.print("[red]no merchant API key:[/red] set PAYSENTINEL_MERCHANT_KEY (create one with "
-                      "`paysentinel key create --merchant M --scope payments --scope read`), or start "
-                      "`paysentinel up` on embedded defaults, which writes one to the data dir", soft_wrap=True)
+        console.print(
+            "[red]no merchant API key:[/red] set PAYSENTINEL_MERCHANT_KEY (create one with "
+            "`paysentinel key create --merchant M --scope payments --scope read`), or start "
+            "`paysentinel up` on embedded defaults, which writes one to the data dir",
+            soft_wrap=True,
+        )
         raise typer.Exit(1)
     ok = asyncio.run(
         run_demo(
@@ -304,9 +323,11 @@ def temporal_cli() -> None:
     print(path)
 
 
-cluster_app = typer.Typer(help="A Temporal cluster on this machine: the Temporal server as separate frontend, "
-                                "history, matching and worker processes on its own PostgreSQL, frontend with mTLS.",
-                           no_args_is_help=True)
+cluster_app = typer.Typer(
+    help="A Temporal cluster on this machine: the Temporal server as separate frontend, "
+    "history, matching and worker processes on its own PostgreSQL, frontend with mTLS.",
+    no_args_is_help=True,
+)
 app.add_typer(cluster_app, name="cluster")
 
 
@@ -314,8 +335,9 @@ def _cluster_dir(state_dir: Optional[str]) -> Path:
     return Path(state_dir) if state_dir else get_settings().data_dir / "cluster"
 
 
-STATE_DIR_OPTION = typer.Option(None, "--state-dir", help="Certificates, configuration, logs and pids "
-                                                          "(default: <data dir>/cluster)")
+STATE_DIR_OPTION = typer.Option(
+    None, "--state-dir", help="Certificates, configuration, logs and pids (default: <data dir>/cluster)"
+)
 
 
 @cluster_app.command("up")
@@ -346,8 +368,9 @@ def cluster_up(
         console.print("[red]cannot obtain the Temporal server:[/red]", escape(str(err)), soft_wrap=True)
         raise typer.Exit(1) from err
     ports = tc.ClusterPorts(frontend=frontend_port, frontend_http=frontend_port + 10, postgres=postgres_port)
-    cluster = tc.TemporalCluster(binaries, cli, directory, ports=ports, namespace=namespace,
-                                 pg_dir=tc.default_pg_dir(directory), log=say)
+    cluster = tc.TemporalCluster(
+        binaries, cli, directory, ports=ports, namespace=namespace, pg_dir=tc.default_pg_dir(directory), log=say
+    )
     try:
         asyncio.run(cluster.up())
     except tc.ClusterError as err:
@@ -359,9 +382,11 @@ def cluster_up(
     env_file = directory / "cluster.env"
     env_file.write_text(tc.env_file_text(cluster))
     _cluster_table(directory)
-    console.print(f"Point paysentinel at it: [bold]set -a; . {env_file}; set +a[/bold], then "
-                  "`paysentinel up --parts worker,api,webhooks,operator,simulator` (as many of each as you like).",
-                  soft_wrap=True)
+    console.print(
+        f"Point paysentinel at it: [bold]set -a; . {env_file}; set +a[/bold], then "
+        "`paysentinel up --parts worker,api,webhooks,operator,simulator` (as many of each as you like).",
+        soft_wrap=True,
+    )
 
 
 def _cluster_table(directory) -> bool:
@@ -378,12 +403,20 @@ def _cluster_table(directory) -> bool:
         alive = bool(pid) and tc.pid_alive(pid)
         healthy &= alive
         extra = {"frontend": " (gRPC, mTLS)", "worker": " (membership)"}.get(service, " (gRPC)")
-        table.add_row(f"temporal {service}", str(pid), f"127.0.0.1:{state.ports.listening(service)}{extra}",
-                      "running" if alive else "[red]stopped[/red]")
+        table.add_row(
+            f"temporal {service}",
+            str(pid),
+            f"127.0.0.1:{state.ports.listening(service)}{extra}",
+            "running" if alive else "[red]stopped[/red]",
+        )
     pg_up = port_in_use("127.0.0.1", state.ports.postgres)
     healthy &= pg_up
-    table.add_row("temporal postgres", "-", f"127.0.0.1:{state.ports.postgres} (temporal, temporal_visibility; "
-                  f"data {state.pg_dir})", "running" if pg_up else "[red]stopped[/red]")
+    table.add_row(
+        "temporal postgres",
+        "-",
+        f"127.0.0.1:{state.ports.postgres} (temporal, temporal_visibility; data {state.pg_dir})",
+        "running" if pg_up else "[red]stopped[/red]",
+    )
     console.print(table)
     return healthy
 
@@ -396,8 +429,9 @@ def cluster_build() -> None:
     from paysentinel import cluster as tc
 
     try:
-        binaries = tc.ensure_server_binaries(get_settings().cache_dir,
-                                             log=lambda line: console.print(f"[dim]{escape(line)}[/dim]"))
+        binaries = tc.ensure_server_binaries(
+            get_settings().cache_dir, log=lambda line: console.print(f"[dim]{escape(line)}[/dim]")
+        )
     except tc.ClusterError as err:
         console.print("[red]cannot obtain the Temporal server:[/red]", escape(str(err)), soft_wrap=True)
         raise typer.Exit(1) from err

@@ -38,7 +38,13 @@ from pathlib import Path
 import yaml
 
 from paysentinel.devserver import (
-    GO_FALLBACK_DIRS, SEARCH_ATTRIBUTES, _describe, _go_install, ensure_search_attributes, free_port, port_in_use,
+    GO_FALLBACK_DIRS,
+    SEARCH_ATTRIBUTES,
+    _describe,
+    _go_install,
+    ensure_search_attributes,
+    free_port,
+    port_in_use,
 )
 
 TEMPORAL_SERVER_VERSION = "v1.29.1"
@@ -92,7 +98,8 @@ def ensure_server_binaries(cache_dir: Path, log: Callable[[str], None] = print) 
         raise ClusterError(
             f"the Temporal server {TEMPORAL_SERVER_VERSION} is not in {home} and `go` is not on PATH to build it; "
             "install Go (https://go.dev/dl/, 1.24 or newer), or place the binaries `server` and "
-            f"`temporal-sql-tool` in {home / 'bin'} and the module's {SCHEMA} in {home / SCHEMA}")
+            f"`temporal-sql-tool` in {home / 'bin'} and the module's {SCHEMA} in {home / SCHEMA}"
+        )
     build = home / "build"
     for name, package in SERVER_TARGETS.items():
         target = f"{TEMPORAL_SERVER_MODULE}/{package}@{TEMPORAL_SERVER_VERSION}"
@@ -103,8 +110,9 @@ def ensure_server_binaries(cache_dir: Path, log: Callable[[str], None] = print) 
         except Exception as exc:  # noqa: BLE001 - said to the user with what to do
             raise ClusterError(f"go install {target} failed: {_describe(exc)}") from exc
         log(f"Temporal server: {name} built in {time.monotonic() - started:.0f}s")
-    modcache = subprocess.run([go, "env", "GOMODCACHE"], capture_output=True, text=True, timeout=60,
-                              stdin=subprocess.DEVNULL).stdout.strip()
+    modcache = subprocess.run(
+        [go, "env", "GOMODCACHE"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    ).stdout.strip()
     source = Path(modcache) / f"{TEMPORAL_SERVER_MODULE}@{TEMPORAL_SERVER_VERSION}" / SCHEMA
     if not source.is_dir():
         raise ClusterError(f"the schema files are not in the Go module cache at {source}")
@@ -122,9 +130,12 @@ def ensure_server_binaries(cache_dir: Path, log: Callable[[str], None] = print) 
 
 
 def _complete(binaries: ServerBinaries) -> bool:
-    return (os.access(binaries.server, os.X_OK) and os.access(binaries.sql_tool, os.X_OK)
-            and (binaries.schema_dir / "temporal" / "versioned").is_dir()
-            and (binaries.schema_dir / "visibility" / "versioned").is_dir())
+    return (
+        os.access(binaries.server, os.X_OK)
+        and os.access(binaries.sql_tool, os.X_OK)
+        and (binaries.schema_dir / "temporal" / "versioned").is_dir()
+        and (binaries.schema_dir / "visibility" / "versioned").is_dir()
+    )
 
 
 # --- Certificates -----------------------------------------------------------------------------
@@ -154,37 +165,68 @@ def make_certificates(directory: Path, *, common_name: str = "paysentinel") -> C
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
     def write_key(path: Path, key) -> None:
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+        path.write_bytes(
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
         path.chmod(0o600)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (x509.CertificateBuilder().subject_name(name(f"{common_name} CA")).issuer_name(name(f"{common_name} CA"))
-               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=30))
-               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                            content_commitment=False, key_encipherment=False,
-                                            data_encipherment=False, key_agreement=False, encipher_only=False,
-                                            decipher_only=False), critical=True)
-               .sign(ca_key, hashes.SHA256()))
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name(f"{common_name} CA"))
+        .issuer_name(name(f"{common_name} CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
 
     def leaf(cn: str, usage, sans: list | None):
         key = ec.generate_private_key(ec.SECP256R1())
-        builder = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca_cert.subject)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=30))
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         return key, builder.sign(ca_key, hashes.SHA256())
 
-    server_key, server_cert = leaf(TLS_SERVER_NAME, ExtendedKeyUsageOID.SERVER_AUTH,
-                                   [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    server_key, server_cert = leaf(
+        TLS_SERVER_NAME,
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
     client_key, client_cert = leaf(f"{common_name}-client", ExtendedKeyUsageOID.CLIENT_AUTH, None)
-    certs = Certificates(directory / "ca.pem", directory / "server.pem", directory / "server.key",
-                         directory / "client.pem", directory / "client.key")
+    certs = Certificates(
+        directory / "ca.pem",
+        directory / "server.pem",
+        directory / "server.key",
+        directory / "client.pem",
+        directory / "client.key",
+    )
     pem = serialization.Encoding.PEM
     certs.ca.write_bytes(ca_cert.public_bytes(pem))
     certs.server_cert.write_bytes(server_cert.public_bytes(pem))
@@ -201,11 +243,15 @@ def _pg_bin() -> Path:
     on_path = shutil.which("pg_ctl")
     if on_path:
         return Path(on_path).parent
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parent.parent.name)
-                      if p.parent.parent.name.isdigit() else 0)
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
     if not versions:
-        raise ClusterError("PostgreSQL's server programs (initdb, pg_ctl) are not installed; "
-                           "run `bash scripts/ensure-postgres.sh` (installs PostgreSQL)")
+        raise ClusterError(
+            "PostgreSQL's server programs (initdb, pg_ctl) are not installed; "
+            "run `bash scripts/ensure-postgres.sh` (installs PostgreSQL)"
+        )
     return versions[-1].parent
 
 
@@ -225,8 +271,9 @@ class TemporalPostgres:
 
     def _run(self, cmd: list[str], what: str, timeout: float = COMMAND_TIMEOUT_SECONDS) -> None:
         try:
-            result = subprocess.run(self._as_owner(cmd), capture_output=True, text=True, timeout=timeout,
-                                    stdin=subprocess.DEVNULL, cwd="/")
+            result = subprocess.run(
+                self._as_owner(cmd), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd="/"
+            )
         except subprocess.TimeoutExpired as exc:
             raise ClusterError(f"{what} did not finish in {timeout:.0f}s") from exc
         if result.returncode != 0:
@@ -245,11 +292,24 @@ class TemporalPostgres:
                 if not mode & 0o001:
                     raise ClusterError(
                         f"{parent} is not searchable by the postgres user; put Temporal's PostgreSQL "
-                        "directory somewhere it can reach (the cluster's --pg-dir)")
+                        "directory somewhere it can reach (the cluster's --pg-dir)"
+                    )
             shutil.chown(self.data_dir, "postgres", "postgres")
         self.data_dir.chmod(0o700)
-        self._run([str(self.bin / "initdb"), "-D", str(self.data_dir), "-U", TEMPORAL_DB_USER, "--auth=trust",
-                   "-E", "UTF8", "--no-sync"], "initdb")
+        self._run(
+            [
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                TEMPORAL_DB_USER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            "initdb",
+        )
         with open(self.data_dir / "postgresql.conf", "a") as conf:
             conf.write("\nlisten_addresses = '127.0.0.1'\nfsync = off\nmax_connections = 200\n")
 
@@ -258,15 +318,32 @@ class TemporalPostgres:
         return (self.data_dir / "postmaster.pid").exists() and port_in_use("127.0.0.1", self.port)
 
     def start(self, timeout: float = 60.0) -> None:
-        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.data_dir / "server.log"),
-                   "-o", f"-p {self.port} -k {self.data_dir}", "-w", "-t", str(int(timeout)), "start"],
-                  f"starting Temporal's PostgreSQL on port {self.port}", timeout + 10)
+        self._run(
+            [
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data_dir),
+                "-l",
+                str(self.data_dir / "server.log"),
+                "-o",
+                f"-p {self.port} -k {self.data_dir}",
+                "-w",
+                "-t",
+                str(int(timeout)),
+                "start",
+            ],
+            f"starting Temporal's PostgreSQL on port {self.port}",
+            timeout + 10,
+        )
 
     def stop(self, mode: str = "fast", timeout: float = 60.0) -> None:
         if not (self.data_dir / "postmaster.pid").exists():
             return
-        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "-t", str(int(timeout)),
-                   "stop"], "stopping Temporal's PostgreSQL", timeout + 10)
+        self._run(
+            [str(self.bin / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "-t", str(int(timeout)), "stop"],
+            "stopping Temporal's PostgreSQL",
+            timeout + 10,
+        )
 
     def restart(self) -> None:
         self.stop()
@@ -333,8 +410,12 @@ class ClusterState:
     @classmethod
     def load(cls, path: Path) -> ClusterState:
         data = json.loads(path.read_text())
-        return cls(ports=ClusterPorts(**data["ports"]), namespace=data["namespace"], pg_dir=data["pg_dir"],
-                   pids={k: int(v) for k, v in data.get("pids", {}).items()})
+        return cls(
+            ports=ClusterPorts(**data["ports"]),
+            namespace=data["namespace"],
+            pg_dir=data["pg_dir"],
+            pids={k: int(v) for k, v in data.get("pids", {}).items()},
+        )
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -343,9 +424,18 @@ class ClusterState:
 class TemporalCluster:
     """The Temporal server as one process per service on its own PostgreSQL, frontend with mTLS."""
 
-    def __init__(self, binaries: ServerBinaries, cli: Path, state_dir: Path, *, ports: ClusterPorts | None = None,
-                 namespace: str = "default", pg_dir: Path | None = None, log: Callable[[str], None] = print,
-                 num_history_shards: int = 4) -> None:
+    def __init__(
+        self,
+        binaries: ServerBinaries,
+        cli: Path,
+        state_dir: Path,
+        *,
+        ports: ClusterPorts | None = None,
+        namespace: str = "default",
+        pg_dir: Path | None = None,
+        log: Callable[[str], None] = print,
+        num_history_shards: int = 4,
+    ) -> None:
         self.binaries = binaries
         self.cli = Path(cli)
         self.state_dir = Path(state_dir)
@@ -354,8 +444,9 @@ class TemporalCluster:
         self.log = log
         self.num_history_shards = num_history_shards
         self.postgres = TemporalPostgres(pg_dir or self.state_dir / "postgres", self.ports.postgres, log)
-        self.certs = Certificates(*(self.state_dir / "tls" / name for name in
-                                    ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")))
+        self.certs = Certificates(
+            *(self.state_dir / "tls" / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key"))
+        )
         self.processes: dict[str, subprocess.Popen] = {}
 
     # -- what clients need --
@@ -393,16 +484,32 @@ class TemporalCluster:
         self.write_config()
 
     def _sql_tool(self, database: str, *args: str) -> None:
-        cmd = [str(self.binaries.sql_tool), "--plugin", "postgres12", "--ep", "127.0.0.1",
-               "-p", str(self.ports.postgres), "-u", TEMPORAL_DB_USER, "--pw", "temporal", "--db", database, *args]
+        cmd = [
+            str(self.binaries.sql_tool),
+            "--plugin",
+            "postgres12",
+            "--ep",
+            "127.0.0.1",
+            "-p",
+            str(self.ports.postgres),
+            "-u",
+            TEMPORAL_DB_USER,
+            "--pw",
+            "temporal",
+            "--db",
+            database,
+            *args,
+        ]
         try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_SECONDS,
-                                    stdin=subprocess.DEVNULL)
+            result = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_SECONDS, stdin=subprocess.DEVNULL
+            )
         except subprocess.TimeoutExpired as exc:
             raise ClusterError(f"temporal-sql-tool {' '.join(args)} on {database} timed out") from exc
         if result.returncode != 0:
-            raise ClusterError(f"temporal-sql-tool {' '.join(args)} on {database} failed: "
-                               f"{(result.stderr or result.stdout).strip()[-2000:]}")
+            raise ClusterError(
+                f"temporal-sql-tool {' '.join(args)} on {database} failed: {(result.stderr or result.stdout).strip()[-2000:]}"
+            )
 
     def setup_schema(self) -> None:
         """Create both databases and bring their schema to this server version (idempotent)."""
@@ -413,14 +520,26 @@ class TemporalCluster:
 
     def config(self) -> dict:
         def store(database: str, conns: int) -> dict:
-            return {"sql": {"pluginName": "postgres12", "databaseName": database,
-                            "connectAddr": f"127.0.0.1:{self.ports.postgres}", "connectProtocol": "tcp",
-                            "user": TEMPORAL_DB_USER, "password": "temporal", "maxConns": conns,
-                            "maxIdleConns": conns, "maxConnLifetime": "1h"}}
+            return {
+                "sql": {
+                    "pluginName": "postgres12",
+                    "databaseName": database,
+                    "connectAddr": f"127.0.0.1:{self.ports.postgres}",
+                    "connectProtocol": "tcp",
+                    "user": TEMPORAL_DB_USER,
+                    "password": "temporal",
+                    "maxConns": conns,
+                    "maxIdleConns": conns,
+                    "maxConnLifetime": "1h",
+                }
+            }
 
         def service(name: str) -> dict:
-            rpc = {"grpcPort": self.ports.grpc(name), "membershipPort": getattr(self.ports, f"{name}_membership"),
-                   "bindOnIP": "127.0.0.1"}
+            rpc = {
+                "grpcPort": self.ports.grpc(name),
+                "membershipPort": getattr(self.ports, f"{name}_membership"),
+                "bindOnIP": "127.0.0.1",
+            }
             if name == "frontend":
                 rpc["httpPort"] = self.ports.frontend_http
             return {"rpc": rpc}
@@ -429,7 +548,8 @@ class TemporalCluster:
         return {
             "log": {"stdout": True, "level": "warn"},
             "persistence": {
-                "defaultStore": "default", "visibilityStore": "visibility",
+                "defaultStore": "default",
+                "visibilityStore": "visibility",
                 "numHistoryShards": self.num_history_shards,
                 "datastores": {"default": store("temporal", 20), "visibility": store("temporal_visibility", 10)},
             },
@@ -437,25 +557,34 @@ class TemporalCluster:
                 "membership": {"maxJoinDuration": "30s", "broadcastAddress": "127.0.0.1"},
                 "tls": {
                     "frontend": {
-                        "server": {"certFile": str(self.certs.server_cert), "keyFile": str(self.certs.server_key),
-                                   "requireClientAuth": True, "clientCaFiles": [ca]},
+                        "server": {
+                            "certFile": str(self.certs.server_cert),
+                            "keyFile": str(self.certs.server_key),
+                            "requireClientAuth": True,
+                            "clientCaFiles": [ca],
+                        },
                         "client": {"serverName": TLS_SERVER_NAME, "rootCaFiles": [ca]},
                     },
                     # Temporal's own clients of the frontend (system worker, history) present this.
-                    "systemWorker": {"certFile": str(self.certs.client_cert), "keyFile": str(self.certs.client_key),
-                                     "client": {"serverName": TLS_SERVER_NAME, "rootCaFiles": [ca]}},
+                    "systemWorker": {
+                        "certFile": str(self.certs.client_cert),
+                        "keyFile": str(self.certs.client_key),
+                        "client": {"serverName": TLS_SERVER_NAME, "rootCaFiles": [ca]},
+                    },
                 },
             },
             "services": {name: service(name) for name in SERVICES},
             "clusterMetadata": {
-                "enableGlobalNamespace": False, "failoverVersionIncrement": 10,
-                "masterClusterName": "active", "currentClusterName": "active",
-                "clusterInformation": {"active": {"enabled": True, "initialFailoverVersion": 1,
-                                                  "rpcName": "frontend", "rpcAddress": self.address}},
+                "enableGlobalNamespace": False,
+                "failoverVersionIncrement": 10,
+                "masterClusterName": "active",
+                "currentClusterName": "active",
+                "clusterInformation": {
+                    "active": {"enabled": True, "initialFailoverVersion": 1, "rpcName": "frontend", "rpcAddress": self.address}
+                },
             },
             "dcRedirectionPolicy": {"policy": "noop"},
-            "dynamicConfigClient": {"filepath": str(self.state_dir / "config" / "dynamicconfig.yaml"),
-                                    "pollInterval": "10s"},
+            "dynamicConfigClient": {"filepath": str(self.state_dir / "config" / "dynamicconfig.yaml"), "pollInterval": "10s"},
         }
 
     def write_config(self) -> Path:
@@ -469,16 +598,33 @@ class TemporalCluster:
     # -- the service processes --
 
     def service_command(self, service: str) -> list[str]:
-        return [str(self.binaries.server), "--root", str(self.state_dir), "--config", "config", "--env", "cluster",
-                "--allow-no-auth", "start", "--service", service]
+        return [
+            str(self.binaries.server),
+            "--root",
+            str(self.state_dir),
+            "--config",
+            "config",
+            "--env",
+            "cluster",
+            "--allow-no-auth",
+            "start",
+            "--service",
+            service,
+        ]
 
     def start_service(self, service: str) -> subprocess.Popen:
         for port in (self.ports.grpc(service), self.ports.membership(service)):
             if port_in_use("127.0.0.1", port):
                 raise ClusterError(f"port {port} for Temporal's {service} service is in use")
         with open(self.log_file(service), "ab") as log:
-            process = subprocess.Popen(self.service_command(service), stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=subprocess.STDOUT, start_new_session=True, cwd=self.state_dir)
+            process = subprocess.Popen(
+                self.service_command(service),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.state_dir,
+            )
         self.processes[service] = process
         return process
 
@@ -518,8 +664,10 @@ class TemporalCluster:
         while not port_in_use("127.0.0.1", port):
             self._check_alive()
             if time.monotonic() > deadline:
-                raise ClusterError(f"Temporal's {service} service does not listen on {port} after {timeout:.0f}s; "
-                                   f"its log ({self.log_file(service)}) ends with:\n{self.log_tail(service)}")
+                raise ClusterError(
+                    f"Temporal's {service} service does not listen on {port} after {timeout:.0f}s; "
+                    f"its log ({self.log_file(service)}) ends with:\n{self.log_tail(service)}"
+                )
             time.sleep(0.2)
 
     def stop(self) -> None:
@@ -536,8 +684,10 @@ class TemporalCluster:
     def _check_alive(self) -> None:
         for service, process in self.processes.items():
             if process.poll() is not None:
-                raise ClusterError(f"Temporal's {service} service exited with code {process.returncode}; "
-                                   f"its log ({self.log_file(service)}) ends with:\n{self.log_tail(service)}")
+                raise ClusterError(
+                    f"Temporal's {service} service exited with code {process.returncode}; "
+                    f"its log ({self.log_file(service)}) ends with:\n{self.log_tail(service)}"
+                )
 
     # -- readiness, namespace, search attributes --
 
@@ -545,9 +695,16 @@ class TemporalCluster:
         from temporalio.client import Client
         from temporalio.service import TLSConfig
 
-        return await Client.connect(self.address, namespace=namespace, tls=TLSConfig(
-            server_root_ca_cert=self.certs.ca.read_bytes(), domain=TLS_SERVER_NAME,
-            client_cert=self.certs.client_cert.read_bytes(), client_private_key=self.certs.client_key.read_bytes()))
+        return await Client.connect(
+            self.address,
+            namespace=namespace,
+            tls=TLSConfig(
+                server_root_ca_cert=self.certs.ca.read_bytes(),
+                domain=TLS_SERVER_NAME,
+                client_cert=self.certs.client_cert.read_bytes(),
+                client_private_key=self.certs.client_key.read_bytes(),
+            ),
+        )
 
     async def wait_ready(self, timeout: float = 120.0) -> None:
         """Until the frontend answers over mTLS, the namespace is registered and usable and the
@@ -566,9 +723,10 @@ class TemporalCluster:
             except Exception as exc:  # noqa: BLE001 - not up yet
                 client, last = None, exc
                 if time.monotonic() > deadline:
-                    raise ClusterError(f"the Temporal frontend at {self.address} did not answer in {timeout:.0f}s "
-                                       f"(last error: {_describe(exc)}); frontend log:\n{self.log_tail('frontend')}"
-                                       ) from exc
+                    raise ClusterError(
+                        f"the Temporal frontend at {self.address} did not answer in {timeout:.0f}s "
+                        f"(last error: {_describe(exc)}); frontend log:\n{self.log_tail('frontend')}"
+                    ) from exc
                 await asyncio.sleep(0.5)
         await asyncio.to_thread(self.register_namespace, max(5.0, deadline - time.monotonic()))
         while True:
@@ -585,23 +743,52 @@ class TemporalCluster:
             await asyncio.sleep(0.5)
 
     def cli_tls_args(self) -> list[str]:
-        return ["--address", self.address, "--tls-ca-path", str(self.certs.ca), "--tls-cert-path",
-                str(self.certs.client_cert), "--tls-key-path", str(self.certs.client_key),
-                "--tls-server-name", TLS_SERVER_NAME]
+        return [
+            "--address",
+            self.address,
+            "--tls-ca-path",
+            str(self.certs.ca),
+            "--tls-cert-path",
+            str(self.certs.client_cert),
+            "--tls-key-path",
+            str(self.certs.client_key),
+            "--tls-server-name",
+            TLS_SERVER_NAME,
+        ]
 
     def register_namespace(self, timeout: float = 60.0) -> None:
         """``temporal operator namespace create`` (an existing namespace is fine)."""
         deadline = time.monotonic() + timeout
         env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_")}
         while True:
-            describe = subprocess.run([str(self.cli), "operator", "namespace", "describe", "--namespace",
-                                       self.namespace, *self.cli_tls_args()], capture_output=True, text=True,
-                                      timeout=30, stdin=subprocess.DEVNULL, env=env)
+            describe = subprocess.run(
+                [str(self.cli), "operator", "namespace", "describe", "--namespace", self.namespace, *self.cli_tls_args()],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
             if describe.returncode == 0:
                 return
-            create = subprocess.run([str(self.cli), "operator", "namespace", "create", "--namespace", self.namespace,
-                                     "--retention", "72h", *self.cli_tls_args()], capture_output=True, text=True,
-                                    timeout=30, stdin=subprocess.DEVNULL, env=env)
+            create = subprocess.run(
+                [
+                    str(self.cli),
+                    "operator",
+                    "namespace",
+                    "create",
+                    "--namespace",
+                    self.namespace,
+                    "--retention",
+                    "72h",
+                    *self.cli_tls_args(),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
             if create.returncode == 0 or "already" in (create.stderr + create.stdout).lower():
                 self.log(f"Temporal cluster: namespace {self.namespace} registered")
                 return
@@ -685,5 +872,15 @@ def detached(cluster: TemporalCluster) -> dict[str, int]:
     return pids
 
 
-__all__ = ["TemporalCluster", "ClusterPorts", "ClusterState", "ClusterError", "ServerBinaries", "Certificates",
-           "ensure_server_binaries", "make_certificates", "SEARCH_ATTRIBUTES", "TEMPORAL_SERVER_VERSION"]
+__all__ = [
+    "TemporalCluster",
+    "ClusterPorts",
+    "ClusterState",
+    "ClusterError",
+    "ServerBinaries",
+    "Certificates",
+    "ensure_server_binaries",
+    "make_certificates",
+    "SEARCH_ATTRIBUTES",
+    "TEMPORAL_SERVER_VERSION",
+]

@@ -110,7 +110,8 @@ def keys_for(settings: "Settings") -> list[tuple[str, bytes]]:
         raise PayloadKeyError(
             "PAYSENTINEL_PAYLOAD_KEYS is not set: outside the development profile every process needs the "
             "same payload keys ('id:base64key,...'; make a key with "
-            "python -c \"import os,base64;print(base64.b64encode(os.urandom(32)).decode())\")")
+            'python -c "import os,base64;print(base64.b64encode(os.urandom(32)).decode())")'
+        )
     return dev_keys(settings.data_dir)
 
 
@@ -149,13 +150,15 @@ class EncryptionCodec(PayloadCodec):
         if aead is None:
             raise PayloadKeyError(
                 f"payload encrypted with key id {key_id!r}, which is not among the configured payload keys "
-                f"({', '.join(self._keys)}): add it to PAYSENTINEL_PAYLOAD_KEYS (any position after the first)")
+                f"({', '.join(self._keys)}): add it to PAYSENTINEL_PAYLOAD_KEYS (any position after the first)"
+            )
         try:
             plain = aead.decrypt(payload.data[:NONCE_BYTES], payload.data[NONCE_BYTES:], key_id.encode())
         except InvalidTag as err:
             raise PayloadKeyError(
                 f"payload with key id {key_id!r} does not decrypt: the configured key of that id is not the one "
-                "it was encrypted with, or the payload is damaged") from err
+                "it was encrypted with, or the payload is damaged"
+            ) from err
         return Payload.FromString(plain)
 
 

@@ -32,9 +32,14 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "paysentinel"
 DEV_WEBHOOK_SECRET = "whsec_cGF5c2VudGluZWwtbG9jYWwtZGV2ZWxvcG1lbnQtc2VjcmV0"
 # Values published in this repository (the operator token also as its SHA-256): refused as
 # secrets, or as any ':'-separated part of one, outside the development profile.
-DEVELOPMENT_SECRET_VALUES = frozenset({
-    DEV_WEBHOOK_SECRET, "dev-operator-token", "operator:dev-operator-token", sha256(b"dev-operator-token").hexdigest(),
-})
+DEVELOPMENT_SECRET_VALUES = frozenset(
+    {
+        DEV_WEBHOOK_SECRET,
+        "dev-operator-token",
+        "operator:dev-operator-token",
+        sha256(b"dev-operator-token").hexdigest(),
+    }
+)
 
 
 def new_webhook_secret() -> str:
@@ -100,6 +105,7 @@ class SecretFilesSource(PydanticBaseSettingsSource):
                 raise ValueError(f"{secret.file_variable}: cannot read {path}: {err.strerror}") from None
         return values
 
+
 # Operators: "name:role:sha256-hex-of-token" entries; only the tokens' hashes are configured.
 OPERATOR_ROLES = ("viewer", "operator", "approver")  # each may do what the ones before it may
 DEV_OPERATOR_TOKEN = "dev-operator-token"  # the development operator's token (an approver)
@@ -118,8 +124,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PAYSENTINEL_", env_file=".env", extra="ignore")
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings):
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
         return init_settings, env_settings, SecretFilesSource(settings_cls), dotenv_settings, file_secret_settings
 
     # "production" refuses development secrets even for `paysentinel up` on embedded defaults.
@@ -346,7 +351,8 @@ class Settings(BaseSettings):
                 shown = str(entry).partition(":")[0]
                 raise ValueError(
                     f"operator entry for {shown!r} is not 'name:role:sha256-hex-of-token' (roles: "
-                    f"{', '.join(OPERATOR_ROLES)}); make one with `paysentinel operator new NAME --role ROLE`")
+                    f"{', '.join(OPERATOR_ROLES)}); make one with `paysentinel operator new NAME --role ROLE`"
+                )
             if match.group(1) in names:
                 raise ValueError(f"operator {match.group(1)!r} is configured twice")
             names.add(match.group(1))
@@ -368,8 +374,10 @@ class Settings(BaseSettings):
 
     @property
     def effective_codec_cors_origins(self) -> list[str]:
-        return self.codec_cors_origins or [f"http://127.0.0.1:{self.temporal_ui_port}",
-                                           f"http://localhost:{self.temporal_ui_port}"]
+        return self.codec_cors_origins or [
+            f"http://127.0.0.1:{self.temporal_ui_port}",
+            f"http://localhost:{self.temporal_ui_port}",
+        ]
 
     @property
     def effective_database_url(self) -> str:

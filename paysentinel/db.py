@@ -13,7 +13,19 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sqlalchemy import (
-    BigInteger, Boolean, DateTime, Float, Integer, String, Text, TypeDecorator, UniqueConstraint, case, func, or_, select,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    case,
+    func,
+    or_,
+    select,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -334,12 +346,27 @@ def upsert_findings(session: AsyncSession, rows: list[dict]):
     def fresh(column: str):
         return case((untouched, statement.excluded[column]), else_=table.c[column])
 
-    return session.execute(statement.on_conflict_do_update(
-        index_elements=["run_id", "kind", "order_id", "trade_no", "refund_no"],
-        set_={"seen_pass": statement.excluded.seen_pass,
-              **{c: fresh(c) for c in ("provider_amount_minor", "our_amount_minor", "currency", "detail",
-                                       "resolution", "resolved", "resolved_at")}},
-    ), rows)
+    return session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["run_id", "kind", "order_id", "trade_no", "refund_no"],
+            set_={
+                "seen_pass": statement.excluded.seen_pass,
+                **{
+                    c: fresh(c)
+                    for c in (
+                        "provider_amount_minor",
+                        "our_amount_minor",
+                        "currency",
+                        "detail",
+                        "resolution",
+                        "resolved",
+                        "resolved_at",
+                    )
+                },
+            },
+        ),
+        rows,
+    )
 
 
 def insert_ignoring_duplicates(session: AsyncSession, table, rows: list[dict]):
@@ -395,7 +422,9 @@ def _differences(row: Payment, request: CheckoutRequest | PaymentOrder) -> dict[
 
 
 async def claim_order(
-    sessions: async_sessionmaker[AsyncSession], payment_id: str, request: CheckoutRequest | PaymentOrder,
+    sessions: async_sessionmaker[AsyncSession],
+    payment_id: str,
+    request: CheckoutRequest | PaymentOrder,
     expires_at: datetime | None,
     merchant_id: str | None = None,
 ) -> tuple[Payment, bool]:
@@ -446,9 +475,7 @@ class Applied:
 
 async def apply_record(sessions: async_sessionmaker[AsyncSession], record: PaymentRecord) -> Applied:
     """Write the workflow's snapshot if it is newer than the stored one."""
-    values = record.model_dump(
-        exclude={"payment_id", "seq", "event", "callback_received_at", "outcome"}, exclude_none=True
-    )
+    values = record.model_dump(exclude={"payment_id", "seq", "event", "callback_received_at", "outcome"}, exclude_none=True)
     values["status"] = record.status.value
     async with sessions() as session:
         result = await session.execute(
@@ -520,15 +547,19 @@ async def save_review(sessions: async_sessionmaker[AsyncSession], review_id: str
 async def count_retry(sessions: async_sessionmaker[AsyncSession], payment_id: str) -> None:
     async with sessions() as session:
         await session.execute(
-            update(Payment).where(Payment.payment_id == payment_id)
-            .values(provider_retries=Payment.provider_retries + 1)
+            update(Payment).where(Payment.payment_id == payment_id).values(provider_retries=Payment.provider_retries + 1)
         )
         await session.commit()
 
 
 async def recent_attempts(
-    sessions: async_sessionmaker[AsyncSession], since: datetime, *, exclude: str, client_ip: str | None,
-    device_id: str | None, customer_email: str | None,
+    sessions: async_sessionmaker[AsyncSession],
+    since: datetime,
+    *,
+    exclude: str,
+    client_ip: str | None,
+    device_id: str | None,
+    customer_email: str | None,
 ) -> list[Payment]:
     """Payments since ``since`` from the same IP, device or customer (risk rules read these)."""
     matches = []
@@ -589,12 +620,15 @@ class StuckRows:
 
 
 async def stuck_rows(
-    sessions: async_sessionmaker[AsyncSession], *, grace_seconds: float = STUCK_GRACE_SECONDS,
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    grace_seconds: float = STUCK_GRACE_SECONDS,
     refund_processing_limit_seconds: float = REFUND_PROCESSING_LIMIT_SECONDS,
 ) -> StuckRows:
     now = utcnow()
     settled_before = now - timedelta(seconds=grace_seconds)
     async with sessions() as session:
+
         async def payments(*where) -> list[str]:
             query = select(Payment.payment_id).where(*where).order_by(Payment.updated_at, Payment.payment_id)
             return list((await session.scalars(query)).all())
@@ -604,8 +638,7 @@ async def stuck_rows(
         in_review = await payments(Payment.status == "IN_REVIEW", Payment.updated_at < settled_before)
         refunds = await session.execute(
             select(Refund.refund_id, Refund.payment_id)
-            .where(Refund.status == "PROCESSING",
-                   Refund.created_at < now - timedelta(seconds=refund_processing_limit_seconds))
+            .where(Refund.status == "PROCESSING", Refund.created_at < now - timedelta(seconds=refund_processing_limit_seconds))
             .order_by(Refund.created_at, Refund.refund_id)
         )
         return StuckRows(open_past_ttl, refunding, in_review, [(r, p) for r, p in refunds.all()])
@@ -621,8 +654,15 @@ async def outcomes_since(sessions: async_sessionmaker[AsyncSession], since: date
 
 
 async def track_incident(
-    sessions: async_sessionmaker[AsyncSession], monitor: str, kind: str, *, breach: bool, rate: float,
-    threshold: float, payments: int, detail: str,
+    sessions: async_sessionmaker[AsyncSession],
+    monitor: str,
+    kind: str,
+    *,
+    breach: bool,
+    rate: float,
+    threshold: float,
+    payments: int,
+    detail: str,
 ) -> Optional[Alert]:
     """Open an incident on a breach (one per monitor and kind), resolve it when over.
 
@@ -637,8 +677,17 @@ async def track_incident(
                 return current
             current = None
         if current is None and breach:
-            current = Alert(monitor=monitor, kind=kind, status="OPEN", rate=rate, peak_rate=rate, threshold=threshold,
-                            payments=payments, detail=detail, opened_at=utcnow())
+            current = Alert(
+                monitor=monitor,
+                kind=kind,
+                status="OPEN",
+                rate=rate,
+                peak_rate=rate,
+                threshold=threshold,
+                payments=payments,
+                detail=detail,
+                opened_at=utcnow(),
+            )
             session.add(current)
         elif current is not None and breach:
             current.peak_rate = max(current.peak_rate, rate)

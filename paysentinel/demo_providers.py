@@ -71,7 +71,8 @@ def load_fake(provider: str) -> ModuleType:
         raise DemoUnavailable(
             f"the {provider} fake (tests/fakes/{provider}.py) cannot be imported ({err}): "
             "`paysentinel demo --provider` runs from a checkout of the repository; run it from the "
-            "repository root") from err
+            "repository root"
+        ) from err
 
 
 def _fake_root(module: ModuleType) -> Path:
@@ -101,7 +102,7 @@ def _children(pid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) > 1 and fields[1] == str(pid):
             found.append(int(entry.name))
     return found
@@ -169,9 +170,12 @@ class System:
 
         workdir = Path(tempfile.mkdtemp(prefix=f"paysentinel-demo-{provider}-"))
         ports = {name: free_port() for name in PORTS}
-        env = {**_clean_environment(), **DEMO_TIMINGS,
-               **{f"PAYSENTINEL_{name.upper()}_PORT": str(port) for name, port in ports.items()},
-               "PAYSENTINEL_DATA_DIR": str(workdir / "data")}
+        env = {
+            **_clean_environment(),
+            **DEMO_TIMINGS,
+            **{f"PAYSENTINEL_{name.upper()}_PORT": str(port) for name, port in ports.items()},
+            "PAYSENTINEL_DATA_DIR": str(workdir / "data"),
+        }
         system = cls(provider, workdir, ports, env)
         if fake is not None:
             port = free_port()
@@ -187,16 +191,26 @@ class System:
     def start(self, console: Console, timeout: float = 120) -> None:
         with open(self.log_file, "ab") as log:
             if self.fake_url:
-                self.fake = subprocess.Popen([sys.executable, "-m", f"tests.fakes.{self.provider}"], env=self.fake_env,
-                                             cwd=self.fake_root, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL)
-            self.up = subprocess.Popen([sys.executable, "-m", "paysentinel.cli", "up"], env=self.env, stdout=log,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        urls = [self.url(p) for p in ("api", "operator", "webhook", "simulator")] + ([self.fake_url] if self.fake_url
-                                                                                      else [])
+                self.fake = subprocess.Popen(
+                    [sys.executable, "-m", f"tests.fakes.{self.provider}"],
+                    env=self.fake_env,
+                    cwd=self.fake_root,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            self.up = subprocess.Popen(
+                [sys.executable, "-m", "paysentinel.cli", "up"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        urls = [self.url(p) for p in ("api", "operator", "webhook", "simulator")] + ([self.fake_url] if self.fake_url else [])
         started = time.monotonic()
-        with console.status(f"starting paysentinel up{' and the ' + self.provider + ' fake' if self.fake_url else ''}"
-                            f" ({self.workdir})"):
+        with console.status(
+            f"starting paysentinel up{' and the ' + self.provider + ' fake' if self.fake_url else ''} ({self.workdir})"
+        ):
             pending = list(urls)
             while pending:
                 for name, process in (("paysentinel up", self.up), (f"the {self.provider} fake", self.fake)):
@@ -218,9 +232,12 @@ class System:
         self.merchant_key = key_file.read_text().strip() if key_file.exists() else ""
         if not self.merchant_key:
             raise DemoUnavailable(f"paysentinel up wrote no merchant key to {key_file}")
-        console.print(f"[dim]{self.provider}: paysentinel up (pid {self.up.pid})"
-                      + (f", the fake (pid {self.fake.pid}) at {self.fake_url}" if self.fake else "")
-                      + f", ready in {time.monotonic() - started:.1f}s; logs: {self.log_file}[/dim]", soft_wrap=True)
+        console.print(
+            f"[dim]{self.provider}: paysentinel up (pid {self.up.pid})"
+            + (f", the fake (pid {self.fake.pid}) at {self.fake_url}" if self.fake else "")
+            + f", ready in {time.monotonic() - started:.1f}s; logs: {self.log_file}[/dim]",
+            soft_wrap=True,
+        )
 
     @staticmethod
     def _cmdline(pid: int) -> str:
@@ -304,9 +321,14 @@ class ProviderScenario:
 
     @property
     def ok(self) -> bool:
-        return (self.actual == self.expected and self.books_agree and self.ledger is not None
-                and (self.ledger["captured_minor"], self.ledger["refunded_minor"]) == (self.captured, self.refunded)
-                and not self.problem and not self.error)
+        return (
+            self.actual == self.expected
+            and self.books_agree
+            and self.ledger is not None
+            and (self.ledger["captured_minor"], self.ledger["refunded_minor"]) == (self.captured, self.refunded)
+            and not self.problem
+            and not self.error
+        )
 
 
 def _paid_detail(s: ProviderScenario) -> str:
@@ -317,6 +339,7 @@ def _confirmed_by(how: str) -> Check:
     def check(s: ProviderScenario) -> Optional[str]:
         detail = _paid_detail(s)
         return None if f"confirmed by {how}" in detail else f"paid event says {detail or 'nothing'!r}"
+
     return check
 
 
@@ -334,12 +357,14 @@ def _one_refund(submissions: Optional[int] = None) -> Check:
         if submissions is not None and made[0].get("submissions") != submissions:
             return f"submitted {made[0].get('submissions')} time(s), expected {submissions}"
         return None
+
     return check
 
 
 def _both(*checks: Check) -> Check:
     def check(s: ProviderScenario) -> Optional[str]:
         return next((p for p in (c(s) for c in checks) if p), None)
+
     return check
 
 
@@ -355,8 +380,11 @@ def provider_scenarios(provider: str) -> list[ProviderScenario]:
         paid, lost, never = None, {"notify": "drop"}, None
         pay = {}  # the buyer scans and pays through the fake's control route
         at_close = {"notify": "drop", "pay_on_close": True}
-        retried = {"failures": [{"method": "alipay.trade.refund", "code": "40004", "sub_code": "ACQ.SYSTEM_ERROR",
-                                 "times": 1, "after": True}]}
+        retried = {
+            "failures": [
+                {"method": "alipay.trade.refund", "code": "40004", "sub_code": "ACQ.SYSTEM_ERROR", "times": 1, "after": True}
+            ]
+        }
     elif provider == "wechatpay":
         paid, lost, never = {"pay": "immediately"}, {"pay": "immediately", "notify": "drop"}, {"pay": "never"}
         pay = None
@@ -372,36 +400,86 @@ def provider_scenarios(provider: str) -> list[ProviderScenario]:
         raise ValueError(f"no fake for {provider}")
     word = {"alipay": "notification", "wechatpay": "notification", "stripe": "webhook event"}[provider]
     items = [
-        ProviderScenario("paid", f"payer pays, the {word} arrives", "SUCCEEDED", AMOUNT_MINOR, 0, paid, pay,
-                         check=_confirmed_by("callback")),
-        ProviderScenario(f"{word} lost", f"paid, the {word} never arrives: found by query", "SUCCEEDED",
-                         AMOUNT_MINOR, 0, lost, pay, check=_confirmed_by("query")),
-        ProviderScenario("never pays", "payer walks away: closed at the time to live", "CLOSED", 0, 0, never,
-                         expires_in_seconds=5),
-        ProviderScenario("paid at close", "payer pays the moment we close: kept as paid", "SUCCEEDED",
-                         AMOUNT_MINOR, 0, at_close, expires_in_seconds=5, check=_confirmed_by("close")),
-        ProviderScenario("refund twice", "paid, 30.00 refunded, the same refund request sent twice: refunds once",
-                         "PARTIALLY_REFUNDED", AMOUNT_MINOR, 3000, paid, pay, refunds=[("r1", 3000), ("r1", 3000)],
-                         check=_one_refund()),
-        ProviderScenario("refund answer lost", "paid, the refund is made but its answer lost: the retry with the "
-                         "same refund number refunds nothing twice", "PARTIALLY_REFUNDED", AMOUNT_MINOR, 3000, retried,
-                         pay, refunds=[("r1", 3000)], check=_one_refund(2 if provider == "alipay" else None)),
+        ProviderScenario(
+            "paid", f"payer pays, the {word} arrives", "SUCCEEDED", AMOUNT_MINOR, 0, paid, pay, check=_confirmed_by("callback")
+        ),
+        ProviderScenario(
+            f"{word} lost",
+            f"paid, the {word} never arrives: found by query",
+            "SUCCEEDED",
+            AMOUNT_MINOR,
+            0,
+            lost,
+            pay,
+            check=_confirmed_by("query"),
+        ),
+        ProviderScenario(
+            "never pays", "payer walks away: closed at the time to live", "CLOSED", 0, 0, never, expires_in_seconds=5
+        ),
+        ProviderScenario(
+            "paid at close",
+            "payer pays the moment we close: kept as paid",
+            "SUCCEEDED",
+            AMOUNT_MINOR,
+            0,
+            at_close,
+            expires_in_seconds=5,
+            check=_confirmed_by("close"),
+        ),
+        ProviderScenario(
+            "refund twice",
+            "paid, 30.00 refunded, the same refund request sent twice: refunds once",
+            "PARTIALLY_REFUNDED",
+            AMOUNT_MINOR,
+            3000,
+            paid,
+            pay,
+            refunds=[("r1", 3000), ("r1", 3000)],
+            check=_one_refund(),
+        ),
+        ProviderScenario(
+            "refund answer lost",
+            "paid, the refund is made but its answer lost: the retry with the same refund number refunds nothing twice",
+            "PARTIALLY_REFUNDED",
+            AMOUNT_MINOR,
+            3000,
+            retried,
+            pay,
+            refunds=[("r1", 3000)],
+            check=_one_refund(2 if provider == "alipay" else None),
+        ),
     ]
     if provider == "alipay":
-        items[-1].name, items[-1].story = ("refund retried", "paid, Alipay makes the refund but its answer is lost: "
-                                           "resubmitted with the same out_request_no, refunded once")
+        items[-1].name, items[-1].story = (
+            "refund retried",
+            "paid, Alipay makes the refund but its answer is lost: resubmitted with the same out_request_no, refunded once",
+        )
     if provider == "wechatpay":
-        items.append(ProviderScenario(
-            "USERPAYING at close", "payer still entering the password at the time to live: not closed as unpaid, "
-            "paid a moment later", "SUCCEEDED", AMOUNT_MINOR, 0,
-            {"pay": "immediately", "userpaying": True, "userpaying_then": "pay", "userpaying_seconds": 9},
-            expires_in_seconds=5, check=_never_closed))
+        items.append(
+            ProviderScenario(
+                "USERPAYING at close",
+                "payer still entering the password at the time to live: not closed as unpaid, paid a moment later",
+                "SUCCEEDED",
+                AMOUNT_MINOR,
+                0,
+                {"pay": "immediately", "userpaying": True, "userpaying_then": "pay", "userpaying_seconds": 9},
+                expires_in_seconds=5,
+                check=_never_closed,
+            )
+        )
     if provider == "stripe":
-        items.append(ProviderScenario(
-            "processing at close", "the payment is still processing at the time to live: not cancelled, succeeds",
-            "SUCCEEDED", AMOUNT_MINOR, 0,
-            {"pay": "immediately", "processing_seconds": 9, "processing_outcome": "succeeded"},
-            expires_in_seconds=5, check=_never_closed))
+        items.append(
+            ProviderScenario(
+                "processing at close",
+                "the payment is still processing at the time to live: not cancelled, succeeds",
+                "SUCCEEDED",
+                AMOUNT_MINOR,
+                0,
+                {"pay": "immediately", "processing_seconds": 9, "processing_outcome": "succeeded"},
+                expires_in_seconds=5,
+                check=_never_closed,
+            )
+        )
     return items
 
 
@@ -425,17 +503,26 @@ async def _our_row(sessions, order: str) -> Optional[tuple[str, Optional[str], i
     return row.status, row.review_reason, row.paid_amount_minor or 0, row.refunded_minor or 0
 
 
-async def _drive(api: httpx.AsyncClient, fake: httpx.AsyncClient, sessions, provider: str, s: ProviderScenario,
-                 timeout: float) -> None:
+async def _drive(
+    api: httpx.AsyncClient, fake: httpx.AsyncClient, sessions, provider: str, s: ProviderScenario, timeout: float
+) -> None:
     internal = f"{MERCHANT}-{s.order_id}"  # the provider knows <merchant>-<order>
     started = time.monotonic()
     try:
         if s.script is not None:
             (await fake.put(f"/control/scripts/{internal}", json=s.script)).raise_for_status()
-        response = await api.post("/payments", json={
-            "order_id": s.order_id, "amount_minor": AMOUNT_MINOR, "currency": "CNY", "provider": provider,
-            "subject": f"demo: {s.name}", "customer": {"email": f"{s.order_id}@example.com"},
-            "expires_in_seconds": s.expires_in_seconds})
+        response = await api.post(
+            "/payments",
+            json={
+                "order_id": s.order_id,
+                "amount_minor": AMOUNT_MINOR,
+                "currency": "CNY",
+                "provider": provider,
+                "subject": f"demo: {s.name}",
+                "customer": {"email": f"{s.order_id}@example.com"},
+                "expires_in_seconds": s.expires_in_seconds,
+            },
+        )
         if response.status_code not in (200, 201):
             raise RuntimeError(f"checkout answered {response.status_code}: {response.text[:200]}")
         payment_id = response.json()["payment_id"]
@@ -452,8 +539,11 @@ async def _drive(api: httpx.AsyncClient, fake: httpx.AsyncClient, sessions, prov
             s.view = (await api.get(f"/payments/{payment_id}")).json()
             if not refunded and s.view["status"] == "SUCCEEDED":
                 for key, amount in s.refunds:
-                    asked = await api.post(f"/payments/{payment_id}/refunds", headers={"Idempotency-Key": key},
-                                           json={"amount_minor": amount, "reason": "demo refund"})
+                    asked = await api.post(
+                        f"/payments/{payment_id}/refunds",
+                        headers={"Idempotency-Key": key},
+                        json={"amount_minor": amount, "reason": "demo refund"},
+                    )
                     if asked.status_code not in (200, 201, 202):
                         raise RuntimeError(f"refund {key} answered {asked.status_code}: {asked.text[:200]}")
                     s.refund_ids.append(asked.json()["refund_id"])
@@ -488,15 +578,15 @@ def _table(provider: str, items: list[ProviderScenario]) -> Table:
     for s in items:
         expected = f"{s.expected}\n{_money(s.captured)} − {_money(s.refunded)}"
         actual = s.actual + (f"\n({s.actual_review})" if s.actual_review else "")
-        theirs = "-" if s.ledger is None else (f"{_money(s.ledger['captured_minor'])} − "
-                                               f"{_money(s.ledger['refunded_minor'])}")
+        theirs = "-" if s.ledger is None else (f"{_money(s.ledger['captured_minor'])} − {_money(s.ledger['refunded_minor'])}")
         ours = "-" if s.row is None else f"{_money(s.row[0])} − {_money(s.row[1])}"
         mark = "[green]ok[/green]" if s.ok else ("[red]DIFFERS[/red]" if s.seconds else "")
         notes = [s.problem, s.error]
         if s.seconds and not s.books_agree:
             notes.insert(0, "the books differ")
-        story = (f"[bold]{s.name}[/bold] [dim]({s.order_id})[/dim]\n[dim]{s.story}[/dim]"
-                 + "".join(f"\n[red]{escape(text)}[/red]" for text in notes if text and s.seconds))
+        story = f"[bold]{s.name}[/bold] [dim]({s.order_id})[/dim]\n[dim]{s.story}[/dim]" + "".join(
+            f"\n[red]{escape(text)}[/red]" for text in notes if text and s.seconds
+        )
         table.add_row(story, expected, actual, theirs, ours, f"{s.seconds:.1f}" if s.seconds else "", mark)
     return table
 
@@ -511,9 +601,12 @@ async def run_fake_demo(system: System, console: Console, timeout: float = 60.0)
         s.order_id = f"d{run_id}-{number}"  # short: WeChat Pay takes 32 characters with the merchant's prefix
     engine = db.make_engine(system.database_url)
     try:
-        async with httpx.AsyncClient(base_url=system.api_url, timeout=30,
-                                     headers={"Authorization": f"Bearer {system.merchant_key}"}) as api, \
-                httpx.AsyncClient(base_url=system.fake_url, timeout=10) as fake:
+        async with (
+            httpx.AsyncClient(
+                base_url=system.api_url, timeout=30, headers={"Authorization": f"Bearer {system.merchant_key}"}
+            ) as api,
+            httpx.AsyncClient(base_url=system.fake_url, timeout=10) as fake,
+        ):
             sessions = db.make_sessionmaker(engine)
             with Live(_table(system.provider, items), console=console, refresh_per_second=2) as live:
                 work = asyncio.gather(*(_drive(api, fake, sessions, system.provider, s, timeout) for s in items))
@@ -527,8 +620,10 @@ async def run_fake_demo(system: System, console: Console, timeout: float = 60.0)
         await engine.dispose()
     passed = sum(s.ok for s in items)
     agree = sum(s.books_agree for s in items)
-    console.print(f"{passed} of {len(items)} scenarios as expected on the {system.provider} fake; "
-                  f"its ledger agrees with our database for {agree} of {len(items)} orders.")
+    console.print(
+        f"{passed} of {len(items)} scenarios as expected on the {system.provider} fake; "
+        f"its ledger agrees with our database for {agree} of {len(items)} orders."
+    )
     return passed == len(items)
 
 
@@ -540,9 +635,17 @@ async def _simulator_demo(system: System, console: Console) -> bool:
     from paysentinel.demo import run_demo
 
     day = datetime.now(ZoneInfo(Settings.model_fields["settlement_timezone"].default)).date().isoformat()
-    return await run_demo(system.api_url, system.url("simulator"), ui_url=None, console=console,  # stopped after
-                          operator_token=DEV_OPERATOR_TOKEN, settlement_day=day, operator_url=system.url("operator"),
-                          merchant_key=system.merchant_key, merchant=MERCHANT)
+    return await run_demo(
+        system.api_url,
+        system.url("simulator"),
+        ui_url=None,
+        console=console,  # stopped after
+        operator_token=DEV_OPERATOR_TOKEN,
+        settlement_day=day,
+        operator_url=system.url("operator"),
+        merchant_key=system.merchant_key,
+        merchant=MERCHANT,
+    )
 
 
 def run_on_own_system(provider: str, console: Console) -> bool:
@@ -560,8 +663,7 @@ def run_on_own_system(provider: str, console: Console) -> bool:
         forced = system.stop()
         if forced:
             console.print(f"[yellow]stopped by force: {', '.join(forced)}[/yellow]")
-    console.print(f"[dim]{provider}: {time.monotonic() - started:.1f}s in all; every process started for it is "
-                  "stopped[/dim]")
+    console.print(f"[dim]{provider}: {time.monotonic() - started:.1f}s in all; every process started for it is stopped[/dim]")
     if ok:
         shutil.rmtree(system.workdir, ignore_errors=True)
     else:
@@ -582,7 +684,9 @@ def run_providers(providers: list[str], console: Console) -> bool:
             if "repository root" in str(err):
                 break
     if len(providers) > 1:
-        console.print("providers: " + ", ".join(f"{p} {'ok' if ok else 'DIFFERS'}" for p, ok in results.items())
-                      + (f" (not run: {', '.join(p for p in providers if p not in results)})"
-                         if len(results) < len(providers) else ""))
+        console.print(
+            "providers: "
+            + ", ".join(f"{p} {'ok' if ok else 'DIFFERS'}" for p, ok in results.items())
+            + (f" (not run: {', '.join(p for p in providers if p not in results)})" if len(results) < len(providers) else "")
+        )
     return len(results) == len(providers) and all(results.values())

@@ -138,9 +138,7 @@ def temporal_cli_version(path: Path) -> str:
     output = (result.stdout or "").strip()
     if result.returncode != 0 or not output:
         detail = (result.stderr or result.stdout or "").strip().splitlines()
-        raise RuntimeError(
-            f"`{path} --version` exited with code {result.returncode}" + (f": {detail[-1]}" if detail else "")
-        )
+        raise RuntimeError(f"`{path} --version` exited with code {result.returncode}" + (f": {detail[-1]}" if detail else ""))
     return output.splitlines()[0]
 
 
@@ -167,9 +165,7 @@ def _download_with_sdk(dest_dir: Path, timeout: float) -> Path:
         error = exc
     # The SDK names the file "temporal-sdk-python-<sdk version>" (or "temporal-<version>").
     candidates = [
-        p
-        for p in dest_dir.glob("temporal-*")
-        if p.is_file() and not p.name.endswith(".downloading") and os.access(p, os.X_OK)
+        p for p in dest_dir.glob("temporal-*") if p.is_file() and not p.name.endswith(".downloading") and os.access(p, os.X_OK)
     ]
     if candidates:
         return max(candidates, key=lambda p: p.stat().st_mtime)
@@ -406,9 +402,7 @@ class DevServer:
             if remaining <= 0:
                 break
             try:
-                self.client = await asyncio.wait_for(
-                    Client.connect(self.address, namespace=self.namespace), min(5.0, remaining)
-                )
+                self.client = await asyncio.wait_for(Client.connect(self.address, namespace=self.namespace), min(5.0, remaining))
                 return self.client
             except Exception as exc:  # noqa: BLE001 - not up yet; retry until the deadline
                 last_error = exc
@@ -475,8 +469,7 @@ async def ensure_search_attributes(client: Client, namespace: str | None = None)
         elif existing[name] != wanted:
             actual = IndexedValueType.Name(existing[name]).removeprefix("INDEXED_VALUE_TYPE_")
             raise RuntimeError(
-                f"search attribute {name} exists in namespace {namespace!r} as {actual}, "
-                f"but paysentinel needs {kind}"
+                f"search attribute {name} exists in namespace {namespace!r} as {actual}, but paysentinel needs {kind}"
             )
     if not missing:
         return []

@@ -30,13 +30,11 @@ class Ledger:
 
     def outstanding(self, trade: str) -> int:
         """What this trade still holds that nobody is returning or decided to keep."""
-        return (self.captured.get(trade, 0) - self.refunded.get(trade, 0) - self.refunding.get(trade, 0)
-                - self.kept.get(trade, 0))
+        return self.captured.get(trade, 0) - self.refunded.get(trade, 0) - self.refunding.get(trade, 0) - self.kept.get(trade, 0)
 
     def excess(self) -> dict[str, int]:
         """Money captured on trades the order is not paid with and not yet being returned."""
-        return {trade: left for trade in self.captured if trade != self.accepted
-                and (left := self.outstanding(trade)) > 0}
+        return {trade: left for trade in self.captured if trade != self.accepted and (left := self.outstanding(trade)) > 0}
 
     def refundable(self) -> int:
         """What a merchant may still refund of the accepted trade."""
@@ -58,8 +56,7 @@ class Ledger:
             refunded = self.refunded.get(self.accepted, 0)
             if refunded == 0:
                 return PaymentStatus.SUCCEEDED
-            return (PaymentStatus.REFUNDED if refunded >= self.captured[self.accepted]
-                    else PaymentStatus.PARTIALLY_REFUNDED)
+            return PaymentStatus.REFUNDED if refunded >= self.captured[self.accepted] else PaymentStatus.PARTIALLY_REFUNDED
         if self.captured and all(self.refunded.get(t, 0) >= a for t, a in self.captured.items()):
             return PaymentStatus.REFUNDED
         return base

@@ -49,8 +49,11 @@ def _run(work):
         console.print("[red]refused:[/red]", escape(str(err)), soft_wrap=True)
         raise typer.Exit(1) from err
     except (OperationalError, ProgrammingError) as err:
-        console.print(f"[red]the database at {escape(settings.effective_database_url)} is not ready[/red] "
-                      f"({escape(str(err.orig))}); run `paysentinel db upgrade`", soft_wrap=True)
+        console.print(
+            f"[red]the database at {escape(settings.effective_database_url)} is not ready[/red] "
+            f"({escape(str(err.orig))}); run `paysentinel db upgrade`",
+            soft_wrap=True,
+        )
         raise typer.Exit(1) from err
 
 
@@ -63,9 +66,11 @@ def merchant_create(
     from paysentinel.merchants import create_merchant
 
     _run(lambda sessions: create_merchant(sessions, merchant_id, name))
-    console.print(f"merchant {merchant_id} created; give it a key: "
-                  f"paysentinel key create --merchant {merchant_id} --scope payments --scope refunds --scope read",
-                  soft_wrap=True)
+    console.print(
+        f"merchant {merchant_id} created; give it a key: "
+        f"paysentinel key create --merchant {merchant_id} --scope payments --scope refunds --scope read",
+        soft_wrap=True,
+    )
 
 
 @merchant_app.command("list")
@@ -91,8 +96,7 @@ def key_create(
     from paysentinel.merchants import create_key
 
     row, key = _run(lambda sessions: create_key(sessions, merchant, scope))
-    console.print(f"key {row.key_id} for merchant {row.merchant_id}, scopes {row.scopes} "
-                  "(shown once; only its hash is stored):")
+    console.print(f"key {row.key_id} for merchant {row.merchant_id}, scopes {row.scopes} (shown once; only its hash is stored):")
     print(key)
 
 

@@ -54,7 +54,7 @@ def parse_key(raw: str) -> Optional[tuple[str, str]]:
     """(key id, secret) of a ``psk_<key id>_<secret>`` key, or None."""
     if not raw.startswith(KEY_PREFIX):
         return None
-    key_id, _, secret = raw[len(KEY_PREFIX):].partition("_")
+    key_id, _, secret = raw[len(KEY_PREFIX) :].partition("_")
     if not key_id or not secret:
         return None
     return key_id, secret
@@ -107,18 +107,23 @@ async def list_merchants(sessions: async_sessionmaker[AsyncSession]) -> list[Mer
         return list((await session.scalars(select(Merchant).order_by(Merchant.merchant_id))).all())
 
 
-async def create_key(sessions: async_sessionmaker[AsyncSession], merchant_id: str,
-                     scopes: list[str]) -> tuple[ApiKey, str]:
+async def create_key(sessions: async_sessionmaker[AsyncSession], merchant_id: str, scopes: list[str]) -> tuple[ApiKey, str]:
     """A new key for the merchant: (its row, the full key, which is never stored)."""
     unknown = sorted(set(scopes) - set(API_SCOPES))
     if unknown or not scopes:
         raise MerchantError(f"scopes must be among {', '.join(API_SCOPES)} (got {', '.join(scopes) or 'none'})")
     if await get_merchant(sessions, merchant_id) is None:
-        raise MerchantError(f"no merchant {merchant_id!r}; create it with "
-                            f"`paysentinel merchant create {merchant_id} --name NAME`")
+        raise MerchantError(
+            f"no merchant {merchant_id!r}; create it with `paysentinel merchant create {merchant_id} --name NAME`"
+        )
     key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
-    row = ApiKey(key_id=key_id, merchant_id=merchant_id, secret_sha256=secret_digest(secret),
-                 scopes=",".join(s for s in API_SCOPES if s in scopes), created_at=utcnow())
+    row = ApiKey(
+        key_id=key_id,
+        merchant_id=merchant_id,
+        secret_sha256=secret_digest(secret),
+        scopes=",".join(s for s in API_SCOPES if s in scopes),
+        created_at=utcnow(),
+    )
     async with sessions() as session:
         session.add(row)
         await session.commit()

@@ -33,15 +33,16 @@ provider_retries = Counter(
 )
 refunds = Counter("paysentinel_refunds_total", "Refunds reaching a final state", ["status"])
 refunded_minor = Counter("paysentinel_refunded_minor_total", "Refunded amount in minor units", ["currency"])
-callbacks = Counter(
-    "paysentinel_callbacks_total", "Provider callbacks answered by the webhook receiver", ["provider", "result"]
-)
+callbacks = Counter("paysentinel_callbacks_total", "Provider callbacks answered by the webhook receiver", ["provider", "result"])
 callback_to_status = Histogram(
-    "paysentinel_callback_to_status_seconds", "From receiving a callback to the payment status it caused",
+    "paysentinel_callback_to_status_seconds",
+    "From receiving a callback to the payment status it caused",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
 time_to_final = Histogram(
-    "paysentinel_time_to_final_seconds", "From checkout to a final lifecycle state", ["status"],
+    "paysentinel_time_to_final_seconds",
+    "From checkout to a final lifecycle state",
+    ["status"],
     buckets=(1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600, 7200),
 )
 # Published by the monitor workflow for its sliding window.

@@ -35,8 +35,15 @@ class PaymentStatus(str, Enum):
 
 
 FINAL_STATUSES = frozenset(
-    {PaymentStatus.SUCCEEDED, PaymentStatus.FAILED, PaymentStatus.CLOSED, PaymentStatus.IN_REVIEW,
-     PaymentStatus.REFUNDING, PaymentStatus.PARTIALLY_REFUNDED, PaymentStatus.REFUNDED}
+    {
+        PaymentStatus.SUCCEEDED,
+        PaymentStatus.FAILED,
+        PaymentStatus.CLOSED,
+        PaymentStatus.IN_REVIEW,
+        PaymentStatus.REFUNDING,
+        PaymentStatus.PARTIALLY_REFUNDED,
+        PaymentStatus.REFUNDED,
+    }
 )
 
 
@@ -108,7 +115,7 @@ def to_major(amount_minor: int, currency: str) -> str:
 
 
 def to_minor(amount: str, currency: str) -> int:
-    """"123.45" CNY -> 12345. Raises ValueError on more decimals than the currency has."""
+    """ "123.45" CNY -> 12345. Raises ValueError on more decimals than the currency has."""
     exponent = CURRENCY_EXPONENTS[currency]
     value = Decimal(amount).scaleb(exponent)
     if value != value.to_integral_value():
@@ -168,8 +175,7 @@ class CheckoutRequest(BaseModel):
             raise ValueError(f"unsupported currency {value!r}; use one of {sorted(CURRENCY_EXPONENTS)}")
         return value
 
-    @field_validator("order_id", "currency", "provider", "subject", "notify_url", "client_ip", "device_id",
-                     mode="before")
+    @field_validator("order_id", "currency", "provider", "subject", "notify_url", "client_ip", "device_id", mode="before")
     @classmethod
     def _no_control_characters(cls, value: object) -> object:
         return no_control_characters(value)
@@ -300,10 +306,15 @@ class PaymentOrder(BaseModel):
     def of(cls, request: CheckoutRequest) -> "PaymentOrder":
         """The order of a validated checkout request."""
         return cls(
-            order_id=request.order_id, amount_minor=request.amount_minor, currency=request.currency,
-            provider=request.provider, subject=request.subject,
+            order_id=request.order_id,
+            amount_minor=request.amount_minor,
+            currency=request.currency,
+            provider=request.provider,
+            subject=request.subject,
             customer=OrderCustomer(email=request.customer.email, phone=request.customer.phone),
-            notify_url=request.notify_url, client_ip=request.client_ip, device_id=request.device_id,
+            notify_url=request.notify_url,
+            client_ip=request.client_ip,
+            device_id=request.device_id,
             expires_in_seconds=request.expires_in_seconds,
         )
 

@@ -146,8 +146,9 @@ async def resolve_target(url: str, allowed_hosts: Iterable[str] = (), resolver: 
     return Target(url, scheme, host, port, tuple(dict.fromkeys(addresses)))
 
 
-def pinned_request(client: httpx.AsyncClient, target: Target, content: bytes, headers: dict[str, str],
-                   address: str | None = None) -> httpx.Request:
+def pinned_request(
+    client: httpx.AsyncClient, target: Target, content: bytes, headers: dict[str, str], address: str | None = None
+) -> httpx.Request:
     """A POST to ``address`` (a checked address of the target) that still names the host:
     the Host header and, for https, the TLS server name (SNI and certificate check) are
     the URL's host."""
@@ -155,8 +156,7 @@ def pinned_request(client: httpx.AsyncClient, target: Target, content: bytes, he
     default_port = 443 if target.scheme == "https" else 80
     host_header = target.host if target.port == default_port else f"{_bracketed(target.host)}:{target.port}"
     extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-    return client.build_request("POST", url, content=content, headers={**headers, "Host": host_header},
-                                extensions=extensions)
+    return client.build_request("POST", url, content=content, headers={**headers, "Host": host_header}, extensions=extensions)
 
 
 def _bracketed(host: str) -> str:
@@ -172,8 +172,15 @@ class DeliveryFailed(Exception):
         self.public, self.detail = public, detail
 
 
-async def post_pinned(url: str, content: bytes, headers: dict[str, str], *, allowed_hosts: Iterable[str] = (),
-                      resolver: Resolver = system_resolver, timeout: float | httpx.Timeout = 10.0) -> httpx.Response:
+async def post_pinned(
+    url: str,
+    content: bytes,
+    headers: dict[str, str],
+    *,
+    allowed_hosts: Iterable[str] = (),
+    resolver: Resolver = system_resolver,
+    timeout: float | httpx.Timeout = 10.0,
+) -> httpx.Response:
     """POST to a merchant URL: resolved once, checked, connected to the checked address,
     redirects never followed. Raises UnsafeTarget for a refused URL, DeliveryFailed when
     the endpoint cannot be reached or does not answer 2xx."""
@@ -183,20 +190,17 @@ async def post_pinned(url: str, content: bytes, headers: dict[str, str], *, allo
     async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
         for address in target.addresses:  # the checked addresses only; never a new lookup
             try:
-                response = await client.send(pinned_request(client, target, content, headers, address),
-                                             follow_redirects=False)
+                response = await client.send(pinned_request(client, target, content, headers, address), follow_redirects=False)
                 break
             except httpx.HTTPError as err:
                 errors.append(f"{address}: {type(err).__name__}: {err}")
                 if not isinstance(err, (httpx.ConnectError, httpx.ConnectTimeout)):
                     break  # the request may have arrived: not sent again to another address
     if response is None:
-        raise DeliveryFailed("the merchant endpoint could not be reached; resending with backoff",
-                             f"{url}: " + "; ".join(errors))
+        raise DeliveryFailed("the merchant endpoint could not be reached; resending with backoff", f"{url}: " + "; ".join(errors))
     if response.is_redirect:
         raise DeliveryFailed(
-            f"the merchant endpoint answered HTTP {response.status_code} (a redirect, not followed); "
-            "resending with backoff",
+            f"the merchant endpoint answered HTTP {response.status_code} (a redirect, not followed); resending with backoff",
             f"{url} ({target.address}) answered HTTP {response.status_code} to {response.headers.get('location')!r}",
         )
     if not response.is_success:
@@ -224,8 +228,10 @@ def public_view(view: PaymentView) -> PaymentView:
     failures say what failed, never an address or a connection error."""
     if not any(entry.event == "notification failed" for entry in view.timeline):
         return view
-    timeline = [entry.model_copy(update={"detail": public_failure(entry.detail)})
-                if entry.event == "notification failed" else entry for entry in view.timeline]
+    timeline = [
+        entry.model_copy(update={"detail": public_failure(entry.detail)}) if entry.event == "notification failed" else entry
+        for entry in view.timeline
+    ]
     return view.model_copy(update={"timeline": timeline})
 
 
@@ -246,11 +252,10 @@ NEXT_STEPS = {
     NotifyKind.PAID: "Your order is confirmed; nothing else is needed from you.",
     NotifyKind.FAILED: "No money was taken. You can place the order again and pay.",
     NotifyKind.CLOSED: "The payment window has closed and no money was taken. Place the order again to pay.",
-    NotifyKind.REFUND_STARTED: "The money goes back to the account you paid with; banks usually show it within "
-                               "1-5 working days.",
+    NotifyKind.REFUND_STARTED: "The money goes back to the account you paid with; banks usually show it within 1-5 working days.",
     NotifyKind.REFUNDED: "The refund is complete on our side; your bank shows it within 1-5 working days.",
     NotifyKind.IN_REVIEW: "Our team is checking the payment. You do not need to do anything or pay again; "
-                          "we will write to you with the outcome.",
+    "we will write to you with the outcome.",
 }
 
 
@@ -258,14 +263,16 @@ def compose(n: NotificationInput) -> tuple[str, str]:
     """(subject, body) of the customer's message."""
     amount = f"{to_major(n.amount_minor, n.currency)} {n.currency}"
     subject = SUBJECTS[n.kind].format(order=n.order_id, amount=amount)
-    body = "\n".join([
-        subject + ".",
-        "",
-        f"Order number: {n.order_id}",
-        f"Amount: {amount}",
-        f"What happened: {n.detail}",
-        f"What happens next: {NEXT_STEPS[n.kind]}",
-    ])
+    body = "\n".join(
+        [
+            subject + ".",
+            "",
+            f"Order number: {n.order_id}",
+            f"Amount: {amount}",
+            f"What happened: {n.detail}",
+            f"What happens next: {NEXT_STEPS[n.kind]}",
+        ]
+    )
     return subject, body
 
 
@@ -281,16 +288,21 @@ def compose_alert(incident: Incident) -> tuple[str, str]:
         if incident.status != "OPEN":
             subject = f"{head}: resolved, {'no longer failing' if what == 'failed' else 'differences dealt with'}"
             return subject, f"{subject}.\n\nWhen it opened: {incident.detail}\nWhat to do: nothing; the incident is closed."
-        subject = head + (f": {incident.rate:g} differences need a person (threshold {incident.threshold:g})"
-                          if what == "unresolved" else ": failed")
+        subject = head + (
+            f": {incident.rate:g} differences need a person (threshold {incident.threshold:g})"
+            if what == "unresolved"
+            else ": failed"
+        )
         next_step = (
             f"`paysentinel reconcile show --date {day}` lists each difference and what was done; the unresolved "
-            "ones say what they need." if what == "unresolved" else
-            "Fix what the error says (a bill that cannot be read: ask the provider for a corrected one; a provider "
+            "ones say what they need."
+            if what == "unresolved"
+            else "Fix what the error says (a bill that cannot be read: ask the provider for a corrected one; a provider "
             f"that does not answer: wait for it), then `paysentinel reconcile run --date {day}`."
         )
-        body = "\n".join([subject + ".", "", incident.detail,
-                           f"What to do: {next_step} Reconciling a day again repairs nothing twice."])
+        body = "\n".join(
+            [subject + ".", "", incident.detail, f"What to do: {next_step} Reconciling a day again repairs nothing twice."]
+        )
         return subject, body
     if incident.kind == "stuck_payments":  # the monitor's stuck money: a count, not a rate
         return compose_stuck_alert(incident)
@@ -299,19 +311,25 @@ def compose_alert(incident: Incident) -> tuple[str, str]:
             subject = "[paysentinel] resolved: a payment's child workflows have finished"
             return subject, f"{subject}.\n\nWhen it opened: {incident.detail}\nWhat to do: nothing."
         subject = "[paysentinel] a refund or review workflow of a payment failed"
-        return subject, "\n".join([
-            subject + ".", "", incident.detail,
-            "What the payment did: a refund was started again with the same provider refund id (the provider "
-            "refunds it once), a review was opened again; after three failures a refund goes to a person and a "
-            "review applies its safe default.",
-            "What to do: open the payment in the Temporal Web UI and read why the child failed (terminated, timed "
-            "out, id in use); `paysentinel review list` shows what waits for a person.",
-        ])
+        return subject, "\n".join(
+            [
+                subject + ".",
+                "",
+                incident.detail,
+                "What the payment did: a refund was started again with the same provider refund id (the provider "
+                "refunds it once), a review was opened again; after three failures a refund goes to a person and a "
+                "review applies its safe default.",
+                "What to do: open the payment in the Temporal Web UI and read why the child failed (terminated, timed "
+                "out, id in use); `paysentinel review list` shows what waits for a person.",
+            ]
+        )
     if incident.status == "OPEN":
         subject = f"[paysentinel] {name} {incident.rate:.1%} is above {incident.threshold:.1%} (monitor {incident.monitor})"
-        next_step = ("Find the failed or closed payments in the Temporal Web UI (PaymentStatus = \"FAILED\" or "
-                     "\"CLOSED\") and read their histories: provider errors, rejections or callbacks that never came. "
-                     "You get one message per incident, and another when it is over.")
+        next_step = (
+            'Find the failed or closed payments in the Temporal Web UI (PaymentStatus = "FAILED" or '
+            '"CLOSED") and read their histories: provider errors, rejections or callbacks that never came. '
+            "You get one message per incident, and another when it is over."
+        )
     else:
         subject = f"[paysentinel] resolved: {name} back under {incident.threshold:.1%} (monitor {incident.monitor})"
         next_step = "Nothing to do; the incident is closed."
@@ -320,15 +338,17 @@ def compose_alert(incident: Incident) -> tuple[str, str]:
 
 def _incident_body(incident: Incident, subject: str, peak: str, next_step: str) -> str:
     """An incident's message: what opened it, its worst figure, when it ended, what to do."""
-    return "\n".join([
-        subject + ".",
-        "",
-        f"Incident: {incident.id} ({incident.kind}), opened {incident.opened_at:%Y-%m-%d %H:%M:%S} UTC",
-        f"When opened: {incident.detail}",
-        peak,
-        *([f"Resolved: {incident.resolved_at:%Y-%m-%d %H:%M:%S} UTC"] if incident.resolved_at else []),
-        f"What to do: {next_step}",
-    ])
+    return "\n".join(
+        [
+            subject + ".",
+            "",
+            f"Incident: {incident.id} ({incident.kind}), opened {incident.opened_at:%Y-%m-%d %H:%M:%S} UTC",
+            f"When opened: {incident.detail}",
+            peak,
+            *([f"Resolved: {incident.resolved_at:%Y-%m-%d %H:%M:%S} UTC"] if incident.resolved_at else []),
+            f"What to do: {next_step}",
+        ]
+    )
 
 
 def compose_stuck_alert(incident: Incident) -> tuple[str, str]:
@@ -337,7 +357,7 @@ def compose_stuck_alert(incident: Incident) -> tuple[str, str]:
         subject = f"[paysentinel] {incident.rate:g} payments stuck: money is not moving (monitor {incident.monitor})"
         next_step = (
             "`paysentinel payment show <order>` and the payment's history in the Temporal Web UI "
-            "(WorkflowId STARTS_WITH \"<payment id>\" lists it with its refunds and reviews). "
+            '(WorkflowId STARTS_WITH "<payment id>" lists it with its refunds and reviews). '
             "CREATED/PENDING past the time to live: is a worker running? REFUNDING/IN_REVIEW without a running "
             "refund or review workflow: the child ended (terminated, timed out) without its parent recording an "
             "outcome; settle the money with the provider and correct the payment. A refund PROCESSING past the "

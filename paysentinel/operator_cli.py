@@ -30,8 +30,11 @@ console = Console()
 if not console.is_terminal:
     console.width = 140
 
-API_OPTION = typer.Option(None, "--api", help="Operator API base URL (default: PAYSENTINEL_OPERATOR_URL, "
-                                               "else http://<host>:<PAYSENTINEL_OPERATOR_PORT>)")
+API_OPTION = typer.Option(
+    None,
+    "--api",
+    help="Operator API base URL (default: PAYSENTINEL_OPERATOR_URL, else http://<host>:<PAYSENTINEL_OPERATOR_PORT>)",
+)
 REASON_OPTION = typer.Option(..., "--reason", "-r", help="Why: recorded with the decision")
 
 
@@ -78,8 +81,7 @@ def review_list(
         shown = f"{decision['action']} by {decision['operator']}" if decision else ""
         if pending and not decision:
             shown = f"{pending['action']} by {pending['operator']}, pending a second approval"
-        table.add_row(r["review_id"], r["reason"], r["status"], r["default_action"],
-                      (r["deadline_at"] or "")[:19], shown)
+        table.add_row(r["review_id"], r["reason"], r["status"], r["default_action"], (r["deadline_at"] or "")[:19], shown)
     console.print(table)
 
 
@@ -89,15 +91,17 @@ def review_show(review_id: str, api: Optional[str] = API_OPTION) -> None:
     r = _call(api, "GET", f"/operator/reviews/{review_id}")
     console.print(f"[bold]{r['review_id']}[/bold]  {r['reason']}  {r['status']}")
     console.print(f"evidence: {r['evidence']}")
-    console.print(f"possible: {', '.join(r['allowed_actions'])}; at the deadline {(r['deadline_at'] or '')[:19]}: "
-                  f"{r['default_action']}")
+    console.print(
+        f"possible: {', '.join(r['allowed_actions'])}; at the deadline {(r['deadline_at'] or '')[:19]}: {r['default_action']}"
+    )
     if r["decision"]:
         d = r["decision"]
         console.print(f"decided: {d['action']} by {d['operator']}: {d['reason']}")
     elif r.get("pending_decision"):
         pd = r["pending_decision"]
-        console.print(f"[yellow]pending a second approval by an approver:[/yellow] {pd['action']} by "
-                      f"{pd['operator']}: {pd['reason']}")
+        console.print(
+            f"[yellow]pending a second approval by an approver:[/yellow] {pd['action']} by {pd['operator']}: {pd['reason']}"
+        )
     _print_payment(_call(api, "GET", f"/operator/payments/{r['payment_id']}"))
 
 
@@ -140,8 +144,9 @@ def _print_payment(p) -> None:
         for column in ("refund id", "trade", "amount", "status", "by", "reason"):
             refunds.add_column(column)
         for r in p["refunds"]:
-            refunds.add_row(r["refund_id"], r["trade_no"], to_major(r["amount_minor"], currency), r["status"],
-                            r["requested_by"], r["reason"])
+            refunds.add_row(
+                r["refund_id"], r["trade_no"], to_major(r["amount_minor"], currency), r["status"], r["requested_by"], r["reason"]
+            )
         console.print(refunds)
     timeline = Table(title="timeline")
     for column in ("at", "event", "detail"):
@@ -160,7 +165,8 @@ PROVIDER_OPTION = typer.Option("simulator", "--provider")
 def reconcile_default(
     ctx: typer.Context,
     day: Optional[str] = typer.Option(None, "--date", "-d", help="Reconcile this day now (same as `run --date`)"),
-    provider: str = PROVIDER_OPTION, api: Optional[str] = API_OPTION,
+    provider: str = PROVIDER_OPTION,
+    api: Optional[str] = API_OPTION,
 ) -> None:
     """`paysentinel reconcile --date D` reconciles a day; the subcommands below do more."""
     if ctx.invoked_subcommand is not None:
@@ -173,7 +179,9 @@ def reconcile_default(
 
 @reconcile_app.command("run")
 def reconcile_run(
-    day: str = DATE_OPTION, provider: str = PROVIDER_OPTION, api: Optional[str] = API_OPTION,
+    day: str = DATE_OPTION,
+    provider: str = PROVIDER_OPTION,
+    api: Optional[str] = API_OPTION,
     wait: bool = typer.Option(True, help="Wait for the report, showing progress"),
 ) -> None:
     """Reconcile a day now: load the bill, match it, repair what differs, report.
@@ -191,8 +199,10 @@ def reconcile_run(
             if finished and report and datetime.fromisoformat(report["finished_at"]) > asked:
                 break
             if view:
-                status.update(f"reconciling {day}: {view['bill_rows_loaded']} bill rows loaded, "
-                              f"{len(view['discrepancies'])} differences found")
+                status.update(
+                    f"reconciling {day}: {view['bill_rows_loaded']} bill rows loaded, "
+                    f"{len(view['discrepancies'])} differences found"
+                )
             time.sleep(1)
     _print_reconciliation(view)
 
@@ -211,8 +221,17 @@ def reconcile_list(api: Optional[str] = API_OPTION) -> None:
         table.add_column(column)
     for r in _call(api, "GET", "/operator/reconciliations"):
         differences = sum(c["count"] for k, c in r["classes"].items() if k != "day_boundary")
-        table.add_row(r["day"], r["provider"], r["status"], str(r["rows"]), str(r["matched"]), str(r["day_boundary"]),
-                      str(differences), str(r["unresolved"]), str(r["passes"]))
+        table.add_row(
+            r["day"],
+            r["provider"],
+            r["status"],
+            str(r["rows"]),
+            str(r["matched"]),
+            str(r["day_boundary"]),
+            str(differences),
+            str(r["unresolved"]),
+            str(r["passes"]),
+        )
     console.print(table)
 
 
@@ -224,9 +243,11 @@ def _get_run(api: Optional[str], day: str, provider: str):
 
 def _print_reconciliation(view) -> None:
     r = view["report"]
-    console.print(f"[bold]reconciliation {r['day']} ({r['provider']})[/bold]  {r['status']}  "
-                  f"{r['rows']} bill rows, {r['matched']} matched ({r['day_boundary']} across the day boundary), "
-                  f"{r['unresolved']} unresolved; reconciled {r['passes']} time(s)")
+    console.print(
+        f"[bold]reconciliation {r['day']} ({r['provider']})[/bold]  {r['status']}  "
+        f"{r['rows']} bill rows, {r['matched']} matched ({r['day_boundary']} across the day boundary), "
+        f"{r['unresolved']} unresolved; reconciled {r['passes']} time(s)"
+    )
     if not r["classes"]:
         console.print("[green]no differences: every bill row matched, and the bill has every payment we recorded[/green]")
         return
@@ -241,10 +262,18 @@ def _print_reconciliation(view) -> None:
         for column in ("class", "order", "provider", "ours", "detail", "resolution"):
             items.add_column(column, overflow="fold")
         for d in view["discrepancies"]:
+
             def money(v, currency=d["currency"]):
                 return "" if v is None else to_major(v, currency)
-            items.add_row(d["kind"], d["order_id"], money(d["provider_amount_minor"]), money(d["our_amount_minor"]),
-                          d["detail"], ("" if d["resolved"] else "[red]open[/red] ") + (d["resolution"] or "pending"))
+
+            items.add_row(
+                d["kind"],
+                d["order_id"],
+                money(d["provider_amount_minor"]),
+                money(d["our_amount_minor"]),
+                d["detail"],
+                ("" if d["resolved"] else "[red]open[/red] ") + (d["resolution"] or "pending"),
+            )
         console.print(items)
 
 
@@ -252,7 +281,7 @@ def _print_reconciliation(view) -> None:
 
 
 def _since(value: str) -> str:
-    """"2h", "30m", "7d" (ago) or an ISO date/time -> an ISO timestamp in UTC."""
+    """ "2h", "30m", "7d" (ago) or an ISO date/time -> an ISO timestamp in UTC."""
     match = re.fullmatch(r"(\d+)([smhd])", value.strip())
     if match:
         seconds = int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
@@ -285,8 +314,17 @@ def audit_list(
         table.add_column(column, overflow="fold", ratio=1)
     colour = {"done": "green", "pending": "yellow", "refused": "red"}
     for r in rows:
-        table.add_row(r["at"][:19], r["operator"], r["role"], r["address"], r["action"], r["target"],
-                      f"[{colour[r['result']]}]{r['result']}[/{colour[r['result']]}]", r["reason"], r["detail"])
+        table.add_row(
+            r["at"][:19],
+            r["operator"],
+            r["role"],
+            r["address"],
+            r["action"],
+            r["target"],
+            f"[{colour[r['result']]}]{r['result']}[/{colour[r['result']]}]",
+            r["reason"],
+            r["detail"],
+        )
     console.print(table)
 
 

@@ -61,7 +61,7 @@ def merchant_refund_key(key: str) -> str:
 
 def child_suffix(key: str) -> str:
     """The part of a refund workflow's id that names the refund."""
-    return "m-" + key[len(MERCHANT_KEY):] if key.startswith(MERCHANT_KEY) else key
+    return "m-" + key[len(MERCHANT_KEY) :] if key.startswith(MERCHANT_KEY) else key
 
 
 def review_number(review_id: str) -> str:
@@ -144,8 +144,13 @@ class PaymentBook:
         for refund in self.refunds.values():
             if refund.status is RefundStatus.PROCESSING:
                 refunding[refund.trade_no] = refunding.get(refund.trade_no, 0) + refund.amount_minor
-        return Ledger(captured=dict(self.captured), refunded=dict(self.refunded), refunding=refunding,
-                      kept=dict(self.kept), accepted=self.accepted)
+        return Ledger(
+            captured=dict(self.captured),
+            refunded=dict(self.refunded),
+            refunding=refunding,
+            kept=dict(self.kept),
+            accepted=self.accepted,
+        )
 
     def money_status(self) -> PaymentStatus:
         """The status the money says (reviews, refunds, the accepted charge, else the lifecycle's)."""
@@ -163,8 +168,9 @@ class PaymentBook:
         return sum(1 for r in self.refunds.values() if r.trade_no == trade_no)
 
     def refunding_or_refunded(self, trade_no: str) -> int:
-        return sum(r.amount_minor for r in self.refunds.values()
-                   if r.trade_no == trade_no and r.status is not RefundStatus.FAILED)
+        return sum(
+            r.amount_minor for r in self.refunds.values() if r.trade_no == trade_no and r.status is not RefundStatus.FAILED
+        )
 
     def settlement_refund(self, trade_no: str) -> int:
         """What a settlement review's refund returns of a trade: what is not refunded or refunding."""
@@ -186,9 +192,11 @@ class PaymentBook:
         refundable = self.ledger().refundable()
         if command.amount_minor > refundable:
             trade = self.accepted
-            return (f"a refund of {money(command.amount_minor, currency)} exceeds what is refundable: "
-                    f"{money(refundable, currency)} (captured {money(self.captured[trade], currency)}, "
-                    f"refunded or refunding {money(self.refunding_or_refunded(trade), currency)})")
+            return (
+                f"a refund of {money(command.amount_minor, currency)} exceeds what is refundable: "
+                f"{money(refundable, currency)} (captured {money(self.captured[trade], currency)}, "
+                f"refunded or refunding {money(self.refunding_or_refunded(trade), currency)})"
+            )
         return None
 
     # --- The lifecycle --------------------------------------------------------------
@@ -207,8 +215,7 @@ class PaymentBook:
         trade_no = trade.trade_no or ""
         if trade_no in self.captured or trade_no in self.deciding:
             captured = self.captured.get(trade_no)
-            if source == "settlement" and captured is not None and (
-                    trade.amount_minor != captured or trade.currency != currency):
+            if source == "settlement" and captured is not None and (trade.amount_minor != captured or trade.currency != currency):
                 return Meaning.SETTLEMENT_DIFFERS
             return Meaning.ALREADY_PAID
         if trade.amount_minor == amount_minor and trade.currency == currency:

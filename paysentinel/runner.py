@@ -111,12 +111,12 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
 
 
 def child_command(part: str, parts: list[str], verbose: bool = False) -> list[str]:
-    return [sys.executable, "-m", "paysentinel.runner", part, "--of", ",".join(parts),
-            *(["--verbose"] if verbose else [])]
+    return [sys.executable, "-m", "paysentinel.runner", part, "--of", ",".join(parts), *(["--verbose"] if verbose else [])]
 
 
-async def run_processes(settings: Settings, parts: list[str], stop: asyncio.Event | None = None,
-                        verbose: bool = False, stop_timeout: float = 15) -> None:
+async def run_processes(
+    settings: Settings, parts: list[str], stop: asyncio.Event | None = None, verbose: bool = False, stop_timeout: float = 15
+) -> None:
     """Run each named part as a child process (``python -m paysentinel.runner PART``) until
     SIGINT/SIGTERM (or ``stop``). A child that exits stops the others and raises RuntimeError
     naming it; stopping sends each child SIGTERM by its pid, then SIGKILL after ``stop_timeout``."""
@@ -131,8 +131,10 @@ async def run_processes(settings: Settings, parts: list[str], stop: asyncio.Even
     try:
         for part in parts:
             children[part] = await asyncio.create_subprocess_exec(
-                *child_command(part, parts, verbose), stdin=asyncio.subprocess.DEVNULL,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                *child_command(part, parts, verbose),
+                stdin=asyncio.subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
             log.info("%s runs as process %d", part, children[part].pid)
         exits = {asyncio.create_task(child.wait(), name=part): part for part, child in children.items()}
         stopper = asyncio.create_task(stop.wait())

@@ -53,7 +53,7 @@ async def _records(chunks: AsyncIterator[str]) -> AsyncIterator[tuple[int, str]]
                     line, buffer = buffer, ""
                     yield line
                 return
-            line, buffer = buffer[:end + 1], buffer[end + 1:]
+            line, buffer = buffer[: end + 1], buffer[end + 1 :]
             yield line
 
     async def pieces():
@@ -101,9 +101,12 @@ async def parse_bill(chunks: AsyncIterator[str], tz: ZoneInfo) -> AsyncIterator[
             kind = KINDS[row["业务类型"]]
             currency = row["币种"] or "CNY"
             yield SettlementRow(
-                kind=kind, trade_no=row["支付宝交易号"], order_id=row["商户订单号"],
+                kind=kind,
+                trade_no=row["支付宝交易号"],
+                order_id=row["商户订单号"],
                 refund_no=row["退款批次号/请求号"] if kind == REFUND else "",
-                amount_minor=abs(to_minor(row["订单金额（元）"].lstrip("-"), currency)), currency=currency,
+                amount_minor=abs(to_minor(row["订单金额（元）"].lstrip("-"), currency)),
+                currency=currency,
                 at=datetime.strptime(row["完成时间"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=tz).astimezone(timezone.utc),
             )
         except (KeyError, ValueError) as err:

@@ -27,7 +27,8 @@ def client_profile(environ: Optional[Mapping[str, str]] = None) -> ClientConfigP
     except Exception as err:  # noqa: BLE001 - a configuration mistake, said with what to fix
         raise RuntimeError(
             f"the Temporal client configuration cannot be loaded: {err}. Check TEMPORAL_CONFIG_FILE / "
-            "TEMPORAL_PROFILE (a TOML file with [profile.<name>]) and the TEMPORAL_* variables.") from err
+            "TEMPORAL_PROFILE (a TOML file with [profile.<name>]) and the TEMPORAL_* variables."
+        ) from err
 
 
 def configured_address(settings: Settings, environ: Optional[Mapping[str, str]] = None) -> str:
@@ -45,9 +46,11 @@ def connect_options(settings: Settings, environ: Optional[Mapping[str, str]] = N
     try:
         options: dict[str, Any] = dict(client_profile(environ).to_client_connect_config())
     except OSError as err:  # a TLS file that cannot be read
-        raise RuntimeError(f"a Temporal TLS file cannot be read: {err}. Check TEMPORAL_TLS_SERVER_CA_CERT_PATH, "
-                           "TEMPORAL_TLS_CLIENT_CERT_PATH and TEMPORAL_TLS_CLIENT_KEY_PATH (or the profile's "
-                           "tls section).") from err
+        raise RuntimeError(
+            f"a Temporal TLS file cannot be read: {err}. Check TEMPORAL_TLS_SERVER_CA_CERT_PATH, "
+            "TEMPORAL_TLS_CLIENT_CERT_PATH and TEMPORAL_TLS_CLIENT_KEY_PATH (or the profile's "
+            "tls section)."
+        ) from err
     profile_address = options.pop("target_host", None)
     profile_namespace = options.pop("namespace", None)
     options["target_host"] = settings.temporal_address or profile_address or settings.effective_temporal_address
@@ -62,10 +65,18 @@ def _describe_tls(options: dict[str, Any], environ: Mapping[str, str]) -> str:
         return "without TLS"
     parts = ["with TLS"]
     if isinstance(tls, TLSConfig):
-        parts.append("client certificate " + ("from " + environ.get("TEMPORAL_TLS_CLIENT_CERT_PATH", "the profile")
-                                              if tls.client_cert else "none"))
-        parts.append("server CA " + ("from " + environ.get("TEMPORAL_TLS_SERVER_CA_CERT_PATH", "the profile")
-                                     if tls.server_root_ca_cert else "the system's"))
+        parts.append(
+            "client certificate "
+            + ("from " + environ.get("TEMPORAL_TLS_CLIENT_CERT_PATH", "the profile") if tls.client_cert else "none")
+        )
+        parts.append(
+            "server CA "
+            + (
+                "from " + environ.get("TEMPORAL_TLS_SERVER_CA_CERT_PATH", "the profile")
+                if tls.server_root_ca_cert
+                else "the system's"
+            )
+        )
         if tls.domain:
             parts.append(f"server name {tls.domain}")
     if options.get("api_key"):
@@ -76,32 +87,48 @@ def _describe_tls(options: dict[str, Any], environ: Mapping[str, str]) -> str:
 def connection_advice(error: str, options: dict[str, Any], environ: Mapping[str, str]) -> str:
     """What to fix, from what went wrong when connecting."""
     text = error.lower()
-    tls_words = ("certificate", "handshake", "tls", "unknownca", "unknown ca", "badcert", "unknownissuer", "alert",
-                 "invalidcertificate")
+    tls_words = (
+        "certificate",
+        "handshake",
+        "tls",
+        "unknownca",
+        "unknown ca",
+        "badcert",
+        "unknownissuer",
+        "alert",
+        "invalidcertificate",
+    )
     # A server that refuses our client certificate (TLS 1.3) closes the stream right after the handshake.
     refused_after_handshake = options.get("tls") and any(
-        word in text for word in ("broken pipe", "connection reset", "transport error", "connection closed",
-                                  "canceled"))
+        word in text for word in ("broken pipe", "connection reset", "transport error", "connection closed", "canceled")
+    )
     if any(word in text for word in tls_words) or refused_after_handshake:
         client_cert = isinstance(options.get("tls"), TLSConfig) and options["tls"].client_cert
-        missing = "" if client_cert else (
-            "no client certificate is configured, and the server may require one (mTLS); ")
-        return (f"the TLS handshake failed: {missing}TEMPORAL_TLS_SERVER_CA_CERT_PATH must be the CA that signed the "
-                "server's certificate, TEMPORAL_TLS_SERVER_NAME a name in it, and for mTLS "
-                "TEMPORAL_TLS_CLIENT_CERT_PATH / TEMPORAL_TLS_CLIENT_KEY_PATH a certificate and key signed by a CA "
-                "the server trusts (Temporal Cloud: the CA certificate uploaded for the namespace)")
+        missing = "" if client_cert else ("no client certificate is configured, and the server may require one (mTLS); ")
+        return (
+            f"the TLS handshake failed: {missing}TEMPORAL_TLS_SERVER_CA_CERT_PATH must be the CA that signed the "
+            "server's certificate, TEMPORAL_TLS_SERVER_NAME a name in it, and for mTLS "
+            "TEMPORAL_TLS_CLIENT_CERT_PATH / TEMPORAL_TLS_CLIENT_KEY_PATH a certificate and key signed by a CA "
+            "the server trusts (Temporal Cloud: the CA certificate uploaded for the namespace)"
+        )
     if any(word in text for word in ("unauthenticated", "permission", "unauthorized", "api key", "forbidden")):
-        return ("the server refused our credentials: check TEMPORAL_API_KEY (Temporal Cloud: an API key with access "
-                "to the namespace) or the client certificate, and the namespace")
-    if not options.get("tls") and any(word in text for word in ("connection reset", "broken pipe", "h2 protocol",
-                                                                "frame", "eof")):
+        return (
+            "the server refused our credentials: check TEMPORAL_API_KEY (Temporal Cloud: an API key with access "
+            "to the namespace) or the client certificate, and the namespace"
+        )
+    if not options.get("tls") and any(
+        word in text for word in ("connection reset", "broken pipe", "h2 protocol", "frame", "eof")
+    ):
         return "the server may require TLS: set TEMPORAL_TLS=true (and the TEMPORAL_TLS_* files for mTLS)"
-    return ("start the local stack with `paysentinel up`, or set TEMPORAL_ADDRESS (and TEMPORAL_NAMESPACE, "
-            "TEMPORAL_TLS_* or TEMPORAL_API_KEY) to your Temporal cluster")
+    return (
+        "start the local stack with `paysentinel up`, or set TEMPORAL_ADDRESS (and TEMPORAL_NAMESPACE, "
+        "TEMPORAL_TLS_* or TEMPORAL_API_KEY) to your Temporal cluster"
+    )
 
 
-async def connect(settings: Settings, runtime: Optional[Runtime] = None, *,
-                  environ: Optional[Mapping[str, str]] = None) -> Client:
+async def connect(
+    settings: Settings, runtime: Optional[Runtime] = None, *, environ: Optional[Mapping[str, str]] = None
+) -> Client:
     """The one way every process (worker, starters, CLI, tests, benchmarks) connects: the pydantic
     data converter with the payload encryption codec, so no customer data reaches the history;
     address, namespace, TLS and API key from the settings and the SDK's environment configuration
@@ -132,6 +159,7 @@ async def ensure_schedule(client: Client, schedule_id: str, schedule: Schedule) 
     try:
         await client.create_schedule(schedule_id, schedule)
     except ScheduleAlreadyRunningError:
+
         async def replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
             return ScheduleUpdate(schedule=schedule)
 

@@ -49,17 +49,22 @@ class JsonLinesExporter(SpanExporter):
             context = span.get_span_context()
             if context is None:
                 continue
-            lines.append(json.dumps({
-                "name": span.name,
-                "trace_id": f"{context.trace_id:032x}",
-                "span_id": f"{context.span_id:016x}",
-                "parent_id": f"{span.parent.span_id:016x}" if span.parent else None,
-                "service": span.resource.attributes.get("service.name"),
-                "start_ns": span.start_time,
-                "end_ns": span.end_time,
-                "attributes": {k: v if isinstance(v, (str, int, float, bool)) else str(v)
-                               for k, v in (span.attributes or {}).items()},
-            }))
+            lines.append(
+                json.dumps(
+                    {
+                        "name": span.name,
+                        "trace_id": f"{context.trace_id:032x}",
+                        "span_id": f"{context.span_id:016x}",
+                        "parent_id": f"{span.parent.span_id:016x}" if span.parent else None,
+                        "service": span.resource.attributes.get("service.name"),
+                        "start_ns": span.start_time,
+                        "end_ns": span.end_time,
+                        "attributes": {
+                            k: v if isinstance(v, (str, int, float, bool)) else str(v) for k, v in (span.attributes or {}).items()
+                        },
+                    }
+                )
+            )
         with _lock, self._path.open("a") as out:
             out.write("".join(line + "\n" for line in lines))
         return SpanExportResult.SUCCESS

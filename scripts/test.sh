@@ -14,6 +14,11 @@ PYTHON=${PYTHON:-python3}
 echo "==> Python packages"
 "$PYTHON" -m pip install --quiet --disable-pip-version-check -e '.[test]'
 
+echo "==> Lint, format and types (ruff, mypy: settings in pyproject.toml)"
+"$PYTHON" -m ruff check .
+"$PYTHON" -m ruff format --check .
+"$PYTHON" -m mypy
+
 echo "==> Temporal CLI"
 "$PYTHON" -m paysentinel.cli temporal-cli
 

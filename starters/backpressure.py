@@ -25,12 +25,18 @@ from temporalio.service import RPCError, RPCStatusCode
 
 log = logging.getLogger("paysentinel.backpressure")
 
-overloaded = Counter("paysentinel_overloaded_total", "Requests answered 503 because the system was busy",
-                     ["route", "reason"])
+overloaded = Counter("paysentinel_overloaded_total", "Requests answered 503 because the system was busy", ["route", "reason"])
 
 # RPC statuses that say "busy or unreachable, try again" rather than "this request is wrong".
-BUSY_STATUSES = frozenset({RPCStatusCode.RESOURCE_EXHAUSTED, RPCStatusCode.UNAVAILABLE,
-                           RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED, RPCStatusCode.ABORTED})
+BUSY_STATUSES = frozenset(
+    {
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.CANCELLED,
+        RPCStatusCode.ABORTED,
+    }
+)
 
 
 class Overloaded(Exception):
@@ -56,7 +62,10 @@ class Admission:
         except asyncio.TimeoutError:
             raise Overloaded(
                 f"busy: {self.limit} checkouts are in progress on this server; retry after {self.retry_after} s "
-                "with the same order id", "in_flight", self.retry_after) from None
+                "with the same order id",
+                "in_flight",
+                self.retry_after,
+            ) from None
         self.in_flight += 1
         try:
             yield
@@ -67,8 +76,7 @@ class Admission:
 
 def is_busy(err: BaseException) -> bool:
     """Whether ``err`` is Temporal or the database being too busy (or away) to take a request."""
-    if isinstance(err, (RPCTimeoutOrCancelledError, PoolTimeoutError, OperationalError, asyncio.TimeoutError,
-                        ConnectionError)):
+    if isinstance(err, (RPCTimeoutOrCancelledError, PoolTimeoutError, OperationalError, asyncio.TimeoutError, ConnectionError)):
         return True
     return isinstance(err, RPCError) and err.status in BUSY_STATUSES
 
@@ -81,14 +89,17 @@ def add_overload_answers(app: FastAPI, route: str, retry_after: int = 1) -> None
             reason, wait, message = exc.reason, exc.retry_after, str(exc)
         elif is_busy(exc):
             reason, wait = type(exc).__name__, retry_after
-            message = (f"busy: Temporal or the database did not take the request in time ({type(exc).__name__}); "
-                       f"retry after {wait} s" + (" with the same order id" if route == "payments" else ""))
+            message = (
+                f"busy: Temporal or the database did not take the request in time ({type(exc).__name__}); "
+                f"retry after {wait} s" + (" with the same order id" if route == "payments" else "")
+            )
         else:  # not overload: a real error, the usual 500
             raise exc
         overloaded.labels(route, reason).inc()
         log.warning("%s %s answered 503: %s", request.method, request.url.path, message)
-        return JSONResponse(status_code=503, content={"error": message, "retry_after_seconds": wait},
-                            headers={"Retry-After": str(wait)})
+        return JSONResponse(
+            status_code=503, content={"error": message, "retry_after_seconds": wait}, headers={"Retry-After": str(wait)}
+        )
 
     for kind in (Overloaded, RPCTimeoutOrCancelledError, RPCError, PoolTimeoutError, OperationalError):
         app.add_exception_handler(kind, answer)

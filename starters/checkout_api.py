@@ -63,8 +63,10 @@ from workflows.payment import PaymentWorkflow
 
 log = logging.getLogger("paysentinel.api")
 bearer = HTTPBearer(auto_error=False)
-UNAUTHENTICATED = ("merchant API key missing, unknown or revoked: send 'Authorization: Bearer <merchant API key>'; "
-                   "create one with `paysentinel key create --merchant M --scope payments`")
+UNAUTHENTICATED = (
+    "merchant API key missing, unknown or revoked: send 'Authorization: Bearer <merchant API key>'; "
+    "create one with `paysentinel key create --merchant M --scope payments`"
+)
 
 
 def merchant_key(scope: str):
@@ -78,9 +80,11 @@ def merchant_key(scope: str):
             raise HTTPException(401, UNAUTHENTICATED, headers={"WWW-Authenticate": "Bearer"})
         if scope not in found.scopes:
             raise HTTPException(
-                403, f"key {found.key_id} of merchant {found.merchant_id} lacks the scope {scope!r} "
-                     f"(it has: {', '.join(found.scopes) or 'none'}); create a key with it: "
-                     f"`paysentinel key create --merchant {found.merchant_id} --scope {scope}`")
+                403,
+                f"key {found.key_id} of merchant {found.merchant_id} lacks the scope {scope!r} "
+                f"(it has: {', '.join(found.scopes) or 'none'}); create a key with it: "
+                f"`paysentinel key create --merchant {found.merchant_id} --scope {scope}`",
+            )
         return found
 
     return caller
@@ -194,19 +198,25 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/payments", response_model=PaymentView, status_code=201)
     async def create_payment(
-        request: CheckoutRequest, response: Response, res: Resources = Depends(resources),
+        request: CheckoutRequest,
+        response: Response,
+        res: Resources = Depends(resources),
         caller: Caller = Depends(merchant_key("payments")),
     ) -> PaymentView:
         merchant = caller.merchant_id
         internal = request.model_copy(update={"order_id": internal_order(merchant, request.order_id)})
         if len(internal.order_id) > INTERNAL_ORDER_MAX:
-            raise HTTPException(422, f"order_id is too long: merchant {merchant}'s order ids have at most "
-                                     f"{INTERNAL_ORDER_MAX - len(merchant) - 1} characters")
+            raise HTTPException(
+                422,
+                f"order_id is too long: merchant {merchant}'s order ids have at most "
+                f"{INTERNAL_ORDER_MAX - len(merchant) - 1} characters",
+            )
         bind(payment_workflow_id(internal.order_id))
         adapter = res.providers.get(request.provider)
         if adapter is None:
-            raise HTTPException(422, f"unknown provider {request.provider!r}; this deployment takes "
-                                     f"{', '.join(res.providers) or 'none'}")
+            raise HTTPException(
+                422, f"unknown provider {request.provider!r}; this deployment takes {', '.join(res.providers) or 'none'}"
+            )
         if (problem := adapter.check_order(internal.order_id, request.amount_minor, request.currency)) is not None:
             raise HTTPException(422, f"{request.provider} cannot take this order: {problem}")
         if request.notify_url:
@@ -245,7 +255,8 @@ def create_app(settings: Settings) -> FastAPI:
         payment_id: str,
         body: RefundCreate,
         idempotency_key: str = Header(
-            ..., pattern=r"^[A-Za-z0-9_\-]{1,24}$",
+            ...,
+            pattern=r"^[A-Za-z0-9_\-]{1,24}$",
             description="Your key for this refund: the same key again returns the same refund",
         ),
         res: Resources = Depends(resources),
@@ -269,8 +280,12 @@ def create_app(settings: Settings) -> FastAPI:
     ) -> list[dict]:
         """The merchant's own callbacks: those for its order numbers (``<merchant>-...``)."""
         merchant = caller.merchant_id
-        query = (select(db.Callback).where(db.Callback.order_id.startswith(f"{merchant}-", autoescape=True))
-                 .order_by(db.Callback.id.desc()).limit(limit))
+        query = (
+            select(db.Callback)
+            .where(db.Callback.order_id.startswith(f"{merchant}-", autoescape=True))
+            .order_by(db.Callback.id.desc())
+            .limit(limit)
+        )
         if delivery:
             query = query.where(db.Callback.delivery == delivery)
         if order_id:
@@ -279,10 +294,15 @@ def create_app(settings: Settings) -> FastAPI:
             rows = (await session.scalars(query)).all()
         return [
             {
-                "event_id": r.event_id, "provider": r.provider, "order_id": merchant_order(merchant, r.order_id or ""),
+                "event_id": r.event_id,
+                "provider": r.provider,
+                "order_id": merchant_order(merchant, r.order_id or ""),
                 "payment_id": r.payment_id,
-                "trade_status": r.trade_status, "delivery": r.delivery, "delivery_error": r.delivery_error,
-                "received_at": r.received_at, "delivered_at": r.delivered_at,
+                "trade_status": r.trade_status,
+                "delivery": r.delivery,
+                "delivery_error": r.delivery_error,
+                "received_at": r.received_at,
+                "delivered_at": r.delivered_at,
             }
             for r in rows
         ]

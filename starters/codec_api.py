@@ -126,8 +126,15 @@ async def decode(request: Request, _: Any = Depends(operator)) -> Response:
 async def sign_in(request: Request, who: Any = Depends(operator)) -> Response:
     token = request.headers["authorization"].partition(" ")[2].strip()
     response = JSONResponse({"operator": getattr(who, "name", who), "expires_in_seconds": SESSION_SECONDS})
-    response.set_cookie(COOKIE, token, max_age=SESSION_SECONDS, path="/codec", httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https")
+    response.set_cookie(
+        COOKIE,
+        token,
+        max_age=SESSION_SECONDS,
+        path="/codec",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
     return response
 
 
@@ -143,11 +150,14 @@ async def preflight(request: Request) -> Response:
     """CORS preflight of the Web UI's codec requests (JSON body, X-Namespace header)."""
     if not _cors_headers(request):
         return Response(status_code=403)
-    return Response(status_code=204, headers={
-        "Access-Control-Allow-Methods": "POST, OPTIONS",
-        "Access-Control-Allow-Headers": "Content-Type, X-Namespace, Authorization, Authorization-Extras",
-        "Access-Control-Max-Age": "600",
-    })
+    return Response(
+        status_code=204,
+        headers={
+            "Access-Control-Allow-Methods": "POST, OPTIONS",
+            "Access-Control-Allow-Headers": "Content-Type, X-Namespace, Authorization, Authorization-Extras",
+            "Access-Control-Max-Age": "600",
+        },
+    )
 
 
 LOGIN_PAGE = """<!doctype html>

@@ -33,10 +33,14 @@ Route = Literal["payments", "webhooks"]
 def limits_from(settings: Settings, route: Route) -> tuple[Limit, Limit]:
     """(per client, per address) of a route, from the settings."""
     if route == "payments":
-        return (Limit(settings.rate_limit_payments_per_second, settings.rate_limit_payments_burst),
-                Limit(settings.rate_limit_payments_address_per_second, settings.rate_limit_payments_address_burst))
-    return (Limit(settings.rate_limit_webhooks_per_second, settings.rate_limit_webhooks_burst),
-            Limit(settings.rate_limit_webhooks_address_per_second, settings.rate_limit_webhooks_address_burst))
+        return (
+            Limit(settings.rate_limit_payments_per_second, settings.rate_limit_payments_burst),
+            Limit(settings.rate_limit_payments_address_per_second, settings.rate_limit_payments_address_burst),
+        )
+    return (
+        Limit(settings.rate_limit_webhooks_per_second, settings.rate_limit_webhooks_burst),
+        Limit(settings.rate_limit_webhooks_address_per_second, settings.rate_limit_webhooks_address_burst),
+    )
 
 
 def address_key(host: str) -> str:
@@ -62,8 +66,16 @@ def client_key(headers: dict[bytes, bytes], address: str) -> str:
 class AbuseLimits:
     """ASGI middleware: the limits of one route (``POST`` to paths that ``matches``)."""
 
-    def __init__(self, app: ASGIApp, *, route: Route, matches: Callable[[str], bool], client: Limit,
-                 address: Limit, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        route: Route,
+        matches: Callable[[str], bool],
+        client: Limit,
+        address: Limit,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.app, self.route, self.matches, self.clock = app, route, matches, clock
         self.clients, self.addresses = RateLimiter(client), RateLimiter(address)
 
@@ -73,8 +85,9 @@ class AbuseLimits:
             return
         address = address_key((scope.get("client") or ("unknown", 0))[0])
         headers = dict(scope["headers"])
-        refusal = admit([("client", self.clients, client_key(headers, address)),
-                         ("address", self.addresses, address)], self.clock())
+        refusal = admit(
+            [("client", self.clients, client_key(headers, address)), ("address", self.addresses, address)], self.clock()
+        )
         if refusal is None:
             await self.app(scope, receive, send)
             return
@@ -83,8 +96,8 @@ class AbuseLimits:
         who = "this client" if refusal.name == "client" else "this address"
         body = {
             "error": f"too many requests: {who} may make {refusal.limit.per_second:g} per second "
-                     f"(bursts of {refusal.limit.burst}) to {scope['path']}; retry after "
-                     f"{refusal.retry_after_header} s. Nothing was done with this request.",
+            f"(bursts of {refusal.limit.burst}) to {scope['path']}; retry after "
+            f"{refusal.retry_after_header} s. Nothing was done with this request.",
             "limit": refusal.name,
             "retry_after_seconds": round(refusal.retry_after, 3),
         }
@@ -103,5 +116,6 @@ def _webhooks(path: str) -> bool:
 def add_abuse_limits(app: FastAPI, settings: Settings, route: Route) -> None:
     """Limit POST /payments (``payments``) or POST /webhooks/{provider} (``webhooks``)."""
     client, address = limits_from(settings, route)
-    app.add_middleware(AbuseLimits, route=route, matches=_payments if route == "payments" else _webhooks,
-                       client=client, address=address)
+    app.add_middleware(
+        AbuseLimits, route=route, matches=_payments if route == "payments" else _webhooks, client=client, address=address
+    )

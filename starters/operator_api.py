@@ -101,8 +101,9 @@ def operator(
         if hmac.compare_digest(given, digest):  # every hash compared: constant time
             found = (name, role)
     if found is None:
-        raise HTTPException(401, "operator token missing or invalid: send 'Authorization: Bearer <token>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401, "operator token missing or invalid: send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"}
+        )
     return Operator(found[0], found[1], request.client.host if request.client else "")
 
 
@@ -111,10 +112,18 @@ def refuse_role(who: Operator, needed: str, what: str) -> HTTPException:
     return HTTPException(403, f"{who.role} {who.name} may not {what}; ask {article} {needed}")
 
 
-async def audit(res: Resources, who: Operator, action: str, target: str, reason: str, result: str,
-                detail: str) -> None:
-    await db.record_audit(res.sessions, operator=who.name, role=who.role, address=who.address, action=action,
-                          target=target, reason=reason, result=result, detail=detail[:2000])
+async def audit(res: Resources, who: Operator, action: str, target: str, reason: str, result: str, detail: str) -> None:
+    await db.record_audit(
+        res.sessions,
+        operator=who.name,
+        role=who.role,
+        address=who.address,
+        action=action,
+        target=target,
+        reason=reason,
+        result=result,
+        detail=detail[:2000],
+    )
 
 
 class DecisionBody(BaseModel):
@@ -141,15 +150,26 @@ def _view(row: db.Review, pending: Optional[db.PendingDecision] = None) -> Opera
     reason = ReviewReason(row.reason)
     decision = None
     if row.action:
-        decision = ReviewOutcome(review_id=row.review_id, action=ReviewAction(row.action),
-                                 operator=row.decided_by or "", reason=row.decision_reason or "")
+        decision = ReviewOutcome(
+            review_id=row.review_id,
+            action=ReviewAction(row.action),
+            operator=row.decided_by or "",
+            reason=row.decision_reason or "",
+        )
     waiting = None
     if pending is not None and row.status != "DECIDED":
         waiting = PendingView.model_validate(pending, from_attributes=True)
     return OperatorReviewView(
-        review_id=row.review_id, payment_id=row.payment_id, order_id=row.order_id, reason=reason,
-        evidence=row.evidence, status=row.status, allowed_actions=REVIEW_ACTIONS[reason][0],
-        default_action=ReviewAction(row.default_action), deadline_at=row.deadline_at, decision=decision,
+        review_id=row.review_id,
+        payment_id=row.payment_id,
+        order_id=row.order_id,
+        reason=reason,
+        evidence=row.evidence,
+        status=row.status,
+        allowed_actions=REVIEW_ACTIONS[reason][0],
+        default_action=ReviewAction(row.default_action),
+        deadline_at=row.deadline_at,
+        decision=decision,
         pending_decision=waiting,
     )
 
@@ -166,8 +186,7 @@ async def _pending(res: Resources, review_ids: list[str]) -> dict[str, db.Pendin
     if not review_ids:
         return {}
     async with res.sessions() as session:
-        rows = (await session.scalars(
-            select(db.PendingDecision).where(db.PendingDecision.review_id.in_(review_ids)))).all()
+        rows = (await session.scalars(select(db.PendingDecision).where(db.PendingDecision.review_id.in_(review_ids)))).all()
     return {row.review_id: row for row in rows}
 
 
@@ -193,25 +212,25 @@ async def list_reviews(
 
 
 @router.get("/reviews/{review_id}", response_model=OperatorReviewView)
-async def get_review(
-    review_id: str, _: Operator = Depends(operator), res: Resources = Depends(resources)
-) -> OperatorReviewView:
+async def get_review(review_id: str, _: Operator = Depends(operator), res: Resources = Depends(resources)) -> OperatorReviewView:
     row = await _row(res, review_id)
     return _view(row, (await _pending(res, [review_id])).get(review_id))
 
 
-@router.post("/reviews/{review_id}/decision", response_model=ReviewOutcome,
-             responses={202: {"description": "recorded, pending a second approval by an approver"}})
-async def decide(
-    review_id: str, body: DecisionBody, who: Operator = Depends(operator), res: Resources = Depends(resources)
-):
+@router.post(
+    "/reviews/{review_id}/decision",
+    response_model=ReviewOutcome,
+    responses={202: {"description": "recorded, pending a second approval by an approver"}},
+)
+async def decide(review_id: str, body: DecisionBody, who: Operator = Depends(operator), res: Resources = Depends(resources)):
     """Decide a review (operator and above). Above the four-eyes amount the first decision is
     only recorded (202); a second, different approver deciding the same completes it."""
     try:
         answer, result, detail = await _decide(res, who, review_id, body)
     except HTTPException as err:
-        await audit(res, who, f"review.{body.action.value}", review_id, body.reason, "refused",
-                    f"{err.status_code}: {err.detail}")
+        await audit(
+            res, who, f"review.{body.action.value}", review_id, body.reason, "refused", f"{err.status_code}: {err.detail}"
+        )
         raise
     await audit(res, who, f"review.{body.action.value}", review_id, body.reason, result, detail)
     return answer
@@ -225,39 +244,70 @@ async def _decide(res: Resources, who: Operator, review_id: str, body: DecisionB
     amount, currency = await _at_stake(res, row, body.action)
     threshold = res.settings.four_eyes_minor
     if amount <= threshold:
-        outcome = await _execute(res, review_id, ReviewDecision(action=body.action, reason=body.reason,
-                                                                operator=who.name))
+        outcome = await _execute(res, review_id, ReviewDecision(action=body.action, reason=body.reason, operator=who.name))
         return outcome, "done", f"{body.action.value} ({to_major(amount, currency)} {currency} at stake)"
     money = f"{to_major(amount, currency)} {currency}"
     allowed = REVIEW_ACTIONS[ReviewReason(row.reason)][0]
     if body.action not in allowed:  # what the workflow's validator would say, before anything is recorded
-        raise HTTPException(409, f"'{body.action.value}' is not possible for a {row.reason} review; "
-                                 f"possible: {', '.join(a.value for a in allowed)}")
+        raise HTTPException(
+            409,
+            f"'{body.action.value}' is not possible for a {row.reason} review; possible: {', '.join(a.value for a in allowed)}",
+        )
     pending = (await _pending(res, [review_id])).get(review_id)
     if pending is None:
         try:
             async with res.sessions() as session, session.begin():
-                session.add(db.PendingDecision(review_id=review_id, action=body.action.value, reason=body.reason,
-                                               operator=who.name, role=who.role, amount_minor=amount,
-                                               currency=currency))
+                session.add(
+                    db.PendingDecision(
+                        review_id=review_id,
+                        action=body.action.value,
+                        reason=body.reason,
+                        operator=who.name,
+                        role=who.role,
+                        amount_minor=amount,
+                        currency=currency,
+                    )
+                )
         except IntegrityError as err:
-            raise HTTPException(409, f"another decision on {review_id} was recorded at the same moment; "
-                                     f"look at it: GET /operator/reviews/{review_id}") from err
-        message = (f"{body.action.value} of {review_id} ({money}, above the four-eyes amount of "
-                   f"{to_major(threshold, currency)}) recorded by {who.name}, pending a second approval by an "
-                   f"approver")
-        return JSONResponse(status_code=202, content={
-            "status": "pending", "review_id": review_id, "action": body.action.value, "operator": who.name,
-            "amount_minor": amount, "currency": currency, "message": message,
-        }), "pending", message
+            raise HTTPException(
+                409,
+                f"another decision on {review_id} was recorded at the same moment; look at it: GET /operator/reviews/{review_id}",
+            ) from err
+        message = (
+            f"{body.action.value} of {review_id} ({money}, above the four-eyes amount of "
+            f"{to_major(threshold, currency)}) recorded by {who.name}, pending a second approval by an "
+            f"approver"
+        )
+        return (
+            JSONResponse(
+                status_code=202,
+                content={
+                    "status": "pending",
+                    "review_id": review_id,
+                    "action": body.action.value,
+                    "operator": who.name,
+                    "amount_minor": amount,
+                    "currency": currency,
+                    "message": message,
+                },
+            ),
+            "pending",
+            message,
+        )
     if pending.operator == who.name:
-        raise HTTPException(409, f"{who.name} already decided {pending.action} on {review_id} ({money}); "
-                                 "it needs a second approval by a different approver")
+        raise HTTPException(
+            409,
+            f"{who.name} already decided {pending.action} on {review_id} ({money}); "
+            "it needs a second approval by a different approver",
+        )
     if not who.may("approver"):
         raise refuse_role(who, "approver", f"give the second approval of {pending.operator}'s {pending.action}")
     if pending.action != body.action.value:
-        raise HTTPException(409, f"{review_id} has {pending.action} by {pending.operator} pending a second "
-                                 f"approval; approve that action ({pending.action}) or let it be")
+        raise HTTPException(
+            409,
+            f"{review_id} has {pending.action} by {pending.operator} pending a second "
+            f"approval; approve that action ({pending.action}) or let it be",
+        )
     both = f"{pending.operator}+{who.name}"[:64]
     reason = f"{pending.reason} (second approval by {who.name}: {body.reason})"
     if len(reason) > 500:
@@ -300,9 +350,7 @@ def _already_decided(row: db.Review) -> str:
 
 
 @router.get("/payments/{payment_id}", response_model=PaymentView)
-async def get_payment(
-    payment_id: str, _: Operator = Depends(operator), res: Resources = Depends(resources)
-) -> PaymentView:
+async def get_payment(payment_id: str, _: Operator = Depends(operator), res: Resources = Depends(resources)) -> PaymentView:
     from starters.checkout_api import view_from_row
 
     async with res.sessions() as session:
@@ -375,8 +423,9 @@ class ReconciliationView(BaseModel):
 def _day(day: date, res: Resources) -> date:
     today = datetime.now(ZoneInfo(res.settings.settlement_timezone)).date()
     if day > today:
-        raise HTTPException(422, f"{day} has not started yet in {res.settings.settlement_timezone}; "
-                                 f"reconcile {today} or an earlier day")
+        raise HTTPException(
+            422, f"{day} has not started yet in {res.settings.settlement_timezone}; reconcile {today} or an earlier day"
+        )
     return day
 
 
@@ -385,8 +434,9 @@ async def list_reconciliations(
     limit: int = Query(30, ge=1, le=366), _: Operator = Depends(operator), res: Resources = Depends(resources)
 ) -> list[ReconcileReport]:
     async with res.sessions() as session:
-        runs = (await session.scalars(
-            select(db.ReconciliationRun).order_by(db.ReconciliationRun.bill_date.desc()).limit(limit))).all()
+        runs = (
+            await session.scalars(select(db.ReconciliationRun).order_by(db.ReconciliationRun.bill_date.desc()).limit(limit))
+        ).all()
     return [report_of(run) for run in runs]
 
 
@@ -398,14 +448,20 @@ async def get_reconciliation(
     async with res.sessions() as session:
         run = await session.get(db.ReconciliationRun, rid)
         if run is None:
-            raise HTTPException(404, f"{day} ({provider}) has not been reconciled; "
-                                     f"start it with `paysentinel reconcile run --date {day}`")
-        loaded = await session.scalar(select(func.count()).where(
-            db.SettlementRowRecord.provider == provider, db.SettlementRowRecord.bill_date == day.isoformat()))
-        items = (await session.scalars(
-            select(db.Discrepancy).where(db.Discrepancy.run_id == rid).order_by(db.Discrepancy.id))).all()
+            raise HTTPException(
+                404, f"{day} ({provider}) has not been reconciled; start it with `paysentinel reconcile run --date {day}`"
+            )
+        loaded = await session.scalar(
+            select(func.count()).where(
+                db.SettlementRowRecord.provider == provider, db.SettlementRowRecord.bill_date == day.isoformat()
+            )
+        )
+        items = (
+            await session.scalars(select(db.Discrepancy).where(db.Discrepancy.run_id == rid).order_by(db.Discrepancy.id))
+        ).all()
     return ReconciliationView(
-        report=report_of(run), bill_rows_loaded=loaded or 0,
+        report=report_of(run),
+        bill_rows_loaded=loaded or 0,
         discrepancies=[DiscrepancyView.model_validate(item, from_attributes=True) for item in items],
     )
 
@@ -436,11 +492,14 @@ async def _start_reconciliation(day: date, provider: str, who: Operator, res: Re
     except RPCError:
         running = None  # never run before
     if running == WorkflowExecutionStatus.RUNNING:
-        raise HTTPException(409, f"a reconciliation of {day} is still running ({workflow_id}); run the day again "
-                                 "once it has finished")
+        raise HTTPException(
+            409, f"a reconciliation of {day} is still running ({workflow_id}); run the day again once it has finished"
+        )
     await res.client.start_workflow(
-        ReconciliationWorkflow.run, reconcile_input(res.settings, provider).model_copy(update={"day": day}),
-        id=workflow_id, task_queue=res.settings.task_queue,
+        ReconciliationWorkflow.run,
+        reconcile_input(res.settings, provider).model_copy(update={"day": day}),
+        id=workflow_id,
+        task_queue=res.settings.task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
         static_summary=f"Reconcile {provider} {day} (started by {who.name}, {who.role})",

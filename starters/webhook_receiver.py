@@ -48,9 +48,14 @@ async def store(res: Resources, event: ProviderCallback, raw: bytes) -> db.Callb
     """Insert the callback; returns None when this event id was already settled."""
     async with res.sessions() as session:
         row = db.Callback(
-            provider=event.provider, event_id=event.event_id, order_id=event.order_id,
-            trade_status=event.trade_status.value, raw_body=raw.decode("utf-8", "replace"),
-            signature_verified=True, delivery="pending", received_at=event.received_at,
+            provider=event.provider,
+            event_id=event.event_id,
+            order_id=event.order_id,
+            trade_status=event.trade_status.value,
+            raw_body=raw.decode("utf-8", "replace"),
+            signature_verified=True,
+            delivery="pending",
+            received_at=event.received_at,
         )
         session.add(row)
         try:
@@ -146,8 +151,12 @@ def create_app(settings: Settings) -> FastAPI:
             return reply(err.status_code, err.detail)
         except (SQLAlchemyError, OSError) as err:
             # The database is unreachable: nothing stored, so the provider must send it again.
-            log.warning("callback %s for order %s not accepted: the database is unavailable (%s)", event.event_id,
-                        event.order_id, type(err).__name__)
+            log.warning(
+                "callback %s for order %s not accepted: the database is unavailable (%s)",
+                event.event_id,
+                event.order_id,
+                type(err).__name__,
+            )
             metrics.callbacks.labels(provider, "not_accepted").inc()
             return reply(503, "the database is unavailable; the callback was not stored and will be accepted on resend")
         metrics.callbacks.labels(provider, outcome.result).inc()

@@ -25,8 +25,15 @@ from temporalio.client import Client
 from paysentinel.config import DEFAULT_CACHE_DIR, token_digest
 from paysentinel.devserver import DevServer, ensure_temporal_cli, free_port
 from tests.helpers import (
-    MERCHANT_A, MERCHANT_B, MERCHANT_PREVIOUS_SECRET, MERCHANT_SECRET, SIMULATOR_SECRET, Books, assert_books_balance,
-    set_provider_urls, track_books,
+    MERCHANT_A,
+    MERCHANT_B,
+    MERCHANT_PREVIOUS_SECRET,
+    MERCHANT_SECRET,
+    SIMULATOR_SECRET,
+    Books,
+    assert_books_balance,
+    set_provider_urls,
+    track_books,
 )
 from tests.fakes import FAKES
 
@@ -60,14 +67,17 @@ TEST_TIMINGS = {
     "PAYSENTINEL_RECONCILE_BATCH_ROWS": "25",  # several batches even for a small day
     "PAYSENTINEL_RECONCILE_VERIFY_WAIT_SECONDS": "20",  # a run waits this long for its repairs to show
 }
-OPERATORS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789",
-             "carol": "carol-token-0123456789", "vera": "vera-token-0123456789"}
+OPERATORS = {
+    "alice": "alice-token-0123456789",
+    "bob": "bob-token-0123456789",
+    "carol": "carol-token-0123456789",
+    "vera": "vera-token-0123456789",
+}
 ROLES = {"alice": "operator", "bob": "approver", "carol": "approver", "vera": "viewer"}
 OPERATOR_HEADERS = {"Authorization": f"Bearer {OPERATORS['alice']}"}
 # The tests' payload keys (fixed, so histories recorded by a test run replay in later ones):
 # "test-2" encrypts, "test-1" still decrypts (a rotation in progress).
-TEST_PAYLOAD_KEYS = ("test-2:cGF5c2VudGluZWwtdGVzdC1wYXlsb2FkLWtleS0wMDI=,"
-                     "test-1:cGF5c2VudGluZWwtdGVzdC1wYXlsb2FkLWtleS0wMDE=")
+TEST_PAYLOAD_KEYS = "test-2:cGF5c2VudGluZWwtdGVzdC1wYXlsb2FkLWtleS0wMDI=,test-1:cGF5c2VudGluZWwtdGVzdC1wYXlsb2FkLWtleS0wMDE="
 FOUR_EYES_MINOR = 50_000  # decisions moving more than 500.00 need a second approver
 
 
@@ -87,15 +97,16 @@ def time_skipping_server() -> str:
     script = Path(__file__).resolve().parent.parent / "scripts" / "ensure-test-server.sh"
     found = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     if found.returncode != 0:
-        pytest.fail(f"the time-skipping test server is missing and could not be obtained:\n{found.stderr}",
-                    pytrace=False)
+        pytest.fail(f"the time-skipping test server is missing and could not be obtained:\n{found.stderr}", pytrace=False)
     return found.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="session")
 async def temporal_server(temporal_cli: Path, tmp_path_factory) -> AsyncIterator[DevServer]:
     server = DevServer(
-        temporal_cli, log_file=tmp_path_factory.mktemp("temporal") / "temporal.log", port=free_port(),
+        temporal_cli,
+        log_file=tmp_path_factory.mktemp("temporal") / "temporal.log",
+        port=free_port(),
         ui_port=free_port(),  # the Web UI test browses it
     )
     async with server:
@@ -214,15 +225,19 @@ def start_parts(env: dict[str, str], parts: str, log_file: Path) -> subprocess.P
     with open(log_file, "ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "paysentinel.cli", "up", "--parts", parts],
-            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
 
 
 def start_fake(name: str, env: dict[str, str], log_file: Path) -> subprocess.Popen:
     """A provider's fake (tests/fakes/<name>.py) as its own process."""
     with open(log_file, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", f"tests.fakes.{name}"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            [sys.executable, "-m", f"tests.fakes.{name}"], env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
 
 
 def stop_process(process: subprocess.Popen) -> None:
@@ -287,8 +302,9 @@ def stack(temporal_server: DevServer, database_url: str, mailbox: Mailbox, tmp_p
         "PAYSENTINEL_SIMULATOR_PORT": str(ports["simulator"]),
         "PAYSENTINEL_SDK_METRICS_PORT": str(ports["sdk_metrics"]),
         "PAYSENTINEL_DATA_DIR": str(tmp_path_factory.mktemp("data")),
-        "PAYSENTINEL_OPERATOR_TOKENS": ",".join(f"{name}:{ROLES[name]}:{token_digest(token)}"
-                                                for name, token in OPERATORS.items()),
+        "PAYSENTINEL_OPERATOR_TOKENS": ",".join(
+            f"{name}:{ROLES[name]}:{token_digest(token)}" for name, token in OPERATORS.items()
+        ),
         "PAYSENTINEL_FOUR_EYES_MINOR": str(FOUR_EYES_MINOR),
         "PAYSENTINEL_SIMULATOR_WEBHOOK_SECRET": SIMULATOR_SECRET,  # not the development profile: secrets of its own
         "PAYSENTINEL_MERCHANT_WEBHOOK_SECRET": MERCHANT_SECRET,
@@ -318,7 +334,8 @@ def stack(temporal_server: DevServer, database_url: str, mailbox: Mailbox, tmp_p
             continue
         port = free_port()
         setup = importlib.import_module(f"tests.fakes.{name}").prepare(
-            tmp_path_factory.mktemp(f"fake-{name}"), port, f"{stack.webhook_url}/webhooks/{name}")
+            tmp_path_factory.mktemp(f"fake-{name}"), port, f"{stack.webhook_url}/webhooks/{name}"
+        )
         env.update(setup.app_env)
         fakes.append((name, f"http://127.0.0.1:{port}", {**os.environ, **setup.fake_env}))
     env["PAYSENTINEL_PROVIDERS"] = ",".join(["simulator", *(name for name, _, _ in fakes)])
@@ -404,8 +421,9 @@ def _books_balance(request: pytest.FixtureRequest) -> None:
 
 
 @pytest.fixture
-async def _books_balance_check(request: pytest.FixtureRequest, books: Books, stack: Stack,
-                               database_url: str) -> AsyncIterator[None]:
+async def _books_balance_check(
+    request: pytest.FixtureRequest, books: Books, stack: Stack, database_url: str
+) -> AsyncIterator[None]:
     yield
     call = request.node.stash.get(_REPORTS, {}).get("call")
     if call is None or not call.passed or not books.to_check():

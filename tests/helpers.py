@@ -54,17 +54,26 @@ def own_operator_tokens() -> str:
 
     [entry] = Settings.model_fields["operator_tokens"].default
     token = secrets.token_hex(16)
-    parts = [(hashlib.sha256(token.encode()).hexdigest() if len(part) == 64 else token)
-             if part in DEVELOPMENT_SECRET_VALUES else part for part in str(entry).split(":")]
+    parts = [
+        (hashlib.sha256(token.encode()).hexdigest() if len(part) == 64 else token) if part in DEVELOPMENT_SECRET_VALUES else part
+        for part in str(entry).split(":")
+    ]
     return ":".join(parts)
 
 
-async def start_payment(api: httpx.AsyncClient, order_id: str, amount_minor: int = 9990, *,
-                        merchant: str = MERCHANT_A, **extra) -> httpx.Response:
+async def start_payment(
+    api: httpx.AsyncClient, order_id: str, amount_minor: int = 9990, *, merchant: str = MERCHANT_A, **extra
+) -> httpx.Response:
     """POST /payments as ``merchant`` (whose key ``api`` sends); an accepted order joins the running
     test's books (see ``Books``) under its internal order number."""
-    body = {"order_id": order_id, "amount_minor": amount_minor, "currency": "CNY", "subject": "test order",
-            "customer": {"email": f"{order_id}@example.com"}, **extra}
+    body = {
+        "order_id": order_id,
+        "amount_minor": amount_minor,
+        "currency": "CNY",
+        "subject": "test order",
+        "customer": {"email": f"{order_id}@example.com"},
+        **extra,
+    }
     response = await api.post("/payments", json=body)
     if response.is_success and _books is not None:
         _books.started(provider_order(order_id, merchant))
@@ -159,20 +168,28 @@ class _Side:
 
     def describe(self, problem: str) -> str:
         books = self.ledger or {}
-        trades = ", ".join(f"{t['trade_no']} {t['trade_status']} {t['total_amount']}"
-                           + (f" refunded {t['refunded_amount']}" if t["refunded_amount"] != "0.00" else "")
-                           for t in books.get("trades", [])) or "none"
-        refunds = ", ".join(f"{r['out_request_no']} {r['refund_amount']} {r['refund_status']}"
-                            for r in books.get("refunds", [])) or "none"
-        provider = (f"provider captured {books.get('captured_minor', 0)}, refunded {books.get('refunded_minor', 0)}"
-                    f" (net {self.provider_net}; trades: {trades}; refunds: {refunds})")
+        trades = (
+            ", ".join(
+                f"{t['trade_no']} {t['trade_status']} {t['total_amount']}"
+                + (f" refunded {t['refunded_amount']}" if t["refunded_amount"] != "0.00" else "")
+                for t in books.get("trades", [])
+            )
+            or "none"
+        )
+        refunds = (
+            ", ".join(f"{r['out_request_no']} {r['refund_amount']} {r['refund_status']}" for r in books.get("refunds", []))
+            or "none"
+        )
+        provider = (
+            f"provider captured {books.get('captured_minor', 0)}, refunded {books.get('refunded_minor', 0)}"
+            f" (net {self.provider_net}; trades: {trades}; refunds: {refunds})"
+        )
         if self.row is None:
             ours = "ours: no payments row"
         else:
             row = self.row
             review = f" ({row.review_reason})" if row.review_reason else ""
-            ours = (f"ours {row.status}{review}, paid {row.paid_amount_minor}, refunded {row.refunded_minor}"
-                    f" (net {self.our_net})")
+            ours = f"ours {row.status}{review}, paid {row.paid_amount_minor}, refunded {row.refunded_minor} (net {self.our_net})"
         return f"  {self.order}: {problem}\n    {provider}\n    {ours}"
 
 
@@ -186,8 +203,9 @@ def set_provider_urls(urls: dict[str, str]) -> None:
     _PROVIDER_URLS.update(urls)
 
 
-async def _ledgers(sim: httpx.AsyncClient, orders: list[str], providers: dict[str, str] | None = None,
-                   batch: int = 100) -> dict[str, dict]:
+async def _ledgers(
+    sim: httpx.AsyncClient, orders: list[str], providers: dict[str, str] | None = None, batch: int = 100
+) -> dict[str, dict]:
     """The provider's ledger of each order (GET /control/ledger?order=..., a batch at a time);
     ``providers`` names each order's provider (default: the simulator, ``sim``)."""
     by_provider: dict[str, list[str]] = {}
@@ -198,7 +216,7 @@ async def _ledgers(sim: httpx.AsyncClient, orders: list[str], providers: dict[st
         http = sim if provider == "simulator" else httpx.AsyncClient(base_url=_PROVIDER_URLS[provider], timeout=30)
         try:
             for start in range(0, len(names), batch):
-                response = await http.get("/control/ledger", params={"order": names[start:start + batch]})
+                response = await http.get("/control/ledger", params={"order": names[start : start + batch]})
                 assert response.status_code == 200, response.text
                 found.update(response.json()["orders"])
         finally:
@@ -207,9 +225,14 @@ async def _ledgers(sim: httpx.AsyncClient, orders: list[str], providers: dict[st
     return found
 
 
-async def assert_books_balance(sim: httpx.AsyncClient, sessions, order_ids: Iterable[str] | None = None,
-                               timeout: float | None = None, *,
-                               allow_review: bool | Collection[str] = False) -> dict[str, dict]:
+async def assert_books_balance(
+    sim: httpx.AsyncClient,
+    sessions,
+    order_ids: Iterable[str] | None = None,
+    timeout: float | None = None,
+    *,
+    allow_review: bool | Collection[str] = False,
+) -> dict[str, dict]:
     """For each internal order number (by default every order this test started and did not exempt;
     ``provider_order`` turns a merchant's order into one), wait until our
     payments row is no longer CREATED, PENDING or REFUNDING and the provider's captured − refunded
@@ -228,8 +251,10 @@ async def assert_books_balance(sim: httpx.AsyncClient, sessions, order_ids: Iter
     deadline = time.monotonic() + timeout
     while orders:
         async with sessions() as session:
-            rows = {row.order_id: row for row in
-                    (await session.scalars(select(db.Payment).where(db.Payment.order_id.in_(orders)))).all()}
+            rows = {
+                row.order_id: row
+                for row in (await session.scalars(select(db.Payment).where(db.Payment.order_id.in_(orders)))).all()
+            }
         ledgers = await _ledgers(sim, orders, {order: row.provider for order, row in rows.items()})
         unsettled: dict[str, str] = {}
         for order in orders:
@@ -243,7 +268,8 @@ async def assert_books_balance(sim: httpx.AsyncClient, sessions, order_ids: Iter
             raise AssertionError(
                 f"the books do not balance after {timeout:g}s for {len(unsettled)} of {len(orders)} order(s) "
                 "(provider captured − refunded against our paid − refunded, minor units):\n"
-                + "\n".join(sides[order].describe(problem) for order, problem in unsettled.items()))
+                + "\n".join(sides[order].describe(problem) for order, problem in unsettled.items())
+            )
         await asyncio.sleep(BOOKS_POLL_SECONDS)
     return {}
 
@@ -277,6 +303,7 @@ async def wait_for(predicate, timeout: float = 20, what: str = "condition"):
 
 async def mails_to(mailbox, address: str, count: int, timeout: float = 20) -> list:
     """The e-mails to ``address`` once at least ``count`` have arrived."""
+
     async def arrived():
         found = mailbox.to(address)
         return found if len(found) >= count else None
@@ -309,6 +336,7 @@ async def sim_trade(sim: httpx.AsyncClient, order_id: str, merchant: str | None 
 
 async def search_count(client: Client, query: str, expected: int, timeout: float = 15) -> int:
     """Visibility is eventually consistent: wait until the query finds ``expected`` workflows."""
+
     async def count() -> bool:
         return (await client.count_workflows(query)).count == expected
 

@@ -72,9 +72,11 @@ async def payment_view(client: Client, payment_id: str) -> PaymentView:
 def describe(view: Optional[PaymentView]) -> str:
     if view is None:
         return "no view"
-    return (f"status {view.status.value}, review {view.review_id}, refunds "
-            f"{[(r.amount_minor, r.status.value) for r in view.refunds]}, timeline "
-            f"{[(e.event, e.detail[:100]) for e in view.timeline]}")
+    return (
+        f"status {view.status.value}, review {view.review_id}, refunds "
+        f"{[(r.amount_minor, r.status.value) for r in view.refunds]}, timeline "
+        f"{[(e.event, e.detail[:100]) for e in view.timeline]}"
+    )
 
 
 async def settled(client: Client, branch: Branch, payment_id: str) -> PaymentView:
@@ -89,8 +91,10 @@ async def settled(client: Client, branch: Branch, payment_id: str) -> PaymentVie
                 await asyncio.sleep(max(0.0, (end - datetime.now(timezone.utc)).total_seconds()) + 1.5)
             return view
         await asyncio.sleep(0.25)
-    raise AssertionError(f"not over in {branch.timeout:g}s: expected {branch.status} with {branch.refunds} "
-                         f"refund(s) and {branch.reviews} review(s); {describe(view)}")
+    raise AssertionError(
+        f"not over in {branch.timeout:g}s: expected {branch.status} with {branch.refunds} "
+        f"refund(s) and {branch.reviews} review(s); {describe(view)}"
+    )
 
 
 async def runs(client: Client, workflow_id: str) -> list[WorkflowHistory]:
@@ -99,12 +103,16 @@ async def runs(client: Client, workflow_id: str) -> list[WorkflowHistory]:
     run_id = latest.events[0].workflow_execution_started_event_attributes.first_execution_run_id or latest.run_id
     chain: list[WorkflowHistory] = []
     while run_id:
-        history = latest if run_id == latest.run_id else (
-            await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history())
+        history = (
+            latest if run_id == latest.run_id else (await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history())
+        )
         chain.append(history)
         last = history.events[-1]
-        run_id = (last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
-                  if last.HasField("workflow_execution_continued_as_new_event_attributes") else "")
+        run_id = (
+            last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+            if last.HasField("workflow_execution_continued_as_new_event_attributes")
+            else ""
+        )
     return chain
 
 
@@ -123,8 +131,9 @@ async def children(client: Client, payment_id: str) -> list[tuple[str, str, str]
 def run_file_names(branch: str, count: int) -> list[str]:
     """``<branch>.json`` for the first run, ``<branch>.continued.json`` (``.continued.2.json``, ...)
     for the runs it continued as new into."""
-    return [f"{branch}.json"] + [f"{branch}.continued.json" if n == 1 else f"{branch}.continued.{n}.json"
-                                 for n in range(1, count)]
+    return [f"{branch}.json"] + [
+        f"{branch}.continued.json" if n == 1 else f"{branch}.continued.{n}.json" for n in range(1, count)
+    ]
 
 
 def child_file_names(branch: str, kinds: list[str]) -> list[str]:
@@ -167,14 +176,18 @@ async def _decide(parts: Parts, order: str, action: str, reason: str, reason_is:
     review = await _open_review(parts, order)
     if reason_is is not None:
         assert review["reason"] == reason_is, review
-    decided = await parts.operator.post(f"/operator/reviews/{review['review_id']}/decision",
-                                        json={"action": action, "reason": reason})
+    decided = await parts.operator.post(
+        f"/operator/reviews/{review['review_id']}/decision", json={"action": action, "reason": reason}
+    )
     assert decided.status_code == 200, decided.text
 
 
 async def _refund(parts: Parts, payment_id: str, key: str, amount: int) -> None:
-    response = await parts.api.post(f"/payments/{payment_id}/refunds", headers={"Idempotency-Key": key},
-                                    json={"amount_minor": amount, "reason": "customer returned the goods"})
+    response = await parts.api.post(
+        f"/payments/{payment_id}/refunds",
+        headers={"Idempotency-Key": key},
+        json={"amount_minor": amount, "reason": "customer returned the goods"},
+    )
     assert response.status_code == 202, response.text
 
 
@@ -222,8 +235,11 @@ async def twice(parts: Parts) -> str:
 
 
 async def paid_after_close(parts: Parts) -> str:
-    return (await _start(parts, "paid_after_close", expires_in_seconds=5, pay="never", after_close="pay",
-                         after_close_delay_seconds=0.3))[1]
+    return (
+        await _start(
+            parts, "paid_after_close", expires_in_seconds=5, pay="never", after_close="pay", after_close_delay_seconds=0.3
+        )
+    )[1]
 
 
 async def mismatch_approved(parts: Parts) -> str:
@@ -251,8 +267,9 @@ async def refund_retried(parts: Parts) -> str:
 
 async def status_unknown(parts: Parts) -> str:
     # Nobody pays, and at the end of the payment's time the provider cannot be reached to close it.
-    order, payment_id = await _start(parts, "status_unknown", expires_in_seconds=5, pay="never",
-                                     faults={"close": {"mode": "error", "times": -1}})
+    order, payment_id = await _start(
+        parts, "status_unknown", expires_in_seconds=5, pay="never", faults={"close": {"mode": "error", "times": -1}}
+    )
     await _decide(parts, order, "reject", "the payer confirms they did not pay", reason_is="status_unknown")
     return payment_id
 
@@ -286,24 +303,38 @@ async def settlement(parts: Parts) -> str:
     # Paid at the provider, but the callback is lost and every query fails: the payment stays
     # PENDING until the day's reconciliation signals what the bill says. Then the bill reports
     # another amount for the same trade: a settlement review, which a person approves.
-    order, payment_id = await _start(parts, "settlement", expires_in_seconds=60, pay="immediately", callback="drop",
-                                     faults={"query": {"mode": "error", "times": -1}})
+    order, payment_id = await _start(
+        parts,
+        "settlement",
+        expires_in_seconds=60,
+        pay="immediately",
+        callback="drop",
+        faults={"query": {"mode": "error", "times": -1}},
+    )
     trade = (await sim_trade(parts.sim, order))["trade"]
     assert trade["trade_status"] == "TRADE_SUCCESS", trade
     paid_at = datetime.fromisoformat(trade["gmt_payment"])
     handle = parts.client.get_workflow_handle(payment_id)
 
     def finding(kind: str, amount_minor: int) -> SettlementFinding:
-        return SettlementFinding(kind=kind, day=paid_at.date(), order_id=provider_order(order), trade_no=trade["trade_no"],
-                                 amount_minor=amount_minor, currency="CNY", paid_at=paid_at,
-                                 detail=f"{kind} found by reconciliation")
+        return SettlementFinding(
+            kind=kind,
+            day=paid_at.date(),
+            order_id=provider_order(order),
+            trade_no=trade["trade_no"],
+            amount_minor=amount_minor,
+            currency="CNY",
+            paid_at=paid_at,
+            detail=f"{kind} found by reconciliation",
+        )
 
     await handle.signal("settlement", finding("open_payment", AMOUNT))
     await wait_status(parts.api, payment_id, "SUCCEEDED")
     await handle.signal("settlement", finding("open_payment", AMOUNT))  # the same day reconciled again
     await handle.signal("settlement", finding("amount_differs", 100))
-    await _decide(parts, order, "approve", "our record stands; finance takes it up with the provider",
-                  reason_is="settlement_mismatch")
+    await _decide(
+        parts, order, "approve", "our record stands; finance takes it up with the provider", reason_is="settlement_mismatch"
+    )
     return payment_id
 
 
@@ -347,8 +378,7 @@ BRANCHES = [
     Branch("twice", twice, "SUCCEEDED", refunds=1, children={"refund": 1}),
     Branch("paid_after_close", paid_after_close, "REFUNDED", refunds=1, children={"refund": 1}),
     Branch("mismatch_approved", mismatch_approved, "SUCCEEDED", reviews=1, children={"review": 1}),
-    Branch("mismatch_rejected", mismatch_rejected, "REFUNDED", refunds=1, reviews=1,
-           children={"review": 1, "refund": 1}),
+    Branch("mismatch_rejected", mismatch_rejected, "REFUNDED", refunds=1, reviews=1, children={"review": 1, "refund": 1}),
     Branch("refund_retried", refund_retried, "REFUNDED", refunds=1, reviews=1, children={"refund": 2, "review": 1}),
     Branch("status_unknown", status_unknown, "CLOSED", reviews=1, children={"review": 1}),
     Branch("risk_rule", risk_rule, "SUCCEEDED", reviews=1, children={"review": 1}),

@@ -102,8 +102,14 @@ def assert_429(response: httpx.Response, limit: str) -> None:
 async def test_payment_creation_over_the_limit_is_429_and_creates_nothing(stack, client, sim, sessions, merchants):
     from starters.checkout_api import create_app
 
-    async with in_process(stack, create_app, rate_limit_payments_per_second=0.01, rate_limit_payments_burst=1,
-                          rate_limit_payments_address_per_second=0.01, rate_limit_payments_address_burst=2) as api:
+    async with in_process(
+        stack,
+        create_app,
+        rate_limit_payments_per_second=0.01,
+        rate_limit_payments_burst=1,
+        rate_limit_payments_address_per_second=0.01,
+        rate_limit_payments_address_burst=2,
+    ) as api:
         api.headers.update(merchants.headers())  # merchant A
         first = new_order("limit")
         await sim.put(f"/control/scripts/{provider_order(first)}", json={"pay": "immediately"})
@@ -117,8 +123,11 @@ async def test_payment_creation_over_the_limit_is_429_and_creates_nothing(stack,
         assert other.status_code == 401  # past the limits: an unknown key
         # ... and then the address is spent for everyone on it.
         third = new_order("limited")
-        response = await api.post("/payments", headers={"Authorization": "Bearer shop-c"},
-                                  json={"order_id": third, "amount_minor": 100, "currency": "CNY", "subject": "x"})
+        response = await api.post(
+            "/payments",
+            headers={"Authorization": "Bearer shop-c"},
+            json={"order_id": third, "amount_minor": 100, "currency": "CNY", "subject": "x"},
+        )
         assert_429(response, "address")
 
     for order in (second, third):  # a limited request changed nothing
@@ -134,15 +143,22 @@ async def test_webhooks_over_the_limit_are_429_and_store_nothing(stack, sessions
     from starters.webhook_receiver import create_app
     from tests.test_webhooks import trade_event
 
-    async with in_process(stack, create_app, address="2001:db8:7::1", rate_limit_webhooks_per_second=0.01,
-                          rate_limit_webhooks_burst=5, rate_limit_webhooks_address_per_second=0.01,
-                          rate_limit_webhooks_address_burst=1) as webhooks:
+    async with in_process(
+        stack,
+        create_app,
+        address="2001:db8:7::1",
+        rate_limit_webhooks_per_second=0.01,
+        rate_limit_webhooks_burst=5,
+        rate_limit_webhooks_address_per_second=0.01,
+        rate_limit_webhooks_address_burst=1,
+    ) as webhooks:
         assert (await webhooks.post("/webhooks/simulator", content=b"{}")).status_code == 401  # unsigned
         secret = stack.env.get("PAYSENTINEL_SIMULATOR_WEBHOOK_SECRET", DEV_WEBHOOK_SECRET)  # a verified callback
         order = new_order("whlimit")
         event_id, body = trade_event(order, "T-limit")
-        response = await webhooks.post("/webhooks/simulator", content=body,
-                                       headers=signing.signed_headers(secret, event_id, body))
+        response = await webhooks.post(
+            "/webhooks/simulator", content=body, headers=signing.signed_headers(secret, event_id, body)
+        )
         assert_429(response, "address")  # the /64 of the first request
         assert (await webhooks.get("/health")).status_code == 200  # only the limited route
     async with sessions() as session:

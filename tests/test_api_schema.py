@@ -28,8 +28,7 @@ def test_the_checkout_api_answers_generated_requests_without_server_errors(stack
         if operation.path in ("/metrics",):
             continue  # Prometheus text, not JSON
 
-        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy())
         def check(case) -> None:
             response = case.call(base_url=stack.api_url, headers=headers, timeout=30)

@@ -55,8 +55,9 @@ async def test_a_checkout_whose_update_is_cut_short_answers_from_the_database(cl
     settings = Settings(task_queue=f"nobody-polls-{new_order('q')}", checkout_wait_seconds=1)
     order = f"{MERCHANT_A}-{new_order('slow')}"
     started = time.monotonic()
-    view, created = await checkout(Resources(settings, client, sessions, {}),
-                                   CheckoutRequest(order_id=order, amount_minor=100), MERCHANT_A)
+    view, created = await checkout(
+        Resources(settings, client, sessions, {}), CheckoutRequest(order_id=order, amount_minor=100), MERCHANT_A
+    )
     assert time.monotonic() - started < 10
     assert created and (view.order_id, view.status.value) == (order, "CREATED")  # recorded; its workflow goes on
     handle = client.get_workflow_handle(view.payment_id)
@@ -71,12 +72,18 @@ def test_busy_means_temporal_or_the_database_could_not_take_it():
     assert not is_busy(ValueError("a bug"))
 
 
-async def test_many_concurrent_checkouts_get_201_429_or_503_and_accepted_ones_finish(stack: Stack, merchants, api,
-                                                                                      sim, tmp_path: Path):
+async def test_many_concurrent_checkouts_get_201_429_or_503_and_accepted_ones_finish(
+    stack: Stack, merchants, api, sim, tmp_path: Path
+):
     """A second checkout API on the same system, allowed two checkouts at once."""
     port = free_port()
-    env = {**stack.env, "PAYSENTINEL_API_PORT": str(port), "PAYSENTINEL_CHECKOUT_CONCURRENCY": "2",
-           "PAYSENTINEL_CHECKOUT_QUEUE_SECONDS": "0.05", "PAYSENTINEL_RATE_LIMIT_PAYMENTS_BURST": "30"}
+    env = {
+        **stack.env,
+        "PAYSENTINEL_API_PORT": str(port),
+        "PAYSENTINEL_CHECKOUT_CONCURRENCY": "2",
+        "PAYSENTINEL_CHECKOUT_QUEUE_SECONDS": "0.05",
+        "PAYSENTINEL_RATE_LIMIT_PAYMENTS_BURST": "30",
+    }
     log_file = tmp_path / "tight-api.log"
     tight = start_parts(env, "api", log_file)
     try:
@@ -117,11 +124,14 @@ def _wait_gone(pids: list[int], timeout: float = 20) -> None:
 
 
 def test_up_with_processes_stops_its_children_and_reports_one_that_dies(stack: Stack, tmp_path: Path):
-    ports = {"PAYSENTINEL_SIMULATOR_PORT": str(free_port()), "PAYSENTINEL_WEBHOOK_PORT": str(free_port()),
-             "PAYSENTINEL_SDK_METRICS_PORT": "0", "PAYSENTINEL_METRICS_PORT": str(free_port())}
+    ports = {
+        "PAYSENTINEL_SIMULATOR_PORT": str(free_port()),
+        "PAYSENTINEL_WEBHOOK_PORT": str(free_port()),
+        "PAYSENTINEL_SDK_METRICS_PORT": "0",
+        "PAYSENTINEL_METRICS_PORT": str(free_port()),
+    }
     env = {**stack.env, **ports}
-    urls = [f"http://127.0.0.1:{ports['PAYSENTINEL_SIMULATOR_PORT']}",
-            f"http://127.0.0.1:{ports['PAYSENTINEL_WEBHOOK_PORT']}"]
+    urls = [f"http://127.0.0.1:{ports['PAYSENTINEL_SIMULATOR_PORT']}", f"http://127.0.0.1:{ports['PAYSENTINEL_WEBHOOK_PORT']}"]
     log_file = tmp_path / "up.log"
 
     def start():
@@ -129,9 +139,13 @@ def test_up_with_processes_stops_its_children_and_reports_one_that_dies(stack: S
         import sys
 
         with open(log_file, "ab") as log:
-            process = subprocess.Popen([sys.executable, "-m", "paysentinel.cli", "up", "--processes",
-                                        "--parts", "simulator,webhooks"], env=env, stdout=log,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "paysentinel.cli", "up", "--processes", "--parts", "simulator,webhooks"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         _wait_healthy(urls, process, log_file)
         children = _children(process.pid)
         assert len(children) == 2, children

@@ -31,14 +31,27 @@ import httpx
 import pytest
 
 from paysentinel.cluster import (
-    SERVICES, ClusterError, ClusterPorts, ServerBinaries, TemporalCluster, ensure_server_binaries, make_certificates,
+    SERVICES,
+    ClusterError,
+    ClusterPorts,
+    ServerBinaries,
+    TemporalCluster,
+    ensure_server_binaries,
+    make_certificates,
 )
 from paysentinel.config import DEFAULT_CACHE_DIR, Settings, token_digest
 from paysentinel.devserver import free_port
 from tests.conftest import OPERATORS, ROLES, TEST_PAYLOAD_KEYS, TEST_TIMINGS, new_order, stop_process
 from tests.helpers import (
-    MERCHANT_A, MERCHANT_SECRET, SIMULATOR_SECRET, assert_books_balance, payment_id_for, provider_order, script,
-    start_payment, wait_status,
+    MERCHANT_A,
+    MERCHANT_SECRET,
+    SIMULATOR_SECRET,
+    assert_books_balance,
+    payment_id_for,
+    provider_order,
+    script,
+    start_payment,
+    wait_status,
 )
 
 BOOKS_TIMEOUT = 90.0  # an activity on a killed worker is retried after its 15 s start-to-close timeout
@@ -123,8 +136,9 @@ async def temporal_cluster(server_binaries: ServerBinaries, temporal_cli: Path) 
     # Under /tmp, reachable by the postgres user Temporal's PostgreSQL runs as when we are root.
     state = Path(tempfile.mkdtemp(prefix="paysentinel-cluster-"))
     state.chmod(0o755)
-    cluster = TemporalCluster(server_binaries, temporal_cli, state, ports=ClusterPorts.free(),
-                              log=lambda line: print(line, file=sys.stderr))
+    cluster = TemporalCluster(
+        server_binaries, temporal_cli, state, ports=ClusterPorts.free(), log=lambda line: print(line, file=sys.stderr)
+    )
     started = time.monotonic()
     try:
         await cluster.up(timeout=180)
@@ -132,8 +146,9 @@ async def temporal_cluster(server_binaries: ServerBinaries, temporal_cli: Path) 
         await asyncio.to_thread(cluster.down)
         logs = {service: cluster.log_tail(service, 5) for service in SERVICES}
         shutil.rmtree(state, ignore_errors=True)
-        pytest.fail(f"the Temporal cluster did not start: {err}\n" + "\n".join(f"{s}: {t}" for s, t in logs.items()),
-                    pytrace=False)
+        pytest.fail(
+            f"the Temporal cluster did not start: {err}\n" + "\n".join(f"{s}: {t}" for s, t in logs.items()), pytrace=False
+        )
     print(f"\n[Temporal cluster up in {time.monotonic() - started:.1f}s: {state}]", file=sys.stderr)
     try:
         yield cluster
@@ -187,9 +202,13 @@ class Replica:
         self.log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         with open(self.log_file, "ab") as log:
             # `paysentinel worker|api|webhooks`: one part, as in docker-compose.yml and deploy/k8s/
-            self.process = subprocess.Popen([sys.executable, "-m", "paysentinel.cli", self.part],
-                                            env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "paysentinel.cli", self.part],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
 
     def kill(self) -> None:
         """kill -9: no shutdown of any kind."""
@@ -236,8 +255,9 @@ def _wait_healthy(replicas: list[Replica], timeout: float = 240) -> None:
         replica = pending[0]
         assert replica.process is not None
         if replica.process.poll() is not None:
-            raise RuntimeError(f"{replica.name} exited with {replica.process.returncode}:\n"
-                               f"{replica.log_file.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"{replica.name} exited with {replica.process.returncode}:\n{replica.log_file.read_text()[-3000:]}"
+            )
         try:
             if httpx.get(f"{replica.url}/health", timeout=1).status_code == 200:
                 pending.pop(0)
@@ -253,8 +273,7 @@ def _wait_polling(stack: ClusterStack, replicas: list[Replica], timeout: float =
     """Until each worker replica has logged that it polls the task queue."""
     deadline = time.monotonic() + timeout
     for replica in replicas:
-        while "worker polling task queue" not in replica.log_file.read_bytes()[replica.log_offset:].decode(
-                errors="replace"):
+        while "worker polling task queue" not in replica.log_file.read_bytes()[replica.log_offset :].decode(errors="replace"):
             assert replica.process is not None
             if replica.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{replica.name} is not polling:\n{replica.log_file.read_text()[-3000:]}")
@@ -262,8 +281,7 @@ def _wait_polling(stack: ClusterStack, replicas: list[Replica], timeout: float =
 
 
 @pytest.fixture(scope="session")
-def cluster_stack(temporal_cluster: TemporalCluster, cluster_database_url: str,
-                  tmp_path_factory) -> Iterator[ClusterStack]:
+def cluster_stack(temporal_cluster: TemporalCluster, cluster_database_url: str, tmp_path_factory) -> Iterator[ClusterStack]:
     logs = tmp_path_factory.mktemp("cluster-stack")
     webhook_ports = [free_port(), free_port()]
     balancer = Balancer(webhook_ports)
@@ -280,29 +298,39 @@ def cluster_stack(temporal_cluster: TemporalCluster, cluster_database_url: str,
         "PAYSENTINEL_PUBLIC_WEBHOOK_BASE_URL": f"http://127.0.0.1:{balancer.port}",
         "PAYSENTINEL_PROVIDERS": "simulator",
         "PAYSENTINEL_DATA_DIR": str(tmp_path_factory.mktemp("cluster-data")),
-        "PAYSENTINEL_OPERATOR_TOKENS": ",".join(f"{name}:{ROLES[name]}:{token_digest(token)}"
-                                                for name, token in OPERATORS.items()),
+        "PAYSENTINEL_OPERATOR_TOKENS": ",".join(
+            f"{name}:{ROLES[name]}:{token_digest(token)}" for name, token in OPERATORS.items()
+        ),
         "PAYSENTINEL_SIMULATOR_WEBHOOK_SECRET": SIMULATOR_SECRET,
         "PAYSENTINEL_MERCHANT_WEBHOOK_SECRET": MERCHANT_SECRET,
         "PAYSENTINEL_PAYLOAD_KEYS": TEST_PAYLOAD_KEYS,
         "PAYSENTINEL_RECONCILE_ENABLED": "false",
         "PAYSENTINEL_SMTP_HOST": "",
     }
-    stack = ClusterStack(temporal_cluster, cluster_database_url, f"http://127.0.0.1:{simulator_port}", balancer,
-                         task_queue)
+    stack = ClusterStack(temporal_cluster, cluster_database_url, f"http://127.0.0.1:{simulator_port}", balancer, task_queue)
     for index in range(2):
         ports = {"worker": free_port(), "api": free_port(), "webhooks": webhook_ports[index]}
         for part, port in ports.items():
-            env = {**base, "PAYSENTINEL_SDK_METRICS_PORT": str(free_port()), "PAYSENTINEL_METRICS_PORT": str(free_port()),
-                   "PAYSENTINEL_API_PORT": str(ports["api"]), "PAYSENTINEL_WEBHOOK_PORT": str(ports["webhooks"]),
-                   "PAYSENTINEL_OPERATOR_PORT": str(free_port())}
+            env = {
+                **base,
+                "PAYSENTINEL_SDK_METRICS_PORT": str(free_port()),
+                "PAYSENTINEL_METRICS_PORT": str(free_port()),
+                "PAYSENTINEL_API_PORT": str(ports["api"]),
+                "PAYSENTINEL_WEBHOOK_PORT": str(ports["webhooks"]),
+                "PAYSENTINEL_OPERATOR_PORT": str(free_port()),
+            }
             url = None if part == "worker" else f"http://127.0.0.1:{port}"
             replica = Replica(part, index, env, url, logs / f"{part}-{index}.log")
             stack.replicas[replica.name] = replica
     sim_log = logs / "simulator.log"
     with open(sim_log, "ab") as log:
-        stack.simulator = subprocess.Popen([sys.executable, "-m", "paysentinel.cli", "simulator"],
-                                           env=base, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        stack.simulator = subprocess.Popen(
+            [sys.executable, "-m", "paysentinel.cli", "simulator"],
+            env=base,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     balancer.start()
     try:
         for replica in stack.replicas.values():
@@ -391,8 +419,9 @@ async def start_payments(apis: Apis, sim: httpx.AsyncClient, n: int, prefix: str
     return orders
 
 
-async def books_balance(sim, sessions, orders: list[str], *, trades_per_order: int = 1,
-                        refunds_per_order: int = 0) -> dict[str, dict]:
+async def books_balance(
+    sim, sessions, orders: list[str], *, trades_per_order: int = 1, refunds_per_order: int = 0
+) -> dict[str, dict]:
     """The provider's ledger equals our database for every order, none is open, and no trade was
     created (nor refund made) twice."""
     ledgers = await assert_books_balance(sim, sessions, [provider_order(o) for o in orders], timeout=BOOKS_TIMEOUT)
@@ -438,8 +467,11 @@ async def test_frontend_requires_a_client_certificate(temporal_cluster: Temporal
         await asyncio.wait_for(connect(Settings(payload_keys=TEST_PAYLOAD_KEYS), environ=no_cert), 30)
     # A client certificate from another CA: refused, saying what to fix.
     other = make_certificates(tmp_path / "other")
-    wrong = {**env, "TEMPORAL_TLS_CLIENT_CERT_PATH": str(other.client_cert),
-             "TEMPORAL_TLS_CLIENT_KEY_PATH": str(other.client_key)}
+    wrong = {
+        **env,
+        "TEMPORAL_TLS_CLIENT_CERT_PATH": str(other.client_cert),
+        "TEMPORAL_TLS_CLIENT_KEY_PATH": str(other.client_key),
+    }
     with pytest.raises(RuntimeError) as refused:
         await asyncio.wait_for(connect(Settings(payload_keys=TEST_PAYLOAD_KEYS), environ=wrong), 30)
     message = str(refused.value)
@@ -449,13 +481,22 @@ async def test_frontend_requires_a_client_certificate(temporal_cluster: Temporal
     assert client.namespace == temporal_cluster.namespace
 
 
-def test_a_worker_with_a_wrong_certificate_stops_at_start_up_saying_what_to_fix(
-        cluster_stack: ClusterStack, tmp_path: Path):
+def test_a_worker_with_a_wrong_certificate_stops_at_start_up_saying_what_to_fix(cluster_stack: ClusterStack, tmp_path: Path):
     other = make_certificates(tmp_path / "other")
-    env = {**cluster_stack.of("worker")[0].env, "TEMPORAL_TLS_SERVER_CA_CERT_PATH": str(other.ca),
-           "PAYSENTINEL_SDK_METRICS_PORT": "0", "PAYSENTINEL_METRICS_PORT": str(free_port())}
-    result = subprocess.run([sys.executable, "-m", "paysentinel.cli", "worker"], env=env, capture_output=True,
-                            text=True, timeout=60, stdin=subprocess.DEVNULL)
+    env = {
+        **cluster_stack.of("worker")[0].env,
+        "TEMPORAL_TLS_SERVER_CA_CERT_PATH": str(other.ca),
+        "PAYSENTINEL_SDK_METRICS_PORT": "0",
+        "PAYSENTINEL_METRICS_PORT": str(free_port()),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "paysentinel.cli", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     assert "cannot connect to Temporal at" in output and "TEMPORAL_TLS_SERVER_CA_CERT_PATH" in output, output
@@ -496,8 +537,16 @@ async def test_worker_replica_killed_with_sigkill_mid_activities(cluster_stack, 
     the other worker finishes them; no trade created twice, no refund made twice."""
     victim, survivor = cluster_stack.of("worker")
     paid = await start_payments(apis, csim, 4, "cl-kill-paid", pay="after_delay", pay_delay_seconds=1.0)
-    twice = await start_payments(apis, csim, 4, "cl-kill-twice", pay="immediately", second_charge=True,
-                                 second_charge_delay_seconds=0.5, refund_delay_seconds=1.0)
+    twice = await start_payments(
+        apis,
+        csim,
+        4,
+        "cl-kill-twice",
+        pay="immediately",
+        second_charge=True,
+        second_charge_delay_seconds=0.5,
+        refund_delay_seconds=1.0,
+    )
     await asyncio.sleep(1.0)
     victim.kill()
     started = time.monotonic()
@@ -507,8 +556,7 @@ async def test_worker_replica_killed_with_sigkill_mid_activities(cluster_stack, 
         await assert_all_succeeded(apis, paid + twice)
         settled = time.monotonic() - started
         identities = await _history_identities(cclient, paid + twice)
-        print(f"\n[worker kill -9: settled {settled:.1f}s after the kill; tasks by worker: {identities}]",
-              file=sys.stderr)
+        print(f"\n[worker kill -9: settled {settled:.1f}s after the kill; tasks by worker: {identities}]", file=sys.stderr)
         victim_identity = f"{victim.process.pid}@"
         assert any(i.startswith(victim_identity) for i in identities), "the killed worker ran none of these payments' tasks"
     finally:
@@ -531,8 +579,11 @@ async def test_both_workers_down_for_a_while_then_back(cluster_stack, apis, csim
     polling = time.monotonic() - began
     await books_balance(csim, csessions, orders)
     await assert_all_succeeded(apis, orders)
-    print(f"\n[both workers down: stopped in {stopped:.1f}s, down 6s, polling again {polling:.1f}s after the start, "
-          f"books balanced {time.monotonic() - began - polling:.1f}s later]", file=sys.stderr)
+    print(
+        f"\n[both workers down: stopped in {stopped:.1f}s, down 6s, polling again {polling:.1f}s after the start, "
+        f"books balanced {time.monotonic() - began - polling:.1f}s later]",
+        file=sys.stderr,
+    )
 
 
 async def test_history_service_restarted_while_payments_wait_for_callbacks(cluster_stack, apis, csim, csessions):
@@ -544,8 +595,9 @@ async def test_history_service_restarted_while_payments_wait_for_callbacks(clust
     restarted = time.monotonic() - started
     await books_balance(csim, csessions, orders)
     await assert_all_succeeded(apis, orders)
-    print(f"\n[history restart: {restarted:.1f}s; books balanced {time.monotonic() - started:.1f}s after it began]",
-          file=sys.stderr)
+    print(
+        f"\n[history restart: {restarted:.1f}s; books balanced {time.monotonic() - started:.1f}s after it began]", file=sys.stderr
+    )
 
 
 async def test_temporal_postgres_restarted(cluster_stack, apis, csim, csessions):
@@ -557,8 +609,10 @@ async def test_temporal_postgres_restarted(cluster_stack, apis, csim, csessions)
     restarted = time.monotonic() - started
     await books_balance(csim, csessions, orders)
     await assert_all_succeeded(apis, orders)
-    print(f"\n[Temporal PostgreSQL restart: {restarted:.1f}s; books balanced {time.monotonic() - started:.1f}s after]",
-          file=sys.stderr)
+    print(
+        f"\n[Temporal PostgreSQL restart: {restarted:.1f}s; books balanced {time.monotonic() - started:.1f}s after]",
+        file=sys.stderr,
+    )
 
 
 async def _database_connections(url: str, allow: bool) -> None:
@@ -568,13 +622,16 @@ async def _database_connections(url: str, allow: bool) -> None:
     from sqlalchemy.engine import make_url
 
     target = make_url(url)
-    admin = await asyncpg.connect(target.set(drivername="postgresql", database="postgres")
-                                  .render_as_string(hide_password=False), timeout=10)
+    admin = await asyncpg.connect(
+        target.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False), timeout=10
+    )
     try:
         await admin.execute(f'ALTER DATABASE "{target.database}" WITH ALLOW_CONNECTIONS {str(allow).lower()}')
         if not allow:
-            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                "WHERE datname = $1 AND pid <> pg_backend_pid()", target.database)
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                target.database,
+            )
     finally:
         await admin.close()
 
@@ -611,8 +668,7 @@ async def test_webhook_receiver_replica_killed_mid_request(cluster_stack, apis, 
     """kill -9 one receiver while callbacks are being delivered (each sent twice): the provider's
     resends reach the other one through the balancer; every payment settles."""
     victim = cluster_stack.of("webhooks")[0]
-    orders = await start_payments(apis, csim, 6, "cl-hook", pay="after_delay", pay_delay_seconds=0.3,
-                                  callback="duplicate")
+    orders = await start_payments(apis, csim, 6, "cl-hook", pay="after_delay", pay_delay_seconds=0.3, callback="duplicate")
     await asyncio.sleep(0.4)
     victim.kill()
     try:

@@ -67,8 +67,13 @@ async def test_an_unknown_key_id_or_a_wrong_key_is_a_clear_error():
 
 def test_key_settings_are_checked():
     assert [k for k, _ in parse_keys(TEST_PAYLOAD_KEYS)] == ["test-2", "test-1"]
-    for bad in ("", "nokey", "a:" + base64.b64encode(b"short").decode(), "a:!!!",
-                f"a:{base64.b64encode(os.urandom(32)).decode()},a:{base64.b64encode(os.urandom(32)).decode()}"):
+    for bad in (
+        "",
+        "nokey",
+        "a:" + base64.b64encode(b"short").decode(),
+        "a:!!!",
+        f"a:{base64.b64encode(os.urandom(32)).decode()},a:{base64.b64encode(os.urandom(32)).decode()}",
+    ):
         with pytest.raises(PayloadKeyError):
             parse_keys(bad)
     # Outside the development profile (a shared Temporal) no key is made up per process.
@@ -90,8 +95,9 @@ def test_log_lines_mask_email_phone_and_ip():
     for personal in ("203.0.113.7", "2001:db8::7", "138 0013 8000", "13800138000", "123-4567"):
         assert personal not in masked, masked
     # What the service logs about itself stays readable.
-    kept = ("trade 2026112322006595274229537062 at 2026-11-23T01:24:20+00:00, 25.99 CNY, "
-            "listening on 127.0.0.1:8000, order shop-1001")
+    kept = (
+        "trade 2026112322006595274229537062 at 2026-11-23T01:24:20+00:00, 25.99 CNY, listening on 127.0.0.1:8000, order shop-1001"
+    )
     assert mask(kept) == kept
 
     record = logging.LogRecord("t", logging.INFO, __file__, 1, "mail to %s from %s", ("li@example.com", "198.51.100.4"), None)
@@ -104,9 +110,26 @@ def test_log_lines_mask_email_phone_and_ip():
 
 def temporal_show(temporal_cli: Path, address: str, workflow_id: str, *extra: str) -> str:
     result = subprocess.run(
-        [str(temporal_cli), "workflow", "show", "--workflow-id", workflow_id, "--address", address,
-         "--namespace", "default", "--output", "json", "--disable-config-file", "--disable-config-env", *extra],
-        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        [
+            str(temporal_cli),
+            "workflow",
+            "show",
+            "--workflow-id",
+            workflow_id,
+            "--address",
+            address,
+            "--namespace",
+            "default",
+            "--output",
+            "json",
+            "--disable-config-file",
+            "--disable-config-env",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -146,17 +169,35 @@ async def test_the_raw_history_holds_no_customer_email(api, sim, stack, temporal
     assert order in raw  # the order id stays readable (workflow id, search attributes)
 
     # An operator with a token reads it through the codec endpoint, as `temporal` CLI users do.
-    decoded = readable(await asyncio.to_thread(
-        temporal_show, temporal_cli, temporal_server.address, payment_id,
-        "--codec-endpoint", f"{stack.operator_url}/codec", "--codec-auth", OPERATOR_HEADERS["Authorization"]))
+    decoded = readable(
+        await asyncio.to_thread(
+            temporal_show,
+            temporal_cli,
+            temporal_server.address,
+            payment_id,
+            "--codec-endpoint",
+            f"{stack.operator_url}/codec",
+            "--codec-auth",
+            OPERATOR_HEADERS["Authorization"],
+        )
+    )
     assert email in decoded and "binary/encrypted" not in decoded
 
 
 async def test_the_codec_endpoint_needs_an_operator_token(stack, temporal_server):
     [sealed] = await EncryptionCodec(parse_keys(TEST_PAYLOAD_KEYS)).encode([plain("li@example.com")])
-    body = json.loads(json.dumps({"payloads": [{
-        "metadata": {k: base64.b64encode(v).decode() for k, v in sealed.metadata.items()},
-        "data": base64.b64encode(sealed.data).decode()}]}))
+    body = json.loads(
+        json.dumps(
+            {
+                "payloads": [
+                    {
+                        "metadata": {k: base64.b64encode(v).decode() for k, v in sealed.metadata.items()},
+                        "data": base64.b64encode(sealed.data).decode(),
+                    }
+                ]
+            }
+        )
+    )
     async with httpx.AsyncClient(base_url=f"{stack.operator_url}/codec", timeout=30) as http:
         refused = await http.post("/decode", json=body)
         assert refused.status_code == 401, refused.text
@@ -179,11 +220,18 @@ async def test_the_codec_endpoint_needs_an_operator_token(stack, temporal_server
         assert answer.headers["access-control-allow-origin"] == ui
         assert answer.headers["access-control-allow-credentials"] == "true"
 
-        preflight = await http.options("/decode", headers={"Origin": ui, "Access-Control-Request-Method": "POST",
-                                                           "Access-Control-Request-Headers": "content-type,x-namespace"})
+        preflight = await http.options(
+            "/decode",
+            headers={
+                "Origin": ui,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type,x-namespace",
+            },
+        )
         assert preflight.status_code == 204 and preflight.headers["access-control-allow-origin"] == ui
-        elsewhere = await http.options("/decode", headers={"Origin": "http://evil.example",
-                                                           "Access-Control-Request-Method": "POST"})
+        elsewhere = await http.options(
+            "/decode", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+        )
         assert "access-control-allow-origin" not in elsewhere.headers
 
         http.cookies.clear()

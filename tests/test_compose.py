@@ -69,8 +69,10 @@ def test_monitoring_services_mount_files_that_exist_and_scrape_real_ports():
     targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
     settings = Settings()
     assert targets == {
-        f"api:{settings.api_port}", f"webhooks:{settings.webhook_port}",
-        f"worker:{settings.metrics_port}", f"worker:{settings.sdk_metrics_port}",
+        f"api:{settings.api_port}",
+        f"webhooks:{settings.webhook_port}",
+        f"worker:{settings.metrics_port}",
+        f"worker:{settings.sdk_metrics_port}",
     }
     assert scrape["rule_files"] == ["/etc/prometheus/alerts.yml"]
 
@@ -90,8 +92,9 @@ def test_every_secret_comes_from_a_compose_secret_file(monkeypatch, tmp_path):
             assert secret.name in service["secrets"], f"{name} does not mount secret {secret.name}"
             assert declared[secret.name]["file"] == f"./secrets/{secret.name}"
     text = (ROOT / "docker-compose.yml").read_text()
-    assert all(f"> secrets/{secret.name}" in text for secret in SECRETS if secret.required), \
+    assert all(f"> secrets/{secret.name}" in text for secret in SECRETS if secret.required), (
         "the comment tells how to create each secret file"
+    )
     assert "/secrets/" in (ROOT / ".gitignore").read_text().split()
 
     # With the files in place the services start (here: their secrets pass); with a development

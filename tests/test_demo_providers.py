@@ -23,12 +23,18 @@ def run_demo(*args: str) -> subprocess.CompletedProcess:
         env["PAYSENTINEL_CACHE_DIR"] = os.environ["PAYSENTINEL_CACHE_DIR"]
     env["COLUMNS"] = "160"
     try:
-        return subprocess.run([sys.executable, "-m", "paysentinel.cli", "demo", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=TIMEOUT_SECONDS, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [sys.executable, "-m", "paysentinel.cli", "demo", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_SECONDS,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired as err:
         output = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
-        pytest.fail(f"paysentinel demo {' '.join(args)} did not finish in {TIMEOUT_SECONDS:g}s:\n{output[-6000:]}",
-                    pytrace=False)
+        pytest.fail(f"paysentinel demo {' '.join(args)} did not finish in {TIMEOUT_SECONDS:g}s:\n{output[-6000:]}", pytrace=False)
 
 
 def started_pids(output: str) -> list[int]:
@@ -81,8 +87,15 @@ def test_outside_a_checkout_it_says_to_run_from_the_repository_root(tmp_path):
     elsewhere.mkdir()
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PAYSENTINEL_", "TEMPORAL_"))}
     env["PYTHONPATH"] = str(packages)
-    result = subprocess.run([sys.executable, "-m", "paysentinel.cli", "demo", "--provider", "alipay"], cwd=elsewhere,
-                            env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [sys.executable, "-m", "paysentinel.cli", "demo", "--provider", "alipay"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "run it from the repository root" in " ".join(output.split()), output
     assert not any(elsewhere.iterdir())

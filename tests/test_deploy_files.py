@@ -50,8 +50,13 @@ def test_alert_rules_are_valid():
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule
     assert len(names) == len(set(names))
     # What the payment rules ask for: failure rate, stuck payments, reviews waiting.
-    assert {"PaymentFailureRateHigh", "PaymentsStuckPending", "ReviewsWaitingTooLong", "RefundOrReviewStuck",
-            "RefundProcessingTooLong"} <= set(names)
+    assert {
+        "PaymentFailureRateHigh",
+        "PaymentsStuckPending",
+        "ReviewsWaitingTooLong",
+        "RefundOrReviewStuck",
+        "RefundProcessingTooLong",
+    } <= set(names)
     # Every kind of stuck money pages someone.
     stuck_rules = " ".join(r["expr"] for r in rules() if "paysentinel_stuck_payments" in r["expr"])
     assert all(kind in stuck_rules for kind in STUCK_KINDS), stuck_rules

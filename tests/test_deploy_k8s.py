@@ -19,12 +19,21 @@ K8S = ROOT / "deploy" / "k8s"
 DOCS = [doc for path in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
 SETTINGS = Settings()
 # The port each part listens on (its /health), by the paysentinel command that runs it.
-PART_PORTS = {"api": SETTINGS.api_port, "webhooks": SETTINGS.webhook_port, "operator-api": SETTINGS.operator_port,
-              "simulator": SETTINGS.simulator_port, "worker": SETTINGS.metrics_port}
+PART_PORTS = {
+    "api": SETTINGS.api_port,
+    "webhooks": SETTINGS.webhook_port,
+    "operator-api": SETTINGS.operator_port,
+    "simulator": SETTINGS.simulator_port,
+    "worker": SETTINGS.metrics_port,
+}
 # What the Kubernetes example adds to compose's settings: the Temporal client's mTLS files
 # (compose's Temporal runs without TLS).
-K8S_ONLY = {"TEMPORAL_NAMESPACE", "TEMPORAL_TLS_SERVER_CA_CERT_PATH", "TEMPORAL_TLS_CLIENT_CERT_PATH",
-            "TEMPORAL_TLS_CLIENT_KEY_PATH"}
+K8S_ONLY = {
+    "TEMPORAL_NAMESPACE",
+    "TEMPORAL_TLS_SERVER_CA_CERT_PATH",
+    "TEMPORAL_TLS_CLIENT_CERT_PATH",
+    "TEMPORAL_TLS_CLIENT_KEY_PATH",
+}
 
 
 def of_kind(kind: str) -> list[dict]:
@@ -94,8 +103,7 @@ def test_secrets_are_files_from_kubernetes_secrets():
         if key.endswith("_FILE"):
             assert path.startswith("/run/secrets/") and Path(path).name in app_secret["stringData"], key
         if key.startswith("TEMPORAL_TLS_"):
-            assert path.startswith("/run/temporal-tls/") and Path(path).name in secrets["temporal-client-tls"][
-                "stringData"], key
+            assert path.startswith("/run/temporal-tls/") and Path(path).name in secrets["temporal-client-tls"]["stringData"], key
 
 
 def test_the_configuration_is_valid_settings_and_client_configuration(monkeypatch, tmp_path):

@@ -219,9 +219,7 @@ async def test_real_dev_server_registers_search_attributes(tmp_path: Path, real_
     log_file = tmp_path / "temporal.log"
     async with DevServer(real_cli, log_file=log_file, port=free_port()) as server:
         assert server.client is not None
-        listed = await server.client.operator_service.list_search_attributes(
-            ListSearchAttributesRequest(namespace="default")
-        )
+        listed = await server.client.operator_service.list_search_attributes(ListSearchAttributesRequest(namespace="default"))
         registered = {name: IndexedValueType.Name(kind) for name, kind in listed.custom_attributes.items()}
         for name, kind in SEARCH_ATTRIBUTES.items():
             assert registered.get(name) == f"INDEXED_VALUE_TYPE_{kind.upper()}", (name, registered)
@@ -247,8 +245,6 @@ async def test_ensure_search_attributes_adds_missing_ones(tmp_path: Path, real_c
         added = await ensure_search_attributes(server.client)
 
         assert sorted(added) == sorted(set(SEARCH_ATTRIBUTES) - {"Currency"})
-        listed = await server.client.operator_service.list_search_attributes(
-            ListSearchAttributesRequest(namespace="default")
-        )
+        listed = await server.client.operator_service.list_search_attributes(ListSearchAttributesRequest(namespace="default"))
         assert set(SEARCH_ATTRIBUTES) <= set(listed.custom_attributes)
         assert await ensure_search_attributes(server.client) == []

@@ -36,10 +36,14 @@ async def env(time_skipping_server: str):
         test_server_startup_timeout=timedelta(seconds=90),  # a JVM starting on a busy machine
     )
     try:
-        await environment.client.operator_service.add_search_attributes(AddSearchAttributesRequest(
-            namespace=environment.client.namespace,
-            search_attributes={name: IndexedValueType.Value(f"INDEXED_VALUE_TYPE_{kind.upper()}")
-                               for name, kind in SEARCH_ATTRIBUTES.items()}))
+        await environment.client.operator_service.add_search_attributes(
+            AddSearchAttributesRequest(
+                namespace=environment.client.namespace,
+                search_attributes={
+                    name: IndexedValueType.Value(f"INDEXED_VALUE_TYPE_{kind.upper()}") for name, kind in SEARCH_ATTRIBUTES.items()
+                },
+            )
+        )
         yield environment
     finally:
         await environment.shutdown()
@@ -94,7 +98,8 @@ async def test_a_paid_payment_takes_refunds_for_ninety_days_and_then_ends(env):
     async with started_payment(env.client, provider, [callback()], timing=DEFAULTS) as handle:
         await env.sleep(timedelta(days=89))
         refund = await handle.execute_update(
-            PaymentWorkflow.refund, RefundCommand(key="day89", amount_minor=300, reason="returned one item"))
+            PaymentWorkflow.refund, RefundCommand(key="day89", amount_minor=300, reason="returned one item")
+        )
         assert refund.amount_minor == 300
         view = await handle.result()  # the refund window closes at day 90
         elapsed = await lifetime(env.client, handle)

@@ -48,8 +48,9 @@ async def anonymous(stack: Stack):
 
 def run_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
     """``paysentinel ...`` against the stack's database."""
-    return subprocess.run([sys.executable, "-m", "paysentinel.cli", *args], env=stack.env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "paysentinel.cli", *args], env=stack.env, capture_output=True, text=True, timeout=60
+    )
 
 
 def cli_key(stack: Stack, merchant: str, *scopes: str) -> str:
@@ -61,10 +62,12 @@ def cli_key(stack: Stack, merchant: str, *scopes: str) -> str:
 
 def checkout_routes(payment_id: str) -> list[tuple[str, str, dict]]:
     body = {"order_id": new_order("anon"), "amount_minor": 100, "currency": "CNY"}
-    return [("POST", "/payments", {"json": body}),
-            ("GET", f"/payments/{payment_id}", {}),
-            ("POST", f"/payments/{payment_id}/refunds", {"json": REFUND, "headers": {"Idempotency-Key": "k1"}}),
-            ("GET", "/callbacks", {})]
+    return [
+        ("POST", "/payments", {"json": body}),
+        ("GET", f"/payments/{payment_id}", {}),
+        ("POST", f"/payments/{payment_id}/refunds", {"json": REFUND, "headers": {"Idempotency-Key": "k1"}}),
+        ("GET", "/callbacks", {}),
+    ]
 
 
 async def paid(api: httpx.AsyncClient, sim: httpx.AsyncClient, prefix: str, merchant: str = MERCHANT_A) -> str:
@@ -79,8 +82,12 @@ async def paid(api: httpx.AsyncClient, sim: httpx.AsyncClient, prefix: str, merc
 async def test_every_checkout_route_needs_a_merchant_key(anonymous, api, sim):
     order = await paid(api, sim, "mk-anon")
     payment_id = payment_id_for(order)
-    for credentials in ({}, {"Authorization": "Bearer psk_000000000000_guessed"}, {"Authorization": "Bearer x"},
-                        {"Authorization": "Basic dXNlcjpwYXNz"}):
+    for credentials in (
+        {},
+        {"Authorization": "Bearer psk_000000000000_guessed"},
+        {"Authorization": "Bearer x"},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+    ):
         for method, path, kwargs in checkout_routes(payment_id):
             headers = {**kwargs.get("headers", {}), **credentials}
             response = await anonymous.request(method, path, **{**kwargs, "headers": headers})
@@ -122,8 +129,11 @@ async def test_a_merchant_can_neither_read_nor_refund_another_merchants_payment(
         read = await api_b.get(f"/payments/{target}")
         refund = await api_b.post(f"/payments/{target}/refunds", json=REFUND, headers={"Idempotency-Key": "steal"})
         assert read.status_code == refund.status_code == 404, (read.text, refund.text)
-        assert read.json()["error"] == refund.json()["error"] == (
-            f"no payment {target!r}; payment ids are the payment_id POST /payments answered")
+        assert (
+            read.json()["error"]
+            == refund.json()["error"]
+            == (f"no payment {target!r}; payment ids are the payment_id POST /payments answered")
+        )
     # B's callbacks list holds none of A's.
     assert all(c["payment_id"] != payment_id for c in (await api_b.get("/callbacks")).json())
     mine = (await api.get("/callbacks", params={"order_id": order})).json()
@@ -170,10 +180,17 @@ async def test_the_same_order_id_under_two_merchants_is_two_payments(api, api_b,
     assert (a["order_id"], a["amount_minor"]) == (order, 1200) and (b["order_id"], b["amount_minor"]) == (order, 3400)
     assert a["trade_no"] != b["trade_no"]
     async with sessions() as session:
-        rows = (await session.scalars(select(db.Payment).where(
-            db.Payment.payment_id.in_([payment_id_for(order, MERCHANT_A), payment_id_for(order, MERCHANT_B)])))).all()
+        rows = (
+            await session.scalars(
+                select(db.Payment).where(
+                    db.Payment.payment_id.in_([payment_id_for(order, MERCHANT_A), payment_id_for(order, MERCHANT_B)])
+                )
+            )
+        ).all()
     assert sorted((r.merchant_id, r.order_id) for r in rows) == [
-        (MERCHANT_A, provider_order(order, MERCHANT_A)), (MERCHANT_B, provider_order(order, MERCHANT_B))]
+        (MERCHANT_A, provider_order(order, MERCHANT_A)),
+        (MERCHANT_B, provider_order(order, MERCHANT_B)),
+    ]
     # A refund by A touches A's payment only.
     refund = await api.post(f"/payments/{a['payment_id']}/refunds", json=REFUND, headers={"Idempotency-Key": "r1"})
     assert refund.status_code == 202, refund.text
@@ -187,8 +204,9 @@ async def test_keys_are_stored_hashed(stack, sessions, merchants):
     async with sessions() as session:
         row = await session.get(db.ApiKey, key_id)
         assert row.secret_sha256 == hashlib.sha256(secret.encode()).hexdigest() and row.scopes == "read"
-        tables = (await session.scalars(text(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"))).all()
+        tables = (
+            await session.scalars(text("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"))
+        ).all()
         for table in tables:
             dumped = "\n".join((await session.scalars(text(f'SELECT t::text FROM "{table}" t'))).all())
             for raw in (key, secret, merchants.a_key, merchants.a_key.rsplit("_", 1)[1]):

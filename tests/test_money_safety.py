@@ -43,8 +43,9 @@ from workflows.payment import PaymentWorkflow
 from workflows.review import ManualReviewWorkflow, review_workflow_id
 
 # Reviews wait for the test's operator (or, where a test wants the default, for 2 s).
-PATIENT = TIMING.model_copy(update={"review_escalate_seconds": 30, "review_deadline_seconds": 60,
-                                    "resend_window_seconds": 4, "refund_window_seconds": 1})
+PATIENT = TIMING.model_copy(
+    update={"review_escalate_seconds": 30, "review_deadline_seconds": 60, "resend_window_seconds": 4, "refund_window_seconds": 1}
+)
 
 
 @asynccontextmanager
@@ -52,12 +53,15 @@ async def payment(client: Client, provider: FakeProvider, timing=PATIENT):
     task_queue = f"money-{uuid.uuid4().hex[:8]}"
     order = f"ms-{uuid.uuid4().hex[:8]}"
     payment_input = PaymentInput(
-        payment_id=f"payment-{order}", request=PaymentOrder(order_id=order, amount_minor=1000, currency="CNY"),
-        notify_url="http://127.0.0.1:1/webhooks/simulator", timing=timing,
+        payment_id=f"payment-{order}",
+        request=PaymentOrder(order_id=order, amount_minor=1000, currency="CNY"),
+        notify_url="http://127.0.0.1:1/webhooks/simulator",
+        timing=timing,
     )
     async with Worker(client, task_queue=task_queue, workflows=WORKFLOWS, activities=provider.activities()):
-        handle = await client.start_workflow(PaymentWorkflow.run, payment_input, id=payment_input.payment_id,
-                                             task_queue=task_queue)
+        handle = await client.start_workflow(
+            PaymentWorkflow.run, payment_input, id=payment_input.payment_id, task_queue=task_queue
+        )
         yield handle
 
 
@@ -135,8 +139,12 @@ async def test_a_terminated_refund_is_started_again_with_the_same_provider_refun
 
 
 async def test_database_writes_survive_an_outage_of_an_hour():
-    budget = retry_budget(DB_RETRY.initial_interval, DB_RETRY.backoff_coefficient,
-                          DB_RETRY.maximum_interval or DB_RETRY.initial_interval, DB_RETRY.maximum_attempts)
+    budget = retry_budget(
+        DB_RETRY.initial_interval,
+        DB_RETRY.backoff_coefficient,
+        DB_RETRY.maximum_interval or DB_RETRY.initial_interval,
+        DB_RETRY.maximum_attempts,
+    )
     assert min(budget, DB_OUTAGE_LIMIT) >= timedelta(hours=1)
     assert DB_RETRY.maximum_interval is not None and DB_RETRY.maximum_interval <= timedelta(minutes=1)
 
@@ -187,8 +195,9 @@ async def test_a_merchant_key_named_like_an_internal_refund_is_a_new_refund(clie
     async with payment(client, provider) as handle:
         await send(handle, callback(), callback(event_id="evt_2", trade_no="T2"))  # T2: refunded as duplicate
         await wait_for(lambda: _status(handle, "SUCCEEDED", refunded=1000), what="the duplicate refunded")
-        mine = await handle.execute_update(PaymentWorkflow.refund,
-                                           RefundCommand(key="dup-T2", amount_minor=100, reason="damaged"))
+        mine = await handle.execute_update(
+            PaymentWorkflow.refund, RefundCommand(key="dup-T2", amount_minor=100, reason="damaged")
+        )
     order = handle.id.removeprefix("payment-")
     assert (mine.trade_no, mine.amount_minor, mine.requested_by) == ("T1", 100, "merchant")
     assert mine.refund_id == refund_id_for(order, merchant_refund_key("dup-T2")) != refund_id_for(order, "dup-T2")
@@ -214,12 +223,16 @@ async def test_after_a_workflow_reset_every_write_is_newer(client):
         await wait_for(lambda: _status(handle, "SUCCEEDED"), what="paid")
         before = len(provider.records)
         history = await handle.fetch_history()
-        first_task = next(e.event_id for e in history.events
-                          if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED)
-        await client.workflow_service.reset_workflow_execution(ResetWorkflowExecutionRequest(
-            namespace=client.namespace, workflow_execution=WorkflowExecution(workflow_id=handle.id),
-            reason="operator reset", workflow_task_finish_event_id=first_task, request_id=uuid.uuid4().hex,
-        ))
+        first_task = next(e.event_id for e in history.events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED)
+        await client.workflow_service.reset_workflow_execution(
+            ResetWorkflowExecutionRequest(
+                namespace=client.namespace,
+                workflow_execution=WorkflowExecution(workflow_id=handle.id),
+                reason="operator reset",
+                workflow_task_finish_event_id=first_task,
+                request_id=uuid.uuid4().hex,
+            )
+        )
         await wait_for(lambda: asyncio.sleep(0, len(provider.records) > before), what="the reset run to write")
         await client.get_workflow_handle(handle.id).terminate("test done")
     old = [r.seq for r in provider.records[:before]]
@@ -243,8 +256,9 @@ async def test_a_late_success_during_a_status_unknown_review_settles_it_as_paid(
 
 async def test_a_payment_closed_by_review_keeps_asking_the_provider(client):
     provider = FakeProvider(close_fails=True)
-    quick = PATIENT.model_copy(update={"review_escalate_seconds": 0.2, "review_deadline_seconds": 0.5,
-                                       "resend_window_seconds": 8})
+    quick = PATIENT.model_copy(
+        update={"review_escalate_seconds": 0.2, "review_deadline_seconds": 0.5, "resend_window_seconds": 8}
+    )
     async with payment(client, provider, quick) as handle:
         await wait_for(lambda: _status(handle, "CLOSED"), what="closed by the review's default")
         provider.close_fails, provider.close = False, "TRADE_SUCCESS"  # the provider is back: it was paid

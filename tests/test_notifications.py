@@ -13,11 +13,22 @@ from tests.conftest import new_order
 from tests.helpers import mails_to, receiver, script, start_payment, wait_for, wait_status
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1:8000/hook", "http://localhost/hook", "http://10.1.2.3/hook", "http://169.254.169.254/latest",
-    "http://[::1]/hook", "http://192.168.0.10/x", "file:///etc/passwd", "ftp://example.com/x",
-    "http://user:pw@example.com/x", "http://db.internal/x", "http:///nohost",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8000/hook",
+        "http://localhost/hook",
+        "http://10.1.2.3/hook",
+        "http://169.254.169.254/latest",
+        "http://[::1]/hook",
+        "http://192.168.0.10/x",
+        "file:///etc/passwd",
+        "ftp://example.com/x",
+        "http://user:pw@example.com/x",
+        "http://db.internal/x",
+        "http:///nohost",
+    ],
+)
 def test_internal_or_odd_notification_targets_are_refused(url):
     with pytest.raises(UnsafeTarget):
         check_target(url)
@@ -83,12 +94,18 @@ async def test_refunds_and_unpaid_outcomes_are_told(api, sim, mailbox):
     await script(sim, order, pay="immediately")
     payment_id = (await start_payment(api, order)).json()["payment_id"]
     await wait_status(api, payment_id, "SUCCEEDED")
-    await api.post(f"/payments/{payment_id}/refunds", json={"amount_minor": 3000, "reason": "one item returned"},
-                   headers={"Idempotency-Key": "r1"})
+    await api.post(
+        f"/payments/{payment_id}/refunds",
+        json={"amount_minor": 3000, "reason": "one item returned"},
+        headers={"Idempotency-Key": "r1"},
+    )
     mails = await mails_to(mailbox, f"{order}@example.com", 3)
     subjects = [subject(m) for m in mails]
-    assert subjects == [f"Order {order}: payment of 99.90 CNY received", f"Order {order}: refund of 30.00 CNY started",
-                        f"Order {order}: 30.00 CNY refunded"]
+    assert subjects == [
+        f"Order {order}: payment of 99.90 CNY received",
+        f"Order {order}: refund of 30.00 CNY started",
+        f"Order {order}: 30.00 CNY refunded",
+    ]
     assert "the shop refunds you: one item returned" in mails[1].get_content()
 
     unpaid = new_order("closedmail")
@@ -219,19 +236,28 @@ async def test_a_redirect_answer_is_not_followed():
     async with Listener() as inner:
         async with Listener(302, f"http://127.0.0.1:{inner.port}/latest/meta-data") as outer:
             with pytest.raises(DeliveryFailed) as failed:
-                await post_pinned(f"http://localhost:{outer.port}/hook", b"{}", {}, allowed_hosts=["localhost"],
-                                  resolver=scripted_resolver(["127.0.0.1"])[0])
+                await post_pinned(
+                    f"http://localhost:{outer.port}/hook",
+                    b"{}",
+                    {},
+                    allowed_hosts=["localhost"],
+                    resolver=scripted_resolver(["127.0.0.1"])[0],
+                )
             assert outer.connections == 1 and inner.connections == 0
     assert "redirect, not followed" in failed.value.public and "meta-data" not in failed.value.public
 
 
 def test_public_timeline_keeps_no_connection_details():
-    assert public_failure("paid: NotDelivered: the merchant endpoint answered HTTP 500; resending with backoff") == \
-        "paid: the merchant endpoint answered HTTP 500; resending with backoff"
+    assert (
+        public_failure("paid: NotDelivered: the merchant endpoint answered HTTP 500; resending with backoff")
+        == "paid: the merchant endpoint answered HTTP 500; resending with backoff"
+    )
     assert public_failure(f"paid: UnsafeTarget: {UNSAFE_PUBLIC}") == f"paid: {UNSAFE_PUBLIC}"
-    for leaky in ["paid: ConnectError: [Errno 111] Connection refused",
-                  "paid: UnsafeTarget: db.corp resolves to 10.0.0.3, which is not a public address",
-                  "paid: RuntimeError: http://10.0.0.3:5432/ answered HTTP 404; resending with backoff"]:
+    for leaky in [
+        "paid: ConnectError: [Errno 111] Connection refused",
+        "paid: UnsafeTarget: db.corp resolves to 10.0.0.3, which is not a public address",
+        "paid: RuntimeError: http://10.0.0.3:5432/ answered HTTP 404; resending with backoff",
+    ]:
         shown = public_failure(leaky)
         assert shown.startswith("paid: the merchant endpoint could not be reached") and "10.0.0.3" not in shown
         assert "Errno" not in shown

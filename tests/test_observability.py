@@ -52,7 +52,8 @@ async def test_metrics_move_as_payments_complete(api, sim, stack):
     async def counted():
         after = await scrape(f"{stack.api_url}/metrics")
         moved = value(after, "paysentinel_payments_final_total", status="FAILED", provider="simulator") - value(
-            before, "paysentinel_payments_final_total", status="FAILED", provider="simulator")
+            before, "paysentinel_payments_final_total", status="FAILED", provider="simulator"
+        )
         return after if moved >= 1 else None
 
     after = await wait_for(counted, what="the FAILED payment to be counted")
@@ -97,7 +98,10 @@ async def _finished_failures(api, sim, count: int) -> None:
 async def _run_monitor(client, stack, monitor: MonitorInput) -> list[str]:
     """The run's news, without incident numbers ("failure_rate: incident opened")."""
     news = await client.execute_workflow(
-        MonitorWorkflow.run, monitor, id=f"monitor-test-{uuid.uuid4().hex[:8]}", task_queue=stack.task_queue,
+        MonitorWorkflow.run,
+        monitor,
+        id=f"monitor-test-{uuid.uuid4().hex[:8]}",
+        task_queue=stack.task_queue,
         execution_timeout=timedelta(seconds=60),
     )
     return [re.sub(r"incident \d+ ", "incident ", line) for line in news]
@@ -118,8 +122,7 @@ async def test_monitor_alerts_once_per_incident(api, sim, stack, client, session
     await _finished_failures(api, sim, 4)
 
     def monitor(window: float) -> MonitorInput:
-        return MonitorInput(name=name, window_seconds=window, failure_threshold=0.5, timeout_threshold=1.0,
-                            min_payments=3)
+        return MonitorInput(name=name, window_seconds=window, failure_threshold=0.5, timeout_threshold=1.0, min_payments=3)
 
     def since_start() -> float:  # a window holding this test's payments (other tests' add a few at most)
         return time.monotonic() - started + 1
@@ -139,8 +142,9 @@ async def test_monitor_alerts_once_per_incident(api, sim, stack, client, session
     await asyncio.sleep(1)
     assert await _run_monitor(client, stack, monitor(0.5)) == ["failure_rate: incident resolved"]
     assert await _run_monitor(client, stack, monitor(0.5)) == []
-    mails = await wait_for(lambda: asyncio.sleep(0, m if len(m := _alerts(mailbox, name)) >= 2 else None),
-                           what="the all-clear e-mail")
+    mails = await wait_for(
+        lambda: asyncio.sleep(0, m if len(m := _alerts(mailbox, name)) >= 2 else None), what="the all-clear e-mail"
+    )
     assert len(mails) == 2 and mails[1]["Subject"].startswith("[paysentinel] resolved: payment failure rate")
     [incident] = await _incidents(sessions, name)
     assert incident.status == "RESOLVED" and incident.resolved_at is not None
@@ -160,7 +164,9 @@ async def test_monitor_runs_on_a_schedule(client, stack):
     await handle.trigger()
 
     async def completed():
-        async for execution in client.list_workflows('WorkflowType = "MonitorWorkflow" AND WorkflowId STARTS_WITH "monitor-default"'):
+        async for execution in client.list_workflows(
+            'WorkflowType = "MonitorWorkflow" AND WorkflowId STARTS_WITH "monitor-default"'
+        ):
             if execution.status == WorkflowExecutionStatus.COMPLETED:
                 return execution
         return None
@@ -195,9 +201,17 @@ async def test_one_trace_from_checkout_through_the_workflow_to_the_provider(api,
     def spans() -> list[dict]:
         return [json.loads(line) for line in stack.spans_file.read_text().splitlines()] if stack.spans_file.exists() else []
 
-    [checkout] = [s for s in spans() if s["name"] == "checkout" and s["attributes"].get("paysentinel.order_id") == provider_order(order)]
-    expected = {"checkout", "StartWorkflow:PaymentWorkflow", "RunWorkflow:PaymentWorkflow",
-                "StartActivity:create_trade", "RunActivity:create_trade", "provider create_trade"}
+    [checkout] = [
+        s for s in spans() if s["name"] == "checkout" and s["attributes"].get("paysentinel.order_id") == provider_order(order)
+    ]
+    expected = {
+        "checkout",
+        "StartWorkflow:PaymentWorkflow",
+        "RunWorkflow:PaymentWorkflow",
+        "StartActivity:create_trade",
+        "RunActivity:create_trade",
+        "provider create_trade",
+    }
 
     async def whole_trace():
         trace = [s for s in spans() if s["trace_id"] == checkout["trace_id"]]

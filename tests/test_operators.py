@@ -21,16 +21,18 @@ from tests.test_refunds_reviews_e2e import ledger, open_review, run_cli
 
 async def _audit(sessions, target: str) -> list[db.AuditEntry]:
     async with sessions() as session:
-        return list((await session.scalars(
-            select(db.AuditEntry).where(db.AuditEntry.target == target).order_by(db.AuditEntry.id))).all())
+        return list(
+            (await session.scalars(select(db.AuditEntry).where(db.AuditEntry.target == target).order_by(db.AuditEntry.id))).all()
+        )
 
 
 async def test_the_checkout_port_does_not_serve_the_operator_api(api, stack: Stack):
     for path in ("/operator/reviews", "/operator/audit", "/operator/reconciliations"):
         response = await api.get(path, headers=bearer("bob"))
         assert response.status_code == 404, f"{path} on the checkout port: {response.status_code}"
-    refused = await api.post("/operator/reviews/any/decision", headers=bearer("bob"),
-                             json={"action": "approve", "reason": "from outside"})
+    refused = await api.post(
+        "/operator/reviews/any/decision", headers=bearer("bob"), json={"action": "approve", "reason": "from outside"}
+    )
     assert refused.status_code == 404
     async with httpx.AsyncClient(base_url=stack.operator_url) as anonymous:
         assert (await anonymous.get("/health")).status_code == 200
@@ -57,7 +59,9 @@ async def test_a_viewer_reads_but_may_not_decide_and_nothing_changes(api, sim, s
         assert run.status_code == 403 and run.json()["error"] == "viewer vera may not run reconciliation; ask an operator"
         await asyncio.sleep(1)
         unchanged = (await vera.get(f"/operator/reviews/{review['review_id']}")).json()
-    assert unchanged["status"] in ("OPEN", "ESCALATED") and unchanged["decision"] is None and unchanged["pending_decision"] is None
+    assert (
+        unchanged["status"] in ("OPEN", "ESCALATED") and unchanged["decision"] is None and unchanged["pending_decision"] is None
+    )
     assert (await api.get(f"/payments/{payment_id}")).json()["status"] == "IN_REVIEW"
     assert (await ledger(sim, order))["refunded_minor"] == 0
     [entry] = await _audit(sessions, review["review_id"])
@@ -68,8 +72,7 @@ async def test_a_viewer_reads_but_may_not_decide_and_nothing_changes(api, sim, s
     assert ok.status_code == 200 and ok.json()["operator"] == "alice"  # below the four-eyes amount: one person
     await wait_status(api, payment_id, "SUCCEEDED")
     entries = await _audit(sessions, review["review_id"])
-    assert [(e.operator, e.role, e.result) for e in entries] == [("vera", "viewer", "refused"),
-                                                                ("alice", "operator", "done")]
+    assert [(e.operator, e.role, e.result) for e in entries] == [("vera", "viewer", "refused"), ("alice", "operator", "done")]
 
 
 async def test_a_large_reject_needs_a_second_different_approver(api, sim, sessions, operator, stack: Stack):
@@ -136,8 +139,10 @@ async def test_an_operator_may_not_give_the_second_approval(api, sim, sessions, 
     await wait_status(api, payment_id, "IN_REVIEW")
     review_id = (await open_review(operator, order))["review_id"]
     decision = f"/operator/reviews/{review_id}/decision"
-    async with httpx.AsyncClient(base_url=stack.operator_url, headers=bearer("carol"), timeout=30) as carol, \
-            httpx.AsyncClient(base_url=stack.operator_url, headers=bearer("bob"), timeout=30) as bob:
+    async with (
+        httpx.AsyncClient(base_url=stack.operator_url, headers=bearer("carol"), timeout=30) as carol,
+        httpx.AsyncClient(base_url=stack.operator_url, headers=bearer("bob"), timeout=30) as bob,
+    ):
         assert (await carol.post(decision, json={"action": "refund", "reason": "give it back"})).status_code == 202
         refused = await operator.post(decision, json={"action": "refund", "reason": "agreed"})
         assert refused.status_code == 403
@@ -150,10 +155,22 @@ async def test_an_operator_may_not_give_the_second_approval(api, sim, sessions, 
 
 async def test_the_audit_table_is_append_only(sessions):
     async with sessions() as session, session.begin():
-        session.add(db.AuditEntry(operator="t", role="viewer", address="127.0.0.1", action="test", target="append-only",
-                                  reason="", result="done", detail=""))
-    for statement in ("UPDATE audit SET result = 'done' WHERE target = 'append-only'",
-                      "DELETE FROM audit WHERE target = 'append-only'"):
+        session.add(
+            db.AuditEntry(
+                operator="t",
+                role="viewer",
+                address="127.0.0.1",
+                action="test",
+                target="append-only",
+                reason="",
+                result="done",
+                detail="",
+            )
+        )
+    for statement in (
+        "UPDATE audit SET result = 'done' WHERE target = 'append-only'",
+        "DELETE FROM audit WHERE target = 'append-only'",
+    ):
         with pytest.raises(Exception, match="append-only"):
             async with sessions() as session, session.begin():
                 await session.execute(text(statement))

@@ -41,7 +41,9 @@ async def test_happy_path_paid_by_callback(api, sim, sessions, client):
     trade = await sim_trade(sim, order)
     assert trade["trade"]["trade_status"] == "TRADE_SUCCESS"
     assert [d["status_code"] for d in trade["deliveries"]] == [200]
-    await search_count(client, f'OrderId = "{provider_order(order)}" AND PaymentStatus = "SUCCEEDED" AND Provider = "simulator"', 1)
+    await search_count(
+        client, f'OrderId = "{provider_order(order)}" AND PaymentStatus = "SUCCEEDED" AND Provider = "simulator"', 1
+    )
 
 
 async def test_callback_lost_is_resolved_by_query(api, sim, sessions):
@@ -60,9 +62,7 @@ async def test_duplicated_callback_makes_one_transition(api, sim, sessions):
     await script(sim, order, pay="immediately", callback="duplicate")
     payment_id = (await start_payment(api, order)).json()["payment_id"]
     await wait_status(api, payment_id, "SUCCEEDED")
-    trade = await wait_for(
-        lambda: _acknowledged(sim, order, 2), what="both duplicate deliveries acknowledged"
-    )
+    trade = await wait_for(lambda: _acknowledged(sim, order, 2), what="both duplicate deliveries acknowledged")
     assert len({d["event_id"] for d in trade["deliveries"]}) == 1
     view = (await api.get(f"/payments/{payment_id}")).json()
     assert len(events(view, "paid")) == 1
@@ -153,8 +153,9 @@ async def test_provider_5xx_on_create_fails_after_bounded_retries(api, sim, sess
 
 async def test_provider_recovers_within_retries(api, sim, sessions):
     order = new_order("flaky")
-    await script(sim, order, pay="immediately", faults={"create": {"mode": "error", "times": 2},
-                                                        "query": {"mode": "hang", "times": 1}})
+    await script(
+        sim, order, pay="immediately", faults={"create": {"mode": "error", "times": 2}, "query": {"mode": "hang", "times": 1}}
+    )
     payment_id = (await start_payment(api, order)).json()["payment_id"]
     await wait_status(api, payment_id, "SUCCEEDED")
     assert (await sim_trade(sim, order))["calls"]["create"] == 3

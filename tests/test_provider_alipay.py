@@ -50,14 +50,24 @@ CHINA = ZoneInfo("Asia/Shanghai")
 @pytest.fixture(scope="module")
 def keys() -> dict[str, str]:
     app, ali, stranger = fake.new_key(), fake.new_key(), fake.new_key()
-    return {"app_private": fake.private_pem(app), "app_public": fake.public_pem(app),
-            "alipay_private": fake.private_pem(ali), "alipay_public": fake.public_pem(ali),
-            "stranger_private": fake.private_pem(stranger), "stranger_public": fake.public_pem(stranger)}
+    return {
+        "app_private": fake.private_pem(app),
+        "app_public": fake.public_pem(app),
+        "alipay_private": fake.private_pem(ali),
+        "alipay_public": fake.public_pem(ali),
+        "stranger_private": fake.private_pem(stranger),
+        "stranger_public": fake.public_pem(stranger),
+    }
 
 
 def adapter_for(keys: dict[str, str], http: httpx.AsyncClient | None = None) -> AlipayProvider:
-    return AlipayProvider(http or httpx.AsyncClient(), app_id=fake.APP_ID, gateway_url="https://openapi.example/gateway.do",
-                          private_key=keys["app_private"], alipay_public_key=keys["alipay_public"])
+    return AlipayProvider(
+        http or httpx.AsyncClient(),
+        app_id=fake.APP_ID,
+        gateway_url="https://openapi.example/gateway.do",
+        private_key=keys["app_private"],
+        alipay_public_key=keys["alipay_public"],
+    )
 
 
 def private(pem: str):
@@ -76,8 +86,13 @@ def sdk(app_private: str, alipay_public: str, gateway: str | None = None):
     """python-alipay-sdk's client, the reference implementation of Alipay's signatures."""
     from alipay import AliPay
 
-    client = AliPay(appid=fake.APP_ID, app_notify_url=None, app_private_key_string=app_private,
-                    alipay_public_key_string=alipay_public, sign_type="RSA2")
+    client = AliPay(
+        appid=fake.APP_ID,
+        app_notify_url=None,
+        app_private_key_string=app_private,
+        alipay_public_key_string=alipay_public,
+        sign_type="RSA2",
+    )
     if gateway:
         client._gateway = gateway  # the library has no public setting for its server URL
     return client
@@ -85,13 +100,27 @@ def sdk(app_private: str, alipay_public: str, gateway: str | None = None):
 
 def sample_notification(key_pem: str, **override: str) -> dict[str, str]:
     params = {
-        "gmt_create": "2026-01-12 10:00:00", "charset": "utf-8", "seller_email": "shop@example.com",
-        "subject": "测试订单 a&b=c", "buyer_id": "2088102177846880", "invoice_amount": "99.90",
-        "notify_id": "2026011200222100000000000001", "notify_type": "trade_status_sync",
-        "trade_status": "TRADE_SUCCESS", "receipt_amount": "99.90", "app_id": fake.APP_ID, "buyer_pay_amount": "99.90",
-        "sign_type": "RSA2", "seller_id": fake.PID, "gmt_payment": "2026-01-12 10:00:05",
-        "notify_time": "2026-01-12 10:00:06", "version": "1.0", "out_trade_no": "testa-o-1", "total_amount": "99.90",
-        "trade_no": "2026011222001400000000000001", "auth_app_id": fake.APP_ID,
+        "gmt_create": "2026-01-12 10:00:00",
+        "charset": "utf-8",
+        "seller_email": "shop@example.com",
+        "subject": "测试订单 a&b=c",
+        "buyer_id": "2088102177846880",
+        "invoice_amount": "99.90",
+        "notify_id": "2026011200222100000000000001",
+        "notify_type": "trade_status_sync",
+        "trade_status": "TRADE_SUCCESS",
+        "receipt_amount": "99.90",
+        "app_id": fake.APP_ID,
+        "buyer_pay_amount": "99.90",
+        "sign_type": "RSA2",
+        "seller_id": fake.PID,
+        "gmt_payment": "2026-01-12 10:00:05",
+        "notify_time": "2026-01-12 10:00:06",
+        "version": "1.0",
+        "out_trade_no": "testa-o-1",
+        "total_amount": "99.90",
+        "trade_no": "2026011222001400000000000001",
+        "auth_app_id": fake.APP_ID,
         "fund_bill_list": '[{"amount":"99.90","fundChannel":"ALIPAYACCOUNT"}]',
     }
     params.update(override)
@@ -104,8 +133,9 @@ def sample_notification(key_pem: str, **override: str) -> dict[str, str]:
 def test_request_is_signed_over_sorted_non_empty_parameters(keys):
     adapter = adapter_for(keys)
     moment = datetime(2026, 1, 12, 2, 3, 4, tzinfo=timezone.utc)
-    params = adapter.signed_request("alipay.trade.query", {"out_trade_no": "testa-o-1", "trade_no": None},
-                                    notify_url="", now=moment)
+    params = adapter.signed_request(
+        "alipay.trade.query", {"out_trade_no": "testa-o-1", "trade_no": None}, notify_url="", now=moment
+    )
     assert params["timestamp"] == "2026-01-12 10:03:04"  # China time
     assert "notify_url" not in params and "return_url" not in params  # empty values are left out
     assert json.loads(params["biz_content"]) == {"out_trade_no": "testa-o-1"}
@@ -120,9 +150,11 @@ def test_reference_library_makes_the_same_request_signature(keys):
     """PKCS#1 v1.5 signatures are deterministic: python-alipay-sdk signing the same parameters
     with the same key must produce our signature byte for byte."""
     adapter = adapter_for(keys)
-    params = adapter.signed_request("alipay.trade.refund", {"out_trade_no": "testa-o-1", "refund_amount": "10.00",
-                                                            "out_request_no": "r-1", "refund_reason": "退货 & 换货"},
-                                    notify_url="https://example.com/webhooks/alipay?x=1")
+    params = adapter.signed_request(
+        "alipay.trade.refund",
+        {"out_trade_no": "testa-o-1", "refund_amount": "10.00", "out_request_no": "r-1", "refund_reason": "退货 & 换货"},
+        notify_url="https://example.com/webhooks/alipay?x=1",
+    )
     unsigned = {k: v for k, v in params.items() if k != "sign"}
     signed_string = sdk(keys["app_private"], keys["alipay_public"]).sign_data(dict(unsigned))
     theirs = dict(urllib.parse.parse_qsl(signed_string))["sign"]
@@ -137,7 +169,12 @@ def test_reference_library_verifies_notifications_and_so_do_we(keys):
     adapter = adapter_for(keys)
     event = adapter.parse_callback({}, urllib.parse.urlencode(params).encode())
     assert (event.event_id, event.order_id, event.trade_no, event.trade_status.value, event.amount_minor) == (
-        "2026011200222100000000000001", "testa-o-1", "2026011222001400000000000001", "TRADE_SUCCESS", 9990)
+        "2026011200222100000000000001",
+        "testa-o-1",
+        "2026011222001400000000000001",
+        "TRADE_SUCCESS",
+        9990,
+    )
     assert event.paid_at == datetime(2026, 1, 12, 2, 0, 5, tzinfo=timezone.utc)
     # The content both sides sign: without sign and sign_type, decoded values, sorted.
     assert notification_content(params).startswith("app_id=") and "sign_type" not in notification_content(params)
@@ -156,8 +193,7 @@ def test_notification_checks(keys):
     with pytest.raises(SignatureError, match="not ours"):
         adapter.parse_callback({}, encode(sample_notification(keys["alipay_private"], app_id="2021000000000000")))
     with pytest.raises(SignatureError, match="no sign"):
-        adapter.parse_callback({}, encode({k: v for k, v in sample_notification(keys["alipay_private"]).items()
-                                           if k != "sign"}))
+        adapter.parse_callback({}, encode({k: v for k, v in sample_notification(keys["alipay_private"]).items() if k != "sign"}))
     with pytest.raises(SignatureError, match="RSA2"):
         adapter.parse_callback({}, encode({**sample_notification(keys["alipay_private"]), "sign_type": "RSA"}))
     with pytest.raises(SignatureError):
@@ -171,8 +207,9 @@ def test_notification_checks(keys):
     with pytest.raises(MalformedCallback):
         adapter.parse_callback({}, encode(unknown))
     # A refund's notification carries the trade's status: delivered as that status.
-    refund = sample_notification(keys["alipay_private"], refund_fee="10.00", out_biz_no="r-1",
-                                 gmt_refund="2026-01-12 11:00:00.123")
+    refund = sample_notification(
+        keys["alipay_private"], refund_fee="10.00", out_biz_no="r-1", gmt_refund="2026-01-12 11:00:00.123"
+    )
     assert adapter.parse_callback({}, encode(refund)).trade_status.value == "TRADE_SUCCESS"
     ok, refused = adapter.callback_reply(200, {"result": "delivered"}), adapter.callback_reply(401, "bad signature")
     assert (ok.status, ok.body, ok.media_type) == (200, b"success", "text/plain")
@@ -182,23 +219,34 @@ def test_notification_checks(keys):
 
 def test_answer_is_verified_over_its_exact_text(keys):
     adapter = adapter_for(keys)
-    inner = {"code": "10000", "msg": "Success", "out_trade_no": "testa-o-1", "trade_no": "2026011222001400000000000001",
-             "trade_status": "TRADE_SUCCESS", "total_amount": "99.90", "buyer_logon_id": "159****5620",
-             "fund_bill_list": [{"amount": "99.90", "fund_channel": "ALIPAYACCOUNT"}], "sub_note": "备注 {x}"}
+    inner = {
+        "code": "10000",
+        "msg": "Success",
+        "out_trade_no": "testa-o-1",
+        "trade_no": "2026011222001400000000000001",
+        "trade_status": "TRADE_SUCCESS",
+        "total_amount": "99.90",
+        "buyer_logon_id": "159****5620",
+        "fund_bill_list": [{"amount": "99.90", "fund_channel": "ALIPAYACCOUNT"}],
+        "sub_note": "备注 {x}",
+    }
     body = fake.render("alipay.trade.query", inner, private(keys["alipay_private"])).body.decode()
     assert '"code": "10000"' in body  # written with spaces: a compact re-serialization differs
     assert adapter.verify_answer("alipay.trade.query", body)["trade_status"] == "TRADE_SUCCESS"
     # The reference library finds the same signed text and accepts it.
-    assert sdk(keys["app_private"], keys["alipay_public"])._verify_and_return_sync_response(
-        body, "alipay_trade_query_response")["total_amount"] == "99.90"
+    assert (
+        sdk(keys["app_private"], keys["alipay_public"])._verify_and_return_sync_response(body, "alipay_trade_query_response")[
+            "total_amount"
+        ]
+        == "99.90"
+    )
     # One changed byte anywhere in the signed object fails.
     with pytest.raises(ProviderUnavailable, match="does not verify"):
         adapter.verify_answer("alipay.trade.query", body.replace("99.90", "99.91", 1))
     # The same object re-serialized (what a verifier that re-encodes would check) fails too.
     raw, decoded, sign = signed_part(body, "alipay.trade.query")
     assert raw != json.dumps(decoded, ensure_ascii=False, separators=(",", ":"))
-    compact = json.dumps({"alipay_trade_query_response": decoded, "sign": sign}, ensure_ascii=False,
-                         separators=(",", ":"))
+    compact = json.dumps({"alipay_trade_query_response": decoded, "sign": sign}, ensure_ascii=False, separators=(",", ":"))
     with pytest.raises(ProviderUnavailable, match="does not verify"):
         adapter.verify_answer("alipay.trade.query", compact)
     # Signed with another key; a success without a signature; an unreadable body.
@@ -210,45 +258,53 @@ def test_answer_is_verified_over_its_exact_text(keys):
     with pytest.raises(ProviderUnavailable, match="unreadable"):
         adapter.verify_answer("alipay.trade.query", "<html>502 Bad Gateway</html>")
     # A gateway-level error may come unsigned, as Alipay sends it.
-    error = fake.render("alipay.trade.query", {"code": "40002", "msg": "Invalid Arguments",
-                                               "sub_code": "isv.invalid-signature", "sub_msg": "验签出错"}, None)
+    error = fake.render(
+        "alipay.trade.query",
+        {"code": "40002", "msg": "Invalid Arguments", "sub_code": "isv.invalid-signature", "sub_msg": "验签出错"},
+        None,
+    )
     with pytest.raises(alipay_module.GatewayError) as caught:
         adapter.verify_answer("alipay.trade.query", error.body.decode())
     assert caught.value.sub_code == "isv.invalid-signature"
 
 
-@pytest.mark.parametrize(("code", "sub_code", "verdict"), [
-    ("10000", "", "ok"),
-    ("20000", "isp.unknow-error", "transient"),
-    ("20000", "", "transient"),
-    ("40004", "ACQ.SYSTEM_ERROR", "transient"),
-    ("40004", "aop.ACQ.SYSTEM_ERROR", "transient"),
-    ("40004", "isp.rop.service.unavailable", "transient"),
-    ("40004", "ACQ.TRADE_HAS_SUCCESS", "final"),
-    ("40004", "ACQ.REFUND_AMT_NOT_EQUAL_TOTAL", "final"),
-    ("40004", "ACQ.SELLER_BALANCE_NOT_ENOUGH", "final"),
-    ("40004", "ACQ.TRADE_HAS_CLOSE", "final"),
-    ("40004", "ACQ.INVALID_PARAMETER", "final"),
-    ("40004", "ACQ.REASON_TRADE_REFUND_FEE_ERR", "final"),
-    ("40002", "isv.invalid-signature", "final"),
-    ("40001", "isv.missing-signature", "final"),
-    ("20001", "aop.invalid-auth-token", "final"),
-])
+@pytest.mark.parametrize(
+    ("code", "sub_code", "verdict"),
+    [
+        ("10000", "", "ok"),
+        ("20000", "isp.unknow-error", "transient"),
+        ("20000", "", "transient"),
+        ("40004", "ACQ.SYSTEM_ERROR", "transient"),
+        ("40004", "aop.ACQ.SYSTEM_ERROR", "transient"),
+        ("40004", "isp.rop.service.unavailable", "transient"),
+        ("40004", "ACQ.TRADE_HAS_SUCCESS", "final"),
+        ("40004", "ACQ.REFUND_AMT_NOT_EQUAL_TOTAL", "final"),
+        ("40004", "ACQ.SELLER_BALANCE_NOT_ENOUGH", "final"),
+        ("40004", "ACQ.TRADE_HAS_CLOSE", "final"),
+        ("40004", "ACQ.INVALID_PARAMETER", "final"),
+        ("40004", "ACQ.REASON_TRADE_REFUND_FEE_ERR", "final"),
+        ("40002", "isv.invalid-signature", "final"),
+        ("40001", "isv.missing-signature", "final"),
+        ("20001", "aop.invalid-auth-token", "final"),
+    ],
+)
 def test_error_classification(code, sub_code, verdict):
     assert classify(code, sub_code) == verdict
 
 
 def test_settings_and_orders(keys):
     with pytest.raises(ValueError, match="PAYSENTINEL_ALIPAY_APP_ID"):
-        alipay_module.build(Settings(alipay_private_key=keys["app_private"], alipay_public_key=keys["alipay_public"]),
-                            httpx.AsyncClient())
+        alipay_module.build(
+            Settings(alipay_private_key=keys["app_private"], alipay_public_key=keys["alipay_public"]), httpx.AsyncClient()
+        )
     with pytest.raises(ValueError, match="PAYSENTINEL_ALIPAY_PUBLIC_KEY"):
-        alipay_module.build(Settings(alipay_app_id=fake.APP_ID, alipay_private_key=keys["app_private"]),
-                            httpx.AsyncClient())
+        alipay_module.build(Settings(alipay_app_id=fake.APP_ID, alipay_private_key=keys["app_private"]), httpx.AsyncClient())
     # Keys pasted with literal \n escapes, or as the bare base64 the key tool prints, are read too.
     bare = "".join(keys["alipay_public"].strip().splitlines()[1:-1])
-    built = alipay_module.build(Settings(alipay_app_id=fake.APP_ID, alipay_private_key=keys["app_private"].replace("\n", "\\n"),
-                                         alipay_public_key=bare), httpx.AsyncClient())
+    built = alipay_module.build(
+        Settings(alipay_app_id=fake.APP_ID, alipay_private_key=keys["app_private"].replace("\n", "\\n"), alipay_public_key=bare),
+        httpx.AsyncClient(),
+    )
     assert built.name == "alipay"
     assert built.check_order("testa-o-1", 100, "CNY") is None
     assert "CNY only" in built.check_order("testa-o-1", 100, "USD")
@@ -257,14 +313,25 @@ def test_settings_and_orders(keys):
 
 def test_page_pay_url_is_signed(keys):
     adapter = adapter_for(keys)
-    url = adapter.page_pay_url("testa-o-9", 12345, "一件商品", datetime(2026, 1, 12, 2, 30, tzinfo=timezone.utc),
-                               notify_url="https://pay.example/webhooks/alipay", return_url="https://shop.example/done")
+    url = adapter.page_pay_url(
+        "testa-o-9",
+        12345,
+        "一件商品",
+        datetime(2026, 1, 12, 2, 30, tzinfo=timezone.utc),
+        notify_url="https://pay.example/webhooks/alipay",
+        return_url="https://shop.example/done",
+    )
     assert url.startswith("https://openapi.example/gateway.do?")
     params = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
     assert params["method"] == "alipay.trade.page.pay" and params["return_url"] == "https://shop.example/done"
     biz = json.loads(params["biz_content"])
-    assert biz == {"out_trade_no": "testa-o-9", "product_code": "FAST_INSTANT_TRADE_PAY", "total_amount": "123.45",
-                   "subject": "一件商品", "time_expire": "2026-01-12 10:30:00"}
+    assert biz == {
+        "out_trade_no": "testa-o-9",
+        "product_code": "FAST_INSTANT_TRADE_PAY",
+        "total_amount": "123.45",
+        "subject": "一件商品",
+        "time_expire": "2026-01-12 10:30:00",
+    }
     assert rsa2_verify(public(keys["app_public"]), request_content(params), params["sign"])
 
 
@@ -278,9 +345,9 @@ REAL_LAYOUT = (
     "支付宝交易号,商户订单号,业务类型,商品名称,创建时间,完成时间,门店编号,门店名称,操作员,终端号,对方账户,订单金额（元）,"
     "商家实收（元）,支付宝红包（元）,集分宝（元）,支付宝优惠（元）,商家优惠（元）,券核销金额（元）,券名称,"
     "商家红包消费金额（元）,卡消费金额（元）,退款批次号/请求号,服务费（元）,分润（元）,备注\r\n"
-    "2026011222001400000000000001\t,testa-o-1\t,交易\t,\"茶叶, 500g\"\t,2026-01-12 09:59:00,2026-01-12 10:00:05,\t,\t,"
+    '2026011222001400000000000001\t,testa-o-1\t,交易\t,"茶叶, 500g"\t,2026-01-12 09:59:00,2026-01-12 10:00:05,\t,\t,'
     "\t,\t,159******20\t,99.90,99.90,0.00,0.00,0.00,0.00,0.00,\t,0.00,0.00,\t,-0.60,0.00,\t\r\n"
-    "2026011222001400000000000001\t,testa-o-1\t,退款\t,\"茶叶, 500g\"\t,2026-01-12 09:59:00,2026-01-12 23:59:59,\t,\t,"
+    '2026011222001400000000000001\t,testa-o-1\t,退款\t,"茶叶, 500g"\t,2026-01-12 09:59:00,2026-01-12 23:59:59,\t,\t,'
     "\t,\t,159******20\t,-10.00,-10.00,0.00,0.00,0.00,0.00,0.00,\t,0.00,0.00,testa-r-1\t,0.06,0.00,\t\r\n"
     "#-----------------------------------------业务明细列表结束------------------------------------\r\n"
     "#交易合计：1笔，商家实收共99.90元，商家优惠共0.00元\r\n"
@@ -291,6 +358,7 @@ REAL_LAYOUT = (
 
 def gbk_zip(members: dict[str, bytes]) -> bytes:
     """A zip whose member names are GBK bytes without the UTF-8 flag, as Alipay's are."""
+
     class GbkName(zipfile.ZipInfo):
         def _encodeFilenameFlags(self):  # zipfile's hook for the name's bytes and flags
             return self.filename.encode("gbk"), self.flag_bits & ~0x800
@@ -309,12 +377,21 @@ def rows_of(data: bytes) -> list:
 
 
 def test_bill_in_the_real_layout_is_read():
-    data = gbk_zip({"20886219876543210156_20260112_业务明细.csv": REAL_LAYOUT.encode("gbk"),
-                    "20886219876543210156_20260112_业务明细(汇总).csv": "#支付宝业务汇总查询\r\n合计,,1,1\r\n".encode("gbk")})
+    data = gbk_zip(
+        {
+            "20886219876543210156_20260112_业务明细.csv": REAL_LAYOUT.encode("gbk"),
+            "20886219876543210156_20260112_业务明细(汇总).csv": "#支付宝业务汇总查询\r\n合计,,1,1\r\n".encode("gbk"),
+        }
+    )
     assert all(not info.flag_bits & 0x800 for info in zipfile.ZipFile(io.BytesIO(data)).infolist())
     payment, refund = rows_of(data)
     assert (payment.kind, payment.trade_no, payment.order_id, payment.amount_minor, payment.currency) == (
-        "payment", "2026011222001400000000000001", "testa-o-1", 9990, "CNY")
+        "payment",
+        "2026011222001400000000000001",
+        "testa-o-1",
+        9990,
+        "CNY",
+    )
     assert payment.at == datetime(2026, 1, 12, 2, 0, 5, tzinfo=timezone.utc)
     assert (refund.kind, refund.refund_no, refund.amount_minor) == ("refund", "testa-r-1", 1000)
     assert refund.at == datetime(2026, 1, 12, 15, 59, 59, tzinfo=timezone.utc)  # still the 12th in China
@@ -323,28 +400,54 @@ def test_bill_in_the_real_layout_is_read():
 def test_bill_written_by_the_fake_reads_back_in_small_pieces(monkeypatch):
     monkeypatch.setattr(alipay_bill, "CHUNK", 7)  # GBK characters split between pieces stay whole
     moment = datetime(2026, 1, 12, 3, 0, tzinfo=timezone.utc)
-    rows = [BillRow("交易", f"20260112220014{n:014d}", f"testa-o-{n}", "商品「特价」", moment, moment + timedelta(seconds=n),
-                    Decimal("12.30")) for n in range(30)]
-    rows.append(BillRow("退款", rows[0].trade_no, rows[0].out_trade_no, "商品", moment, moment + timedelta(hours=1),
-                        Decimal("2.30"), "testa-r-0"))
+    rows = [
+        BillRow(
+            "交易",
+            f"20260112220014{n:014d}",
+            f"testa-o-{n}",
+            "商品「特价」",
+            moment,
+            moment + timedelta(seconds=n),
+            Decimal("12.30"),
+        )
+        for n in range(30)
+    ]
+    rows.append(
+        BillRow(
+            "退款",
+            rows[0].trade_no,
+            rows[0].out_trade_no,
+            "商品",
+            moment,
+            moment + timedelta(hours=1),
+            Decimal("2.30"),
+            "testa-r-0",
+        )
+    )
     data = bill_zip(fake.PID, date(2026, 1, 12), rows, Adjustments(), moment)
     read = rows_of(data)
     assert len(read) == 31 and read[-1].kind == "refund" and read[-1].amount_minor == 230
     assert {r.amount_minor for r in read[:-1]} == {1230}
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda: b"<html>not a zip</html>", "not a zip"),
-    (lambda: gbk_zip({"x_20260112_业务明细(汇总).csv": b"#"}), "detail files"),
-    (lambda: gbk_zip({"x_20260112_业务明细.csv": REAL_LAYOUT.replace(
-        "商户订单号,", "订单号,", 1).encode("gbk")}), "lacks 商户订单号"),
-    (lambda: gbk_zip({"x_20260112_业务明细.csv": REAL_LAYOUT.replace("#交易合计：1笔", "#交易合计：2笔").encode("gbk")}),
-     "incomplete"),
-    (lambda: gbk_zip({"x_20260112_业务明细.csv": REAL_LAYOUT.replace(",交易\t,", ",冻结\t,").encode("gbk")}), "冻结"),
-    (lambda: gbk_zip({"x_20260112_业务明细.csv": REAL_LAYOUT.replace("99.90,99.90", "9.9x,99.90").encode("gbk")}),
-     "9.9x"),
-    (lambda: gbk_zip({"x_20260112_业务明细.csv": REAL_LAYOUT.encode("gbk")[:400] + b"\xff\xff\xff"}), "not GBK"),
-])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: b"<html>not a zip</html>", "not a zip"),
+        (lambda: gbk_zip({"x_20260112_业务明细(汇总).csv": b"#"}), "detail files"),
+        (
+            lambda: gbk_zip({"x_20260112_业务明细.csv": REAL_LAYOUT.replace("商户订单号,", "订单号,", 1).encode("gbk")}),
+            "lacks 商户订单号",
+        ),
+        (
+            lambda: gbk_zip({"x_20260112_业务明细.csv": REAL_LAYOUT.replace("#交易合计：1笔", "#交易合计：2笔").encode("gbk")}),
+            "incomplete",
+        ),
+        (lambda: gbk_zip({"x_20260112_业务明细.csv": REAL_LAYOUT.replace(",交易\t,", ",冻结\t,").encode("gbk")}), "冻结"),
+        (lambda: gbk_zip({"x_20260112_业务明细.csv": REAL_LAYOUT.replace("99.90,99.90", "9.9x,99.90").encode("gbk")}), "9.9x"),
+        (lambda: gbk_zip({"x_20260112_业务明细.csv": REAL_LAYOUT.encode("gbk")[:400] + b"\xff\xff\xff"}), "not GBK"),
+    ],
+)
 def test_bad_bill_raises_bill_format_error(make, message):
     with pytest.raises(BillFormatError, match=message):
         rows_of(make())
@@ -357,8 +460,11 @@ def test_bad_bill_raises_bill_format_error(make, message):
 def alipay_url(stack: Stack) -> str:
     url = stack.provider_urls.get("alipay")
     if not url:
-        pytest.fail("the fake Alipay gateway is not running: tests/fakes/alipay.py was not started by the stack "
-                    "fixture (tests/conftest.py starts every module in tests.fakes.FAKES)", pytrace=False)
+        pytest.fail(
+            "the fake Alipay gateway is not running: tests/fakes/alipay.py was not started by the stack "
+            "fixture (tests/conftest.py starts every module in tests.fakes.FAKES)",
+            pytrace=False,
+        )
     return url
 
 
@@ -370,8 +476,9 @@ async def ali(alipay_url: str):
 
 def stack_keys(stack: Stack) -> dict[str, str]:
     folder = Path(stack.env["PAYSENTINEL_ALIPAY_PRIVATE_KEY_FILE"]).parent
-    return {name: (folder / f"{name}.pem").read_text()
-            for name in ("app_private", "app_public", "alipay_private", "alipay_public")}
+    return {
+        name: (folder / f"{name}.pem").read_text() for name in ("app_private", "app_public", "alipay_private", "alipay_public")
+    }
 
 
 async def start(api, order: str, amount: int = 9990, **extra) -> dict:
@@ -407,8 +514,9 @@ async def pay(ali, order: str, **body) -> dict:
 
 
 async def refund(api, payment_id: str, key: str, amount: int) -> dict:
-    response = await api.post(f"/payments/{payment_id}/refunds", json={"amount_minor": amount, "reason": "退货"},
-                              headers={"Idempotency-Key": key})
+    response = await api.post(
+        f"/payments/{payment_id}/refunds", json={"amount_minor": amount, "reason": "退货"}, headers={"Idempotency-Key": key}
+    )
     assert response.status_code == 202, response.text
     return response.json()
 
@@ -429,8 +537,7 @@ async def test_paid_by_notification(api, ali, sessions):
     row = await payment_row(sessions, created["payment_id"], "SUCCEEDED")
     assert (row.paid_amount_minor, row.trade_no) == (9990, trade["trade_no"])
     callbacks = await callback_rows(sessions, order)
-    assert [(c.delivery, c.signature_verified, c.trade_status) for c in callbacks] == [
-        ("delivered", True, "TRADE_SUCCESS")]
+    assert [(c.delivery, c.signature_verified, c.trade_status) for c in callbacks] == [("delivered", True, "TRADE_SUCCESS")]
     assert "notify_type=trade_status_sync" in callbacks[0].raw_body
     deliveries = (await fake_trade(ali, order))["deliveries"]
     assert [(d["status_code"], d["answer"]) for d in deliveries] == [(200, "success")]
@@ -488,8 +595,11 @@ async def test_partial_refunds_and_a_retried_submission_refunds_nothing_twice(ap
     order = new_order("ali-refund")
     # The first refund is made at Alipay but its answer is lost (ACQ.SYSTEM_ERROR after the work):
     # the retry with the same out_request_no answers fund_change "N", the refund query says done.
-    await script(ali, order, failures=[{"method": "alipay.trade.refund", "code": "40004",
-                                        "sub_code": "ACQ.SYSTEM_ERROR", "times": 1, "after": True}])
+    await script(
+        ali,
+        order,
+        failures=[{"method": "alipay.trade.refund", "code": "40004", "sub_code": "ACQ.SYSTEM_ERROR", "times": 1, "after": True}],
+    )
     created = await start(api, order)
     await pay(ali, order)
     await wait_status(api, created["payment_id"], "SUCCEEDED")
@@ -529,10 +639,10 @@ async def test_forged_and_replayed_notifications_change_nothing(api, ali, stack,
     created = await start(api, unpaid, expires_in_seconds=6)
     forged = sample_notification(keys["alipay_private"], out_trade_no=provider_order(unpaid), notify_id="forged-1")
     tampered = {**forged, "total_amount": "0.01"}
-    wrong_key = sample_notification(fake.private_pem(fake.new_key()), out_trade_no=provider_order(unpaid),
-                                    notify_id="forged-2")
-    other_app = sample_notification(keys["alipay_private"], out_trade_no=provider_order(unpaid), notify_id="forged-3",
-                                    app_id="2021000000000000")
+    wrong_key = sample_notification(fake.private_pem(fake.new_key()), out_trade_no=provider_order(unpaid), notify_id="forged-2")
+    other_app = sample_notification(
+        keys["alipay_private"], out_trade_no=provider_order(unpaid), notify_id="forged-3", app_id="2021000000000000"
+    )
     async with httpx.AsyncClient(timeout=10) as http:
         for params in (tampered, wrong_key, other_app):
             answer = await http.post(hook, content=urllib.parse.urlencode(params), headers=form)
@@ -557,11 +667,17 @@ async def test_forged_and_replayed_notifications_change_nothing(api, ali, stack,
 
 async def test_transient_codes_are_retried_and_final_codes_are_not(api, ali):
     order = new_order("ali-busy")
-    await script(ali, order, notify="drop", failures=[
-        {"method": "alipay.trade.query", "code": "20000", "sub_code": "isp.unknow-error", "times": 1},
-        {"method": "alipay.trade.query", "code": "40004", "sub_code": "ACQ.SYSTEM_ERROR", "times": 1},
-        {"method": "alipay.trade.query", "http_status": 502, "times": 1},
-        {"method": "alipay.trade.precreate", "code": "40004", "sub_code": "aop.ACQ.SYSTEM_ERROR", "times": 1}])
+    await script(
+        ali,
+        order,
+        notify="drop",
+        failures=[
+            {"method": "alipay.trade.query", "code": "20000", "sub_code": "isp.unknow-error", "times": 1},
+            {"method": "alipay.trade.query", "code": "40004", "sub_code": "ACQ.SYSTEM_ERROR", "times": 1},
+            {"method": "alipay.trade.query", "http_status": 502, "times": 1},
+            {"method": "alipay.trade.precreate", "code": "40004", "sub_code": "aop.ACQ.SYSTEM_ERROR", "times": 1},
+        ],
+    )
     created = await start(api, order)
     await pay(ali, order)
     view = await wait_status(api, created["payment_id"], "SUCCEEDED", timeout=40)
@@ -570,8 +686,19 @@ async def test_transient_codes_are_retried_and_final_codes_are_not(api, ali):
     assert calls["alipay.trade.precreate"] == 2 and calls["alipay.trade.query"] >= 4
 
     refused = new_order("ali-refused")
-    await script(ali, refused, failures=[{"method": "alipay.trade.precreate", "code": "40004",
-                                          "sub_code": "ACQ.INVALID_PARAMETER", "sub_msg": "参数无效", "times": -1}])
+    await script(
+        ali,
+        refused,
+        failures=[
+            {
+                "method": "alipay.trade.precreate",
+                "code": "40004",
+                "sub_code": "ACQ.INVALID_PARAMETER",
+                "sub_msg": "参数无效",
+                "times": -1,
+            }
+        ],
+    )
     created = await start(api, refused)
     view = await wait_status(api, created["payment_id"], "FAILED", timeout=30)
     assert "ACQ.INVALID_PARAMETER" in json.dumps(view["timeline"], ensure_ascii=False)
@@ -581,9 +708,19 @@ async def test_transient_codes_are_retried_and_final_codes_are_not(api, ali):
 
 async def test_a_final_refund_answer_is_not_retried(api, ali):
     order = new_order("ali-broke")
-    await script(ali, order, failures=[{"method": "alipay.trade.refund", "code": "40004",
-                                        "sub_code": "ACQ.SELLER_BALANCE_NOT_ENOUGH", "sub_msg": "卖家余额不足",
-                                        "times": 1}])
+    await script(
+        ali,
+        order,
+        failures=[
+            {
+                "method": "alipay.trade.refund",
+                "code": "40004",
+                "sub_code": "ACQ.SELLER_BALANCE_NOT_ENOUGH",
+                "sub_msg": "卖家余额不足",
+                "times": 1,
+            }
+        ],
+    )
     created = await start(api, order)
     await pay(ali, order)
     await wait_status(api, created["payment_id"], "SUCCEEDED")
@@ -625,10 +762,16 @@ async def test_reference_client_and_page_pay_against_the_fake(api, ali, stack, a
     assert "isv.invalid-signature" in str(caught.value)
     # The page-pay URL we build locally opens the fake's cashier; a changed amount does not.
     async with httpx.AsyncClient(timeout=10) as http:
-        adapter = AlipayProvider(http, app_id=fake.APP_ID, gateway_url=f"{alipay_url}/gateway.do",
-                                 private_key=keys["app_private"], alipay_public_key=keys["alipay_public"])
-        url = adapter.page_pay_url(provider_order(new_order("ali-page")), 4200, "桌面支付",
-                                   datetime.now(timezone.utc) + timedelta(minutes=10))
+        adapter = AlipayProvider(
+            http,
+            app_id=fake.APP_ID,
+            gateway_url=f"{alipay_url}/gateway.do",
+            private_key=keys["app_private"],
+            alipay_public_key=keys["alipay_public"],
+        )
+        url = adapter.page_pay_url(
+            provider_order(new_order("ali-page")), 4200, "桌面支付", datetime.now(timezone.utc) + timedelta(minutes=10)
+        )
         page = await http.get(url)
         assert page.status_code == 200 and "收银台" in page.text and "42.00" in page.text
         forged = await http.get(url.replace("42.00", "0.01"))
@@ -707,8 +850,9 @@ async def test_a_days_bill_reconciles_and_differences_are_found(api, ali, financ
         return books if books["net_minor"] == 0 and books["refunded_minor"] == 1230 else None
 
     await wait_for(orphan_refunded, timeout=60, what="the unknown order's money returned at Alipay")
-    view = await wait_for(lambda: _review_opened(api, created["payment_id"]), timeout=60,
-                          what="a settlement review of the differing order")
+    view = await wait_for(
+        lambda: _review_opened(api, created["payment_id"]), timeout=60, what="a settlement review of the differing order"
+    )
     assert view["review_reason"] == "settlement_mismatch"
 
 

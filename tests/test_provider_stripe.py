@@ -43,32 +43,58 @@ TZ = ZoneInfo("Asia/Shanghai")
 
 
 def intent(status: str, **extra) -> dict:
-    return {"id": "pi_1", "object": "payment_intent", "amount": 9990, "amount_received": 9990 if status == "succeeded"
-            else 0, "currency": "cny", "status": status, "metadata": {"order_id": "testa-o1"},
-            "client_secret": "pi_1_secret_x", **extra}
+    return {
+        "id": "pi_1",
+        "object": "payment_intent",
+        "amount": 9990,
+        "amount_received": 9990 if status == "succeeded" else 0,
+        "currency": "cny",
+        "status": status,
+        "metadata": {"order_id": "testa-o1"},
+        "client_secret": "pi_1_secret_x",
+        **extra,
+    }
 
 
-@pytest.mark.parametrize("status,expected", [
-    ("requires_payment_method", TradeStatus.WAIT_BUYER_PAY), ("requires_confirmation", TradeStatus.WAIT_BUYER_PAY),
-    ("requires_action", TradeStatus.WAIT_BUYER_PAY), ("requires_capture", TradeStatus.WAIT_BUYER_PAY),
-    ("processing", TradeStatus.PAYING), ("succeeded", TradeStatus.TRADE_SUCCESS),
-    ("canceled", TradeStatus.TRADE_CLOSED),
-])
+@pytest.mark.parametrize(
+    "status,expected",
+    [
+        ("requires_payment_method", TradeStatus.WAIT_BUYER_PAY),
+        ("requires_confirmation", TradeStatus.WAIT_BUYER_PAY),
+        ("requires_action", TradeStatus.WAIT_BUYER_PAY),
+        ("requires_capture", TradeStatus.WAIT_BUYER_PAY),
+        ("processing", TradeStatus.PAYING),
+        ("succeeded", TradeStatus.TRADE_SUCCESS),
+        ("canceled", TradeStatus.TRADE_CLOSED),
+    ],
+)
 def test_payment_intent_statuses_map_to_trade_statuses(status, expected):
     trade = adapter.trade_of(intent(status, latest_charge={"id": "ch_1", "created": 1_700_000_000}))
     assert (trade.status, trade.trade_no, trade.order_id, trade.currency, trade.amount_minor) == (
-        expected, "pi_1", "testa-o1", "CNY", 9990)
+        expected,
+        "pi_1",
+        "testa-o1",
+        "CNY",
+        9990,
+    )
     assert (trade.paid_at is not None) == expected.is_paid
     assert not TradeStatus.PAYING.is_paid  # processing is never taken for paid
 
 
-@pytest.mark.parametrize("status,expected", [
-    ("pending", RefundStatus.PROCESSING), ("requires_action", RefundStatus.PROCESSING),
-    ("succeeded", RefundStatus.SUCCEEDED), ("failed", RefundStatus.FAILED), ("canceled", RefundStatus.FAILED),
-])
+@pytest.mark.parametrize(
+    "status,expected",
+    [
+        ("pending", RefundStatus.PROCESSING),
+        ("requires_action", RefundStatus.PROCESSING),
+        ("succeeded", RefundStatus.SUCCEEDED),
+        ("failed", RefundStatus.FAILED),
+        ("canceled", RefundStatus.FAILED),
+    ],
+)
 def test_refund_statuses(status, expected):
-    refund = adapter.refund_of({"id": "re_1", "amount": 500, "status": status, "payment_intent": "pi_1",
-                                "failure_reason": "lost_or_stolen_card"}, "rf1")
+    refund = adapter.refund_of(
+        {"id": "re_1", "amount": 500, "status": status, "payment_intent": "pi_1", "failure_reason": "lost_or_stolen_card"}, "rf1"
+    )
     assert (refund.status, refund.refund_id, refund.trade_no, refund.amount_minor) == (expected, "rf1", "pi_1", 500)
     assert (refund.fail_reason is not None) == (expected is RefundStatus.FAILED)
 
@@ -80,22 +106,25 @@ def _error(cls, status: int, code: str | None, kind: str = "invalid_request_erro
     return cls("m", http_body=json.dumps(body), http_status=status, json_body=body)
 
 
-@pytest.mark.parametrize("err,transient,code", [
-    (stripe.APIConnectionError("connection refused"), True, None),
-    (_error(stripe.RateLimitError, 429, "rate_limit"), True, None),
-    (_error(stripe.RateLimitError, 429, "lock_timeout"), True, None),
-    (_error(stripe.InvalidRequestError, 400, "lock_timeout"), True, None),
-    (_error(stripe.APIError, 500, None, "api_error"), True, None),
-    (_error(stripe.APIError, 503, None, "api_error"), True, None),
-    (_error(stripe.APIError, 409, "idempotency_key_in_use"), True, None),
-    (_error(stripe.CardError, 402, "card_declined", "card_error"), False, "card_declined"),
-    (_error(stripe.InvalidRequestError, 400, "charge_already_refunded"), False, "charge_already_refunded"),
-    (_error(stripe.InvalidRequestError, 400, "amount_too_large"), False, "amount_too_large"),
-    (_error(stripe.InvalidRequestError, 404, "resource_missing"), False, "resource_missing"),
-    (_error(stripe.IdempotencyError, 400, None, "idempotency_error"), False, "idempotency_error"),
-    (_error(stripe.AuthenticationError, 401, None), False, "authentication_error"),
-    (_error(stripe.PermissionError, 403, None), False, "permission_error"),
-])
+@pytest.mark.parametrize(
+    "err,transient,code",
+    [
+        (stripe.APIConnectionError("connection refused"), True, None),
+        (_error(stripe.RateLimitError, 429, "rate_limit"), True, None),
+        (_error(stripe.RateLimitError, 429, "lock_timeout"), True, None),
+        (_error(stripe.InvalidRequestError, 400, "lock_timeout"), True, None),
+        (_error(stripe.APIError, 500, None, "api_error"), True, None),
+        (_error(stripe.APIError, 503, None, "api_error"), True, None),
+        (_error(stripe.APIError, 409, "idempotency_key_in_use"), True, None),
+        (_error(stripe.CardError, 402, "card_declined", "card_error"), False, "card_declined"),
+        (_error(stripe.InvalidRequestError, 400, "charge_already_refunded"), False, "charge_already_refunded"),
+        (_error(stripe.InvalidRequestError, 400, "amount_too_large"), False, "amount_too_large"),
+        (_error(stripe.InvalidRequestError, 404, "resource_missing"), False, "resource_missing"),
+        (_error(stripe.IdempotencyError, 400, None, "idempotency_error"), False, "idempotency_error"),
+        (_error(stripe.AuthenticationError, 401, None), False, "authentication_error"),
+        (_error(stripe.PermissionError, 403, None), False, "permission_error"),
+    ],
+)
 def test_errors_are_transient_or_final(err, transient, code):
     mapped = adapter.classify(err, "call")
     assert isinstance(mapped, ProviderUnavailable if transient else ProviderRejected), mapped
@@ -130,8 +159,14 @@ def test_check_order_and_build_settings():
 
 
 def event_body(kind: str = "payment_intent.succeeded", status: str = "succeeded", **over) -> bytes:
-    event = {"id": "evt_1", "object": "event", "created": int(time.time()), "type": kind,
-             "data": {"object": intent(status)}, **over}
+    event = {
+        "id": "evt_1",
+        "object": "event",
+        "created": int(time.time()),
+        "type": kind,
+        "data": {"object": intent(status)},
+        **over,
+    }
     return json.dumps(event).encode()
 
 
@@ -146,10 +181,18 @@ def provider() -> adapter.StripeProvider:
 def test_webhook_events_are_verified_and_decoded():
     body = event_body()
     callback = provider().parse_callback(signed(body), body)
-    assert (callback.event_id, callback.order_id, callback.trade_no, callback.trade_status, callback.amount_minor,
-            callback.currency) == ("evt_1", "testa-o1", "pi_1", TradeStatus.TRADE_SUCCESS, 9990, "CNY")
-    for kind, status, expected in (("payment_intent.canceled", "canceled", TradeStatus.TRADE_CLOSED),
-                                   ("payment_intent.processing", "processing", TradeStatus.PAYING)):
+    assert (
+        callback.event_id,
+        callback.order_id,
+        callback.trade_no,
+        callback.trade_status,
+        callback.amount_minor,
+        callback.currency,
+    ) == ("evt_1", "testa-o1", "pi_1", TradeStatus.TRADE_SUCCESS, 9990, "CNY")
+    for kind, status, expected in (
+        ("payment_intent.canceled", "canceled", TradeStatus.TRADE_CLOSED),
+        ("payment_intent.processing", "processing", TradeStatus.PAYING),
+    ):
         body = event_body(kind, status)
         assert provider().parse_callback({"stripe-signature": fake.sign(SECRET, body)}, body).trade_status == expected
 
@@ -177,8 +220,12 @@ def test_other_events_are_ignored_and_broken_ones_malformed():
         body = event_body(kind)
         with pytest.raises(CallbackIgnored):
             provider().parse_callback(signed(body), body)
-    for body in (b"not json", json.dumps({"id": "evt_2", "type": "payment_intent.succeeded",
-                                          "data": {"object": {"object": "payment_intent"}}}).encode()):
+    for body in (
+        b"not json",
+        json.dumps(
+            {"id": "evt_2", "type": "payment_intent.succeeded", "data": {"object": {"object": "payment_intent"}}}
+        ).encode(),
+    ):
         with pytest.raises(MalformedCallback):
             provider().parse_callback(signed(body), body)
     reply = provider().callback_reply(200, {"result": "delivered"})
@@ -223,23 +270,46 @@ async def local_fake(tmp_path):
     server, task, port = await serve(fake.create_app(state))
     url = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=url, timeout=10) as control:
-        yield {"url": url, "api_key": api_key, "secret": secret, "state": state, "control": control,
-               "capture": capture, "provider": adapter.StripeProvider(url, api_key, secret, 300, 5)}
+        yield {
+            "url": url,
+            "api_key": api_key,
+            "secret": secret,
+            "state": state,
+            "control": control,
+            "capture": capture,
+            "provider": adapter.StripeProvider(url, api_key, secret, 300, 5),
+        }
     for s, t in ((server, task), (hook_server, hook_task)):
         s.should_exit = True
         await t
 
 
 def create_input(order: str, amount: int = 9990) -> CreateTradeInput:
-    return CreateTradeInput(provider="stripe", order_id=order, amount_minor=amount, currency="CNY", subject="test",
-                            notify_url="http://127.0.0.1/webhooks/stripe", expires_at=datetime.now(timezone.utc),
-                            idempotency_key=f"create:{order}")
+    return CreateTradeInput(
+        provider="stripe",
+        order_id=order,
+        amount_minor=amount,
+        currency="CNY",
+        subject="test",
+        notify_url="http://127.0.0.1/webhooks/stripe",
+        expires_at=datetime.now(timezone.utc),
+        idempotency_key=f"create:{order}",
+    )
 
 
 def refund_input(order: str, trade_no: str, refund_id: str, amount: int) -> RefundInput:
-    return RefundInput.model_construct(payment_id=f"payment-{order}", provider="stripe", order_id=order,
-                                       trade_no=trade_no, refund_id=refund_id, amount_minor=amount, currency="CNY",
-                                       reason="returned", requested_by="merchant", timing=None)
+    return RefundInput.model_construct(
+        payment_id=f"payment-{order}",
+        provider="stripe",
+        order_id=order,
+        trade_no=trade_no,
+        refund_id=refund_id,
+        amount_minor=amount,
+        currency="CNY",
+        reason="returned",
+        requested_by="merchant",
+        timing=None,
+    )
 
 
 async def test_the_official_library_verifies_the_fakes_events_and_refuses_tampered_ones(local_fake):
@@ -309,9 +379,17 @@ async def test_a_failed_refund_submitted_again_is_a_new_refund(local_fake):
     assert sorted(r["refund_status"] for r in ledger["refunds"]) == ["failed", "succeeded"]
 
 
-@pytest.mark.parametrize("code,transient", [("rate_limit", True), ("lock_timeout", True), ("api_error", True),
-                                            ("card_declined", False), ("permission_error", False),
-                                            ("amount_too_small", False)])
+@pytest.mark.parametrize(
+    "code,transient",
+    [
+        ("rate_limit", True),
+        ("lock_timeout", True),
+        ("api_error", True),
+        ("card_declined", False),
+        ("permission_error", False),
+        ("amount_too_small", False),
+    ],
+)
 async def test_answers_of_the_fake_are_classified(local_fake, code, transient):
     provider, control = local_fake["provider"], local_fake["control"]
     order = f"lib-err-{code}"
@@ -336,8 +414,9 @@ async def test_close_answers_paying_paid_and_closed(local_fake):
     assert (await provider.close_trade("lib-close-2", "close:2", created_trade_no=racing.trade_no)).status.is_paid
     unpaid = await provider.create_trade(create_input("lib-close-3"))
     for _ in range(2):  # again: the same answer
-        assert (await provider.close_trade("lib-close-3", "close:3", created_trade_no=unpaid.trade_no)).status \
-            is TradeStatus.TRADE_CLOSED
+        assert (
+            await provider.close_trade("lib-close-3", "close:3", created_trade_no=unpaid.trade_no)
+        ).status is TradeStatus.TRADE_CLOSED
     assert not (await provider.close_trade("lib-close-none", "close:4")).exists
     assert not (await provider.query_trade("lib-close-none", created_trade_no="pi_missing")).exists
 
@@ -356,10 +435,13 @@ async def test_balance_transactions_become_bill_rows_page_by_page(local_fake):
         rows = [row async for row in provider.bill_rows(datetime.now(TZ).date(), TZ)]
     finally:
         adapter.BILL_PAGE_SIZE = old
-    mine = sorted((r.kind, r.order_id, r.trade_no, r.amount_minor, r.refund_no) for r in rows
-                  if r.order_id.startswith("lib-bill-"))
-    assert mine == sorted([("payment", o, t.trade_no, t.amount_minor, "") for o, t in trades.items()]
-                          + [("refund", "lib-bill-0", trades["lib-bill-0"].trade_no, 400, "rf-b")])
+    mine = sorted(
+        (r.kind, r.order_id, r.trade_no, r.amount_minor, r.refund_no) for r in rows if r.order_id.startswith("lib-bill-")
+    )
+    assert mine == sorted(
+        [("payment", o, t.trade_no, t.amount_minor, "") for o, t in trades.items()]
+        + [("refund", "lib-bill-0", trades["lib-bill-0"].trade_no, 400, "rf-b")]
+    )
     assert local_fake["state"].calls["*"]["balance_transactions"] >= 2
 
 
@@ -454,8 +536,9 @@ async def test_the_payer_pays_while_we_cancel(api, fake_stripe):
 
 
 async def refund(api, payment_id: str, key: str, amount: int):
-    response = await api.post(f"/payments/{payment_id}/refunds", json={"amount_minor": amount, "reason": "returned"},
-                              headers={"Idempotency-Key": key})
+    response = await api.post(
+        f"/payments/{payment_id}/refunds", json={"amount_minor": amount, "reason": "returned"}, headers={"Idempotency-Key": key}
+    )
     assert response.status_code == 202, response.text
     return response.json()
 
@@ -478,13 +561,15 @@ async def test_partial_refunds_never_refund_twice(api, fake_stripe, stack, sessi
     await wait_for(lambda: refund_status(api, payment_id, second["refund_id"], "SUCCEEDED"), what="refund r2")
     # Stripe forgot the keys (24 hours later): submitting the refund again still finds it.
     assert (await fake_stripe.post("/control/idempotency/forget")).status_code == 200
-    settings = Settings(stripe_api_url=stack.provider_urls["stripe"],
-                        stripe_api_key=Path(stack.env["PAYSENTINEL_STRIPE_API_KEY_FILE"]).read_text(),
-                        stripe_webhook_secret=Path(stack.env["PAYSENTINEL_STRIPE_WEBHOOK_SECRET_FILE"]).read_text())
+    settings = Settings(
+        stripe_api_url=stack.provider_urls["stripe"],
+        stripe_api_key=Path(stack.env["PAYSENTINEL_STRIPE_API_KEY_FILE"]).read_text(),
+        stripe_webhook_secret=Path(stack.env["PAYSENTINEL_STRIPE_WEBHOOK_SECRET_FILE"]).read_text(),
+    )
     async with httpx.AsyncClient() as http:
         again = await adapter.build(settings, http).refund(
-            refund_input(provider_order(order), first["trade_no"], first["refund_id"], 2000),
-            f"refund:{first['refund_id']}")
+            refund_input(provider_order(order), first["trade_no"], first["refund_id"], 2000), f"refund:{first['refund_id']}"
+        )
     assert again.status is RefundStatus.SUCCEEDED
     ledger = (await order_view(fake_stripe, order))["ledger"]
     assert (ledger["captured_minor"], ledger["refunded_minor"], len(ledger["refunds"])) == (9990, 2990, 2)
@@ -504,11 +589,15 @@ async def test_refunds_pending_then_succeeded_and_pending_then_failed(api, fake_
     failing = await refund(api, payment_id, "p2", 500)
     # It fails at Stripe; submitted again (the refund workflow's next submission, or the review it
     # opens), the same refund id becomes a new Stripe refund, which succeeds.
-    await wait_for(lambda: refund_status(api, payment_id, failing["refund_id"], "SUCCEEDED"), timeout=60,
-                   what="p2 refunded after its failure")
+    await wait_for(
+        lambda: refund_status(api, payment_id, failing["refund_id"], "SUCCEEDED"),
+        timeout=60,
+        what="p2 refunded after its failure",
+    )
     refunds = (await order_view(fake_stripe, order))["ledger"]["refunds"]
-    assert sorted((r["out_request_no"], r["refund_status"]) for r in refunds) == sorted([
-        (ok["refund_id"], "succeeded"), (failing["refund_id"], "failed"), (failing["refund_id"], "succeeded")])
+    assert sorted((r["out_request_no"], r["refund_status"]) for r in refunds) == sorted(
+        [(ok["refund_id"], "succeeded"), (failing["refund_id"], "failed"), (failing["refund_id"], "succeeded")]
+    )
     view = (await api.get(f"/payments/{payment_id}")).json()
     assert view["refunded_minor"] == 1500
 
@@ -558,8 +647,13 @@ async def test_forged_stale_and_replayed_events_change_nothing(api, fake_stripe,
 
 async def test_transient_errors_are_retried_and_final_ones_are_not(api, fake_stripe):
     order = new_order("st-transient")
-    await scripted(fake_stripe, order, pay="immediately", lose_events=["payment_intent.succeeded"],
-                   errors={"create": {"code": "rate_limit", "times": 1}, "retrieve": {"code": "lock_timeout", "times": 1}})
+    await scripted(
+        fake_stripe,
+        order,
+        pay="immediately",
+        lose_events=["payment_intent.succeeded"],
+        errors={"create": {"code": "rate_limit", "times": 1}, "retrieve": {"code": "lock_timeout", "times": 1}},
+    )
     payment_id = await pay_with_stripe(api, order)
     await wait_status(api, payment_id, "SUCCEEDED", timeout=30)
     calls = (await order_view(fake_stripe, order))["calls"]
@@ -603,8 +697,9 @@ async def reconcile(finance, client, day, passes: int) -> dict:
     return await wait_for(done, timeout=90, what=f"stripe reconciliation {day} pass {passes}")
 
 
-async def test_a_days_balance_transactions_reconcile_and_a_difference_is_found(api, fake_stripe, finance, client,
-                                                                               sessions, books):
+async def test_a_days_balance_transactions_reconcile_and_a_difference_is_found(
+    api, fake_stripe, finance, client, sessions, books
+):
     today = datetime.now(TZ).date()
     orders = {}
     for name in ("st-rc-a", "st-rc-b"):

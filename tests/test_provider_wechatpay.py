@@ -62,49 +62,80 @@ def keys(tmp_path_factory) -> dict:
 def adapter(keys: dict, http: httpx.AsyncClient | None = None, base: str = "http://127.0.0.1:1") -> wx.WeChatPayProvider:
     env = keys["env"]
     return wx.WeChatPayProvider(
-        http or httpx.AsyncClient(), api_url=base, mchid=env["PAYSENTINEL_WECHATPAY_MCHID"],
-        appid=env["PAYSENTINEL_WECHATPAY_APPID"], serial_no=keys["serial"], private_key=keys["merchant_private_pem"],
-        apiv3_key=keys["apiv3_key"], public_key=env["PAYSENTINEL_WECHATPAY_PUBLIC_KEY"],  # inline, "\n" escapes
-        public_key_id=keys["key_id"], tolerance_seconds=300)
+        http or httpx.AsyncClient(),
+        api_url=base,
+        mchid=env["PAYSENTINEL_WECHATPAY_MCHID"],
+        appid=env["PAYSENTINEL_WECHATPAY_APPID"],
+        serial_no=keys["serial"],
+        private_key=keys["merchant_private_pem"],
+        apiv3_key=keys["apiv3_key"],
+        public_key=env["PAYSENTINEL_WECHATPAY_PUBLIC_KEY"],  # inline, "\n" escapes
+        public_key_id=keys["key_id"],
+        tolerance_seconds=300,
+    )
 
 
 def transaction(keys: dict, order: str = "testa-unit-000001", state: str = "SUCCESS", total: int = 9990) -> dict:
-    body = {"appid": keys["env"]["PAYSENTINEL_WECHATPAY_APPID"], "mchid": keys["env"]["PAYSENTINEL_WECHATPAY_MCHID"],
-            "out_trade_no": order, "trade_state": state, "trade_state_desc": "", "amount": {"total": total,
-                                                                                           "currency": "CNY"}}
+    body = {
+        "appid": keys["env"]["PAYSENTINEL_WECHATPAY_APPID"],
+        "mchid": keys["env"]["PAYSENTINEL_WECHATPAY_MCHID"],
+        "out_trade_no": order,
+        "trade_state": state,
+        "trade_state_desc": "",
+        "amount": {"total": total, "currency": "CNY"},
+    }
     if state in ("SUCCESS", "REFUND"):
         body.update({"transaction_id": "4200001234202611230000000001", "success_time": "2026-11-23T10:34:56+08:00"})
         body["amount"]["payer_total"] = total
     return body
 
 
-def notification(keys: dict, event_type: str = "TRANSACTION.SUCCESS", resource: dict | None = None,
-                 apiv3_key: str | None = None, event_id: str = "EV-2018022511223320873") -> bytes:
+def notification(
+    keys: dict,
+    event_type: str = "TRANSACTION.SUCCESS",
+    resource: dict | None = None,
+    apiv3_key: str | None = None,
+    event_id: str = "EV-2018022511223320873",
+) -> bytes:
     plaintext = json.dumps(resource if resource is not None else transaction(keys)).encode()
     original = "refund" if event_type.startswith("REFUND") else "transaction"
-    return json.dumps({
-        "id": event_id, "create_time": "2026-11-23T10:34:57+08:00", "resource_type": "encrypt-resource",
-        "event_type": event_type, "summary": "支付成功",
-        "resource": sign.encrypt_resource(apiv3_key or keys["apiv3_key"], plaintext, original, original),
-    }).encode()
+    return json.dumps(
+        {
+            "id": event_id,
+            "create_time": "2026-11-23T10:34:57+08:00",
+            "resource_type": "encrypt-resource",
+            "event_type": event_type,
+            "summary": "支付成功",
+            "resource": sign.encrypt_resource(apiv3_key or keys["apiv3_key"], plaintext, original, original),
+        }
+    ).encode()
 
 
 def signed(keys: dict, body: bytes, *, pem: str | None = None, **kwargs) -> dict[str, str]:
-    return sign.signed_headers(sign.load_private_key(pem or keys["platform_private_pem"]), kwargs.pop(
-        "serial", keys["key_id"]), body, **kwargs)
+    return sign.signed_headers(
+        sign.load_private_key(pem or keys["platform_private_pem"]), kwargs.pop("serial", keys["key_id"]), body, **kwargs
+    )
 
 
 # --- Unit: signatures ------------------------------------------------------------------------
 
 
 def test_request_signature_string_and_authorization_header(keys):
-    message = sign.request_message("post", "/v3/pay/transactions/native?x=1", "1554208460",
-                                   "593BEC0C930BF1AFEB40B4A08C8FB242", b'{"a":1}')
+    message = sign.request_message(
+        "post", "/v3/pay/transactions/native?x=1", "1554208460", "593BEC0C930BF1AFEB40B4A08C8FB242", b'{"a":1}'
+    )
     assert message == b'POST\n/v3/pay/transactions/native?x=1\n1554208460\n593BEC0C930BF1AFEB40B4A08C8FB242\n{"a":1}\n'
     assert sign.request_message("GET", "/v3/certificates", "1", "N", b"") == b"GET\n/v3/certificates\n1\nN\n\n"
-    header = sign.authorization(mchid="1900009191", serial_no=keys["serial"],
-                                key=sign.load_private_key(keys["merchant_private_pem"]), method="GET",
-                                path="/v3/refund/domestic/refunds/r1", body=b"", timestamp=1554208460, nonce="N0")
+    header = sign.authorization(
+        mchid="1900009191",
+        serial_no=keys["serial"],
+        key=sign.load_private_key(keys["merchant_private_pem"]),
+        method="GET",
+        path="/v3/refund/domestic/refunds/r1",
+        body=b"",
+        timestamp=1554208460,
+        nonce="N0",
+    )
     assert header.startswith('WECHATPAY2-SHA256-RSA2048 mchid="1900009191",nonce_str="N0",signature="')
     params = sign.parse_authorization(header)
     assert (params["timestamp"], params["serial_no"]) == ("1554208460", keys["serial"])
@@ -150,9 +181,14 @@ def test_parse_callback(keys):
     provider = adapter(keys)
     body = notification(keys)
     callback = provider.parse_callback(signed(keys, body), body)
-    assert (callback.event_id, callback.order_id, callback.trade_no, callback.trade_status, callback.amount_minor,
-            callback.currency) == ("EV-2018022511223320873", "testa-unit-000001", "4200001234202611230000000001",
-                                   TradeStatus.TRADE_SUCCESS, 9990, "CNY")
+    assert (
+        callback.event_id,
+        callback.order_id,
+        callback.trade_no,
+        callback.trade_status,
+        callback.amount_minor,
+        callback.currency,
+    ) == ("EV-2018022511223320873", "testa-unit-000001", "4200001234202611230000000001", TradeStatus.TRADE_SUCCESS, 9990, "CNY")
     assert callback.paid_at == datetime(2026, 11, 23, 2, 34, 56, tzinfo=timezone.utc)
     refund_body = notification(keys, "REFUND.SUCCESS", {"out_refund_no": "r1", "refund_status": "SUCCESS"})
     with pytest.raises(CallbackIgnored):
@@ -191,10 +227,15 @@ def test_build_names_the_missing_setting(keys):
 
 
 def test_state_mapping_including_userpaying(keys):
-    expected = {"SUCCESS": TradeStatus.TRADE_SUCCESS, "REFUND": TradeStatus.TRADE_SUCCESS,
-                "NOTPAY": TradeStatus.WAIT_BUYER_PAY, "USERPAYING": TradeStatus.PAYING,
-                "CLOSED": TradeStatus.TRADE_CLOSED, "REVOKED": TradeStatus.TRADE_CLOSED,
-                "PAYERROR": TradeStatus.TRADE_CLOSED}
+    expected = {
+        "SUCCESS": TradeStatus.TRADE_SUCCESS,
+        "REFUND": TradeStatus.TRADE_SUCCESS,
+        "NOTPAY": TradeStatus.WAIT_BUYER_PAY,
+        "USERPAYING": TradeStatus.PAYING,
+        "CLOSED": TradeStatus.TRADE_CLOSED,
+        "REVOKED": TradeStatus.TRADE_CLOSED,
+        "PAYERROR": TradeStatus.TRADE_CLOSED,
+    }
     for state, status in expected.items():
         trade = wx.trade_from(transaction(keys, state=state), "testa-unit-000001")
         assert trade.status is status, state
@@ -204,8 +245,12 @@ def test_state_mapping_including_userpaying(keys):
     with pytest.raises(ValueError):
         wx.trade_from(transaction(keys, state="WHATEVER"), "o")
     refund = {"out_refund_no": "r1", "transaction_id": "42", "amount": {"refund": 100}}
-    for status, mapped, reason in (("PROCESSING", RefundStatus.PROCESSING, False), ("SUCCESS", RefundStatus.SUCCEEDED, False),
-                                   ("ABNORMAL", RefundStatus.FAILED, True), ("CLOSED", RefundStatus.FAILED, True)):
+    for status, mapped, reason in (
+        ("PROCESSING", RefundStatus.PROCESSING, False),
+        ("SUCCESS", RefundStatus.SUCCEEDED, False),
+        ("ABNORMAL", RefundStatus.FAILED, True),
+        ("CLOSED", RefundStatus.FAILED, True),
+    ):
         result = wx.refund_from({**refund, "status": status})
         assert (result.status, bool(result.fail_reason), result.amount_minor) == (mapped, reason, 100)
     assert wx.rfc3339_china(datetime(2026, 11, 23, 2, 34, 56, 123, tzinfo=timezone.utc)) == "2026-11-23T10:34:56+08:00"
@@ -217,30 +262,58 @@ def test_state_mapping_including_userpaying(keys):
 
 
 def bill_row(state: str, order: str, amount: str, **extra) -> dict[str, str]:
-    return {"交易时间": "2026-11-23 00:00:05", "公众账号ID": "wx1", "商户号": "1900009191", "微信订单号": "4200000001",
-            "商户订单号": order, "交易类型": "NATIVE", "交易状态": state, "货币种类": "CNY", "应结订单金额": amount,
-            "微信退款单号": "0", "商户退款单号": "0", "退款金额": "0.00", "订单金额": amount, "申请退款金额": "0.00",
-            "商品名称": "会员 月卡", **extra}
+    return {
+        "交易时间": "2026-11-23 00:00:05",
+        "公众账号ID": "wx1",
+        "商户号": "1900009191",
+        "微信订单号": "4200000001",
+        "商户订单号": order,
+        "交易类型": "NATIVE",
+        "交易状态": state,
+        "货币种类": "CNY",
+        "应结订单金额": amount,
+        "微信退款单号": "0",
+        "商户退款单号": "0",
+        "退款金额": "0.00",
+        "订单金额": amount,
+        "申请退款金额": "0.00",
+        "商品名称": "会员 月卡",
+        **extra,
+    }
 
 
 async def rows_of(text: str, piece: int = 7) -> list:
     data = text.encode()
-    return [row async for row in parse_bill(lines_of(data[i:i + piece] for i in range(0, len(data), piece)))]
+    return [row async for row in parse_bill(lines_of(data[i : i + piece] for i in range(0, len(data), piece)))]
 
 
 async def test_bill_parsing():
-    bill = "".join(render_bill([
-        bill_row("SUCCESS", "testa-bill-1", "99.90"),
-        bill_row("REFUND", "testa-bill-1", "99.90", 交易时间="2026-11-23 13:00:00", 微信退款单号="50001",
-                 商户退款单号="refund-1", 退款金额="20.00", 申请退款金额="20.00"),
-        bill_row("REVOKED", "testa-bill-2", "1.00"),
-    ]))
+    bill = "".join(
+        render_bill(
+            [
+                bill_row("SUCCESS", "testa-bill-1", "99.90"),
+                bill_row(
+                    "REFUND",
+                    "testa-bill-1",
+                    "99.90",
+                    交易时间="2026-11-23 13:00:00",
+                    微信退款单号="50001",
+                    商户退款单号="refund-1",
+                    退款金额="20.00",
+                    申请退款金额="20.00",
+                ),
+                bill_row("REVOKED", "testa-bill-2", "1.00"),
+            ]
+        )
+    )
     lines = bill.splitlines()
     assert lines[1].startswith("`2026-11-23 00:00:05,`wx1,") and lines[-2].startswith("总交易单数,")
     assert lines[-1] == "`3,`99.90,`20.00,`0.00,`0.00,`99.90,`20.00"  # REVOKED moved no money
     rows = await rows_of(bill)  # in 7-byte pieces: lines and UTF-8 characters split across them
     assert [(r.kind, r.order_id, r.trade_no, r.refund_no, r.amount_minor) for r in rows] == [
-        ("payment", "testa-bill-1", "4200000001", "", 9990), ("refund", "testa-bill-1", "4200000001", "refund-1", 2000)]
+        ("payment", "testa-bill-1", "4200000001", "", 9990),
+        ("refund", "testa-bill-1", "4200000001", "refund-1", 2000),
+    ]
     assert rows[0].at == datetime(2026, 11, 22, 16, 0, 5, tzinfo=timezone.utc)  # China time -> UTC
     assert rows[1].at == datetime(2026, 11, 23, 5, 0, 0, tzinfo=timezone.utc)
 
@@ -272,12 +345,24 @@ def test_reference_library_accepts_our_request_signatures(keys):
     body = json.dumps({"mchid": "1900009191"})
     while True:  # the reference stamps the current second: build both within one
         before = int(time.time())
-        ours = sign.authorization(mchid="1900009191", serial_no=keys["serial"],
-                                  key=sign.load_private_key(keys["merchant_private_pem"]), method="POST",
-                                  path="/v3/pay/transactions/out-trade-no/testa-x-123456/close", body=body.encode(),
-                                  nonce="ABC123")
-        reference = utils.build_authorization("/v3/pay/transactions/out-trade-no/testa-x-123456/close", "POST",
-                                              "1900009191", keys["serial"], private, data=body, nonce_str="ABC123")
+        ours = sign.authorization(
+            mchid="1900009191",
+            serial_no=keys["serial"],
+            key=sign.load_private_key(keys["merchant_private_pem"]),
+            method="POST",
+            path="/v3/pay/transactions/out-trade-no/testa-x-123456/close",
+            body=body.encode(),
+            nonce="ABC123",
+        )
+        reference = utils.build_authorization(
+            "/v3/pay/transactions/out-trade-no/testa-x-123456/close",
+            "POST",
+            "1900009191",
+            keys["serial"],
+            private,
+            data=body,
+            nonce_str="ABC123",
+        )
         if int(time.time()) == before:
             break
     assert ours == reference
@@ -290,29 +375,47 @@ def test_reference_library_verifies_and_decrypts_the_fakes_notifications(keys, t
     from wechatpayv3 import WeChatPay, WeChatPayType, utils
 
     fake_keys = fake_module.Keys(
-        mchid=keys["env"]["PAYSENTINEL_WECHATPAY_MCHID"], appid=keys["env"]["PAYSENTINEL_WECHATPAY_APPID"],
-        merchant_serial=keys["serial"], public_key_id=keys["key_id"],
+        mchid=keys["env"]["PAYSENTINEL_WECHATPAY_MCHID"],
+        appid=keys["env"]["PAYSENTINEL_WECHATPAY_APPID"],
+        merchant_serial=keys["serial"],
+        public_key_id=keys["key_id"],
         merchant_public=sign.load_public_key(keys["merchant_public_pem"]),
-        platform_private=sign.load_private_key(keys["platform_private_pem"]), apiv3_key=keys["apiv3_key"])
+        platform_private=sign.load_private_key(keys["platform_private_pem"]),
+        apiv3_key=keys["apiv3_key"],
+    )
     fake = fake_module.WeChatPayFake(fake_keys, {"port": 1})
     body = fake.notification("TRANSACTION.SUCCESS", "支付成功", transaction(keys), "transaction", "transaction")
     headers = sign.signed_headers(fake_keys.platform_private, fake_keys.public_key_id, body)
-    reference = WeChatPay(wechatpay_type=WeChatPayType.NATIVE, mchid=fake_keys.mchid,
-                          private_key=keys["merchant_private_pem"], cert_serial_no=keys["serial"],
-                          appid=fake_keys.appid, apiv3_key=keys["apiv3_key"],
-                          public_key=keys["platform_public_pem"], public_key_id=keys["key_id"])
+    reference = WeChatPay(
+        wechatpay_type=WeChatPayType.NATIVE,
+        mchid=fake_keys.mchid,
+        private_key=keys["merchant_private_pem"],
+        cert_serial_no=keys["serial"],
+        appid=fake_keys.appid,
+        apiv3_key=keys["apiv3_key"],
+        public_key=keys["platform_public_pem"],
+        public_key_id=keys["key_id"],
+    )
     result = reference.callback(headers, body.decode())
     assert result is not None and result["resource"]["out_trade_no"] == "testa-unit-000001"
     assert result["resource"]["trade_state"] == "SUCCESS"
     assert reference.callback(headers, body.decode().replace("支付成功", "支付失败")) is None  # tampered
     # The reference's primitives agree with ours on the same answer.
     answer = fake.answer(200, {"code_url": "weixin://x"})
-    assert utils.rsa_verify(answer.headers["wechatpay-timestamp"], answer.headers["wechatpay-nonce"],
-                            answer.body.decode(), answer.headers["wechatpay-signature"],
-                            utils.load_public_key(keys["platform_public_pem"]))
+    assert utils.rsa_verify(
+        answer.headers["wechatpay-timestamp"],
+        answer.headers["wechatpay-nonce"],
+        answer.body.decode(),
+        answer.headers["wechatpay-signature"],
+        utils.load_public_key(keys["platform_public_pem"]),
+    )
     resource = json.loads(body)["resource"]
-    assert json.loads(utils.aes_decrypt(resource["nonce"], resource["ciphertext"], resource["associated_data"],
-                                        keys["apiv3_key"]))["mchid"] == fake_keys.mchid
+    assert (
+        json.loads(utils.aes_decrypt(resource["nonce"], resource["ciphertext"], resource["associated_data"], keys["apiv3_key"]))[
+            "mchid"
+        ]
+        == fake_keys.mchid
+    )
 
 
 def reference_client(stack: Stack):
@@ -320,13 +423,18 @@ def reference_client(stack: Stack):
 
     env = stack.env
     public_pem = sign.pem_text(env["PAYSENTINEL_WECHATPAY_PUBLIC_KEY"])
-    client = WeChatPay(wechatpay_type=WeChatPayType.NATIVE, mchid=env["PAYSENTINEL_WECHATPAY_MCHID"],
-                       private_key=Path(env["PAYSENTINEL_WECHATPAY_PRIVATE_KEY_FILE"]).read_text(),
-                       cert_serial_no=env["PAYSENTINEL_WECHATPAY_CERT_SERIAL"],
-                       appid=env["PAYSENTINEL_WECHATPAY_APPID"],
-                       apiv3_key=Path(env["PAYSENTINEL_WECHATPAY_APIV3_KEY_FILE"]).read_text().strip(),
-                       notify_url=f"{stack.webhook_url}/webhooks/wechatpay", public_key=public_pem,
-                       public_key_id=env["PAYSENTINEL_WECHATPAY_PUBLIC_KEY_ID"], timeout=10)
+    client = WeChatPay(
+        wechatpay_type=WeChatPayType.NATIVE,
+        mchid=env["PAYSENTINEL_WECHATPAY_MCHID"],
+        private_key=Path(env["PAYSENTINEL_WECHATPAY_PRIVATE_KEY_FILE"]).read_text(),
+        cert_serial_no=env["PAYSENTINEL_WECHATPAY_CERT_SERIAL"],
+        appid=env["PAYSENTINEL_WECHATPAY_APPID"],
+        apiv3_key=Path(env["PAYSENTINEL_WECHATPAY_APIV3_KEY_FILE"]).read_text().strip(),
+        notify_url=f"{stack.webhook_url}/webhooks/wechatpay",
+        public_key=public_pem,
+        public_key_id=env["PAYSENTINEL_WECHATPAY_PUBLIC_KEY_ID"],
+        timeout=10,
+    )
     client._core._gate_way = stack.provider_urls[PROVIDER]  # the fake instead of api.mch.weixin.qq.com
     return client
 
@@ -337,8 +445,9 @@ async def test_reference_client_talks_to_the_fake(stack, wxfake, books):
     our receiver, which verifies and decrypts it like WeChat Pay's."""
     client = reference_client(stack)
     order = provider_order(new_order("ref"))
-    code, message = await asyncio.to_thread(client.pay, description="reference", out_trade_no=order,
-                                            amount={"total": 123, "currency": "CNY"})
+    code, message = await asyncio.to_thread(
+        client.pay, description="reference", out_trade_no=order, amount={"total": 123, "currency": "CNY"}
+    )
     assert code == 200 and json.loads(message)["code_url"].startswith("weixin://wxpay/bizpayurl")
     code, message = await asyncio.to_thread(client.query, out_trade_no=order)
     assert code == 200 and json.loads(message)["trade_state"] == "NOTPAY"
@@ -357,11 +466,16 @@ def adapter_for(stack: Stack, http: httpx.AsyncClient) -> wx.WeChatPayProvider:
     """Our adapter, configured as the running system is (the stack's settings)."""
     env = stack.env
     return wx.WeChatPayProvider(
-        http, api_url=env["PAYSENTINEL_WECHATPAY_API_URL"], mchid=env["PAYSENTINEL_WECHATPAY_MCHID"],
-        appid=env["PAYSENTINEL_WECHATPAY_APPID"], serial_no=env["PAYSENTINEL_WECHATPAY_CERT_SERIAL"],
+        http,
+        api_url=env["PAYSENTINEL_WECHATPAY_API_URL"],
+        mchid=env["PAYSENTINEL_WECHATPAY_MCHID"],
+        appid=env["PAYSENTINEL_WECHATPAY_APPID"],
+        serial_no=env["PAYSENTINEL_WECHATPAY_CERT_SERIAL"],
         private_key=Path(env["PAYSENTINEL_WECHATPAY_PRIVATE_KEY_FILE"]).read_text(),
         apiv3_key=Path(env["PAYSENTINEL_WECHATPAY_APIV3_KEY_FILE"]).read_text().strip(),
-        public_key=env["PAYSENTINEL_WECHATPAY_PUBLIC_KEY"], public_key_id=env["PAYSENTINEL_WECHATPAY_PUBLIC_KEY_ID"])
+        public_key=env["PAYSENTINEL_WECHATPAY_PUBLIC_KEY"],
+        public_key_id=env["PAYSENTINEL_WECHATPAY_PUBLIC_KEY_ID"],
+    )
 
 
 async def test_adapter_refuses_altered_answers_and_a_bill_that_fails_its_hash(stack, wxfake):
@@ -371,10 +485,18 @@ async def test_adapter_refuses_altered_answers_and_a_bill_that_fails_its_hash(st
     async with httpx.AsyncClient(timeout=10) as http:
         provider = adapter_for(stack, http)
         order = provider_order(new_order("wxadapt"))
-        created = await provider.create_trade(CreateTradeInput(
-            provider=PROVIDER, order_id=order, amount_minor=4321, currency="CNY", subject="adapter",
-            notify_url=f"{stack.webhook_url}/webhooks/wechatpay",
-            expires_at=datetime.now(timezone.utc) + timedelta(minutes=10), idempotency_key="k"))
+        created = await provider.create_trade(
+            CreateTradeInput(
+                provider=PROVIDER,
+                order_id=order,
+                amount_minor=4321,
+                currency="CNY",
+                subject="adapter",
+                notify_url=f"{stack.webhook_url}/webhooks/wechatpay",
+                expires_at=datetime.now(timezone.utc) + timedelta(minutes=10),
+                idempotency_key="k",
+            )
+        )
         assert created.trade_no is None and created.status is TradeStatus.WAIT_BUYER_PAY
         assert (await wxfake.post(f"/control/pay/{order}")).status_code == 200
         assert (await wxfake.post("/control/tamper", json={"answers": 1})).status_code == 200
@@ -390,8 +512,7 @@ async def test_adapter_refuses_altered_answers_and_a_bill_that_fails_its_hash(st
         with pytest.raises(BillFormatError, match="SHA1"):
             [row async for row in provider.bill_rows(today, CHINA)]
         rows = [row async for row in provider.bill_rows(today, CHINA)]  # gzip, hash checked, then read
-        assert [(r.kind, r.trade_no, r.amount_minor) for r in rows if r.order_id == order] == [
-            ("payment", paid.trade_no, 4321)]
+        assert [(r.kind, r.trade_no, r.amount_minor) for r in rows if r.order_id == order] == [("payment", paid.trade_no, 4321)]
     assert (await wxfake.get("/control/signature-failures")).json()["failures"] == []
 
 
@@ -429,8 +550,9 @@ async def pay_with_wechat(api, order: str, amount: int = 9990, **extra) -> str:
 
 
 async def refund(api, payment_id: str, key: str, amount: int) -> httpx.Response:
-    return await api.post(f"/payments/{payment_id}/refunds", json={"amount_minor": amount, "reason": "returned"},
-                          headers={"Idempotency-Key": key})
+    return await api.post(
+        f"/payments/{payment_id}/refunds", json={"amount_minor": amount, "reason": "returned"}, headers={"Idempotency-Key": key}
+    )
 
 
 async def test_paid_via_notification(api, wxfake, sessions):
@@ -444,8 +566,7 @@ async def test_paid_via_notification(api, wxfake, sessions):
     row = await payment_row(sessions, payment_id, "SUCCEEDED")
     assert (row.paid_amount_minor, row.trade_no) == (9990, trade["trade"]["transaction_id"])
     callbacks = await callback_rows(sessions, order)
-    assert [(c.delivery, c.signature_verified, c.trade_status) for c in callbacks] == [
-        ("delivered", True, "TRADE_SUCCESS")]
+    assert [(c.delivery, c.signature_verified, c.trade_status) for c in callbacks] == [("delivered", True, "TRADE_SUCCESS")]
     delivered = await wait_for(lambda: _answered(wxfake, order), what="the notification acknowledged")
     assert delivered[-1]["status_code"] == 204 and delivered[-1]["answer"] == ""  # WeChat Pay's way: 204, no body
 
@@ -505,8 +626,7 @@ async def test_partial_refunds_a_retried_submission_refunds_once(api, wxfake, se
     order = new_order("wxpartial")
     # The first refund is taken but its answer is lost (500): the retry with the same
     # out_refund_no gets the same refund back.
-    await script(wxfake, order, pay="immediately",
-                 errors={"refund": {"code": "SYSTEM_ERROR", "times": 1, "after": True}})
+    await script(wxfake, order, pay="immediately", errors={"refund": {"code": "SYSTEM_ERROR", "times": 1, "after": True}})
     payment_id = await pay_with_wechat(api, order)
     await wait_status(api, payment_id, "SUCCEEDED")
     first = await refund(api, payment_id, "ret-1", 3000)
@@ -541,6 +661,7 @@ async def test_refund_processing_then_success_and_processing_then_abnormal(api, 
     await wait_status(api, bad_id, "SUCCEEDED")
     assert (await refund(api, ok_id, "r-ok", 9990)).status_code == 202
     assert (await refund(api, bad_id, "r-bad", 9990)).status_code == 202
+
     async def processing_at_wechat():
         return [r["status"] for r in (await trade_at(wxfake, ok))["refunds"]] == ["PROCESSING"]
 
@@ -559,8 +680,13 @@ async def test_forged_stale_and_replayed_notifications_change_nothing(api, wxfak
     await script(wxfake, order, pay="never")
     payment_id = await pay_with_wechat(api, order, expires_in_seconds=6)
     internal = provider_order(order)
-    for craft, status in (({"tamper": True}, 401), ({"wrong_key": True}, 401), ({"stale": True}, 401),
-                          ({"wrong_serial": True}, 401), ({"wrong_apiv3_key": True}, 400)):
+    for craft, status in (
+        ({"tamper": True}, 401),
+        ({"wrong_key": True}, 401),
+        ({"stale": True}, 401),
+        ({"wrong_serial": True}, 401),
+        ({"wrong_apiv3_key": True}, 400),
+    ):
         sent = (await wxfake.post(f"/control/notify/{internal}", json=craft)).json()
         assert sent["status_code"] == status, (craft, sent)
         assert json.loads(sent["answer"])["code"] == "FAIL", sent
@@ -583,8 +709,7 @@ async def test_forged_stale_and_replayed_notifications_change_nothing(api, wxfak
 async def test_transient_codes_are_retried_and_final_codes_are_not(api, wxfake, sessions, books):
     flaky, limited, refused = new_order("wxflaky"), new_order("wxlimit"), new_order("wxparam")
     await script(wxfake, flaky, pay="immediately", errors={"create": {"code": "SYSTEM_ERROR", "times": 2}})
-    await script(wxfake, limited, pay="immediately", notify="drop",
-                 errors={"query": {"code": "FREQUENCY_LIMITED", "times": 2}})
+    await script(wxfake, limited, pay="immediately", notify="drop", errors={"query": {"code": "FREQUENCY_LIMITED", "times": 2}})
     await script(wxfake, refused, errors={"create": {"code": "PARAM_ERROR", "times": -1}})
     flaky_id = await pay_with_wechat(api, flaky)
     limited_id = await pay_with_wechat(api, limited)
@@ -641,7 +766,6 @@ async def test_a_days_bill_reconciles_and_an_injected_difference_is_found(api, w
         report = await wait_for(done, timeout=90, what="the wechatpay reconciliation")
     assert report["report"]["status"] != "FAILED", report["report"]
     assert report["bill_rows_loaded"] >= 4  # three payments and a refund
-    mine = {d["order_id"]: d for d in report["discrepancies"]
-            if d["order_id"] in {o for o, _, _ in orders.values()}}
+    mine = {d["order_id"]: d for d in report["discrepancies"] if d["order_id"] in {o for o, _, _ in orders.values()}}
     assert set(mine) == {orders["differs"][0]}, report["discrepancies"]
     assert mine[orders["differs"][0]]["kind"] == "amount_differs"

@@ -20,16 +20,22 @@ from tests.conftest import new_order, stop_process
 
 
 def test_paysentinel_up_on_embedded_defaults_serves_a_payment(tmp_path):
-    ports = {name: free_port() for name in ("temporal", "temporal_ui", "api", "operator", "webhook", "simulator",
-                                            "sdk_metrics", "metrics")}
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("PAYSENTINEL_", "TEMPORAL_"))}
+    ports = {
+        name: free_port()
+        for name in ("temporal", "temporal_ui", "api", "operator", "webhook", "simulator", "sdk_metrics", "metrics")
+    }
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PAYSENTINEL_", "TEMPORAL_"))}
     env.update({f"PAYSENTINEL_{name.upper()}_PORT": str(port) for name, port in ports.items()})
     env["PAYSENTINEL_DATA_DIR"] = str(tmp_path / "data")
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "paysentinel.cli", "up"], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "paysentinel.cli", "up"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         api, operator = f"http://127.0.0.1:{ports['api']}", f"http://127.0.0.1:{ports['operator']}"
         deadline = time.monotonic() + 90
@@ -59,8 +65,7 @@ def test_paysentinel_up_on_embedded_defaults_serves_a_payment(tmp_path):
         assert created.status_code == 201, created.text
         assert created.json()["order_id"] == order and created.json()["payment_id"] == f"payment-demo-{order}"
         assert created.json()["status"] == "PENDING" and created.json()["pay_url"]
-        reviews = httpx.get(f"{operator}/operator/reviews", timeout=10,
-                            headers={"Authorization": f"Bearer {DEV_OPERATOR_TOKEN}"})
+        reviews = httpx.get(f"{operator}/operator/reviews", timeout=10, headers={"Authorization": f"Bearer {DEV_OPERATOR_TOKEN}"})
         assert reviews.status_code == 200, reviews.text
     finally:
         stop_process(process)

@@ -73,53 +73,63 @@ async def test_each_class_of_difference_is_found_and_repaired_once(api, sim, fin
 
     # Paid at the provider, still open with us (callbacks lost, queries failing).
     orders["open_payment"] = new_order("rc-open")
-    await script(sim, orders["open_payment"], pay="immediately", callback="drop",
-                 faults={"query": {"mode": "error", "times": -1}})
+    await script(
+        sim, orders["open_payment"], pay="immediately", callback="drop", faults={"query": {"mode": "error", "times": -1}}
+    )
     open_id = (await start_payment(api, orders["open_payment"], expires_in_seconds=300)).json()["payment_id"]
     orders["open_payment"] = provider_order(orders["open_payment"])  # from here on: internal order numbers
     # Paid at the provider for an order we never had.
     orders["unknown_order"] = new_order("rc-orphan")
-    assert (await sim.post("/control/orphans", json={"out_trade_no": orders["unknown_order"],
-                                                      "total_amount": "12.30"})).status_code == 200
+    assert (
+        await sim.post("/control/orphans", json={"out_trade_no": orders["unknown_order"], "total_amount": "12.30"})
+    ).status_code == 200
     # Paid after we closed the order; its callback lost.
     orders["closed_order_paid"] = new_order("rc-closed")
-    await script(sim, orders["closed_order_paid"], pay="never", after_close="pay", after_close_delay_seconds=0.5,
-                 callback="drop")
+    await script(sim, orders["closed_order_paid"], pay="never", after_close="pay", after_close_delay_seconds=0.5, callback="drop")
     closed_id = (await start_payment(api, orders["closed_order_paid"], expires_in_seconds=5)).json()["payment_id"]
     orders["closed_order_paid"] = provider_order(orders["closed_order_paid"])
     # Paid twice; the second charge's callback lost.
     orders["duplicate_charge"], duplicate_id = await paid_now(
-        api, sim, "rc-dup", callback="drop", second_charge=True, second_charge_delay_seconds=4)
+        api, sim, "rc-dup", callback="drop", second_charge=True, second_charge_delay_seconds=4
+    )
     # The bill reports another amount / leaves a payment out / a refund amount differs.
     orders["amount_differs"], amount_id = await paid_now(api, sim, "rc-amount")
     orders["missing_at_provider"], missing_id = await paid_now(api, sim, "rc-missing")
     orders["refund_differs"], refunded_id = await paid_now(api, sim, "rc-refund")
-    refund = await api.post(f"/payments/{refunded_id}/refunds", json={"amount_minor": 2000, "reason": "returned"},
-                            headers={"Idempotency-Key": "r1"})
+    refund = await api.post(
+        f"/payments/{refunded_id}/refunds", json={"amount_minor": 2000, "reason": "returned"}, headers={"Idempotency-Key": "r1"}
+    )
     assert refund.status_code == 202, refund.text
     await wait_for(lambda: _refund_done(api, refunded_id), what="the merchant refund")
     orders["refund_missing_at_provider"], refunded2_id = await paid_now(api, sim, "rc-refund-gone")
-    refund2 = await api.post(f"/payments/{refunded2_id}/refunds", json={"amount_minor": 990, "reason": "returned"},
-                             headers={"Idempotency-Key": "r1"})
+    refund2 = await api.post(
+        f"/payments/{refunded2_id}/refunds", json={"amount_minor": 990, "reason": "returned"}, headers={"Idempotency-Key": "r1"}
+    )
     await wait_for(lambda: _refund_done(api, refunded2_id), what="the second merchant refund")
     # Paid just before midnight at the provider, just after it with us.
     orders["day_boundary"], _ = await paid_now(api, sim, "rc-edge")
     last_second = datetime.combine(today, time(), TZ) - timedelta(seconds=1)
-    assert (await sim.post(f"/control/trades/{orders['day_boundary']}/paid-at",
-                           json={"paid_at": last_second.isoformat()})).status_code == 200
+    assert (
+        await sim.post(f"/control/trades/{orders['day_boundary']}/paid-at", json={"paid_at": last_second.isoformat()})
+    ).status_code == 200
 
     await wait_status(api, closed_id, "CLOSED")
     await wait_for(lambda: _paid_at_provider(sim, orders["closed_order_paid"]), what="the late payment")
     await wait_for(lambda: _second_charge(sim, orders["duplicate_charge"]), what="the second charge")
     assert (await api.get(f"/payments/{open_id}")).json()["status"] == "PENDING"
-    adjust = {"amounts": {orders["amount_differs"]: "1.00"}, "drop_orders": [orders["missing_at_provider"]],
-              "refund_amounts": {refund.json()["refund_id"]: "10.00"}, "drop_refunds": [refund2.json()["refund_id"]]}
+    adjust = {
+        "amounts": {orders["amount_differs"]: "1.00"},
+        "drop_orders": [orders["missing_at_provider"]],
+        "refund_amounts": {refund.json()["refund_id"]: "10.00"},
+        "drop_refunds": [refund2.json()["refund_id"]],
+    }
     assert (await sim.put(f"/control/bills/{today}/adjustments", json=adjust)).status_code == 200
 
     first = await reconcile(finance, client, today, passes=1)
     mine = {d["order_id"]: d for d in first["discrepancies"] if d["order_id"] in orders.values()}
-    assert {kind: mine[order]["kind"] for kind, order in orders.items() if order in mine} == {
-        kind: kind for kind in orders}, first["discrepancies"]
+    assert {kind: mine[order]["kind"] for kind, order in orders.items() if order in mine} == {kind: kind for kind in orders}, (
+        first["discrepancies"]
+    )
     # Acted on, and resolved only once our database shows the money agreeing: the run waits
     # (PAYSENTINEL_RECONCILE_VERIFY_WAIT_SECONDS) for its refunds and payment workflows.
     for kind in ("open_payment", "unknown_order", "closed_order_paid", "duplicate_charge"):
@@ -151,7 +161,8 @@ async def test_each_class_of_difference_is_found_and_repaired_once(api, sim, fin
         assert view["review_reason"] == "settlement_mismatch" and events(view, "review opened"), view
     await wait_status(api, duplicate_id, "SUCCEEDED")  # the extra charge refunded, the order still paid
     [alert] = await mails_to(mailbox, "ops@paysentinel.test", 1) and [
-        m for m in mailbox.to("ops@paysentinel.test") if f"reconciliation {today}" in m["Subject"]]
+        m for m in mailbox.to("ops@paysentinel.test") if f"reconciliation {today}" in m["Subject"]
+    ]
     assert "need a person" in alert["Subject"]
 
     # The same day again: what was resolved stays resolved, the others stay as they were, and
@@ -179,8 +190,9 @@ async def _refund_done(api, payment_id: str) -> bool:
 
 async def _refund_recorded(sessions, order: str) -> bool:
     async with sessions() as session:
-        return bool((await session.scalars(select(db.Refund).where(
-            db.Refund.order_id == order, db.Refund.status == "SUCCEEDED"))).all())
+        return bool(
+            (await session.scalars(select(db.Refund).where(db.Refund.order_id == order, db.Refund.status == "SUCCEEDED"))).all()
+        )
 
 
 async def _trade(sim, order: str) -> dict:
@@ -225,6 +237,7 @@ async def test_missed_days_are_caught_up_by_the_schedule_and_a_failed_day_blocks
         return await statuses() == ["DONE", "FAILED", "DONE"]
 
     await wait_for(caught_up_but_one, timeout=90, what=f"reconciliations of {missed}")
+
     async def scheduled_run():
         return [e async for e in client.list_workflows('WorkflowId STARTS_WITH "reconcile-daily"')]
 
@@ -246,6 +259,7 @@ async def test_missed_days_are_caught_up_by_the_schedule_and_a_failed_day_blocks
         async def done():
             runs = [e async for e in client.list_workflows('WorkflowId STARTS_WITH "reconcile-daily"')]
             return len(runs) >= count and all(e.status == WorkflowExecutionStatus.COMPLETED for e in runs)
+
         return done
 
     await wait_for(scheduled_runs_done(2), timeout=60, what="the scheduled runs to complete")
@@ -296,6 +310,7 @@ async def test_a_bill_that_cannot_be_read_fails_the_run_and_says_why(sim, financ
     view = await wait_for(failed, timeout=60, what=f"the run of {day} to fail")
     assert "cannot be read" in view["report"]["error"] and "line 6" in view["report"]["error"]
     assert view["discrepancies"] == []
+
     async def failure_alert():
         return [m for m in mailbox.to("ops@paysentinel.test") if f"reconciliation {day} (simulator): failed" in m["Subject"]]
 
@@ -340,8 +355,7 @@ def of_order(view: dict, order: str, kind: str | None = None) -> dict:
     return item
 
 
-async def test_a_corrected_bill_replaces_the_loaded_rows_and_a_subject_may_hold_line_breaks(api, sim, finance,
-                                                                                            sessions, client):
+async def test_a_corrected_bill_replaces_the_loaded_rows_and_a_subject_may_hold_line_breaks(api, sim, finance, sessions, client):
     day = datetime.now(TZ).date() - timedelta(days=20)
     noon = datetime.combine(day, time(12), TZ)
     two_lines = await paid_on(api, sim, "rc-lines", noon, subject='Coffee beans\n2 x 500 g, "dark"')
@@ -357,8 +371,13 @@ async def test_a_corrected_bill_replaces_the_loaded_rows_and_a_subject_may_hold_
     assert (await sim.put(f"/control/bills/{day}/adjustments", json={})).status_code == 200
     second = await reconcile_again(finance, client, day)
     async with sessions() as session:
-        amounts = (await session.scalars(select(db.SettlementRowRecord.amount_minor).where(
-            db.SettlementRowRecord.bill_date == day.isoformat(), db.SettlementRowRecord.order_id == corrected))).all()
+        amounts = (
+            await session.scalars(
+                select(db.SettlementRowRecord.amount_minor).where(
+                    db.SettlementRowRecord.bill_date == day.isoformat(), db.SettlementRowRecord.order_id == corrected
+                )
+            )
+        ).all()
     assert amounts == [9990]
     item = of_order(second, corrected, "amount_differs")
     assert item["resolved"] and item["resolution"].startswith("no longer a difference"), item
@@ -383,8 +402,7 @@ async def test_unknown_orders_above_the_automatic_refund_limit_wait_for_a_person
     assert (await ledger(sim, order))["refunded_minor"] == 0
 
 
-async def test_a_reconciliation_refund_is_verified_and_booked_on_the_finished_payment(api, sim, finance, sessions,
-                                                                                    client):
+async def test_a_reconciliation_refund_is_verified_and_booked_on_the_finished_payment(api, sim, finance, sessions, client):
     day = datetime.now(TZ).date() - timedelta(days=22)
     order = new_order("rc-late")
     await script(sim, order, pay="never", after_close="pay", after_close_delay_seconds=0.5, callback="drop")
@@ -402,8 +420,9 @@ async def test_a_reconciliation_refund_is_verified_and_booked_on_the_finished_pa
     first = await reconcile_again(finance, client, day)
     item = of_order(first, order)
     assert item["kind"] == "closed_order_paid" and item["resolved"], item  # the run waited for its refund
-    assert item["resolution"].startswith(f"refund started (reconcile-refund-simulator-{item['trade_no']}), "
-                                         f"waiting for the money to agree; verified: trade"), item
+    assert item["resolution"].startswith(
+        f"refund started (reconcile-refund-simulator-{item['trade_no']}), waiting for the money to agree; verified: trade"
+    ), item
     assert first["report"]["classes"]["closed_order_paid"]["unresolved"] == 0
 
     # The refund succeeds: the payment row now shows what was taken and given back.
@@ -426,9 +445,22 @@ async def test_find_missing_heartbeats_after_each_provider_query(stack, sessions
     day = datetime.now(TZ).date() - timedelta(days=23)
     orders = [new_order("rc-beat") for _ in range(3)]
     async with sessions() as session:  # paid with us on the day, unknown to the provider
-        session.add_all([db.Payment(payment_id=f"payment-{o}", order_id=o, provider="simulator", amount_minor=100,
-                                    currency="CNY", status="SUCCEEDED", trade_no=f"T-{o}", paid_amount_minor=100,
-                                    paid_at=datetime.combine(day, time(12), TZ)) for o in orders])
+        session.add_all(
+            [
+                db.Payment(
+                    payment_id=f"payment-{o}",
+                    order_id=o,
+                    provider="simulator",
+                    amount_minor=100,
+                    currency="CNY",
+                    status="SUCCEEDED",
+                    trade_no=f"T-{o}",
+                    paid_amount_minor=100,
+                    paid_at=datetime.combine(day, time(12), TZ),
+                )
+                for o in orders
+            ]
+        )
         await session.commit()
     settings = Settings(simulator_url=stack.simulator_url)
     beats: list = []
@@ -436,15 +468,16 @@ async def test_find_missing_heartbeats_after_each_provider_query(stack, sessions
     environment.on_heartbeat = lambda *details: beats.append(details[0])
     async with httpx.AsyncClient() as http:
         activities = ReconciliationActivities(sessions, build_providers(settings, http), None, settings)
-        result = await environment.run(activities.find_missing,
-                                       ReconcileStep(provider="simulator", day=day, limit=100))
+        result = await environment.run(activities.find_missing, ReconcileStep(provider="simulator", day=day, limit=100))
     assert result.handled == 3
     assert beats == [f"{n} of 3 payments queried" for n in (1, 2, 3)]
 
 
 async def test_a_control_character_in_a_checkout_is_a_readable_422(api):
-    response = await api.post("/payments", json={"order_id": new_order("rc-nul"), "amount_minor": 100,
-                                                 "currency": "CNY", "subject": "coffee\u0000beans"})
+    response = await api.post(
+        "/payments",
+        json={"order_id": new_order("rc-nul"), "amount_minor": 100, "currency": "CNY", "subject": "coffee\u0000beans"},
+    )
     assert response.status_code == 422, response.text
     problems = response.json()["problems"]
     assert any(p.startswith("subject") and "control characters (found U+0000)" in p for p in problems), problems
@@ -457,16 +490,26 @@ def test_bill_parser_reads_rows_and_refuses_bad_lines():
         for item in items:
             yield item + "\n"
 
-    header = "支付宝交易号,商户订单号,业务类型,商品名称,创建时间,完成时间,币种,订单金额（元）,商家实收（元）,退款批次号/请求号,备注"
+    header = (
+        "支付宝交易号,商户订单号,业务类型,商品名称,创建时间,完成时间,币种,订单金额（元）,商家实收（元）,退款批次号/请求号,备注"
+    )
 
     async def read(*items: str):
         return [row async for row in parse_bill(lines(*items), TZ)]
 
-    rows = asyncio.run(read("#支付宝业务明细查询", header,
-                            "T1,o-1,交易,s,2026-11-22 23:59:59,2026-11-23 00:00:01,CNY,99.90,99.90,,",
-                            "T1,o-1,退款,s,2026-11-22 23:59:59,2026-11-23 08:00:00,CNY,-20.00,-20.00,rf1,", "#end"))
+    rows = asyncio.run(
+        read(
+            "#支付宝业务明细查询",
+            header,
+            "T1,o-1,交易,s,2026-11-22 23:59:59,2026-11-23 00:00:01,CNY,99.90,99.90,,",
+            "T1,o-1,退款,s,2026-11-22 23:59:59,2026-11-23 08:00:00,CNY,-20.00,-20.00,rf1,",
+            "#end",
+        )
+    )
     assert [(r.kind, r.amount_minor, r.refund_no, r.at.isoformat()) for r in rows] == [
-        ("payment", 9990, "", "2026-11-22T16:00:01+00:00"), ("refund", 2000, "rf1", "2026-11-23T00:00:00+00:00")]
+        ("payment", 9990, "", "2026-11-22T16:00:01+00:00"),
+        ("refund", 2000, "rf1", "2026-11-23T00:00:00+00:00"),
+    ]
     with pytest.raises(BillFormatError, match="line 2: .*not-a-time"):
         asyncio.run(read(header, "T1,o-1,交易,s,x,not-a-time,CNY,1.00,1.00,,"))
     with pytest.raises(BillFormatError, match="column row lacks 商户订单号"):

@@ -27,7 +27,6 @@ from tests.helpers import (
 )
 
 
-
 async def ledger(sim: httpx.AsyncClient, order: str) -> dict:
     response = await sim.get(f"/control/ledger/{provider_order(order)}")
     assert response.status_code == 200, response.text
@@ -40,8 +39,9 @@ async def assert_books_agree(sim, sessions, order: str) -> dict:
 
 
 async def refund(api, payment_id: str, key: str, amount: int, reason: str = "customer returned the goods"):
-    return await api.post(f"/payments/{payment_id}/refunds", json={"amount_minor": amount, "reason": reason},
-                          headers={"Idempotency-Key": key})
+    return await api.post(
+        f"/payments/{payment_id}/refunds", json={"amount_minor": amount, "reason": reason}, headers={"Idempotency-Key": key}
+    )
 
 
 async def open_review(operator: httpx.AsyncClient, order: str) -> dict:
@@ -76,7 +76,10 @@ async def test_success_after_close_is_refunded(api, sim, sessions, client):
     payment_id = (await start_payment(api, order, expires_in_seconds=5)).json()["payment_id"]
     view = await wait_status(api, payment_id, "REFUNDED", timeout=40)
     assert [e["event"] for e in view["timeline"] if e["event"] in ("closed", "paid after close", "refunded")] == [
-        "closed", "paid after close", "refunded"]
+        "closed",
+        "paid after close",
+        "refunded",
+    ]
     books = await assert_books_agree(sim, sessions, order)
     assert (books["captured_minor"], books["refunded_minor"]) == (9990, 9990)
     await search_count(client, f'OrderId = "{provider_order(order)}" AND PaymentStatus = "REFUNDED"', 1)
@@ -124,8 +127,9 @@ async def test_refund_failure_is_retried_then_reviewed(api, sim, sessions, opera
     review = await open_review(operator, order)
     assert review["reason"] == "refund_failed" and "insufficient merchant balance" in review["evidence"]
     await script(sim, order, pay="immediately")  # the merchant topped up the balance
-    decided = await operator.post(f"/operator/reviews/{review['review_id']}/decision",
-                                  json={"action": "refund", "reason": "balance topped up, retry"})
+    decided = await operator.post(
+        f"/operator/reviews/{review['review_id']}/decision", json={"action": "refund", "reason": "balance topped up, retry"}
+    )
     assert decided.status_code == 200 and decided.json()["operator"] == "alice"
     await wait_status(api, payment_id, "REFUNDED", timeout=30)
     books = await assert_books_agree(sim, sessions, order)
@@ -138,8 +142,7 @@ async def test_risk_rule_hit_goes_to_review_then_approved_and_paid(api, sim, ses
         order = new_order("probe")
         books.exempt(order, "a probe the payer never pays, 60 s to live: the test ends while it is PENDING")
         await script(sim, order, pay="never")
-        assert (await start_payment(api, order, amount_minor=amount, device_id=device,
-                                    expires_in_seconds=60)).status_code == 201
+        assert (await start_payment(api, order, amount_minor=amount, device_id=device, expires_in_seconds=60)).status_code == 201
     order = new_order("risky")
     await script(sim, order, pay="immediately")
     payment_id = (await start_payment(api, order, amount_minor=300, device_id=device)).json()["payment_id"]
@@ -149,8 +152,9 @@ async def test_risk_rule_hit_goes_to_review_then_approved_and_paid(api, sim, ses
 
     review = await open_review(operator, order)
     assert "tried 3 different amounts" in review["evidence"]
-    await operator.post(f"/operator/reviews/{review['review_id']}/decision",
-                        json={"action": "approve", "reason": "known customer, called them"})
+    await operator.post(
+        f"/operator/reviews/{review['review_id']}/decision", json={"action": "approve", "reason": "known customer, called them"}
+    )
     await wait_status(api, payment_id, "SUCCEEDED", timeout=30)
     decided = (await operator.get(f"/operator/reviews/{review['review_id']}")).json()
     assert decided["decision"]["operator"] == "alice" and decided["status"] == "DECIDED"
@@ -165,8 +169,10 @@ async def test_wrong_amount_review_rejected_is_refunded(api, sim, sessions, oper
     assert view["review_reason"] == "amount_mismatch"
     review = await open_review(operator, order)
     assert "0.01 CNY" in review["evidence"] and "query says 0.01 CNY" in review["evidence"]
-    await operator.post(f"/operator/reviews/{review['review_id']}/decision",
-                        json={"action": "reject", "reason": "amount tampered, give the money back"})
+    await operator.post(
+        f"/operator/reviews/{review['review_id']}/decision",
+        json={"action": "reject", "reason": "amount tampered, give the money back"},
+    )
     view = await wait_status(api, payment_id, "REFUNDED", timeout=30)
     assert view["refunds"][0]["requested_by"] == "alice"
     books = await assert_books_agree(sim, sessions, order)
@@ -180,8 +186,7 @@ async def test_review_deadline_applies_the_safe_default(api, sim, sessions, oper
     await wait_status(api, payment_id, "IN_REVIEW")
     review = await open_review(operator, order)
     assert review["default_action"] == "refund"
-    escalated = await wait_for(lambda: _review_status(operator, review["review_id"], "ESCALATED"), timeout=20,
-                               what="escalation")
+    escalated = await wait_for(lambda: _review_status(operator, review["review_id"], "ESCALATED"), timeout=20, what="escalation")
     assert escalated["status"] == "ESCALATED"
     await wait_status(api, payment_id, "REFUNDED", timeout=40)
     decided = (await operator.get(f"/operator/reviews/{review['review_id']}")).json()
@@ -204,16 +209,16 @@ async def test_invalid_operator_actions_change_nothing(api, sim, sessions, opera
 
     wrong = await operator.post(decision, json={"action": "mark_paid", "reason": "looks fine"})
     assert wrong.status_code == 409
-    assert "'mark_paid' is not possible for a amount_mismatch review; possible: approve, reject, refund" in \
-        wrong.json()["error"]
+    assert "'mark_paid' is not possible for a amount_mismatch review; possible: approve, reject, refund" in wrong.json()["error"]
     assert (await operator.post(decision, json={"action": "approve"})).status_code == 422  # no reason
     assert (await operator.post(decision, json={"action": "pay", "reason": "yes"})).status_code == 422
     async with httpx.AsyncClient(base_url=stack.operator_url) as anonymous:
         assert (await anonymous.post(decision, json={"action": "approve", "reason": "ok!"})).status_code == 401
         bad_token = await anonymous.get("/operator/reviews", headers={"Authorization": "Bearer nope"})
         assert bad_token.status_code == 401 and "operator token" in bad_token.json()["error"]
-    assert (await operator.post("/operator/reviews/nope/decision",
-                                json={"action": "approve", "reason": "ok!"})).status_code == 404
+    assert (
+        await operator.post("/operator/reviews/nope/decision", json={"action": "approve", "reason": "ok!"})
+    ).status_code == 404
     during = await refund(api, payment_id, "ret-1", 100)
     assert during.status_code == 409 and "under review" in during.json()["error"]
 
@@ -250,8 +255,13 @@ async def _refund_submitted(sim, order: str) -> bool:
 
 def run_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
     env = {**stack.env, "PAYSENTINEL_OPERATOR_TOKEN": OPERATORS["bob"], "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "paysentinel.cli", *args, "--api", stack.operator_url],
-                          env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "paysentinel.cli", *args, "--api", stack.operator_url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 async def test_operator_cli_lists_shows_and_decides(api, sim, sessions, operator, stack: Stack):
@@ -276,7 +286,8 @@ async def test_operator_cli_lists_shows_and_decides(api, sim, sessions, operator
 
 
 async def test_a_paid_payment_continues_into_its_refund_phase_and_is_refundable_after_a_deploy(
-        api, sim, sessions, stack: Stack, client):
+    api, sim, sessions, stack: Stack, client
+):
     """After the resend window the payment continues as new (compact state, current code);
     a worker restart (a deploy) later, the merchant still refunds it, once."""
     order = new_order("phase")

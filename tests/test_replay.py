@@ -65,8 +65,7 @@ def kept_histories(release: str) -> list[WorkflowHistory]:
     return [WorkflowHistory.from_json(f"{release}/{f.stem}", f.read_text()) for f in files]
 
 
-async def replay(histories: Sequence[WorkflowHistory], workflows: Sequence[type] = WORKFLOWS,
-                 **options) -> WorkflowReplayResults:
+async def replay(histories: Sequence[WorkflowHistory], workflows: Sequence[type] = WORKFLOWS, **options) -> WorkflowReplayResults:
     async def each():
         for history in histories:
             yield history
@@ -79,8 +78,7 @@ async def replay(histories: Sequence[WorkflowHistory], workflows: Sequence[type]
 
 def failures(histories: Sequence[WorkflowHistory], results: WorkflowReplayResults) -> dict[str, str]:
     """Replay failures by history name (workflow id), shortened."""
-    return {h.workflow_id: str(results.replay_failures[h.run_id])[:500]
-            for h in histories if h.run_id in results.replay_failures}
+    return {h.workflow_id: str(results.replay_failures[h.run_id])[:500] for h in histories if h.run_id in results.replay_failures}
 
 
 @pytest.mark.parametrize("release", RELEASES)
@@ -99,7 +97,8 @@ async def test_every_branch_is_recorded_and_replays(client: Client, stack: Stack
         target = Path(record_to)
         assert not (target.is_dir() and any(target.glob("*.json"))), (
             f"{target} already holds histories: a release's histories are never overwritten; "
-            "record into the directory of a new release")
+            "record into the directory of a new release"
+        )
     async with httpx.AsyncClient(base_url=stack.operator_url, headers=OPERATOR_HEADERS, timeout=30) as operator:
         parts = scenarios.Parts(api=api, sim=sim, operator=operator, client=client)
 
@@ -117,31 +116,34 @@ async def test_every_branch_is_recorded_and_replays(client: Client, stack: Stack
         started = await operator.post(f"/operator/reconciliations/{yesterday}")
         assert started.status_code == 202, started.text
         outcomes = await asyncio.gather(*(run(b) for b in scenarios.BRANCHES), return_exceptions=True)
-    broken = {b.name: f"{type(o).__name__}: {o}" for b, o in zip(scenarios.BRANCHES, outcomes)
-              if isinstance(o, BaseException)}
+    broken = {b.name: f"{type(o).__name__}: {o}" for b, o in zip(scenarios.BRANCHES, outcomes) if isinstance(o, BaseException)}
     for name in broken:
         if name in parts.started and "timeline" not in broken[name]:  # say where the payment got to
             view = await scenarios.payment_view(client, parts.started[name])
             broken[name] += f"; {parts.started[name]}: {scenarios.describe(view)}"
     assert not broken, "branches that did not end as the README says:\n" + "\n".join(
-        f"- {name}: {why}" for name, why in broken.items())
+        f"- {name}: {why}" for name, why in broken.items()
+    )
     payments = {b.name: payment_id for b, payment_id in zip(scenarios.BRANCHES, outcomes)}
 
     query = f'TaskQueue = "{stack.task_queue}"'
-    others = {"monitor": f'{query} AND WorkflowType = "MonitorWorkflow"',
-              "reconcile": f'{query} AND WorkflowId = "{reconcile_workflow_id("simulator", yesterday)}"'}
-    found = {name: await wait_for(lambda q=q: _first_completed(client, q), timeout=60, what=f"{name}: {q} completed")
-             for name, q in others.items()}
+    others = {
+        "monitor": f'{query} AND WorkflowType = "MonitorWorkflow"',
+        "reconcile": f'{query} AND WorkflowId = "{reconcile_workflow_id("simulator", yesterday)}"',
+    }
+    found = {
+        name: await wait_for(lambda q=q: _first_completed(client, q), timeout=60, what=f"{name}: {q} completed")
+        for name, q in others.items()
+    }
 
-    await wait_for(lambda: _counted(client, query, len(payments) + len(found)),
-                   what="visibility to list this session's runs")
+    await wait_for(lambda: _counted(client, query, len(payments) + len(found)), what="visibility to list this session's runs")
     executions = [(e.id, e.run_id) async for e in client.list_workflows(query)]
-    histories = await asyncio.gather(*(client.get_workflow_handle(i, run_id=r).fetch_history()
-                                       for i, r in executions))
+    histories = await asyncio.gather(*(client.get_workflow_handle(i, run_id=r).fetch_history() for i, r in executions))
     assert failures(histories, await replay(histories)) == {}
     types = {scenarios.workflow_type(h) for h in histories}
-    assert {"PaymentWorkflow", "RefundWorkflow", "ManualReviewWorkflow", "MonitorWorkflow",
-            "ReconciliationWorkflow"} <= types, types
+    assert {"PaymentWorkflow", "RefundWorkflow", "ManualReviewWorkflow", "MonitorWorkflow", "ReconciliationWorkflow"} <= types, (
+        types
+    )
 
     if record_to:
         await _record(client, Path(record_to), payments, found)
@@ -225,7 +227,8 @@ async def test_gate_catches_an_unpatched_change():
         failure = unpatched.replay_failures.get(history.run_id)
         if history in payments:
             assert isinstance(failure, NondeterminismError) and "TMPRL1100" in str(failure), (
-                f"{history.workflow_id}: an unpatched change replayed without a nondeterminism error: {failure!r}")
+                f"{history.workflow_id}: an unpatched change replayed without a nondeterminism error: {failure!r}"
+            )
         else:  # only PaymentWorkflow changed: its children, the monitor and reconciliation still replay
             assert failure is None, f"{history.workflow_id}: {failure}"
 

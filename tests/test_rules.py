@@ -42,8 +42,7 @@ def paid(trade_no: str = "T1", amount: int = 1000, currency: str = "CNY", status
 
 
 def refund(trade_no: str, amount: int, status=RefundStatus.PROCESSING, reason: str = "x", by: str = "merchant"):
-    return RefundView(refund_id="rf", trade_no=trade_no, amount_minor=amount, status=status, reason=reason,
-                      requested_by=by)
+    return RefundView(refund_id="rf", trade_no=trade_no, amount_minor=amount, status=status, reason=reason, requested_by=by)
 
 
 # --- Names and ids --------------------------------------------------------------------
@@ -164,8 +163,7 @@ def test_transition_and_what_the_customer_hears():
     assert book.to_tell(PaymentStatus.PENDING) is None
     book.apply_status(PaymentStatus.IN_REVIEW, "a person looks", "risk_rule")
     assert book.base is PaymentStatus.FAILED and book.review_reason == "risk_rule"
-    assert [u.key.name for u in status_attributes(PaymentStatus.IN_REVIEW, "risk_rule")] == ["PaymentStatus",
-                                                                                             "ReviewReason"]
+    assert [u.key.name for u in status_attributes(PaymentStatus.IN_REVIEW, "risk_rule")] == ["PaymentStatus", "ReviewReason"]
 
 
 # --- Refunds ---------------------------------------------------------------------------
@@ -206,10 +204,20 @@ def test_customer_words():
 
 def test_view_record_and_carried_state():
     order = PaymentOrder(order_id="o-1", amount_minor=1000)
-    book = PaymentBook(status=PaymentStatus.PARTIALLY_REFUNDED, base=PaymentStatus.SUCCEEDED, seq=7, trade_no="T1",
-                       captured={"T1": 1000}, refunded={"T1": 400}, accepted="T1", final_at=NOW,
-                       refunds={"k": refund("T1", 400, RefundStatus.SUCCEEDED)}, told={NotifyKind.PAID},
-                       seen_events={"e2", "e1"}, open_reviews={"r-1": "x", "r-2": "y"})
+    book = PaymentBook(
+        status=PaymentStatus.PARTIALLY_REFUNDED,
+        base=PaymentStatus.SUCCEEDED,
+        seq=7,
+        trade_no="T1",
+        captured={"T1": 1000},
+        refunded={"T1": 400},
+        accepted="T1",
+        final_at=NOW,
+        refunds={"k": refund("T1", 400, RefundStatus.SUCCEEDED)},
+        told={NotifyKind.PAID},
+        seen_events={"e2", "e1"},
+        open_reviews={"r-1": "x", "r-2": "y"},
+    )
     view = payment_view(book, "payment-o-1", order)
     assert (view.captured_minor, view.refunded_minor, view.review_id, view.currency) == (1000, 400, "r-2", "CNY")
     record = payment_record(book, "payment-o-1", "refunded")
@@ -218,8 +226,7 @@ def test_view_record_and_carried_state():
     state = carried_state(book)
     assert state.seen_events == ["e1", "e2"] and state.told == [NotifyKind.PAID.value]
     again = restored_book(state)
-    assert (again.captured, again.refunded, again.accepted, again.told) == (book.captured, book.refunded, "T1",
-                                                                           {NotifyKind.PAID})
+    assert (again.captured, again.refunded, again.accepted, again.told) == (book.captured, book.refunded, "T1", {NotifyKind.PAID})
     assert again.open_reviews == {} and again.deciding == set()
 
 
@@ -227,22 +234,36 @@ def test_view_record_and_carried_state():
 
 
 def test_payment_order_is_the_checkout_request_without_the_api_checks():
-    request = CheckoutRequest(order_id="o-1", amount_minor=1000, currency="usd", customer={"email": "a@example.com"},
-                              expires_in_seconds=60)
+    request = CheckoutRequest(
+        order_id="o-1", amount_minor=1000, currency="usd", customer={"email": "a@example.com"}, expires_in_seconds=60
+    )
     order = PaymentOrder.of(request)
     assert order.model_dump() == request.model_dump()
     # What a history recorded decodes even where today's API would refuse it or has moved on.
-    old = {"order_id": "o 1!", "amount_minor": 0, "currency": "CNY", "expires_in_seconds": 1,
-           "customer": {"email": None, "phone": None, "fax": "x"}, "retired_field": True}
+    old = {
+        "order_id": "o 1!",
+        "amount_minor": 0,
+        "currency": "CNY",
+        "expires_in_seconds": 1,
+        "customer": {"email": None, "phone": None, "fax": "x"},
+        "retired_field": True,
+    }
     assert PaymentOrder.model_validate(old).expires_in_seconds == 1
     with pytest.raises(ValueError):
         CheckoutRequest.model_validate(old)
 
 
 def test_payment_input_decodes_a_recorded_request():
-    timing = PaymentTiming(callback_timeout_seconds=1, query_backoff_seconds=[1], payment_ttl_seconds=60,
-                           resend_window_seconds=1, close_attempts=1, provider_retry_initial_seconds=1,
-                           provider_max_attempts=1)
-    recorded = PaymentInput(payment_id="payment-o-1", request=PaymentOrder(order_id="o-1", amount_minor=5),
-                            notify_url="http://x", timing=timing).model_dump_json()
+    timing = PaymentTiming(
+        callback_timeout_seconds=1,
+        query_backoff_seconds=[1],
+        payment_ttl_seconds=60,
+        resend_window_seconds=1,
+        close_attempts=1,
+        provider_retry_initial_seconds=1,
+        provider_max_attempts=1,
+    )
+    recorded = PaymentInput(
+        payment_id="payment-o-1", request=PaymentOrder(order_id="o-1", amount_minor=5), notify_url="http://x", timing=timing
+    ).model_dump_json()
     assert PaymentInput.model_validate_json(recorded).request.amount_minor == 5

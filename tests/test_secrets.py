@@ -24,8 +24,16 @@ from paysentinel.devserver import free_port
 from paysentinel.profile import SECRETS_FILE, SecretsRefused, development_secrets, secured
 from paysentinel.runner import PARTS
 from tests.conftest import Stack, _wait_healthy, new_order, stop_process
-from tests.helpers import (MERCHANT_PREVIOUS_SECRET, MERCHANT_SECRET, own_operator_tokens, receiver, script,
-                           start_payment, wait_for, wait_status)
+from tests.helpers import (
+    MERCHANT_PREVIOUS_SECRET,
+    MERCHANT_SECRET,
+    own_operator_tokens,
+    receiver,
+    script,
+    start_payment,
+    wait_for,
+    wait_status,
+)
 from tests.test_webhooks import trade_event
 
 
@@ -39,8 +47,12 @@ def clean_env(**values: str) -> dict[str, str]:
 def production_env(stack: Stack, tmp_path: Path, *, without: Iterable[Secret] = (), **values: str) -> dict[str, str]:
     """The test stack's environment (its Temporal, its database, its secrets of its own) for
     another process: ``without`` those secrets, with ``values``."""
-    env = {**stack.env, "PAYSENTINEL_DATA_DIR": str(tmp_path / "data"), "PAYSENTINEL_WEBHOOK_PORT": str(free_port()),
-           "PAYSENTINEL_TRACING": "off"}
+    env = {
+        **stack.env,
+        "PAYSENTINEL_DATA_DIR": str(tmp_path / "data"),
+        "PAYSENTINEL_WEBHOOK_PORT": str(free_port()),
+        "PAYSENTINEL_TRACING": "off",
+    }
     for secret in without:
         env.pop(secret.variable, None)
         env.pop(secret.file_variable, None)
@@ -50,8 +62,14 @@ def production_env(stack: Stack, tmp_path: Path, *, without: Iterable[Secret] = 
 
 def refused(env: dict[str, str], parts: str = "webhooks") -> str:
     """Start parts that must refuse to start: returns what they printed."""
-    result = subprocess.run([sys.executable, "-m", "paysentinel.cli", "up", "--parts", parts], env=env,
-                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [sys.executable, "-m", "paysentinel.cli", "up", "--parts", parts],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0, f"started without secrets of its own:\n{output}"
     assert "refusing to start" in output, output
@@ -81,8 +99,7 @@ def test_every_start_but_embedded_development_is_production(tmp_path):
     assert not (tmp_path / SECRETS_FILE).exists() and not (tmp_path / "temporal.db").exists()
     for settings, parts, why in [
         (Settings(data_dir=tmp_path, env="production"), PARTS, "PAYSENTINEL_ENV"),
-        (Settings(data_dir=tmp_path).model_copy(update={"temporal_address": "127.0.0.1:7233"}), PARTS,
-         "TEMPORAL_ADDRESS"),
+        (Settings(data_dir=tmp_path).model_copy(update={"temporal_address": "127.0.0.1:7233"}), PARTS, "TEMPORAL_ADDRESS"),
         (Settings(data_dir=tmp_path, database_url="postgresql+asyncpg://u:p@h/db"), PARTS, "PAYSENTINEL_DATABASE_URL"),
         (Settings(data_dir=tmp_path), ["webhooks"], r"only part\(s\) webhooks"),
     ]:
@@ -99,12 +116,18 @@ def test_development_profile_generates_its_secrets_once(tmp_path):
     assert first.simulator_webhook_secret == saved["simulator_webhook_secret"] != DEV_WEBHOOK_SECRET
     assert first.merchant_webhook_secret == saved["merchant_webhook_secret"] != DEV_WEBHOOK_SECRET
     assert first.simulator_webhook_secret != first.merchant_webhook_secret
-    signing.verify(first.simulator_webhook_secret,  # a usable Standard Webhooks secret
-                   signing.signed_headers(first.simulator_webhook_secret, "evt", b"{}"), b"{}", 60)
+    signing.verify(
+        first.simulator_webhook_secret,  # a usable Standard Webhooks secret
+        signing.signed_headers(first.simulator_webhook_secret, "evt", b"{}"),
+        b"{}",
+        60,
+    )
     # The next start reuses them (the simulator and the receiver read the same settings).
     again = secured(Settings(data_dir=data_dir), PARTS, PARTS)
-    assert (again.simulator_webhook_secret, again.merchant_webhook_secret) == \
-        (first.simulator_webhook_secret, first.merchant_webhook_secret)
+    assert (again.simulator_webhook_secret, again.merchant_webhook_secret) == (
+        first.simulator_webhook_secret,
+        first.merchant_webhook_secret,
+    )
     assert development_secrets(data_dir) == {k: v for k, v in saved.items()}
     # A secret set explicitly wins over the generated one.
     mine = new_webhook_secret()
@@ -137,8 +160,12 @@ def rotating_receiver(stack, tmp_path_factory) -> Iterator[tuple[str, str, str]]
     provider's callback secret: yields (receiver URL, current secret, previous secret)."""
     tmp_path = tmp_path_factory.mktemp("secrets")
     current, previous = new_webhook_secret(), new_webhook_secret()
-    files = {"simulator_webhook_secret": current, "simulator_webhook_secret_previous": previous,
-             "merchant_webhook_secret": new_webhook_secret(), "operator_tokens": own_operator_tokens()}
+    files = {
+        "simulator_webhook_secret": current,
+        "simulator_webhook_secret_previous": previous,
+        "merchant_webhook_secret": new_webhook_secret(),
+        "operator_tokens": own_operator_tokens(),
+    }
     env = production_env(stack, tmp_path, without=[s for s in SECRETS if s.name in files], PAYSENTINEL_ENV="production")
     for name, value in files.items():
         (tmp_path / name).write_text(value + "\n")
@@ -146,8 +173,13 @@ def rotating_receiver(stack, tmp_path_factory) -> Iterator[tuple[str, str, str]]
         env[f"PAYSENTINEL_{name.upper()}_FILE"] = str(tmp_path / name)
     log_file = tmp_path / "webhooks.log"
     with open(log_file, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "paysentinel.cli", "up", "--parts", "webhooks"], env=env,
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "paysentinel.cli", "up", "--parts", "webhooks"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     url = f"http://127.0.0.1:{env['PAYSENTINEL_WEBHOOK_PORT']}"
     try:
         _wait_healthy([url], process, log_file)
@@ -166,8 +198,9 @@ def test_callback_signed_with_current_or_previous_secret_is_accepted(rotating_re
     url, current, previous = rotating_receiver
     secrets = {"current": current, "previous": previous, "both": (current, previous)}[which]
     event_id, body = trade_event(new_order("rot"), f"2026{uuid.uuid4().int % 10**12:012d}")
-    response = httpx.post(url + "/webhooks/simulator", content=body,
-                          headers=signing.signed_headers(secrets, event_id, body), timeout=10)
+    response = httpx.post(
+        url + "/webhooks/simulator", content=body, headers=signing.signed_headers(secrets, event_id, body), timeout=10
+    )
     assert response.status_code == 200, response.text
     assert response.json()["result"] == "unknown_payment"  # verified and stored; no such payment here
 
@@ -176,8 +209,9 @@ def test_callback_signed_with_an_unknown_secret_is_refused(rotating_receiver):
     url, _, _ = rotating_receiver
     event_id, body = trade_event(new_order("rot"), "2026000000000001")
     for secret in (new_webhook_secret(), DEV_WEBHOOK_SECRET):
-        response = httpx.post(url + "/webhooks/simulator", content=body,
-                              headers=signing.signed_headers(secret, event_id, body), timeout=10)
+        response = httpx.post(
+            url + "/webhooks/simulator", content=body, headers=signing.signed_headers(secret, event_id, body), timeout=10
+        )
         assert response.status_code == 401 and "signature" in response.json()["error"]
 
 

@@ -69,8 +69,7 @@ async def test_scripted_faults_fail_the_given_number_of_calls(sim):
     hung = await sim.get(f"/v1/trades/{order}")  # answers after PAYSENTINEL_SIMULATOR_HANG_SECONDS
     assert hung.status_code == 504 and hung.json()["sub_code"] == "ACQ.SYSTEM_ERROR"
     assert (await sim.get(f"/v1/trades/{order}")).status_code == 200
-    assert (await sim_trade(sim, order))["calls"] == {"create": 3, "query": 2, "close": 0, "refund": 0,
-                                                      "refund_query": 0}
+    assert (await sim_trade(sim, order))["calls"] == {"create": 3, "query": 2, "close": 0, "refund": 0, "refund_query": 0}
 
 
 async def test_cashier_page_lets_the_payer_pay(sim):
@@ -164,8 +163,14 @@ async def test_refunds_never_exceed_the_trade_and_are_idempotent(sim):
 
 
 async def test_scripted_refund_failure_delay_and_faults(sim):
-    order = await paid_trade(sim, "sim-refail", refund="fail", refund_fail_times=1, refund_delay_seconds=0.3,
-                             faults={"refund": {"mode": "error", "times": 1}})
+    order = await paid_trade(
+        sim,
+        "sim-refail",
+        refund="fail",
+        refund_fail_times=1,
+        refund_delay_seconds=0.3,
+        faults={"refund": {"mode": "error", "times": 1}},
+    )
     assert (await sim.post(f"/v1/trades/{order}/refunds", json=refund_body("r1", "12.30"))).status_code == 500
     first = await sim.post(f"/v1/trades/{order}/refunds", json=refund_body("r1", "12.30"))
     assert first.json()["refund"]["refund_status"] == "REFUND_PROCESSING"

@@ -24,8 +24,16 @@ HOUR = timedelta(hours=1)
 def _payment(payment_id: str, status: str, age: timedelta) -> db.Payment:
     at = db.utcnow() - age
     return db.Payment(
-        payment_id=payment_id, order_id=payment_id.removeprefix("payment-"), provider="simulator", amount_minor=1000,
-        currency="CNY", status=status, status_seq=5, paid_amount_minor=1000, created_at=at, updated_at=at,
+        payment_id=payment_id,
+        order_id=payment_id.removeprefix("payment-"),
+        provider="simulator",
+        amount_minor=1000,
+        currency="CNY",
+        status=status,
+        status_seq=5,
+        paid_amount_minor=1000,
+        created_at=at,
+        updated_at=at,
         expires_at=at + timedelta(seconds=8),
     )
 
@@ -33,9 +41,18 @@ def _payment(payment_id: str, status: str, age: timedelta) -> db.Payment:
 def _refund(refund_id: str, payment_id: str, age: timedelta) -> db.Refund:
     at = db.utcnow() - age
     return db.Refund(
-        refund_id=refund_id, payment_id=payment_id, order_id=payment_id.removeprefix("payment-"),
-        trade_no=f"T{refund_id}", amount_minor=500, currency="CNY", status="PROCESSING", reason="requested",
-        requested_by="merchant", submissions=1, created_at=at, updated_at=at,
+        refund_id=refund_id,
+        payment_id=payment_id,
+        order_id=payment_id.removeprefix("payment-"),
+        trade_no=f"T{refund_id}",
+        amount_minor=500,
+        currency="CNY",
+        status="PROCESSING",
+        reason="requested",
+        requested_by="merchant",
+        submissions=1,
+        created_at=at,
+        updated_at=at,
     )
 
 
@@ -43,9 +60,7 @@ def _mails(mailbox, name: str) -> list:
     return [m for m in mailbox.to(OPS) if f"(monitor {name})" in m["Subject"]]
 
 
-async def test_refunds_and_reviews_nobody_runs_are_stuck_on_metrics_and_alerted_once(
-    stack, client, sessions, mailbox
-):
+async def test_refunds_and_reviews_nobody_runs_are_stuck_on_metrics_and_alerted_once(stack, client, sessions, mailbox):
     tag = uuid.uuid4().hex[:8]
     name = f"stuck{tag}"
     refunding = f"payment-stuck-refunding-{tag}"  # REFUNDING an hour, no RefundWorkflow
@@ -58,30 +73,39 @@ async def test_refunds_and_reviews_nobody_runs_are_stuck_on_metrics_and_alerted_
     # Running workflows on a task queue nobody polls: they stay Running and never act.
     idle_queue = f"idle-{tag}"
     running = [
-        await client.start_workflow("ManualReviewWorkflow", {"payment_id": handled}, id=f"{handled}-review-1",
-                                    task_queue=idle_queue),
+        await client.start_workflow(
+            "ManualReviewWorkflow", {"payment_id": handled}, id=f"{handled}-review-1", task_queue=idle_queue
+        ),
         # A reconciliation refund names no payment in its id: it does not cover `refunding`.
-        await client.start_workflow("RefundWorkflow", {"payment_id": refunding},
-                                    id=f"reconcile-refund-simulator-T{tag}", task_queue=idle_queue),
+        await client.start_workflow(
+            "RefundWorkflow", {"payment_id": refunding}, id=f"reconcile-refund-simulator-T{tag}", task_queue=idle_queue
+        ),
     ]
     before = await scrape(f"{stack.api_url}/metrics")
     try:
         async with sessions() as session:
-            session.add_all([
-                _payment(refunding, "REFUNDING", HOUR), _payment(reviewing, "IN_REVIEW", HOUR),
-                _payment(handled, "IN_REVIEW", HOUR), _payment(fresh, "REFUNDING", timedelta(seconds=1)),
-                _payment(slow, "SUCCEEDED", timedelta(days=4)),
-                _refund(refunds[0], slow, timedelta(days=4)), _refund(refunds[1], fresh, timedelta(seconds=1)),
-            ])
+            session.add_all(
+                [
+                    _payment(refunding, "REFUNDING", HOUR),
+                    _payment(reviewing, "IN_REVIEW", HOUR),
+                    _payment(handled, "IN_REVIEW", HOUR),
+                    _payment(fresh, "REFUNDING", timedelta(seconds=1)),
+                    _payment(slow, "SUCCEEDED", timedelta(days=4)),
+                    _refund(refunds[0], slow, timedelta(days=4)),
+                    _refund(refunds[1], fresh, timedelta(seconds=1)),
+                ]
+            )
             await session.commit()
 
-        expected = {"refunding_without_child": 1, "review_without_child": 1, "refund_processing_too_long": 1,
-                    "open_past_ttl": 0}
+        expected = {"refunding_without_child": 1, "review_without_child": 1, "refund_processing_too_long": 1, "open_past_ttl": 0}
 
         async def measured():
             after = await scrape(f"{stack.api_url}/metrics")
-            moved = {kind: value(after, "paysentinel_stuck_payments", kind=kind)
-                     - value(before, "paysentinel_stuck_payments", kind=kind) for kind in STUCK_KINDS}
+            moved = {
+                kind: value(after, "paysentinel_stuck_payments", kind=kind)
+                - value(before, "paysentinel_stuck_payments", kind=kind)
+                for kind in STUCK_KINDS
+            }
             return after if moved == expected else None
 
         # Visibility shows the just-started review workflow a moment later: until then `handled` counts too.
@@ -116,10 +140,12 @@ async def test_refunds_and_reviews_nobody_runs_are_stuck_on_metrics_and_alerted_
         after = await scrape(f"{stack.api_url}/metrics")
         for kind in STUCK_KINDS:
             assert value(after, "paysentinel_stuck_payments", kind=kind) == value(
-                before, "paysentinel_stuck_payments", kind=kind), kind
+                before, "paysentinel_stuck_payments", kind=kind
+            ), kind
         assert await _run_monitor(client, stack, monitor) == ["stuck_payments: incident resolved"]
-        mails = await wait_for(lambda: asyncio.sleep(0, m if len(m := _mails(mailbox, name)) >= 2 else None),
-                               what="the all-clear e-mail")
+        mails = await wait_for(
+            lambda: asyncio.sleep(0, m if len(m := _mails(mailbox, name)) >= 2 else None), what="the all-clear e-mail"
+        )
         assert mails[1]["Subject"].startswith("[paysentinel] resolved: no payments stuck")
         assert [i.status for i in await _incidents(sessions, name)] == ["RESOLVED"]
     finally:
@@ -141,8 +167,7 @@ async def test_every_kind_of_stuck_payment_is_on_metrics(stack):
 def test_the_alert_names_at_most_ten_payments():
     ids = [f"payment-p{i}" for i in range(30)]
     stuck = StuckMoney(
-        counts={"open_past_ttl": 0, "refunding_without_child": 25, "review_without_child": 5,
-                "refund_processing_too_long": 0},
+        counts={"open_past_ttl": 0, "refunding_without_child": 25, "review_without_child": 5, "refund_processing_too_long": 0},
         payments={"refunding_without_child": ids[:10], "review_without_child": ids[25:]},
     )
     line = stuck.describe()

@@ -49,16 +49,24 @@ client_key_path = "{certs.client_key}"
 
 
 def test_an_api_key_turns_tls_on():
-    options = connect_options(Settings(), environ={"TEMPORAL_ADDRESS": "us-east-1.aws.api.temporal.io:7233",
-                                                   "TEMPORAL_NAMESPACE": "payments.a1b2c",
-                                                   "TEMPORAL_API_KEY": "key-123"})
+    options = connect_options(
+        Settings(),
+        environ={
+            "TEMPORAL_ADDRESS": "us-east-1.aws.api.temporal.io:7233",
+            "TEMPORAL_NAMESPACE": "payments.a1b2c",
+            "TEMPORAL_API_KEY": "key-123",
+        },
+    )
     assert options["api_key"] == "key-123" and options["tls"] is True
     assert options["namespace"] == "payments.a1b2c"
 
 
 def test_a_missing_tls_file_says_which_variable(tmp_path: Path):
-    env = {"TEMPORAL_ADDRESS": "127.0.0.1:7233", "TEMPORAL_TLS_CLIENT_CERT_PATH": str(tmp_path / "nope.pem"),
-           "TEMPORAL_TLS_CLIENT_KEY_PATH": str(tmp_path / "nope.key")}
+    env = {
+        "TEMPORAL_ADDRESS": "127.0.0.1:7233",
+        "TEMPORAL_TLS_CLIENT_CERT_PATH": str(tmp_path / "nope.pem"),
+        "TEMPORAL_TLS_CLIENT_KEY_PATH": str(tmp_path / "nope.key"),
+    }
     with pytest.raises(RuntimeError, match="TEMPORAL_TLS_CLIENT_CERT_PATH"):
         connect_options(Settings(), environ=env)
 

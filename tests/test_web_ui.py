@@ -19,8 +19,10 @@ from tests.helpers import provider_order, script, search_count, start_payment, w
 def chromium() -> str:
     path = os.environ.get("PAYSENTINEL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not path:
-        pytest.fail("no Chromium found: run `bash scripts/ensure-chromium.sh` (installs Debian's chromium) "
-                    "or set PAYSENTINEL_CHROMIUM", pytrace=False)
+        pytest.fail(
+            "no Chromium found: run `bash scripts/ensure-chromium.sh` (installs Debian's chromium) or set PAYSENTINEL_CHROMIUM",
+            pytrace=False,
+        )
     return path
 
 
@@ -48,11 +50,14 @@ async def test_operator_finds_a_payment_by_order_id_in_the_web_ui(api, sim, clie
             await page.get_by_role("button", name="Sign in").click()
             await page.get_by_text("Signed in as alice").wait_for(timeout=10_000)
             await page.goto(ui)
-            await page.evaluate("""endpoint => {
+            await page.evaluate(
+                """endpoint => {
                 localStorage.setItem("endpoint", JSON.stringify(endpoint));
                 localStorage.setItem("includeCredentials", "true");
                 localStorage.setItem("overrideRemoteCodecConfiguration", "true");
-            }""", f"{stack.operator_url}/codec")
+            }""",
+                f"{stack.operator_url}/codec",
+            )
 
             query = f'OrderId="{internal}"'
             await page.goto(f"{ui}/namespaces/default/workflows?query={quote(query)}")

@@ -12,7 +12,15 @@ import pytest
 from paysentinel import signing
 from tests.conftest import new_order
 from tests.helpers import (
-    SIMULATOR_SECRET, callback_rows, exempt, payment_row, provider_order, script, start_payment, wait_for, wait_status,
+    SIMULATOR_SECRET,
+    callback_rows,
+    exempt,
+    payment_row,
+    provider_order,
+    script,
+    start_payment,
+    wait_for,
+    wait_status,
 )
 
 
@@ -22,8 +30,14 @@ def trade_event(order_id: str, trade_no: str, status: str = "TRADE_SUCCESS", amo
         "id": event_id,
         "type": "trade.status_changed",
         "created_at": "2026-11-22T10:00:00+00:00",
-        "data": {"out_trade_no": order_id, "trade_no": trade_no, "trade_status": status,
-                 "total_amount": amount, "currency": "CNY", "gmt_payment": "2026-11-22T10:00:00+00:00"},
+        "data": {
+            "out_trade_no": order_id,
+            "trade_no": trade_no,
+            "trade_status": status,
+            "total_amount": amount,
+            "currency": "CNY",
+            "gmt_payment": "2026-11-22T10:00:00+00:00",
+        },
     }
     return event_id, json.dumps(body).encode()
 
@@ -114,8 +128,9 @@ async def test_unknown_provider_is_404(webhooks):
 async def test_verified_callback_for_unknown_payment_is_stored_and_listed(webhooks, api, sessions):
     order = new_order("ghost")
     event_id, body = trade_event(provider_order(order), "2026112299999999")  # merchant A's order number
-    response = await webhooks.post("/webhooks/simulator", content=body,
-                                   headers=signing.signed_headers(SIMULATOR_SECRET, event_id, body))
+    response = await webhooks.post(
+        "/webhooks/simulator", content=body, headers=signing.signed_headers(SIMULATOR_SECRET, event_id, body)
+    )
     assert response.status_code == 200
     assert response.json()["result"] == "unknown_payment"
     [row] = await callback_rows(sessions, order)
@@ -123,8 +138,9 @@ async def test_verified_callback_for_unknown_payment_is_stored_and_listed(webhoo
     listed = (await api.get("/callbacks", params={"delivery": "unknown_payment", "order_id": order})).json()
     assert [(c["event_id"], c["order_id"]) for c in listed] == [(event_id, order)]
     # The provider resends: acknowledged as a duplicate, stored once.
-    again = await webhooks.post("/webhooks/simulator", content=body,
-                                headers=signing.signed_headers(SIMULATOR_SECRET, event_id, body))
+    again = await webhooks.post(
+        "/webhooks/simulator", content=body, headers=signing.signed_headers(SIMULATOR_SECRET, event_id, body)
+    )
     assert again.json()["result"] == "duplicate"
     assert len(await callback_rows(sessions, order)) == 1
 
@@ -135,8 +151,9 @@ async def test_valid_callback_is_delivered_once(webhooks, api, sim, sessions, pe
     assert (await sim.post(f"/control/trades/{provider_order(order)}/pay")).status_code == 200
     event_id, body = trade_event(provider_order(order), pending_payment["trade_no"])
     for expected in ("delivered", "duplicate"):
-        response = await webhooks.post("/webhooks/simulator", content=body,
-                                       headers=signing.signed_headers(SIMULATOR_SECRET, event_id, body))
+        response = await webhooks.post(
+            "/webhooks/simulator", content=body, headers=signing.signed_headers(SIMULATOR_SECRET, event_id, body)
+        )
         assert response.status_code == 200 and response.json()["result"] == expected
     view = await wait_status(api, pending_payment["payment_id"], "SUCCEEDED")
     assert len([e for e in view["timeline"] if e["event"] == "paid"]) == 1

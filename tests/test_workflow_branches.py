@@ -57,11 +57,20 @@ TIMING = PaymentTiming(
 class FakeProvider:
     """Scripted provider results; records every call and database snapshot."""
 
-    def __init__(self, queries: list[str | None] | None = None, close: str | None = "TRADE_CLOSED",
-                 close_fails: bool = False, create_error: Exception | None = None,
-                 refund_fails: bool = False, risk_hits: list[str] | None = None,
-                 taken: dict[str, int] | None = None, query_fails: bool = False, refund_seconds: float = 0,
-                 save_failures: int = 0, create_error_times: int = -1):
+    def __init__(
+        self,
+        queries: list[str | None] | None = None,
+        close: str | None = "TRADE_CLOSED",
+        close_fails: bool = False,
+        create_error: Exception | None = None,
+        refund_fails: bool = False,
+        risk_hits: list[str] | None = None,
+        taken: dict[str, int] | None = None,
+        query_fails: bool = False,
+        refund_seconds: float = 0,
+        save_failures: int = 0,
+        create_error_times: int = -1,
+    ):
         self.queries = list(queries or [])
         self.refund_fails = refund_fails
         self.risk_hits = risk_hits or []
@@ -84,8 +93,14 @@ class FakeProvider:
     def trade(self, order_id: str, status: str | None, trade_no: str = "T1") -> Trade:
         if status is None:
             return Trade(exists=False, order_id=order_id)
-        return Trade(order_id=order_id, trade_no=trade_no, status=TradeStatus(status),
-                     amount_minor=self.taken.get(trade_no, 1000), currency="CNY", pay_url=f"http://pay/{trade_no}")
+        return Trade(
+            order_id=order_id,
+            trade_no=trade_no,
+            status=TradeStatus(status),
+            amount_minor=self.taken.get(trade_no, 1000),
+            currency="CNY",
+            pay_url=f"http://pay/{trade_no}",
+        )
 
     def activities(self) -> list:
         @activity.defn(name="record_payment")
@@ -136,8 +151,13 @@ class FakeProvider:
             self.refund_calls.append(f"{request.trade_no}:{request.amount_minor}:{request.refund_id}")
             await asyncio.sleep(self.refund_seconds)
             status = RefundStatus.FAILED if self.refund_fails else RefundStatus.SUCCEEDED
-            return ProviderRefund(refund_id=request.refund_id, trade_no=request.trade_no,
-                                  amount_minor=request.amount_minor, status=status, fail_reason="no balance")
+            return ProviderRefund(
+                refund_id=request.refund_id,
+                trade_no=request.trade_no,
+                amount_minor=request.amount_minor,
+                status=status,
+                fail_reason="no balance",
+            )
 
         @activity.defn(name="query_refund")
         async def query_refund(request: RefundInput) -> ProviderRefund | None:
@@ -169,23 +189,47 @@ class FakeProvider:
         async def track_incident(check: IncidentInput) -> Incident | None:
             self.alerts.append(f"{check.kind}:{'open' if check.breach else 'resolved'}")
             now = datetime.now(timezone.utc)
-            return Incident(id=len(self.alerts), monitor=check.monitor, kind=check.kind,
-                            status="OPEN" if check.breach else "RESOLVED", rate=check.rate, peak_rate=check.rate,
-                            threshold=check.threshold, payments=check.payments, detail=check.detail, opened_at=now,
-                            to_send=True)
+            return Incident(
+                id=len(self.alerts),
+                monitor=check.monitor,
+                kind=check.kind,
+                status="OPEN" if check.breach else "RESOLVED",
+                rate=check.rate,
+                peak_rate=check.rate,
+                threshold=check.threshold,
+                payments=check.payments,
+                detail=check.detail,
+                opened_at=now,
+                to_send=True,
+            )
 
         @activity.defn(name="send_alert")
         async def send_alert(incident: Incident) -> None:
             self.calls.append(f"alert:{incident.kind}:{incident.status}")
 
-        return [record_payment, open_payment, save_payment_state, create_trade, query_trade, close_trade, refund_trade,
-                query_refund, save_refund, open_review, escalate_review, close_review, assess_risk,
-                track_incident, send_alert]
+        return [
+            record_payment,
+            open_payment,
+            save_payment_state,
+            create_trade,
+            query_trade,
+            close_trade,
+            refund_trade,
+            query_refund,
+            save_refund,
+            open_review,
+            escalate_review,
+            close_review,
+            assess_risk,
+            track_incident,
+            send_alert,
+        ]
 
 
 @asynccontextmanager
-async def started_payment(client: Client, provider: FakeProvider, signals: list[ProviderCallback], *,
-                          timing: PaymentTiming = TIMING):
+async def started_payment(
+    client: Client, provider: FakeProvider, signals: list[ProviderCallback], *, timing: PaymentTiming = TIMING
+):
     """A payment on its own task queue, with a worker running the stubbed activities."""
     task_queue = f"branches-{uuid.uuid4().hex[:8]}"
     order = f"wf-{uuid.uuid4().hex[:8]}"
@@ -196,8 +240,9 @@ async def started_payment(client: Client, provider: FakeProvider, signals: list[
         timing=timing,
     )
     async with Worker(client, task_queue=task_queue, workflows=WORKFLOWS, activities=provider.activities()):
-        handle = await client.start_workflow(PaymentWorkflow.run, payment_input, id=payment_input.payment_id,
-                                             task_queue=task_queue)
+        handle = await client.start_workflow(
+            PaymentWorkflow.run, payment_input, id=payment_input.payment_id, task_queue=task_queue
+        )
         for event in signals:
             await handle.signal(PaymentWorkflow.callback, event.model_copy(update={"order_id": order}))
         yield handle
@@ -208,8 +253,9 @@ async def run_payment(client: Client, provider: FakeProvider, signals: list[Prov
         return await handle.result()
 
 
-async def run_payment_until(client: Client, provider: FakeProvider, signals: list[ProviderCallback], status: str,
-                            reviews: int) -> PaymentView:
+async def run_payment_until(
+    client: Client, provider: FakeProvider, signals: list[ProviderCallback], status: str, reviews: int
+) -> PaymentView:
     """For payments that wait for a person: run until the status shows and ``reviews`` were opened."""
     async with started_payment(client, provider, signals) as handle:
         for _ in range(150):
@@ -224,11 +270,19 @@ async def run_payment_until(client: Client, provider: FakeProvider, signals: lis
         raise AssertionError(f"never reached {status} with {reviews} reviews: {view}")
 
 
-def callback(status: str = "TRADE_SUCCESS", amount: int = 1000, event_id: str = "evt_1",
-             trade_no: str = "T1") -> ProviderCallback:
-    return ProviderCallback(event_id=event_id, provider="simulator", order_id="", trade_no=trade_no,
-                            trade_status=TradeStatus(status), amount_minor=amount, currency="CNY",
-                            received_at=datetime.now(timezone.utc))
+def callback(
+    status: str = "TRADE_SUCCESS", amount: int = 1000, event_id: str = "evt_1", trade_no: str = "T1"
+) -> ProviderCallback:
+    return ProviderCallback(
+        event_id=event_id,
+        provider="simulator",
+        order_id="",
+        trade_no=trade_no,
+        trade_status=TradeStatus(status),
+        amount_minor=amount,
+        currency="CNY",
+        received_at=datetime.now(timezone.utc),
+    )
 
 
 def statuses(provider: FakeProvider) -> list[str]:
@@ -329,8 +383,9 @@ async def test_second_paid_trade_is_refunded_once(client):
 
 async def test_failing_refund_goes_to_review_and_is_bounded(client):
     provider = FakeProvider(refund_fails=True)
-    view = await run_payment_until(client, provider, [callback("TRADE_CLOSED", event_id="evt_a"),
-                                                      callback(event_id="evt_b")], "IN_REVIEW", reviews=3)
+    view = await run_payment_until(
+        client, provider, [callback("TRADE_CLOSED", event_id="evt_a"), callback(event_id="evt_b")], "IN_REVIEW", reviews=3
+    )
     assert provider.reviews == ["refund_failed"] * 3
     assert len(provider.refund_calls) == 3 * TIMING.refund_submissions  # deadline default retried twice, then waits
     assert view.review_reason == "refund_failed"
@@ -345,8 +400,7 @@ async def test_risk_rule_hit_is_rejected_by_default_before_any_money_moves(clien
 
 
 async def test_provider_risk_hold_goes_to_review_and_is_rejected_by_default(client):
-    error = ApplicationError("ACQ.RISK_HOLD: held by risk control", "ACQ.RISK_HOLD", type=PROVIDER_REJECTED,
-                             non_retryable=True)
+    error = ApplicationError("ACQ.RISK_HOLD: held by risk control", "ACQ.RISK_HOLD", type=PROVIDER_REJECTED, non_retryable=True)
     provider = FakeProvider(create_error=error)
     view = await run_payment(client, provider)
     assert provider.reviews == ["provider_risk"]

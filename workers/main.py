@@ -43,9 +43,24 @@ WORKFLOWS = [PaymentWorkflow, RefundWorkflow, ManualReviewWorkflow, MonitorWorkf
 # of importing them again for every payment it starts or replays. (The workflow modules
 # themselves stay sandboxed, so the sandbox still catches non-deterministic calls in them.)
 PASSTHROUGH_MODULES = (
-    "paysentinel", "activities", "pydantic", "pydantic_core", "annotated_types", "typing_extensions",
-    "email_validator", "idna", "dns", "sqlalchemy", "httpx", "httpcore", "anyio", "sniffio", "certifi",
-    "cryptography", "prometheus_client", "opentelemetry",
+    "paysentinel",
+    "activities",
+    "pydantic",
+    "pydantic_core",
+    "annotated_types",
+    "typing_extensions",
+    "email_validator",
+    "idna",
+    "dns",
+    "sqlalchemy",
+    "httpx",
+    "httpcore",
+    "anyio",
+    "sniffio",
+    "certifi",
+    "cryptography",
+    "prometheus_client",
+    "opentelemetry",
 )
 
 
@@ -77,7 +92,9 @@ def keep_bytecode(settings: Settings) -> Path | None:
 
 
 def activities_of(
-    payment: PaymentActivities, notifications: NotificationActivities, monitor: MonitorActivities,
+    payment: PaymentActivities,
+    notifications: NotificationActivities,
+    monitor: MonitorActivities,
     reconcile: ReconciliationActivities,
 ) -> list:
     return [
@@ -123,8 +140,7 @@ def monitor_input(settings: Settings) -> MonitorInput:
 
 async def schedule_monitor(client: Client, settings: Settings) -> None:
     if settings.monitor_interval_seconds > 0:
-        await ensure_monitor_schedule(client, monitor_input(settings), settings.monitor_interval_seconds,
-                                      settings.task_queue)
+        await ensure_monitor_schedule(client, monitor_input(settings), settings.monitor_interval_seconds, settings.task_queue)
         log.info("monitor scheduled every %gs (schedule %s)", settings.monitor_interval_seconds, MONITOR_SCHEDULE_ID)
     elif await remove_schedule(client, MONITOR_SCHEDULE_ID):
         log.info("monitor schedule removed (monitor_interval_seconds is 0)")
@@ -135,10 +151,20 @@ async def schedule_reconciliation(client: Client, settings: Settings) -> None:
     for provider in SUPPORTED_PROVIDERS:
         schedule_id = reconcile_schedule_id(provider)
         if settings.reconcile_enabled and provider in settings.providers:
-            await ensure_reconcile_schedule(client, reconcile_input(settings, provider), settings.reconcile_at,
-                                            settings.settlement_timezone, settings.task_queue)
-            log.info("%s reconciliation scheduled daily at %s %s (schedule %s)", provider, settings.reconcile_at,
-                     settings.settlement_timezone, schedule_id)
+            await ensure_reconcile_schedule(
+                client,
+                reconcile_input(settings, provider),
+                settings.reconcile_at,
+                settings.settlement_timezone,
+                settings.task_queue,
+            )
+            log.info(
+                "%s reconciliation scheduled daily at %s %s (schedule %s)",
+                provider,
+                settings.reconcile_at,
+                settings.settlement_timezone,
+                schedule_id,
+            )
         elif await remove_schedule(client, schedule_id):
             log.info("reconciliation schedule %s removed", schedule_id)
 
@@ -179,11 +205,14 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
         providers = build_providers(settings, http)
         payment = PaymentActivities(providers, sessions, risk)
         channels = Channels(
-            smtp_host=settings.smtp_host, smtp_port=settings.smtp_port, smtp_from=settings.smtp_from,
+            smtp_host=settings.smtp_host,
+            smtp_port=settings.smtp_port,
+            smtp_from=settings.smtp_from,
             # During a rotation merchant webhooks carry a signature with each secret.
             webhook_secret=(settings.merchant_webhook_secret, settings.merchant_webhook_secret_previous),
             allowed_hosts=tuple(settings.notify_allowed_hosts),
-            alert_email=settings.alert_email, alert_webhook_url=settings.alert_webhook_url,
+            alert_email=settings.alert_email,
+            alert_webhook_url=settings.alert_webhook_url,
         )
         if not settings.smtp_host:
             log.info("customer e-mail is off (set PAYSENTINEL_SMTP_HOST to send it)")
@@ -192,17 +221,28 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
             client,
             task_queue=settings.task_queue,
             workflows=WORKFLOWS,
-            activities=activities_of(payment, notifications, MonitorActivities(sessions, client, settings),
-                                     ReconciliationActivities(sessions, providers, client, settings)),
+            activities=activities_of(
+                payment,
+                notifications,
+                MonitorActivities(sessions, client, settings),
+                ReconciliationActivities(sessions, providers, client, settings),
+            ),
             workflow_runner=workflow_runner(settings.worker_sandbox),
             max_cached_workflows=settings.worker_max_cached_workflows,
             max_concurrent_workflow_tasks=settings.worker_max_concurrent_workflow_tasks,
             max_concurrent_activities=settings.worker_max_concurrent_activities,
         )
-        log.info("worker polling task queue %s on %s (namespace %s; %s sandbox, workflow cache %d, %d workflow tasks "
-                 "and %d activities at once)", settings.task_queue, client.service_client.config.target_host,
-                 client.namespace, settings.worker_sandbox, settings.worker_max_cached_workflows,
-                 settings.worker_max_concurrent_workflow_tasks, settings.worker_max_concurrent_activities)
+        log.info(
+            "worker polling task queue %s on %s (namespace %s; %s sandbox, workflow cache %d, %d workflow tasks "
+            "and %d activities at once)",
+            settings.task_queue,
+            client.service_client.config.target_host,
+            client.namespace,
+            settings.worker_sandbox,
+            settings.worker_max_cached_workflows,
+            settings.worker_max_concurrent_workflow_tasks,
+            settings.worker_max_concurrent_activities,
+        )
         try:
             async with worker:
                 await (stop or asyncio.Event()).wait()

@@ -25,7 +25,9 @@ with workflow.unsafe.imports_passed_through():
 # 60 s at most) and give up only after DB_OUTAGE_LIMIT; the workflow's history keeps the
 # truth meanwhile, and the payment row catches up with the next write.
 DB_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=60), maximum_attempts=0,
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(seconds=60),
+    maximum_attempts=0,
     non_retryable_error_types=[ORDER_CONFLICT],
 )
 DB_OUTAGE_LIMIT = timedelta(hours=6)
@@ -34,7 +36,11 @@ DB_OUTAGE_LIMIT = timedelta(hours=6)
 async def provider_call(activity, arg, timing: PaymentTiming, summary: str):
     """A provider call: transient failures retried with backoff up to a limit, rejections never."""
     return await workflow.execute_activity_method(
-        activity, arg, start_to_close_timeout=PROVIDER_TIMEOUT, retry_policy=provider_retry(timing), summary=summary,
+        activity,
+        arg,
+        start_to_close_timeout=PROVIDER_TIMEOUT,
+        retry_policy=provider_retry(timing),
+        summary=summary,
     )
 
 
@@ -95,47 +101,67 @@ async def _local(activity, arg, **options):
         raise
     except FailureError as err:
         name = getattr(activity, "__name__", str(activity))
-        raise ActivityError(f"local activity {name} failed", scheduled_event_id=0, started_event_id=0, identity="",
-                            activity_type=name, activity_id="", retry_state=None) from err
+        raise ActivityError(
+            f"local activity {name} failed",
+            scheduled_event_id=0,
+            started_event_id=0,
+            identity="",
+            activity_type=name,
+            activity_id="",
+            retry_state=None,
+        ) from err
     finally:
         _LOCAL_RAN_AT[info.run_id] = info.get_current_history_length()
 
 
 async def provider_local(activity, arg, timing: PaymentTiming, summary: str):
     """A provider call as a local activity: the same timeouts and retries as ``provider_call``."""
-    return await _local(activity, arg, start_to_close_timeout=PROVIDER_TIMEOUT, retry_policy=provider_retry(timing),
-                        summary=summary)
+    return await _local(
+        activity, arg, start_to_close_timeout=PROVIDER_TIMEOUT, retry_policy=provider_retry(timing), summary=summary
+    )
 
 
 async def db_local(activity, arg, summary: str):
     """A database write as a local activity: idempotent, retried through an outage up to DB_OUTAGE_LIMIT."""
-    return await _local(activity, arg, start_to_close_timeout=DB_TIMEOUT, schedule_to_close_timeout=DB_OUTAGE_LIMIT,
-                        retry_policy=DB_RETRY, summary=summary)
+    return await _local(
+        activity,
+        arg,
+        start_to_close_timeout=DB_TIMEOUT,
+        schedule_to_close_timeout=DB_OUTAGE_LIMIT,
+        retry_policy=DB_RETRY,
+        summary=summary,
+    )
 
 
 async def notify_local(activity, arg, timing: PaymentTiming, summary: str):
     """A notification (e-mail, merchant webhook) as a local activity; each channel is sent once."""
-    return await _local(activity, arg, start_to_close_timeout=NOTIFY_TIMEOUT, retry_policy=notify_retry(timing),
-                        summary=summary)
+    return await _local(activity, arg, start_to_close_timeout=NOTIFY_TIMEOUT, retry_policy=notify_retry(timing), summary=summary)
 
 
 async def db_call(activity, arg, summary: str):
     """A database write: idempotent, so retried a bounded number of times."""
     return await workflow.execute_activity_method(
-        activity, arg, start_to_close_timeout=DB_TIMEOUT, schedule_to_close_timeout=DB_OUTAGE_LIMIT,
-        retry_policy=DB_RETRY, summary=summary,
+        activity,
+        arg,
+        start_to_close_timeout=DB_TIMEOUT,
+        schedule_to_close_timeout=DB_OUTAGE_LIMIT,
+        retry_policy=DB_RETRY,
+        summary=summary,
     )
 
 
 async def notify_call(activity, arg, timing: PaymentTiming, summary: str):
     """A notification as an activity (releases before 0.3.0)."""
     return await workflow.execute_activity_method(
-        activity, arg, start_to_close_timeout=NOTIFY_TIMEOUT, retry_policy=notify_retry(timing), summary=summary,
+        activity,
+        arg,
+        start_to_close_timeout=NOTIFY_TIMEOUT,
+        retry_policy=notify_retry(timing),
+        summary=summary,
     )
 
 
-ALERT_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(seconds=60),
-                          maximum_attempts=5)
+ALERT_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(seconds=60), maximum_attempts=5)
 
 
 async def alert_once(check: IncidentInput, summary: str) -> Incident | None:
@@ -157,8 +183,11 @@ async def alert_once_local(check: IncidentInput, summary: str) -> Incident | Non
 async def _send_news(incident: Incident | None) -> None:
     if incident is not None and incident.to_send:
         await workflow.execute_activity_method(
-            NotificationActivities.send_alert, incident, start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=ALERT_RETRY, summary=f"alert: incident {incident.id} {incident.status.lower()}",
+            NotificationActivities.send_alert,
+            incident,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=ALERT_RETRY,
+            summary=f"alert: incident {incident.id} {incident.status.lower()}",
         )
 
 

@@ -49,10 +49,14 @@ class MonitorWorkflow:
             ("timeout_rate", figures.timeout_rate, monitor.timeout_threshold, figures.closed),
         ):
             check = IncidentInput(
-                monitor=monitor.name, kind=kind, breach=enough and rate > threshold, rate=rate, threshold=threshold,
+                monitor=monitor.name,
+                kind=kind,
+                breach=enough and rate > threshold,
+                rate=rate,
+                threshold=threshold,
                 payments=figures.finished,
                 detail=f"{count} of {figures.finished} payments finished in the last {monitor.window_seconds:g}s "
-                       f"({rate:.1%}; threshold {threshold:.1%}, at least {monitor.min_payments} payments)",
+                f"({rate:.1%}; threshold {threshold:.1%}, at least {monitor.min_payments} payments)",
             )
             incident = await alert_once(check, f"{kind} {rate:.1%} vs {threshold:.1%}")
             if incident is not None and incident.to_send:
@@ -60,8 +64,13 @@ class MonitorWorkflow:
         if workflow.patched(STUCK_MONEY_PATCH):  # runs recorded before stuck money was measured replay without it
             stuck: StuckMoney = await db_call(MonitorActivities.measure_stuck, monitor, "measure stuck money")
             check = IncidentInput(
-                monitor=monitor.name, kind=STUCK_KIND, breach=stuck.total > 0, rate=float(stuck.total), threshold=0.0,
-                payments=stuck.total, detail=stuck.describe(),
+                monitor=monitor.name,
+                kind=STUCK_KIND,
+                breach=stuck.total > 0,
+                rate=float(stuck.total),
+                threshold=0.0,
+                payments=stuck.total,
+                detail=stuck.describe(),
             )
             incident = await alert_once(check, f"stuck money: {stuck.total}")
             if incident is not None and incident.to_send:
@@ -72,7 +81,10 @@ class MonitorWorkflow:
 def monitor_schedule(monitor: MonitorInput, interval_seconds: float, task_queue: str) -> Schedule:
     return Schedule(
         action=ScheduleActionStartWorkflow(
-            MonitorWorkflow.run, monitor, id=f"monitor-{monitor.name}", task_queue=task_queue,
+            MonitorWorkflow.run,
+            monitor,
+            id=f"monitor-{monitor.name}",
+            task_queue=task_queue,
             execution_timeout=timedelta(seconds=max(60.0, interval_seconds * 5)),
         ),
         spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=interval_seconds))]),

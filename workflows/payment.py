@@ -217,11 +217,20 @@ class Payment:
             self._note("settlement: missing at the provider", finding.detail)
             self._spawn(self._settlement_review(finding.trade_no, finding.detail), "settlement review")
             return
-        self._inbox.append(ProviderCallback(
-            event_id=key, provider=self._request.provider, order_id=finding.order_id, trade_no=finding.trade_no,
-            trade_status=TradeStatus.TRADE_SUCCESS, amount_minor=finding.amount_minor, currency=finding.currency,
-            paid_at=finding.paid_at, received_at=workflow.now(), source="settlement",
-        ))
+        self._inbox.append(
+            ProviderCallback(
+                event_id=key,
+                provider=self._request.provider,
+                order_id=finding.order_id,
+                trade_no=finding.trade_no,
+                trade_status=TradeStatus.TRADE_SUCCESS,
+                amount_minor=finding.amount_minor,
+                currency=finding.currency,
+                paid_at=finding.paid_at,
+                received_at=workflow.now(),
+                source="settlement",
+            )
+        )
 
     async def checkout(self) -> PaymentView:
         await workflow.wait_condition(lambda: self._book.pay_url is not None or self._book.status not in OPEN)
@@ -260,15 +269,17 @@ class Payment:
             trade = await self._create_trade()
             if trade is not None:
                 self._book.trade_no, self._book.pay_url = trade.trade_no, trade.pay_url
-                await self._transition(PaymentStatus.PENDING, "trade created",
-                                       f"trade {trade.trade_no}; waiting for the payer")
+                await self._transition(PaymentStatus.PENDING, "trade created", f"trade {trade.trade_no}; waiting for the payer")
                 await self._await_outcome()
         self._book.final_at = workflow.now()
         await self._serve_late_events(workflow.now() + timedelta(seconds=input.timing.resend_window_seconds))
         if self._refund_window_left() > 0:
             await workflow.wait_condition(workflow.all_handlers_finished)
-            self._note("refund phase", "the resend window is over; refunds stay possible until "
-                       f"{self._refund_window_end().isoformat()} on the current release")
+            self._note(
+                "refund phase",
+                "the resend window is over; refunds stay possible until "
+                f"{self._refund_window_end().isoformat()} on the current release",
+            )
             await before_run_ends()
             workflow.continue_as_new(input.model_copy(update={"resume": carried_state(self._book)}))
         return await self._complete()
@@ -332,8 +343,7 @@ class Payment:
                     await self._transition(PaymentStatus.FAILED, "rejected", f"provider risk hold: {outcome.reason}")
                     return None
                 if code is not None:
-                    await self._transition(PaymentStatus.FAILED, "create rejected",
-                                           f"provider rejected the trade: {cause(err)}")
+                    await self._transition(PaymentStatus.FAILED, "create rejected", f"provider rejected the trade: {cause(err)}")
                     return None
                 break
         # Retries exhausted: the provider may still have created the trade. Close it so
@@ -411,11 +421,19 @@ class Payment:
             if trade is not None:
                 await self._apply_trade(trade, f"query during review #{attempt + 1}")
         if self._book.accepted is not None:
-            return ReviewOutcome(review_id="", action=ReviewAction.MARK_PAID, operator="system",
-                                 reason=f"the provider confirmed trade {self._book.accepted} paid")
+            return ReviewOutcome(
+                review_id="",
+                action=ReviewAction.MARK_PAID,
+                operator="system",
+                reason=f"the provider confirmed trade {self._book.accepted} paid",
+            )
         if not self._book.undecided():
-            return ReviewOutcome(review_id="", action=ReviewAction.REJECT, operator="system",
-                                 reason="the provider confirmed the trade closed, nothing paid")
+            return ReviewOutcome(
+                review_id="",
+                action=ReviewAction.REJECT,
+                operator="system",
+                reason="the provider confirmed the trade closed, nothing paid",
+            )
         return None
 
     async def _serve_late_events(self, listen_end: datetime) -> None:
@@ -449,8 +467,10 @@ class Payment:
             await self._apply_trade(trade, f"close after review #{attempt}")
         elif not trade.exists or trade.status is TradeStatus.TRADE_CLOSED:
             self._book.unconfirmed = False
-            self._note("provider confirmed", f"the provider reports {trade.status.value if trade.status else 'no trade'}"
-                       "; nothing was paid")
+            self._note(
+                "provider confirmed",
+                f"the provider reports {trade.status.value if trade.status else 'no trade'}; nothing was paid",
+            )
 
     # --- Results from the provider -----------------------------------------------------
 
@@ -486,8 +506,7 @@ class Payment:
             await self._transition(PaymentStatus.CLOSED, "closed", f"closed at the provider ({source}); nothing was paid")
         elif meaning is Meaning.NO_CHANGE:
             assert trade.status is not None
-            self._note(f"{source}: no change",
-                       f"provider reports {trade.status.value}; payment stays {self._book.status.value}")
+            self._note(f"{source}: no change", f"provider reports {trade.status.value}; payment stays {self._book.status.value}")
         elif meaning is Meaning.SETTLEMENT_DIFFERS:
             evidence = settlement_evidence(trade, self._book.captured[trade_no], request.currency)
             self._spawn(self._settlement_review(trade_no, evidence), "settlement review")
@@ -515,19 +534,21 @@ class Payment:
         request, trade_no = self._request, claim.trade_no or ""
         if not confirms(found, trade_no):
             self._book.deciding.discard(trade_no)
-            self._note("claim not confirmed", f"{evidence}; the provider reports "
-                       f"{found.status.value if found.status else 'no such trade'}: nothing captured")
+            self._note(
+                "claim not confirmed",
+                f"{evidence}; the provider reports {found.status.value if found.status else 'no such trade'}: nothing captured",
+            )
             return
         self._book.captured[trade_no] = found.amount_minor or 0
         if found.amount_minor == request.amount_minor and found.currency == request.currency:
             self._book.deciding.discard(trade_no)
-            self._note("amount confirmed", f"{evidence}; the provider took {self._money(found.amount_minor or 0)}, "
-                       "the order amount")
+            self._note(
+                "amount confirmed", f"{evidence}; the provider took {self._money(found.amount_minor or 0)}, the order amount"
+            )
             await self._accept_or_return(trade_no, found.paid_at or claim.paid_at, "query")
             return
         evidence += f"; the provider's query says {self._money(found.amount_minor or 0, found.currency)}"
-        self._spawn(self._decide_mismatch(trade_no, found.paid_at or claim.paid_at, evidence),
-                    "amount mismatch review")
+        self._spawn(self._decide_mismatch(trade_no, found.paid_at or claim.paid_at, evidence), "amount mismatch review")
 
     async def _accept_or_return(self, trade_no: str, paid_at: Optional[datetime], source: str) -> None:
         """A confirmed capture of the right amount: the order's payment, or money to give back."""
@@ -538,13 +559,18 @@ class Payment:
             await self._settle("paid", f"confirmed by {source}, trade {trade_no}")
         elif disposition is Disposition.DUPLICATE:
             self._note("duplicate charge", f"second paid trade {trade_no} for the order (paid with {book.accepted})")
-            self._start_refund(trade_no, book.captured[trade_no], f"dup-{trade_no}",
-                               f"duplicate charge: the order is already paid with trade {book.accepted}", "system")
+            self._start_refund(
+                trade_no,
+                book.captured[trade_no],
+                f"dup-{trade_no}",
+                f"duplicate charge: the order is already paid with trade {book.accepted}",
+                "system",
+            )
         else:
-            self._note("paid after close", f"{source} reports trade {trade_no} paid after the payment was "
-                                           f"{book.base.value}")
-            self._start_refund(trade_no, book.captured[trade_no], f"late-{trade_no}",
-                               f"paid after the payment was {book.base.value}", "system")
+            self._note("paid after close", f"{source} reports trade {trade_no} paid after the payment was {book.base.value}")
+            self._start_refund(
+                trade_no, book.captured[trade_no], f"late-{trade_no}", f"paid after the payment was {book.base.value}", "system"
+            )
 
     async def _confirm(self, trade_no: str) -> Optional[Trade]:
         """The provider's own record of the trade, asked on the backoff; None while it cannot say."""
@@ -584,22 +610,28 @@ class Payment:
             return
         if outcome.action is ReviewAction.APPROVE:
             # The order is already paid with another trade: approving cannot keep a second charge.
-            self._note("approval cannot stand", f"the order is paid with trade {self._book.accepted}; trade {trade_no} "
-                       f"({self._money(captured)}) is a second charge and goes back")
+            self._note(
+                "approval cannot stand",
+                f"the order is paid with trade {self._book.accepted}; trade {trade_no} "
+                f"({self._money(captured)}) is a second charge and goes back",
+            )
             reason = f"duplicate charge: the order is already paid with trade {self._book.accepted}"
         else:
             if self._book.accepted is None and self._book.base in OPEN:
                 self._book.base = PaymentStatus.CLOSED
             reason = f"amount mismatch, {outcome.action.value} by {outcome.operator}: {outcome.reason}"
-        self._start_refund(trade_no, captured, f"review-{review_number(outcome.review_id)}", reason,
-                           outcome.operator)
+        self._start_refund(trade_no, captured, f"review-{review_number(outcome.review_id)}", reason, outcome.operator)
 
     async def _settlement_review(self, trade_no: str, evidence: str) -> None:
         outcome = await self._review(ReviewReason.SETTLEMENT_MISMATCH, evidence)
         if outcome.action is ReviewAction.REFUND and (amount := self._book.settlement_refund(trade_no)) > 0:
-            self._start_refund(trade_no, amount, f"review-{review_number(outcome.review_id)}",
-                               f"settlement mismatch, refund by {outcome.operator}: {outcome.reason}",
-                               outcome.operator)
+            self._start_refund(
+                trade_no,
+                amount,
+                f"review-{review_number(outcome.review_id)}",
+                f"settlement mismatch, refund by {outcome.operator}: {outcome.reason}",
+                outcome.operator,
+            )
             return
         await self._settle("settlement checked", f"{outcome.action.value} by {outcome.operator}: {outcome.reason}")
 
@@ -607,8 +639,12 @@ class Payment:
 
     def _start_refund(self, trade_no: str, amount: int, key: str, reason: str, requested_by: str) -> RefundView:
         view = RefundView(
-            refund_id=refund_id_for(self._request.order_id, key), trade_no=trade_no, amount_minor=amount,
-            status=RefundStatus.PROCESSING, reason=reason, requested_by=requested_by,
+            refund_id=refund_id_for(self._request.order_id, key),
+            trade_no=trade_no,
+            amount_minor=amount,
+            status=RefundStatus.PROCESSING,
+            reason=reason,
+            requested_by=requested_by,
         )
         self._book.refunds[key] = view
         self._spawn(self._run_refund(key, view, round=0), f"refund {view.refund_id}")
@@ -626,9 +662,16 @@ class Payment:
                 result = await workflow.execute_child_workflow(
                     RefundWorkflow.run,
                     RefundInput(
-                        payment_id=self._input.payment_id, provider=request.provider, order_id=request.order_id,
-                        trade_no=view.trade_no, refund_id=view.refund_id, amount_minor=view.amount_minor,
-                        currency=request.currency, reason=view.reason, requested_by=view.requested_by, timing=timing,
+                        payment_id=self._input.payment_id,
+                        provider=request.provider,
+                        order_id=request.order_id,
+                        trade_no=view.trade_no,
+                        refund_id=view.refund_id,
+                        amount_minor=view.amount_minor,
+                        currency=request.currency,
+                        reason=view.reason,
+                        requested_by=view.requested_by,
+                        timing=timing,
                     ),
                     id=child_id,
                     parent_close_policy=ParentClosePolicy.ABANDON,
@@ -640,17 +683,23 @@ class Payment:
                 if attempt + 1 < CHILD_ATTEMPTS:
                     self._note("refund again", f"a new refund workflow with the same provider refund id {view.refund_id}")
         if result is None:
-            result = view.model_copy(update={
-                "status": RefundStatus.FAILED,
-                "detail": f"its refund workflow failed {CHILD_ATTEMPTS} times; the provider may have refunded it "
-                          f"(refund id {view.refund_id}): a person must check",
-            })
+            result = view.model_copy(
+                update={
+                    "status": RefundStatus.FAILED,
+                    "detail": f"its refund workflow failed {CHILD_ATTEMPTS} times; the provider may have refunded it "
+                    f"(refund id {view.refund_id}): a person must check",
+                }
+            )
         self._book.refunds[key] = result
         if result.status is RefundStatus.SUCCEEDED:
             self._book.refunded[view.trade_no] = self._book.refunded.get(view.trade_no, 0) + view.amount_minor
             await self._settle("refunded", f"{self._money(view.amount_minor)} of trade {view.trade_no}")
-            self._tell(NotifyKind.REFUNDED, f"refund-{key}-done", f"the refund of {self._money(view.amount_minor)} "
-                       "was completed", view.amount_minor)
+            self._tell(
+                NotifyKind.REFUNDED,
+                f"refund-{key}-done",
+                f"the refund of {self._money(view.amount_minor)} was completed",
+                view.amount_minor,
+            )
             return
         self._note("refund failed", result.detail or "")
         outcome = await self._review(
@@ -665,11 +714,17 @@ class Payment:
         else:
             # A person decided the money stays: recorded, so the books balance on purpose.
             self._book.kept[view.trade_no] = self._book.kept.get(view.trade_no, 0) + view.amount_minor
-            await self._settle("refund abandoned", f"by {outcome.operator}: {outcome.reason}; "
-                               f"{self._money(view.amount_minor)} of trade {view.trade_no} stays with the merchant")
+            await self._settle(
+                "refund abandoned",
+                f"by {outcome.operator}: {outcome.reason}; "
+                f"{self._money(view.amount_minor)} of trade {view.trade_no} stays with the merchant",
+            )
 
     async def _review(
-        self, reason: ReviewReason, evidence: str, deadline_seconds: Optional[float] = None,
+        self,
+        reason: ReviewReason,
+        evidence: str,
+        deadline_seconds: Optional[float] = None,
         watch: Optional[Callable[[int], Awaitable[Optional[ReviewOutcome]]]] = None,
     ) -> ReviewOutcome:
         """Open a manual review (a child workflow) and wait for its decision. A review
@@ -683,15 +738,24 @@ class Payment:
             self._book.open_reviews[review_id] = reason.value
             self._book.review_reason = reason.value
             await self._settle("review opened", f"{reason.value}: {evidence}", review_reason=reason.value)
-            self._tell(NotifyKind.IN_REVIEW, f"review-{self._book.reviews}", IN_REVIEW_WORDS,
-                       sum(self._book.captured.values()) or self._request.amount_minor)
+            self._tell(
+                NotifyKind.IN_REVIEW,
+                f"review-{self._book.reviews}",
+                IN_REVIEW_WORDS,
+                sum(self._book.captured.values()) or self._request.amount_minor,
+            )
             try:
                 handle = await workflow.start_child_workflow(
                     ManualReviewWorkflow.run,
                     ReviewInput(
-                        review_id=review_id, payment_id=self._input.payment_id, order_id=self._request.order_id,
-                        reason=reason, evidence=evidence, amount_minor=self._request.amount_minor,
-                        currency=self._request.currency, captured_minor=sum(self._book.captured.values()),
+                        review_id=review_id,
+                        payment_id=self._input.payment_id,
+                        order_id=self._request.order_id,
+                        reason=reason,
+                        evidence=evidence,
+                        amount_minor=self._request.amount_minor,
+                        currency=self._request.currency,
+                        captured_minor=sum(self._book.captured.values()),
                         escalate_after_seconds=timing.review_escalate_seconds,
                         deadline_seconds=deadline_seconds or timing.review_deadline_seconds,
                     ),
@@ -715,20 +779,30 @@ class Payment:
             self._note("review decided", f"{outcome.action.value} by {outcome.operator}: {outcome.reason}")
             return outcome
         default = REVIEW_ACTIONS[reason][1]
-        self._note("review default", f"{CHILD_ATTEMPTS} review workflows failed; the safe default "
-                   f"'{default.value}' applies")
-        return ReviewOutcome(review_id=review_workflow_id(self._input.payment_id, self._book.reviews), action=default,
-                             operator="system", reason=f"{CHILD_ATTEMPTS} review workflows failed: safe default applied",
-                             by_deadline=True)
+        self._note("review default", f"{CHILD_ATTEMPTS} review workflows failed; the safe default '{default.value}' applies")
+        return ReviewOutcome(
+            review_id=review_workflow_id(self._input.payment_id, self._book.reviews),
+            action=default,
+            operator="system",
+            reason=f"{CHILD_ATTEMPTS} review workflows failed: safe default applied",
+            by_deadline=True,
+        )
 
-    async def _watch_review(self, handle: workflow.ChildWorkflowHandle, decided: asyncio.Task,
-                            watch: Callable[[int], Awaitable[Optional[ReviewOutcome]]]) -> None:
+    async def _watch_review(
+        self,
+        handle: workflow.ChildWorkflowHandle,
+        decided: asyncio.Task,
+        watch: Callable[[int], Awaitable[Optional[ReviewOutcome]]],
+    ) -> None:
         attempt = 0
         while not decided.done():
             delay = self._backoff(attempt)
             try:
-                await workflow.wait_condition(lambda: decided.done() or bool(self._inbox), timeout=delay,
-                                              timeout_summary=f"look at the provider again in {delay:g}s")
+                await workflow.wait_condition(
+                    lambda: decided.done() or bool(self._inbox),
+                    timeout=delay,
+                    timeout_summary=f"look at the provider again in {delay:g}s",
+                )
             except asyncio.TimeoutError:
                 attempt += 1
             if decided.done():
@@ -743,8 +817,9 @@ class Payment:
         detail = f"{what} {failure(err)}"
         self._note("child workflow failed", detail)
         self._book.alerted = True
-        await self._alert_child(breach=True, detail=f"payment {self._input.payment_id} (order "
-                                f"{self._request.order_id}): {detail}")
+        await self._alert_child(
+            breach=True, detail=f"payment {self._input.payment_id} (order {self._request.order_id}): {detail}"
+        )
 
     async def _alert_child(self, breach: bool, detail: str) -> None:
         await alert_child(self._input.payment_id, breach, detail)
@@ -766,8 +841,7 @@ class Payment:
             except (ActivityError, ChildWorkflowError) as err:
                 self._note(f"{what} failed", failure(err))
                 self._book.alerted = True
-                await self._alert_child(breach=True, detail=f"payment {self._input.payment_id}: {what} failed: "
-                                        f"{failure(err)}")
+                await self._alert_child(breach=True, detail=f"payment {self._input.payment_id}: {what} failed: {failure(err)}")
             finally:
                 self._busy -= 1
 
@@ -782,15 +856,20 @@ class Payment:
     def _rebalance(self) -> None:
         """Keep the invariant: money on a trade the order is not paid with goes back."""
         for trade_no, amount in self._book.excess().items():
-            self._note("books out of balance", f"trade {trade_no} holds {self._money(amount)} the order does not "
-                       "account for; returning it")
+            self._note(
+                "books out of balance",
+                f"trade {trade_no} holds {self._money(amount)} the order does not account for; returning it",
+            )
             number = self._book.refunds_of(trade_no)
-            self._start_refund(trade_no, amount, f"excess-{trade_no}-{number}",
-                               f"duplicate charge: money on trade {trade_no} the order is not paid with", "system")
+            self._start_refund(
+                trade_no,
+                amount,
+                f"excess-{trade_no}-{number}",
+                f"duplicate charge: money on trade {trade_no} the order is not paid with",
+                "system",
+            )
 
-    async def _transition(
-        self, status: PaymentStatus, event: str, detail: str, review_reason: Optional[str] = None
-    ) -> None:
+    async def _transition(self, status: PaymentStatus, event: str, detail: str, review_reason: Optional[str] = None) -> None:
         previous = self._book.apply_status(status, detail, review_reason)
         self._note(event, f"-> {status.value}: {detail}")
         workflow.upsert_search_attributes(status_attributes(status, review_reason))

@@ -50,13 +50,14 @@ RECONCILE_SCHEDULE_ID = "paysentinel-reconcile"  # the simulator's; a real provi
 
 def reconcile_schedule_id(provider: str) -> str:
     return RECONCILE_SCHEDULE_ID if provider == "simulator" else f"{RECONCILE_SCHEDULE_ID}-{provider}"
+
+
 # Patches (kept histories of earlier releases replay without them).
 VERIFY_PATCH = "reconcile-verify-repairs"  # a verification stage after repair and at the start of a run
 VERIFY_WAIT_PATCH = "reconcile-verify-waits"  # then wait, on a backoff, for repairs to show in our books
 CATCHUP_PATCH = "reconcile-catchup-survives-a-failed-day"  # one day's failure no longer stops the others
 BATCHES_PER_RUN = 20  # then continue as new, so a 100,000-row day keeps a short history
-STEP_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(seconds=60),
-                         maximum_attempts=8)
+STEP_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(seconds=60), maximum_attempts=8)
 
 
 def reconcile_workflow_id(provider: str, day) -> str:
@@ -74,8 +75,11 @@ class ReconciliationWorkflow:
         except ActivityError as err:
             # A bill that cannot be read, or a step that kept failing: say so, then fail visibly.
             error = cause(err)
-            await self._call(ReconciliationActivities.fail_run,
-                             RunFailure(provider=input.provider, day=input.day, error=error), "record the failure")
+            await self._call(
+                ReconciliationActivities.fail_run,
+                RunFailure(provider=input.provider, day=input.day, error=error),
+                "record the failure",
+            )
             await alert_once(self._failure(input, error), "the run failed")
             raise ApplicationError(f"reconciliation of {input.day} failed: {error}", non_retryable=True) from err
 
@@ -88,8 +92,11 @@ class ReconciliationWorkflow:
             if verifying:  # what earlier runs of the day repaired, resolved once the money agrees
                 await self._verify_all(step, "verify earlier repairs")
             loaded: StepResult = await workflow.execute_activity_method(
-                ReconciliationActivities.load_bill, step, start_to_close_timeout=timedelta(minutes=30),
-                heartbeat_timeout=timedelta(seconds=60), retry_policy=STEP_RETRY,
+                ReconciliationActivities.load_bill,
+                step,
+                start_to_close_timeout=timedelta(minutes=30),
+                heartbeat_timeout=timedelta(seconds=60),
+                retry_policy=STEP_RETRY,
                 summary=f"load the {input.provider} bill of {input.day}",
             )
             workflow.logger.info("reconciliation %s: %d bill rows", input.run_id, loaded.handled)
@@ -112,8 +119,12 @@ class ReconciliationWorkflow:
                     break
                 if batches >= BATCHES_PER_RUN or workflow.info().is_continue_as_new_suggested():
                     workflow.continue_as_new(input.model_copy(update={"cursor": result.last}))
-            following = {"classify": "missing", "missing": "repair", "repair": "verify" if verifying else "finish",
-                         "verify": "finish"}[stage]
+            following = {
+                "classify": "missing",
+                "missing": "repair",
+                "repair": "verify" if verifying else "finish",
+                "verify": "finish",
+            }[stage]
             input, step = self._next(input, following), step.model_copy(update={"after": 0})
         if verifying and workflow.patched(VERIFY_WAIT_PATCH):
             await self._await_repairs(input, step)
@@ -124,8 +135,7 @@ class ReconciliationWorkflow:
     async def _verify_all(self, step: ReconcileStep, what: str) -> None:
         checked = step.model_copy(update={"after": 0})
         while True:
-            result: StepResult = await self._call(ReconciliationActivities.verify, checked,
-                                                  f"{what} after #{checked.after}")
+            result: StepResult = await self._call(ReconciliationActivities.verify, checked, f"{what} after #{checked.after}")
             checked = checked.model_copy(update={"after": result.last})
             if result.done:
                 return
@@ -148,37 +158,58 @@ class ReconciliationWorkflow:
 
     async def _call(self, activity, arg, summary: str):
         return await workflow.execute_activity_method(
-            activity, arg, start_to_close_timeout=timedelta(minutes=5), heartbeat_timeout=timedelta(seconds=60),
-            retry_policy=STEP_RETRY, summary=summary,
+            activity,
+            arg,
+            start_to_close_timeout=timedelta(minutes=5),
+            heartbeat_timeout=timedelta(seconds=60),
+            retry_policy=STEP_RETRY,
+            summary=summary,
         )
 
     def _failure(self, input: ReconcileInput, error: str | None) -> IncidentInput:
-        return IncidentInput(monitor=f"reconcile:{input.provider}", kind=f"failed:{input.day}", breach=error is not None,
-                             rate=0, threshold=0, payments=0, detail=error or "")
+        return IncidentInput(
+            monitor=f"reconcile:{input.provider}",
+            kind=f"failed:{input.day}",
+            breach=error is not None,
+            rate=0,
+            threshold=0,
+            payments=0,
+            detail=error or "",
+        )
 
     async def _alert(self, input: ReconcileInput, report: ReconcileReport) -> None:
         """One alert per day when more differences than the threshold stay unresolved."""
         open_kinds = ", ".join(f"{k} {c['unresolved']}" for k, c in report.classes.items() if c["unresolved"])
-        await alert_once(IncidentInput(
-            monitor=f"reconcile:{input.provider}", kind=f"unresolved:{input.day}",
-            breach=report.unresolved > input.alert_threshold, rate=report.unresolved,
-            threshold=input.alert_threshold, payments=report.rows,
-            detail=f"{report.unresolved} of the differences found on {input.day} need a person ({open_kinds}); "
-                   f"{report.rows} bill rows, {report.matched} matched",
-        ), f"{report.unresolved} unresolved differences")
+        await alert_once(
+            IncidentInput(
+                monitor=f"reconcile:{input.provider}",
+                kind=f"unresolved:{input.day}",
+                breach=report.unresolved > input.alert_threshold,
+                rate=report.unresolved,
+                threshold=input.alert_threshold,
+                payments=report.rows,
+                detail=f"{report.unresolved} of the differences found on {input.day} need a person ({open_kinds}); "
+                f"{report.rows} bill rows, {report.matched} matched",
+            ),
+            f"{report.unresolved} unresolved differences",
+        )
         await alert_once(self._failure(input, None), "an earlier failure of the day")  # now over
 
     async def _scheduled(self, input: ReconcileInput) -> list[str]:
         """Yesterday, and every missed day of the catch-up window, one child run each."""
         days = await workflow.execute_activity_method(
-            ReconciliationActivities.days_to_reconcile, input.catchup_days,
-            start_to_close_timeout=timedelta(seconds=30), retry_policy=STEP_RETRY, summary="days to reconcile",
+            ReconciliationActivities.days_to_reconcile,
+            input.catchup_days,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=STEP_RETRY,
+            summary="days to reconcile",
         )
         done = []
         for day in days:
             try:
                 report = await workflow.execute_child_workflow(
-                    ReconciliationWorkflow.run, input.model_copy(update={"day": day}),
+                    ReconciliationWorkflow.run,
+                    input.model_copy(update={"day": day}),
                     id=reconcile_workflow_id(input.provider, day),
                     id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
                     static_summary=f"Reconcile {input.provider} {day}",
@@ -198,18 +229,23 @@ class ReconciliationWorkflow:
 
 def reconcile_input(settings: "Settings", provider: str = "simulator") -> ReconcileInput:
     return ReconcileInput(
-        provider=provider, catchup_days=settings.reconcile_catchup_days, batch_rows=settings.reconcile_batch_rows,
-        alert_threshold=settings.reconcile_alert_threshold, verify_wait_seconds=settings.reconcile_verify_wait_seconds,
+        provider=provider,
+        catchup_days=settings.reconcile_catchup_days,
+        batch_rows=settings.reconcile_batch_rows,
+        alert_threshold=settings.reconcile_alert_threshold,
+        verify_wait_seconds=settings.reconcile_verify_wait_seconds,
     )
 
 
 def reconcile_schedule(input: ReconcileInput, at: str, time_zone: str, task_queue: str) -> Schedule:
     hour, minute = (int(part) for part in at.split(":"))
     return Schedule(
-        action=ScheduleActionStartWorkflow(ReconciliationWorkflow.run, input,
-                                           id="reconcile-daily" if input.provider == "simulator"
-                                           else f"reconcile-daily-{input.provider}",
-                                           task_queue=task_queue),
+        action=ScheduleActionStartWorkflow(
+            ReconciliationWorkflow.run,
+            input,
+            id="reconcile-daily" if input.provider == "simulator" else f"reconcile-daily-{input.provider}",
+            task_queue=task_queue,
+        ),
         spec=ScheduleSpec(
             calendars=[ScheduleCalendarSpec(hour=[ScheduleRange(hour)], minute=[ScheduleRange(minute)])],
             time_zone_name=time_zone,
@@ -218,7 +254,6 @@ def reconcile_schedule(input: ReconcileInput, at: str, time_zone: str, task_queu
     )
 
 
-async def ensure_reconcile_schedule(client: Client, input: ReconcileInput, at: str, time_zone: str,
-                                    task_queue: str) -> None:
+async def ensure_reconcile_schedule(client: Client, input: ReconcileInput, at: str, time_zone: str, task_queue: str) -> None:
     schedule = reconcile_schedule(input, at, time_zone, task_queue)
     await ensure_schedule(client, reconcile_schedule_id(input.provider), schedule)

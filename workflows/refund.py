@@ -40,8 +40,13 @@ class RefundWorkflow:
     def view(self) -> RefundView:
         i = self._input
         return RefundView(
-            refund_id=i.refund_id, trade_no=i.trade_no, amount_minor=i.amount_minor, status=self._status,
-            reason=i.reason, requested_by=i.requested_by, detail=self._detail,
+            refund_id=i.refund_id,
+            trade_no=i.trade_no,
+            amount_minor=i.amount_minor,
+            status=self._status,
+            reason=i.reason,
+            requested_by=i.requested_by,
+            detail=self._detail,
         )
 
     @workflow.run
@@ -76,7 +81,9 @@ class RefundWorkflow:
     async def _submit(self, submission: int) -> Optional[ProviderRefund]:
         try:
             return await provider_call(
-                PaymentActivities.refund_trade, self._input, self._input.timing,
+                PaymentActivities.refund_trade,
+                self._input,
+                self._input.timing,
                 f"submit refund {self._input.refund_id} #{submission}",
             )
         except ActivityError as err:
@@ -99,9 +106,17 @@ class RefundWorkflow:
         await db_call(
             PaymentActivities.save_refund,
             RefundRecord(
-                refund_id=i.refund_id, payment_id=i.payment_id, order_id=i.order_id, trade_no=i.trade_no,
-                amount_minor=i.amount_minor, currency=i.currency, status=self._status, reason=i.reason,
-                requested_by=i.requested_by, submissions=self._submissions, detail=self._detail,
+                refund_id=i.refund_id,
+                payment_id=i.payment_id,
+                order_id=i.order_id,
+                trade_no=i.trade_no,
+                amount_minor=i.amount_minor,
+                currency=i.currency,
+                status=self._status,
+                reason=i.reason,
+                requested_by=i.requested_by,
+                submissions=self._submissions,
+                detail=self._detail,
             ),
             f"save refund {self._status.value}",
         )

@@ -60,14 +60,12 @@ class ManualReviewWorkflow:
     def _check(self, decision: ReviewDecision) -> None:
         if self._outcome is not None:
             raise ValueError(
-                f"review {self._input.review_id} is already decided: {self._outcome.action.value} "
-                f"by {self._outcome.operator}"
+                f"review {self._input.review_id} is already decided: {self._outcome.action.value} by {self._outcome.operator}"
             )
         if decision.action not in self._allowed:
             allowed = ", ".join(a.value for a in self._allowed)
             raise ValueError(
-                f"'{decision.action.value}' is not possible for a {self._input.reason.value} review; "
-                f"possible: {allowed}"
+                f"'{decision.action.value}' is not possible for a {self._input.reason.value} review; possible: {allowed}"
             )
         if decision.action is ReviewAction.REFUND and self._input.captured_minor == 0:
             raise ValueError("nothing was captured for this payment; there is nothing to refund")
@@ -76,9 +74,15 @@ class ManualReviewWorkflow:
     def view(self) -> ReviewView:
         i = self._input
         return ReviewView(
-            review_id=i.review_id, payment_id=i.payment_id, order_id=i.order_id, reason=i.reason,
-            evidence=i.evidence, status="DECIDED" if self._outcome else self._status,
-            allowed_actions=self._allowed, default_action=self._default, deadline_at=self._deadline_at,
+            review_id=i.review_id,
+            payment_id=i.payment_id,
+            order_id=i.order_id,
+            reason=i.reason,
+            evidence=i.evidence,
+            status="DECIDED" if self._outcome else self._status,
+            allowed_actions=self._allowed,
+            default_action=self._default,
+            deadline_at=self._deadline_at,
             decision=self._outcome,
         )
 
@@ -92,7 +96,9 @@ class ManualReviewWorkflow:
             rest = input.deadline_seconds - escalate
             if not await self._wait(rest, f"default '{self._default.value}' at the deadline"):
                 self._outcome = ReviewOutcome(
-                    review_id=input.review_id, action=self._default, operator="system",
+                    review_id=input.review_id,
+                    action=self._default,
+                    operator="system",
                     reason=f"no decision by the deadline ({input.deadline_seconds:g}s): safe default applied",
                     by_deadline=True,
                 )

@@ -29,8 +29,16 @@ MODULES = {
 }
 SUPPORTED_PROVIDERS = tuple(MODULES)
 
-__all__ = ["CallbackIgnored", "CallbackReply", "MalformedCallback", "Provider", "ProviderRejected",
-           "ProviderUnavailable", "build_providers", "SUPPORTED_PROVIDERS"]
+__all__ = [
+    "CallbackIgnored",
+    "CallbackReply",
+    "MalformedCallback",
+    "Provider",
+    "ProviderRejected",
+    "ProviderUnavailable",
+    "build_providers",
+    "SUPPORTED_PROVIDERS",
+]
 
 
 class ProviderSettingsError(ValueError):
@@ -41,7 +49,8 @@ def build_providers(settings: Settings, http: httpx.AsyncClient) -> dict[str, Pr
     providers: dict[str, Provider] = {}
     for name in settings.providers:
         if name not in MODULES:
-            raise ProviderSettingsError(f"PAYSENTINEL_PROVIDERS: unknown provider {name!r}; "
-                                        f"supported: {', '.join(SUPPORTED_PROVIDERS)}")
+            raise ProviderSettingsError(
+                f"PAYSENTINEL_PROVIDERS: unknown provider {name!r}; supported: {', '.join(SUPPORTED_PROVIDERS)}"
+            )
         providers[name] = importlib.import_module(MODULES[name]).build(settings, http)
     return providers

@@ -78,8 +78,15 @@ SUCCESS = "10000"
 TRANSIENT_CODES = {"20000"}
 # Sub-codes that mean "system busy, try again" whatever the code: Alipay's own advice for
 # them is to retry the same request (a refund with the same out_request_no).
-TRANSIENT_SUB_CODES = {"ACQ.SYSTEM_ERROR", "aop.ACQ.SYSTEM_ERROR", "ACQ.SYSTEM_BUSY", "isp.unknow-error",
-                       "aop.unknow-error", "isp.rop.service.unavailable", "isp.bill_not_exist"}
+TRANSIENT_SUB_CODES = {
+    "ACQ.SYSTEM_ERROR",
+    "aop.ACQ.SYSTEM_ERROR",
+    "ACQ.SYSTEM_BUSY",
+    "isp.unknow-error",
+    "aop.unknow-error",
+    "isp.rop.service.unavailable",
+    "isp.bill_not_exist",
+}
 TRANSIENT_SUB_CODE_PREFIXES = ("isp.",)  # Alipay's internal service errors
 # Final business answers (40004), named here so the table reads as documentation; any other
 # code that is not transient is final too.
@@ -137,8 +144,16 @@ def _amount(value: Any) -> int:
 class AlipayProvider:
     name = "alipay"
 
-    def __init__(self, http: httpx.AsyncClient, *, app_id: str, gateway_url: str, private_key: str,
-                 alipay_public_key: str, return_url: str = ""):
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        app_id: str,
+        gateway_url: str,
+        private_key: str,
+        alipay_public_key: str,
+        return_url: str = "",
+    ):
         self._http = http
         self._app_id = app_id
         self._gateway = gateway_url
@@ -148,15 +163,23 @@ class AlipayProvider:
 
     # --- The gateway ----------------------------------------------------------------------
 
-    def signed_request(self, method: str, biz: Mapping[str, Any], *, notify_url: str = "",
-                       return_url: str = "", now: Optional[datetime] = None) -> dict[str, str]:
+    def signed_request(
+        self, method: str, biz: Mapping[str, Any], *, notify_url: str = "", return_url: str = "", now: Optional[datetime] = None
+    ) -> dict[str, str]:
         """A request's parameters with its signature."""
         params = {
-            "app_id": self._app_id, "method": method, "format": "JSON", "charset": "utf-8", "sign_type": "RSA2",
-            "timestamp": china_time(now or datetime.now(timezone.utc)), "version": "1.0",
-            "notify_url": notify_url, "return_url": return_url,
-            "biz_content": json.dumps({k: v for k, v in biz.items() if v is not None and v != ""},
-                                      ensure_ascii=False, separators=(",", ":")),
+            "app_id": self._app_id,
+            "method": method,
+            "format": "JSON",
+            "charset": "utf-8",
+            "sign_type": "RSA2",
+            "timestamp": china_time(now or datetime.now(timezone.utc)),
+            "version": "1.0",
+            "notify_url": notify_url,
+            "return_url": return_url,
+            "biz_content": json.dumps(
+                {k: v for k, v in biz.items() if v is not None and v != ""}, ensure_ascii=False, separators=(",", ":")
+            ),
         }
         return sign_params(self._key, params)
 
@@ -173,7 +196,8 @@ class AlipayProvider:
             if not rsa2_verify(self._alipay_key, raw, sign):
                 raise ProviderUnavailable(
                     f"{method}: the answer's signature does not verify with Alipay's public key "
-                    "(PAYSENTINEL_ALIPAY_PUBLIC_KEY); not trusted, not acted on")
+                    "(PAYSENTINEL_ALIPAY_PUBLIC_KEY); not trusted, not acted on"
+                )
         elif code in (SUCCESS, "40004"):
             raise ProviderUnavailable(f"{method}: an unsigned {code} answer; not trusted, not acted on")
         if code != SUCCESS:
@@ -186,8 +210,10 @@ class AlipayProvider:
         params = self.signed_request(method, biz, notify_url=notify_url)
         try:
             response = await self._http.post(
-                self._gateway, content=urllib.parse.urlencode(params).encode(),
-                headers={"Content-Type": "application/x-www-form-urlencoded;charset=utf-8"})
+                self._gateway,
+                content=urllib.parse.urlencode(params).encode(),
+                headers={"Content-Type": "application/x-www-form-urlencoded;charset=utf-8"},
+            )
         except httpx.TimeoutException as err:
             raise ProviderUnavailable(f"{method}: Alipay timed out ({type(err).__name__})") from err
         except httpx.TransportError as err:
@@ -237,31 +263,49 @@ class AlipayProvider:
             raise self._rejected(err) from err
         if body.get("out_trade_no") not in (None, request.order_id):
             raise ProviderUnavailable(f"alipay.trade.precreate answered for order {body.get('out_trade_no')!r}")
-        return Trade(order_id=request.order_id, trade_no=None, status=TradeStatus.WAIT_BUYER_PAY,
-                     amount_minor=request.amount_minor, currency=CURRENCY, pay_url=body.get("qr_code"))
+        return Trade(
+            order_id=request.order_id,
+            trade_no=None,
+            status=TradeStatus.WAIT_BUYER_PAY,
+            amount_minor=request.amount_minor,
+            currency=CURRENCY,
+            pay_url=body.get("qr_code"),
+        )
 
-    def page_pay_url(self, order_id: str, amount_minor: int, subject: str, expires_at: datetime,
-                     notify_url: str = "", return_url: str = "") -> str:
+    def page_pay_url(
+        self, order_id: str, amount_minor: int, subject: str, expires_at: datetime, notify_url: str = "", return_url: str = ""
+    ) -> str:
         """A signed ``alipay.trade.page.pay`` URL (the desktop cashier), built locally: the
         payer's browser opens it, no call is made."""
-        biz = {"out_trade_no": order_id, "product_code": "FAST_INSTANT_TRADE_PAY",
-               "total_amount": to_major(amount_minor, CURRENCY), "subject": subject[:256],
-               "time_expire": china_time(expires_at)}
-        params = self.signed_request("alipay.trade.page.pay", biz, notify_url=notify_url,
-                                     return_url=return_url or self._return_url)
+        biz = {
+            "out_trade_no": order_id,
+            "product_code": "FAST_INSTANT_TRADE_PAY",
+            "total_amount": to_major(amount_minor, CURRENCY),
+            "subject": subject[:256],
+            "time_expire": china_time(expires_at),
+        }
+        params = self.signed_request(
+            "alipay.trade.page.pay", biz, notify_url=notify_url, return_url=return_url or self._return_url
+        )
         return f"{self._gateway}?{urllib.parse.urlencode(params)}"
 
     def _trade(self, order_id: str, body: Mapping[str, Any]) -> Trade:
         try:
             status = TRADE_STATUSES[body["trade_status"]]
-            return Trade(order_id=body.get("out_trade_no") or order_id, trade_no=body.get("trade_no") or None,
-                         status=status, amount_minor=_amount(body["total_amount"]), currency=CURRENCY,
-                         paid_at=parse_china_time(body.get("send_pay_date")) if status.is_paid else None)
+            return Trade(
+                order_id=body.get("out_trade_no") or order_id,
+                trade_no=body.get("trade_no") or None,
+                status=status,
+                amount_minor=_amount(body["total_amount"]),
+                currency=CURRENCY,
+                paid_at=parse_china_time(body.get("send_pay_date")) if status.is_paid else None,
+            )
         except (KeyError, ValueError, ArithmeticError) as err:
             raise ProviderUnavailable(f"alipay.trade.query: unreadable trade {dict(body)} ({err!r})") from None
 
-    async def query_trade(self, order_id: str, trade_no: Optional[str] = None, *,
-                          created_trade_no: Optional[str] = None) -> Trade:
+    async def query_trade(
+        self, order_id: str, trade_no: Optional[str] = None, *, created_trade_no: Optional[str] = None
+    ) -> Trade:
         biz = {"trade_no": trade_no} if trade_no else {"out_trade_no": order_id}
         try:
             body = await self.call("alipay.trade.query", biz)
@@ -271,8 +315,7 @@ class AlipayProvider:
             raise self._rejected(err) from err
         return self._trade(order_id, body)
 
-    async def close_trade(self, order_id: str, idempotency_key: str, *,
-                          created_trade_no: Optional[str] = None) -> Trade:
+    async def close_trade(self, order_id: str, idempotency_key: str, *, created_trade_no: Optional[str] = None) -> Trade:
         try:
             body = await self.call("alipay.trade.close", {"out_trade_no": order_id})
         except GatewayError as err:
@@ -282,33 +325,43 @@ class AlipayProvider:
             if err.sub_code == "ACQ.TRADE_STATUS_ERROR":
                 return await self.query_trade(order_id)  # paid (or closed already): say which
             raise self._rejected(err) from err
-        return Trade(order_id=order_id, trade_no=body.get("trade_no") or None, status=TradeStatus.TRADE_CLOSED,
-                     currency=CURRENCY)
+        return Trade(order_id=order_id, trade_no=body.get("trade_no") or None, status=TradeStatus.TRADE_CLOSED, currency=CURRENCY)
 
     # --- Refunds ------------------------------------------------------------------------
 
     async def refund(self, request: RefundInput, idempotency_key: str) -> ProviderRefund:
-        biz = {"out_trade_no": request.order_id, "trade_no": request.trade_no,
-               "refund_amount": to_major(request.amount_minor, CURRENCY), "out_request_no": request.refund_id,
-               "refund_reason": request.reason[:256]}
+        biz = {
+            "out_trade_no": request.order_id,
+            "trade_no": request.trade_no,
+            "refund_amount": to_major(request.amount_minor, CURRENCY),
+            "out_request_no": request.refund_id,
+            "refund_reason": request.reason[:256],
+        }
         try:
             body = await self.call("alipay.trade.refund", biz)
         except GatewayError as err:
             raise self._rejected(err) from err
         if body.get("fund_change") == "Y":
-            return ProviderRefund(refund_id=request.refund_id, trade_no=body.get("trade_no") or request.trade_no,
-                                  amount_minor=request.amount_minor, status=RefundStatus.SUCCEEDED)
+            return ProviderRefund(
+                refund_id=request.refund_id,
+                trade_no=body.get("trade_no") or request.trade_no,
+                amount_minor=request.amount_minor,
+                status=RefundStatus.SUCCEEDED,
+            )
         # "N": no money moved by this call: a repeated out_request_no (refunded before, or
         # not yet). Only the refund query says whether it is done.
         found = await self.query_refund(request.order_id, request.refund_id, request.trade_no)
         if found is not None:
             return found
-        return ProviderRefund(refund_id=request.refund_id, trade_no=request.trade_no,
-                              amount_minor=request.amount_minor, status=RefundStatus.PROCESSING)
+        return ProviderRefund(
+            refund_id=request.refund_id,
+            trade_no=request.trade_no,
+            amount_minor=request.amount_minor,
+            status=RefundStatus.PROCESSING,
+        )
 
     async def query_refund(self, order_id: str, refund_id: str, trade_no: Optional[str] = None) -> Optional[ProviderRefund]:
-        biz: dict[str, Any] = {"out_trade_no": order_id, "out_request_no": refund_id,
-                               "query_options": ["gmt_refund_pay"]}
+        biz: dict[str, Any] = {"out_trade_no": order_id, "out_request_no": refund_id, "query_options": ["gmt_refund_pay"]}
         if trade_no:
             biz["trade_no"] = trade_no
         try:
@@ -325,15 +378,17 @@ class AlipayProvider:
             raise ProviderUnavailable(f"alipay.trade.fastpay.refund.query: unreadable refund {body} ({err!r})") from None
         # Only REFUND_SUCCESS is done; an empty refund_status is a refund not (yet) made.
         status = RefundStatus.SUCCEEDED if body.get("refund_status") == "REFUND_SUCCESS" else RefundStatus.PROCESSING
-        return ProviderRefund(refund_id=refund_id, trade_no=body.get("trade_no") or trade_no or "",
-                              amount_minor=amount, status=status)
+        return ProviderRefund(
+            refund_id=refund_id, trade_no=body.get("trade_no") or trade_no or "", amount_minor=amount, status=status
+        )
 
     # --- Bills --------------------------------------------------------------------------
 
     async def bill_url(self, day: date) -> str:
         try:
-            body = await self.call("alipay.data.dataservice.bill.downloadurl.query",
-                                   {"bill_type": "trade", "bill_date": day.isoformat()})
+            body = await self.call(
+                "alipay.data.dataservice.bill.downloadurl.query", {"bill_type": "trade", "bill_date": day.isoformat()}
+            )
         except GatewayError as err:
             raise self._rejected(err) from err
         url = body.get("bill_download_url")
@@ -387,9 +442,14 @@ class AlipayProvider:
         try:
             status = TRADE_STATUSES[params["trade_status"]]
             return ProviderCallback(
-                event_id=params["notify_id"], provider=self.name, order_id=params["out_trade_no"],
-                trade_no=params["trade_no"], trade_status=status, amount_minor=_amount(params["total_amount"]),
-                currency=CURRENCY, paid_at=parse_china_time(params.get("gmt_payment")) if status.is_paid else None,
+                event_id=params["notify_id"],
+                provider=self.name,
+                order_id=params["out_trade_no"],
+                trade_no=params["trade_no"],
+                trade_status=status,
+                amount_minor=_amount(params["total_amount"]),
+                currency=CURRENCY,
+                paid_at=parse_china_time(params.get("gmt_payment")) if status.is_paid else None,
                 received_at=datetime.now(timezone.utc),
             )
         except (KeyError, ValueError, ArithmeticError, ValidationError) as err:
@@ -408,8 +468,13 @@ def build(settings: Settings, http: httpx.AsyncClient) -> AlipayProvider:
         if not str(getattr(settings, field) or "").strip():
             raise ValueError(f"PAYSENTINEL_{field.upper()} is not set (needed by the alipay provider)")
     try:
-        return AlipayProvider(http, app_id=settings.alipay_app_id, gateway_url=settings.alipay_gateway_url,
-                              private_key=settings.alipay_private_key, alipay_public_key=settings.alipay_public_key,
-                              return_url=settings.alipay_return_url)
+        return AlipayProvider(
+            http,
+            app_id=settings.alipay_app_id,
+            gateway_url=settings.alipay_gateway_url,
+            private_key=settings.alipay_private_key,
+            alipay_public_key=settings.alipay_public_key,
+            return_url=settings.alipay_return_url,
+        )
     except ValueError as err:
         raise ValueError(f"PAYSENTINEL_ALIPAY_PRIVATE_KEY / PAYSENTINEL_ALIPAY_PUBLIC_KEY: {err}") from None

@@ -52,8 +52,10 @@ def detail_member(archive: zipfile.ZipFile) -> zipfile.ZipInfo:
     names = {member_name(info): info for info in archive.infolist()}
     found = [info for name, info in names.items() if name.endswith(DETAIL_SUFFIX)]
     if len(found) != 1:
-        raise BillFormatError(f"the bill zip holds {len(found)} detail files (*{DETAIL_SUFFIX}), expected one; "
-                              f"members: {', '.join(names) or 'none'}")
+        raise BillFormatError(
+            f"the bill zip holds {len(found)} detail files (*{DETAIL_SUFFIX}), expected one; "
+            f"members: {', '.join(names) or 'none'}"
+        )
     return found[0]
 
 
@@ -79,7 +81,7 @@ def records(chunks: Iterator[str]) -> Iterator[tuple[int, str]]:
     for chunk in chunks:
         buffer += chunk
         while (end := buffer.find("\n")) >= 0:
-            line, buffer = buffer[:end + 1], buffer[end + 1:]
+            line, buffer = buffer[: end + 1], buffer[end + 1 :]
             number += 1
             if not record:
                 first = number
@@ -120,8 +122,9 @@ def rows(chunks: Iterator[str]) -> Iterator[SettlementRow]:
         if columns is None:
             missing = [c for c in REQUIRED if c not in values]
             if missing:
-                raise BillFormatError(f"line {number}: the column row lacks {', '.join(missing)} "
-                                      f"(found {', '.join(values[:8])}...)")
+                raise BillFormatError(
+                    f"line {number}: the column row lacks {', '.join(missing)} (found {', '.join(values[:8])}...)"
+                )
             columns = values
             continue
         if len(values) != len(columns):
@@ -145,15 +148,22 @@ def rows(chunks: Iterator[str]) -> Iterator[SettlementRow]:
         except (ValueError, ArithmeticError) as err:
             raise BillFormatError(f"line {number}: {err} in {line[:120]!r}") from None
         counted[kind] += 1
-        yield SettlementRow(kind=kind, trade_no=row["支付宝交易号"], order_id=row["商户订单号"],
-                            refund_no=row["退款批次号/请求号"] if kind == REFUND else "",
-                            amount_minor=amount, currency="CNY", at=at)
+        yield SettlementRow(
+            kind=kind,
+            trade_no=row["支付宝交易号"],
+            order_id=row["商户订单号"],
+            refund_no=row["退款批次号/请求号"] if kind == REFUND else "",
+            amount_minor=amount,
+            currency="CNY",
+            at=at,
+        )
     if columns is None:
         raise BillFormatError("the detail file has no column row")
     for kind, total in totals.items():
         if counted[kind] != total:
-            raise BillFormatError(f"the bill's summary counts {total} {kind} row(s), the detail list has "
-                                  f"{counted[kind]}: the bill is incomplete")
+            raise BillFormatError(
+                f"the bill's summary counts {total} {kind} row(s), the detail list has {counted[kind]}: the bill is incomplete"
+            )
 
 
 def zip_rows(fileobj: IO[bytes]) -> Iterator[SettlementRow]:

@@ -65,8 +65,9 @@ def load_public_key(text: str) -> RSAPublicKey:
 def content_to_sign(params: Mapping[str, object], exclude: tuple[str, ...] = ("sign",)) -> str:
     """Sorted ``k=v`` pairs joined with ``&``; empty values and ``exclude`` left out. Values
     are the decoded ones (no URL encoding)."""
-    return "&".join(f"{key}={value}" for key, value in sorted(params.items())
-                    if key not in exclude and value is not None and value != "")
+    return "&".join(
+        f"{key}={value}" for key, value in sorted(params.items()) if key not in exclude and value is not None and value != ""
+    )
 
 
 def request_content(params: Mapping[str, object]) -> str:

@@ -74,15 +74,15 @@ class Provider(Protocol):
         ``trade_no`` may be None when the provider numbers a trade only once the payer
         scans (Alipay precreate)."""
 
-    async def query_trade(self, order_id: str, trade_no: Optional[str] = None, *,
-                          created_trade_no: Optional[str] = None) -> Trade:
+    async def query_trade(
+        self, order_id: str, trade_no: Optional[str] = None, *, created_trade_no: Optional[str] = None
+    ) -> Trade:
         """The provider's current view; ``exists=False`` when it has no such trade. With
         ``trade_no``, that trade of the order (an order paid twice has two).
         ``created_trade_no`` is the provider's number of the trade ``create_trade``
         returned, for providers that cannot look a trade up by our order number (Stripe)."""
 
-    async def close_trade(self, order_id: str, idempotency_key: str, *,
-                          created_trade_no: Optional[str] = None) -> Trade:
+    async def close_trade(self, order_id: str, idempotency_key: str, *, created_trade_no: Optional[str] = None) -> Trade:
         """Close an unpaid trade. Returns the trade after the call: closed, paid if the
         payer was faster, ``PAYING`` while the payer's payment is under way (such a trade
         cannot be closed: ask again later); ``exists=False`` when the provider never had it."""

@@ -72,8 +72,7 @@ def _trade(body: dict[str, Any]) -> Trade:
 class SimulatorProvider:
     name = "simulator"
 
-    def __init__(self, http: httpx.AsyncClient, base_url: str, webhook_secret: signing.Secrets,
-                 tolerance_seconds: int = 300):
+    def __init__(self, http: httpx.AsyncClient, base_url: str, webhook_secret: signing.Secrets, tolerance_seconds: int = 300):
         self._http = http
         self._base_url = base_url.rstrip("/")
         self._secret = webhook_secret
@@ -136,21 +135,18 @@ class SimulatorProvider:
         except httpx.TransportError as err:
             raise ProviderUnavailable(f"GET {path}: provider unreachable ({err!r})") from err
 
-    async def query_trade(self, order_id: str, trade_no: Optional[str] = None, *,
-                          created_trade_no: Optional[str] = None) -> Trade:
-        status, body = await self._call("GET", f"/v1/trades/{order_id}",
-                                        params={"trade_no": trade_no} if trade_no else None)
+    async def query_trade(
+        self, order_id: str, trade_no: Optional[str] = None, *, created_trade_no: Optional[str] = None
+    ) -> Trade:
+        status, body = await self._call("GET", f"/v1/trades/{order_id}", params={"trade_no": trade_no} if trade_no else None)
         if status == 404 and body.get("sub_code") == "ACQ.TRADE_NOT_EXIST":
             return Trade(exists=False, order_id=order_id)
         if status != 200:
             raise _rejected(status, body, "query rejected")
         return _trade(body["trade"])
 
-    async def close_trade(self, order_id: str, idempotency_key: str, *,
-                          created_trade_no: Optional[str] = None) -> Trade:
-        status, body = await self._call(
-            "POST", f"/v1/trades/{order_id}/close", headers={"Idempotency-Key": idempotency_key}
-        )
+    async def close_trade(self, order_id: str, idempotency_key: str, *, created_trade_no: Optional[str] = None) -> Trade:
+        status, body = await self._call("POST", f"/v1/trades/{order_id}/close", headers={"Idempotency-Key": idempotency_key})
         if status == 404 and body.get("sub_code") == "ACQ.TRADE_NOT_EXIST":
             return Trade(exists=False, order_id=order_id)
         if "trade" in body:  # closed now, already closed, or ACQ.TRADE_STATUS_ERROR: already paid
@@ -212,7 +208,8 @@ class SimulatorProvider:
 
 def build(settings: Settings, http: httpx.AsyncClient) -> SimulatorProvider:
     return SimulatorProvider(
-        http, settings.effective_simulator_url,
+        http,
+        settings.effective_simulator_url,
         # During a rotation callbacks signed with the previous secret are accepted too.
         (settings.simulator_webhook_secret, settings.simulator_webhook_secret_previous),
         settings.webhook_tolerance_seconds,

@@ -233,8 +233,9 @@ def _header(headers: Mapping[str, str], name: str) -> Optional[str]:
 class StripeProvider:
     name = "stripe"
 
-    def __init__(self, api_url: str, api_key: str, webhook_secret: str, tolerance_seconds: int = 300,
-                 timeout_seconds: float = 5.0):
+    def __init__(
+        self, api_url: str, api_key: str, webhook_secret: str, tolerance_seconds: int = 300, timeout_seconds: float = 5.0
+    ):
         self._secret = webhook_secret
         self._tolerance = tolerance_seconds
         self._client = stripe_sdk.StripeClient(
@@ -261,16 +262,19 @@ class StripeProvider:
         return None
 
     async def create_trade(self, request: CreateTradeInput) -> Trade:
-        intent = await self._call("create PaymentIntent", lambda: self._v1.payment_intents.create_async(
-            params={
-                "amount": request.amount_minor,
-                "currency": request.currency.lower(),
-                "description": (request.subject or request.order_id)[:DESCRIPTION_MAX],
-                "metadata": {"order_id": request.order_id},
-                "automatic_payment_methods": {"enabled": True},
-            },
-            options={"idempotency_key": f"order:{request.order_id}"},
-        ))
+        intent = await self._call(
+            "create PaymentIntent",
+            lambda: self._v1.payment_intents.create_async(
+                params={
+                    "amount": request.amount_minor,
+                    "currency": request.currency.lower(),
+                    "description": (request.subject or request.order_id)[:DESCRIPTION_MAX],
+                    "metadata": {"order_id": request.order_id},
+                    "automatic_payment_methods": {"enabled": True},
+                },
+                options={"idempotency_key": f"order:{request.order_id}"},
+            ),
+        )
         return trade_of(intent.to_dict(), request.order_id)
 
     async def _retrieve(self, intent_id: str) -> Optional[dict[str, Any]]:
@@ -289,8 +293,10 @@ class StripeProvider:
         """The order's PaymentIntents by metadata. Stripe's search is eventually consistent:
         one created a moment ago may be missing (the workflow passes ``created_trade_no``)."""
         query = "metadata['order_id']:'" + order_id.replace("\\", "\\\\").replace("'", "\\'") + "'"
-        found = await self._call("search PaymentIntents", lambda: self._v1.payment_intents.search_async(
-            params={"query": query, "limit": 10, "expand": ["data.latest_charge"]}))
+        found = await self._call(
+            "search PaymentIntents",
+            lambda: self._v1.payment_intents.search_async(params={"query": query, "limit": 10, "expand": ["data.latest_charge"]}),
+        )
         return [item.to_dict() for item in found.data]
 
     async def _find(self, order_id: str, trade_no: Optional[str]) -> Optional[dict[str, Any]]:
@@ -305,8 +311,9 @@ class StripeProvider:
         # A paid one first, then the newest.
         return max(intents, key=lambda i: (i["status"] == "succeeded", i.get("created") or 0))
 
-    async def query_trade(self, order_id: str, trade_no: Optional[str] = None, *,
-                          created_trade_no: Optional[str] = None) -> Trade:
+    async def query_trade(
+        self, order_id: str, trade_no: Optional[str] = None, *, created_trade_no: Optional[str] = None
+    ) -> Trade:
         """By ``trade_no`` or ``created_trade_no`` (a retrieve, consistent); without either by
         the metadata search (eventually consistent)."""
         intent = await self._find(order_id, trade_no or created_trade_no)
@@ -314,8 +321,7 @@ class StripeProvider:
             return Trade(exists=False, order_id=order_id)
         return trade_of(intent, order_id)
 
-    async def close_trade(self, order_id: str, idempotency_key: str, *,
-                          created_trade_no: Optional[str] = None) -> Trade:
+    async def close_trade(self, order_id: str, idempotency_key: str, *, created_trade_no: Optional[str] = None) -> Trade:
         intent = await self._find(order_id, created_trade_no)
         if intent is None:
             return Trade(exists=False, order_id=order_id)
@@ -323,8 +329,8 @@ class StripeProvider:
             return trade_of(intent, order_id)  # paid, closed already, or cannot be closed yet
         try:
             cancelled = await self._v1.payment_intents.cancel_async(
-                intent["id"], params={"cancellation_reason": "abandoned"},
-                options={"idempotency_key": idempotency_key})
+                intent["id"], params={"cancellation_reason": "abandoned"}, options={"idempotency_key": idempotency_key}
+            )
         except stripe_sdk.InvalidRequestError as err:
             if _code(err) != UNEXPECTED_STATE:
                 raise classify(err, f"cancel {intent['id']}") from err
@@ -345,8 +351,10 @@ class StripeProvider:
 
     async def _refunds(self, intent_id: str) -> list[dict[str, Any]]:
         """Every refund of the PaymentIntent (a list, strongly consistent, unlike search)."""
-        page = await self._call(f"list refunds of {intent_id}", lambda: self._v1.refunds.list_async(
-            params={"payment_intent": intent_id, "limit": 100}))
+        page = await self._call(
+            f"list refunds of {intent_id}",
+            lambda: self._v1.refunds.list_async(params={"payment_intent": intent_id, "limit": 100}),
+        )
         refunds: list[dict[str, Any]] = []
         try:
             async for refund in page.auto_paging_iter():
@@ -366,8 +374,7 @@ class StripeProvider:
         params = {
             "payment_intent": request.trade_no,
             "amount": request.amount_minor,
-            "metadata": {"refund_id": refund_id, "order_id": request.order_id,
-                         "reason": request.reason[:METADATA_VALUE_MAX]},
+            "metadata": {"refund_id": refund_id, "order_id": request.order_id, "reason": request.reason[:METADATA_VALUE_MAX]},
         }
         last: Optional[Exception] = None
         for round_ in range(REFUND_KEY_ROUNDS):
@@ -405,9 +412,16 @@ class StripeProvider:
         """The day's balance transactions (the day in ``tz``), page by page."""
         start = datetime.combine(day, time(), tz)
         end = datetime.combine(day + timedelta(days=1), time(), tz)
-        page = await self._call(f"balance transactions of {day}", lambda: self._v1.balance_transactions.list_async(
-            params={"created": {"gte": int(start.timestamp()), "lt": int(end.timestamp())}, "limit": BILL_PAGE_SIZE,
-                    "expand": ["data.source", "data.source.payment_intent"]}))
+        page = await self._call(
+            f"balance transactions of {day}",
+            lambda: self._v1.balance_transactions.list_async(
+                params={
+                    "created": {"gte": int(start.timestamp()), "lt": int(end.timestamp())},
+                    "limit": BILL_PAGE_SIZE,
+                    "expand": ["data.source", "data.source.payment_intent"],
+                }
+            ),
+        )
         iterator = page.auto_paging_iter().__aiter__()
         while True:
             try:
@@ -492,8 +506,9 @@ class StripeProvider:
                 raise ValueError("the PaymentIntent has no id or status")
             order_id = _order_of(intent)
             if not order_id:
-                raise CallbackIgnored(f"event {event_id}: PaymentIntent {intent.get('id')} has no metadata order_id "
-                                      "(not created by us)")
+                raise CallbackIgnored(
+                    f"event {event_id}: PaymentIntent {intent.get('id')} has no metadata order_id (not created by us)"
+                )
             amount = intent["amount_received"] if status.is_paid else intent["amount"]
             return ProviderCallback(
                 event_id=event_id,
@@ -523,5 +538,10 @@ def build(settings: Settings, http: httpx.AsyncClient) -> StripeProvider:
     for field in ("stripe_api_url", "stripe_api_key", "stripe_webhook_secret"):
         if not getattr(settings, field):
             raise ValueError(f"PAYSENTINEL_{field.upper()} is required for the stripe provider")
-    return StripeProvider(settings.stripe_api_url, settings.stripe_api_key, settings.stripe_webhook_secret,
-                          settings.webhook_tolerance_seconds, settings.provider_timeout_seconds)
+    return StripeProvider(
+        settings.stripe_api_url,
+        settings.stripe_api_key,
+        settings.stripe_webhook_secret,
+        settings.webhook_tolerance_seconds,
+        settings.provider_timeout_seconds,
+    )

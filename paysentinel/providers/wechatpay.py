@@ -145,9 +145,21 @@ def refund_from(body: Mapping[str, Any]) -> ProviderRefund:
 class WeChatPayProvider:
     name = "wechatpay"
 
-    def __init__(self, http: httpx.AsyncClient, *, api_url: str, mchid: str, appid: str, serial_no: str,
-                 private_key: str, apiv3_key: str, public_key: str, public_key_id: str,
-                 tolerance_seconds: int = 300, refund_notify_url: str = ""):
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        api_url: str,
+        mchid: str,
+        appid: str,
+        serial_no: str,
+        private_key: str,
+        apiv3_key: str,
+        public_key: str,
+        public_key_id: str,
+        tolerance_seconds: int = 300,
+        refund_notify_url: str = "",
+    ):
         self._http = http
         self._base = api_url.rstrip("/")
         self._mchid = mchid
@@ -165,8 +177,9 @@ class WeChatPayProvider:
 
     def _headers(self, method: str, path: str, body: bytes) -> dict[str, str]:
         headers = {
-            "Authorization": sign.authorization(mchid=self._mchid, serial_no=self._serial, key=self._key,
-                                                method=method, path=path, body=body),
+            "Authorization": sign.authorization(
+                mchid=self._mchid, serial_no=self._serial, key=self._key, method=method, path=path, body=body
+            ),
             "Accept": "application/json",
             "User-Agent": USER_AGENT,
         }
@@ -174,14 +187,14 @@ class WeChatPayProvider:
             headers["Content-Type"] = "application/json"
         return headers
 
-    async def _call(self, method: str, path: str, payload: Optional[dict[str, Any]] = None
-                    ) -> tuple[int, dict[str, Any]]:
+    async def _call(self, method: str, path: str, payload: Optional[dict[str, Any]] = None) -> tuple[int, dict[str, Any]]:
         """Send a signed request (``path`` with its query, already encoded) and verify the
         answer. Transient failures raise ProviderUnavailable; the answer is (status, JSON)."""
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() if payload is not None else b""
         try:
-            response = await self._http.request(method, self._base + path, content=body or None,
-                                                headers=self._headers(method, path, body))
+            response = await self._http.request(
+                method, self._base + path, content=body or None, headers=self._headers(method, path, body)
+            )
         except httpx.TimeoutException as err:
             raise ProviderUnavailable(f"{method} {path}: WeChat Pay timed out ({type(err).__name__})") from err
         except httpx.TransportError as err:
@@ -198,8 +211,9 @@ class WeChatPayProvider:
         try:
             sign.verify_signed(response.headers, raw, self._public_keys, self._tolerance)
         except SignatureError as err:
-            raise ProviderUnavailable(f"{method} {path}: the answer's WeChat Pay signature does not verify "
-                                      f"({err}); not trusting it") from err
+            raise ProviderUnavailable(
+                f"{method} {path}: the answer's WeChat Pay signature does not verify ({err}); not trusting it"
+            ) from err
         try:
             data = json.loads(raw) if raw else {}
         except ValueError as err:
@@ -222,29 +236,39 @@ class WeChatPayProvider:
         if currency != "CNY":
             return f"WeChat Pay takes CNY only, not {currency}"
         if not ORDER_PATTERN.match(order_id):
-            return ("WeChat Pay order numbers are 6 to 32 characters of letters, digits, _ - | *; "
-                    f"{order_id!r} is not")
+            return f"WeChat Pay order numbers are 6 to 32 characters of letters, digits, _ - | *; {order_id!r} is not"
         if amount_minor <= 0:
             return "the amount must be at least 1 fen"
         return None
 
     async def create_trade(self, request: CreateTradeInput) -> Trade:
-        status, body = await self._call("POST", "/v3/pay/transactions/native", {
-            "appid": self._appid,
-            "mchid": self._mchid,
-            "description": (request.subject or request.order_id)[:127],
-            "out_trade_no": request.order_id,
-            "time_expire": rfc3339_china(request.expires_at),
-            "notify_url": request.notify_url,
-            "amount": {"total": request.amount_minor, "currency": request.currency},
-        })
+        status, body = await self._call(
+            "POST",
+            "/v3/pay/transactions/native",
+            {
+                "appid": self._appid,
+                "mchid": self._mchid,
+                "description": (request.subject or request.order_id)[:127],
+                "out_trade_no": request.order_id,
+                "time_expire": rfc3339_china(request.expires_at),
+                "notify_url": request.notify_url,
+                "amount": {"total": request.amount_minor, "currency": request.currency},
+            },
+        )
         if status != 200 or not body.get("code_url"):
             raise self._rejected(status, body, "trade not created")
-        return Trade(order_id=request.order_id, trade_no=None, status=TradeStatus.WAIT_BUYER_PAY,
-                     amount_minor=request.amount_minor, currency=request.currency, pay_url=body["code_url"])
+        return Trade(
+            order_id=request.order_id,
+            trade_no=None,
+            status=TradeStatus.WAIT_BUYER_PAY,
+            amount_minor=request.amount_minor,
+            currency=request.currency,
+            pay_url=body["code_url"],
+        )
 
-    async def query_trade(self, order_id: str, trade_no: Optional[str] = None, *,
-                          created_trade_no: Optional[str] = None) -> Trade:
+    async def query_trade(
+        self, order_id: str, trade_no: Optional[str] = None, *, created_trade_no: Optional[str] = None
+    ) -> Trade:
         query = urlencode({"mchid": self._mchid})
         if trade_no:
             path = f"/v3/pay/transactions/id/{quote(trade_no, safe='')}?{query}"
@@ -260,10 +284,10 @@ class WeChatPayProvider:
         except (KeyError, ValueError, TypeError) as err:
             raise ProviderUnavailable(f"query {order_id}: unreadable transaction ({err})") from err
 
-    async def close_trade(self, order_id: str, idempotency_key: str, *,
-                          created_trade_no: Optional[str] = None) -> Trade:
+    async def close_trade(self, order_id: str, idempotency_key: str, *, created_trade_no: Optional[str] = None) -> Trade:
         status, body = await self._call(
-            "POST", f"/v3/pay/transactions/out-trade-no/{quote(order_id, safe='')}/close", {"mchid": self._mchid})
+            "POST", f"/v3/pay/transactions/out-trade-no/{quote(order_id, safe='')}/close", {"mchid": self._mchid}
+        )
         if status not in (200, 202, 204) and body.get("code") not in CLOSE_SETTLED_BY_QUERY:
             raise self._rejected(status, body, "close rejected")
         # Closed now, already closed, paid first, or still being paid: the trade says which.
@@ -289,8 +313,7 @@ class WeChatPayProvider:
             raise self._rejected(status, body, "refund rejected")
         return self._refund(body)
 
-    async def query_refund(self, order_id: str, refund_id: str, trade_no: Optional[str] = None
-                           ) -> Optional[ProviderRefund]:
+    async def query_refund(self, order_id: str, refund_id: str, trade_no: Optional[str] = None) -> Optional[ProviderRefund]:
         status, body = await self._call("GET", f"/v3/refund/domestic/refunds/{quote(refund_id, safe='')}")
         if status == 404 and body.get("code") in ("RESOURCE_NOT_EXISTS", "ORDER_NOT_EXIST"):
             return None
@@ -347,8 +370,9 @@ class WeChatPayProvider:
                     text = (await response.aread()).decode("utf-8", "replace")[:300]
                     if response.status_code >= 500 or response.status_code == 429:
                         raise ProviderUnavailable(f"bill download for {day}: HTTP {response.status_code} {text}")
-                    raise ProviderRejected(_code_of(text.encode()) or f"HTTP_{response.status_code}",
-                                           f"bill download for {day} refused: {text}")
+                    raise ProviderRejected(
+                        _code_of(text.encode()) or f"HTTP_{response.status_code}", f"bill download for {day} refused: {text}"
+                    )
                 async for piece in response.aiter_raw():
                     plain = inflate.decompress(piece)
                     digest.update(plain)
@@ -363,8 +387,7 @@ class WeChatPayProvider:
         digest.update(rest)
         file.write(rest)
         if digest.hexdigest().lower() != str(expected).lower():
-            raise BillFormatError(f"the bill for {day} does not match its SHA1 hash_value "
-                                  f"({digest.hexdigest()} vs {expected})")
+            raise BillFormatError(f"the bill for {day} does not match its SHA1 hash_value ({digest.hexdigest()} vs {expected})")
         return True
 
     # --- Notifications -------------------------------------------------------------------
@@ -397,9 +420,15 @@ class WeChatPayProvider:
             if not trade.trade_no or trade.status is None or trade.amount_minor is None:
                 raise MalformedCallback(f"notification {event_id} lacks transaction_id, trade_state or amount")
             return ProviderCallback(
-                event_id=event_id, provider=self.name, order_id=trade.order_id, trade_no=trade.trade_no,
-                trade_status=trade.status, amount_minor=int(trade.amount_minor), currency=trade.currency or "CNY",
-                paid_at=trade.paid_at, received_at=datetime.now(timezone.utc),
+                event_id=event_id,
+                provider=self.name,
+                order_id=trade.order_id,
+                trade_no=trade.trade_no,
+                trade_status=trade.status,
+                amount_minor=int(trade.amount_minor),
+                currency=trade.currency or "CNY",
+                paid_at=trade.paid_at,
+                received_at=datetime.now(timezone.utc),
             )
         except MalformedCallback:
             raise
@@ -440,9 +469,15 @@ def build(settings: Settings, http: httpx.AsyncClient) -> WeChatPayProvider:
     if missing:
         raise ValueError(f"wechatpay needs {', '.join(missing)} (secrets also as <name>_FILE)")
     return WeChatPayProvider(
-        http, api_url=settings.wechatpay_api_url, mchid=settings.wechatpay_mchid, appid=settings.wechatpay_appid,
-        serial_no=settings.wechatpay_cert_serial, private_key=settings.wechatpay_private_key,
-        apiv3_key=settings.wechatpay_apiv3_key.strip(), public_key=settings.wechatpay_public_key,
-        public_key_id=settings.wechatpay_public_key_id, tolerance_seconds=settings.webhook_tolerance_seconds,
+        http,
+        api_url=settings.wechatpay_api_url,
+        mchid=settings.wechatpay_mchid,
+        appid=settings.wechatpay_appid,
+        serial_no=settings.wechatpay_cert_serial,
+        private_key=settings.wechatpay_private_key,
+        apiv3_key=settings.wechatpay_apiv3_key.strip(),
+        public_key=settings.wechatpay_public_key,
+        public_key_id=settings.wechatpay_public_key_id,
+        tolerance_seconds=settings.webhook_tolerance_seconds,
         refund_notify_url=f"{settings.effective_webhook_base_url}/webhooks/wechatpay",
     )

@@ -20,12 +20,44 @@ from paysentinel.settlement import PAYMENT, REFUND, BillFormatError, SettlementR
 
 CHINA = ZoneInfo("Asia/Shanghai")
 
-COLUMNS = ["交易时间", "公众账号ID", "商户号", "特约商户号", "设备号", "微信订单号", "商户订单号", "用户标识",
-           "交易类型", "交易状态", "付款银行", "货币种类", "应结订单金额", "代金券金额", "微信退款单号",
-           "商户退款单号", "退款金额", "充值券退款金额", "退款类型", "退款状态", "商品名称", "商户数据包",
-           "手续费", "费率", "订单金额", "申请退款金额", "费率备注"]
-SUMMARY_COLUMNS = ["总交易单数", "应结订单总金额", "退款总金额", "充值券退款总金额", "手续费总金额", "订单总金额",
-                   "申请退款总金额"]
+COLUMNS = [
+    "交易时间",
+    "公众账号ID",
+    "商户号",
+    "特约商户号",
+    "设备号",
+    "微信订单号",
+    "商户订单号",
+    "用户标识",
+    "交易类型",
+    "交易状态",
+    "付款银行",
+    "货币种类",
+    "应结订单金额",
+    "代金券金额",
+    "微信退款单号",
+    "商户退款单号",
+    "退款金额",
+    "充值券退款金额",
+    "退款类型",
+    "退款状态",
+    "商品名称",
+    "商户数据包",
+    "手续费",
+    "费率",
+    "订单金额",
+    "申请退款金额",
+    "费率备注",
+]
+SUMMARY_COLUMNS = [
+    "总交易单数",
+    "应结订单总金额",
+    "退款总金额",
+    "充值券退款总金额",
+    "手续费总金额",
+    "订单总金额",
+    "申请退款总金额",
+]
 REQUIRED = ["交易时间", "微信订单号", "商户订单号", "交易状态", "货币种类", "商户退款单号", "退款金额", "订单金额"]
 KINDS = {"SUCCESS": PAYMENT, "REFUND": REFUND}
 SKIPPED_STATES = {"REVOKED"}  # listed, but no money moved
@@ -97,8 +129,9 @@ async def parse_bill(lines: AsyncIterator[str]) -> AsyncIterator[SettlementRow]:
         if summary_columns is not None:
             values = _fields(line, number)
             if len(values) != len(summary_columns):
-                raise BillFormatError(f"line {number}: the summary row has {len(values)} values for "
-                                      f"{len(summary_columns)} columns")
+                raise BillFormatError(
+                    f"line {number}: the summary row has {len(values)} values for {len(summary_columns)} columns"
+                )
             summary = dict(zip(summary_columns, values))
             continue
         if columns is None:
@@ -142,9 +175,15 @@ async def parse_bill(lines: AsyncIterator[str]) -> AsyncIterator[SettlementRow]:
             amount_minor = to_minor(f"{amount:.2f}", currency)
         except (ValueError, ArithmeticError) as err:
             raise BillFormatError(f"line {number}: {err}") from err
-        yield SettlementRow(kind=kind, trade_no=row["微信订单号"], order_id=row["商户订单号"],
-                            refund_no=row["商户退款单号"] if kind == REFUND else "",
-                            amount_minor=amount_minor, currency=currency, at=at)
+        yield SettlementRow(
+            kind=kind,
+            trade_no=row["微信订单号"],
+            order_id=row["商户订单号"],
+            refund_no=row["商户退款单号"] if kind == REFUND else "",
+            amount_minor=amount_minor,
+            currency=currency,
+            at=at,
+        )
     if columns is None:
         raise BillFormatError("the bill is empty: no column row")
     if summary is None:
@@ -173,6 +212,18 @@ def render_bill(rows: Iterable[dict[str, str]]) -> Iterator[str]:
 
     refunds = [r for r in rows if r.get("交易状态") == "REFUND"]
     yield ",".join(SUMMARY_COLUMNS) + "\r\n"
-    yield ",".join("`" + v for v in (str(len(rows)), total(paid, "应结订单金额"), total(refunds, "退款金额"),
-                                      "0.00", total(rows, "手续费"), total(paid, "订单金额"),
-                                      total(refunds, "申请退款金额"))) + "\r\n"
+    yield (
+        ",".join(
+            "`" + v
+            for v in (
+                str(len(rows)),
+                total(paid, "应结订单金额"),
+                total(refunds, "退款金额"),
+                "0.00",
+                total(rows, "手续费"),
+                total(paid, "订单金额"),
+                total(refunds, "申请退款金额"),
+            )
+        )
+        + "\r\n"
+    )

@@ -85,13 +85,21 @@ def rsa_verify(key: rsa.RSAPublicKey, message: bytes, signature: str) -> bool:
         return False
 
 
-def authorization(*, mchid: str, serial_no: str, key: rsa.RSAPrivateKey, method: str, path: str, body: bytes,
-                  timestamp: Optional[int] = None, nonce: Optional[str] = None) -> str:
+def authorization(
+    *,
+    mchid: str,
+    serial_no: str,
+    key: rsa.RSAPrivateKey,
+    method: str,
+    path: str,
+    body: bytes,
+    timestamp: Optional[int] = None,
+    nonce: Optional[str] = None,
+) -> str:
     ts = str(int(time.time()) if timestamp is None else timestamp)
     nonce = nonce or new_nonce()
     signature = rsa_sign(key, request_message(method, path, ts, nonce, body))
-    return (f'{SCHEMA} mchid="{mchid}",nonce_str="{nonce}",signature="{signature}",'
-            f'timestamp="{ts}",serial_no="{serial_no}"')
+    return f'{SCHEMA} mchid="{mchid}",nonce_str="{nonce}",signature="{signature}",timestamp="{ts}",serial_no="{serial_no}"'
 
 
 _PARAM = re.compile(r'(\w+)="([^"]*)"')
@@ -109,8 +117,9 @@ def parse_authorization(header: str) -> dict[str, str]:
     return params
 
 
-def signed_headers(key: rsa.RSAPrivateKey, serial: str, body: bytes, *, timestamp: Optional[int] = None,
-                   nonce: Optional[str] = None) -> dict[str, str]:
+def signed_headers(
+    key: rsa.RSAPrivateKey, serial: str, body: bytes, *, timestamp: Optional[int] = None, nonce: Optional[str] = None
+) -> dict[str, str]:
     """The Wechatpay-* headers WeChat Pay puts on an answer or a notification."""
     ts = str(int(time.time()) if timestamp is None else timestamp)
     nonce = nonce or new_nonce()
@@ -133,8 +142,13 @@ def _header(headers: Mapping[str, str], name: str) -> str:
     return value or ""
 
 
-def verify_signed(headers: Mapping[str, str], body: bytes, keys: Mapping[str, rsa.RSAPublicKey],
-                  tolerance_seconds: float, now: Optional[float] = None) -> None:
+def verify_signed(
+    headers: Mapping[str, str],
+    body: bytes,
+    keys: Mapping[str, rsa.RSAPublicKey],
+    tolerance_seconds: float,
+    now: Optional[float] = None,
+) -> None:
     """Check the Wechatpay-* headers over the raw body with the key whose id (or certificate
     serial) is Wechatpay-Serial. Raises SignatureError."""
     timestamp = _header(headers, "Wechatpay-Timestamp")
@@ -160,13 +174,19 @@ def verify_signed(headers: Mapping[str, str], body: bytes, keys: Mapping[str, rs
         raise SignatureError("Wechatpay-Signature does not verify over the body")
 
 
-def encrypt_resource(apiv3_key: str, plaintext: bytes, associated_data: str, original_type: str,
-                     nonce: Optional[str] = None) -> dict[str, str]:
+def encrypt_resource(
+    apiv3_key: str, plaintext: bytes, associated_data: str, original_type: str, nonce: Optional[str] = None
+) -> dict[str, str]:
     """An encrypt-resource as WeChat Pay puts it in a notification (the fakes use it)."""
     nonce = nonce or secrets.token_hex(6)  # 12 characters
     ciphertext = AESGCM(apiv3_key.encode()).encrypt(nonce.encode(), plaintext, associated_data.encode())
-    return {"algorithm": AEAD, "ciphertext": base64.b64encode(ciphertext).decode(),
-            "associated_data": associated_data, "nonce": nonce, "original_type": original_type}
+    return {
+        "algorithm": AEAD,
+        "ciphertext": base64.b64encode(ciphertext).decode(),
+        "associated_data": associated_data,
+        "nonce": nonce,
+        "original_type": original_type,
+    }
 
 
 def decrypt_resource(apiv3_key: str, resource: Mapping[str, object]) -> bytes:

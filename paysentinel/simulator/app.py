@@ -91,9 +91,11 @@ class Script(BaseModel):
     callback: Literal["normal", "drop", "duplicate", "delay"] = "normal"
     callback_delay_seconds: float = Field(0.0, ge=0, le=86400)
     callback_amount: Optional[str] = Field(None, pattern=AMOUNT_PATTERN, description="amount the callback claims")
-    paid_amount: Optional[str] = Field(None, pattern=AMOUNT_PATTERN,
-                                       description="amount the provider takes when the payer pays (trade, query, "
-                                                   "callback and bill all show it)")
+    paid_amount: Optional[str] = Field(
+        None,
+        pattern=AMOUNT_PATTERN,
+        description="amount the provider takes when the payer pays (trade, query, callback and bill all show it)",
+    )
     after_close: Literal["nothing", "closed_callback", "pay"] = "nothing"
     after_close_delay_seconds: float = Field(1.0, ge=0, le=86400)
     second_charge: bool = Field(False, description="after paying, the payer pays the order again elsewhere")
@@ -151,9 +153,14 @@ class SimRefund:
 
     def out(self) -> dict[str, Any]:
         return {
-            "out_request_no": self.out_request_no, "trade_no": self.trade_no, "out_trade_no": self.out_trade_no,
-            "refund_amount": self.refund_amount, "currency": self.currency, "refund_status": self.refund_status,
-            "fail_reason": self.fail_reason, "gmt_refund": self.gmt_refund.isoformat() if self.gmt_refund else None,
+            "out_request_no": self.out_request_no,
+            "trade_no": self.trade_no,
+            "out_trade_no": self.out_trade_no,
+            "refund_amount": self.refund_amount,
+            "currency": self.currency,
+            "refund_status": self.refund_status,
+            "fail_reason": self.fail_reason,
+            "gmt_refund": self.gmt_refund.isoformat() if self.gmt_refund else None,
             "submissions": self.submissions,
         }
 
@@ -301,9 +308,16 @@ class Provider:
     def charge_again(self, first: SimTrade) -> None:
         """The payer pays the same order a second time, through another channel."""
         second = SimTrade(
-            trade_no=new_trade_no(), out_trade_no=first.out_trade_no, total_amount=first.total_amount,
-            currency=first.currency, subject=first.subject, notify_url=first.notify_url, time_expire=None,
-            pay_url=first.pay_url, trade_status="TRADE_SUCCESS", gmt_payment=_now(),
+            trade_no=new_trade_no(),
+            out_trade_no=first.out_trade_no,
+            total_amount=first.total_amount,
+            currency=first.currency,
+            subject=first.subject,
+            notify_url=first.notify_url,
+            time_expire=None,
+            pay_url=first.pay_url,
+            trade_status="TRADE_SUCCESS",
+            gmt_payment=_now(),
         )
         self.extra_trades.setdefault(first.out_trade_no, []).append(second)
         self.orders_by_trade_no[second.trade_no] = first.out_trade_no
@@ -353,8 +367,16 @@ class Provider:
             "captured_minor": int(captured * 100),
             "refunded_minor": int(refunded * 100),
             "net_minor": int((captured - refunded) * 100),
-            "trades": [{"trade_no": t.trade_no, "trade_status": t.trade_status, "total_amount": t.total_amount,
-                        "paid": t.paid, "refunded_amount": f"{t.refunded():.2f}"} for t in trades],
+            "trades": [
+                {
+                    "trade_no": t.trade_no,
+                    "trade_status": t.trade_status,
+                    "total_amount": t.total_amount,
+                    "paid": t.paid,
+                    "refunded_amount": f"{t.refunded():.2f}",
+                }
+                for t in trades
+            ],
             "refunds": [r.out() for t in trades for r in t.refunds.values()],
         }
 
@@ -428,16 +450,19 @@ class Provider:
                 await asyncio.sleep(schedule[attempt - 1])
 
     def _record(self, trade: SimTrade, event_id: str, attempt: int, status: Optional[int], error: Optional[str]) -> None:
-        self.deliveries.setdefault(trade.out_trade_no, []).append({
-            "event_id": event_id,
-            "trade_status": trade.trade_status,
-            "attempt": attempt,
-            "at": _now().isoformat(),
-            "status_code": status,
-            "error": error,
-        })
-        log.info("callback %s for %s (%s), attempt %d: %s", event_id, trade.out_trade_no, trade.trade_status,
-                 attempt, status or error)
+        self.deliveries.setdefault(trade.out_trade_no, []).append(
+            {
+                "event_id": event_id,
+                "trade_status": trade.trade_status,
+                "attempt": attempt,
+                "at": _now().isoformat(),
+                "status_code": status,
+                "error": error,
+            }
+        )
+        log.info(
+            "callback %s for %s (%s), attempt %d: %s", event_id, trade.out_trade_no, trade.trade_status, attempt, status or error
+        )
 
 
 # --- The application --------------------------------------------------------------------
@@ -453,8 +478,11 @@ def create_app(settings: Settings) -> FastAPI:
             yield
             await provider.shutdown()
 
-    app = FastAPI(title="paysentinel provider simulator", lifespan=lifespan,
-                  description="Alipay-like trades with scripted behaviour, for development and tests.")
+    app = FastAPI(
+        title="paysentinel provider simulator",
+        lifespan=lifespan,
+        description="Alipay-like trades with scripted behaviour, for development and tests.",
+    )
     app.state.provider = provider
 
     @app.exception_handler(RequestValidationError)
@@ -479,8 +507,11 @@ def create_app(settings: Settings) -> FastAPI:
         existing = provider.trades.get(body.out_trade_no)
         if existing is not None:
             if Decimal(existing.total_amount) != Decimal(body.total_amount) or existing.currency != body.currency:
-                return _error(400, "ACQ.CONTEXT_INCONSISTENT",
-                              f"order {body.out_trade_no} exists with {existing.total_amount} {existing.currency}")
+                return _error(
+                    400,
+                    "ACQ.CONTEXT_INCONSISTENT",
+                    f"order {body.out_trade_no} exists with {existing.total_amount} {existing.currency}",
+                )
             return _ok(existing)  # the same request again (a retry): the same trade
         trade_no = new_trade_no()
         base = (settings.simulator_public_url or str(request.base_url)).rstrip("/")
@@ -496,8 +527,14 @@ def create_app(settings: Settings) -> FastAPI:
         )
         provider.trades[trade.out_trade_no] = trade
         provider.orders_by_trade_no[trade_no] = trade.out_trade_no
-        log.info("trade %s created for %s (%s %s, key %s)", trade_no, trade.out_trade_no, trade.total_amount,
-                 trade.currency, idempotency_key)
+        log.info(
+            "trade %s created for %s (%s %s, key %s)",
+            trade_no,
+            trade.out_trade_no,
+            trade.total_amount,
+            trade.currency,
+            idempotency_key,
+        )
         script = provider.script(trade.out_trade_no)
         if script.pay != "never":
             delay = script.pay_delay_seconds if script.pay == "after_delay" else 0.1
@@ -544,21 +581,35 @@ def create_app(settings: Settings) -> FastAPI:
         existing = trade.refunds.get(body.out_request_no)
         if existing is not None:
             if Decimal(existing.refund_amount) != amount:
-                return _error(400, "ACQ.CONTEXT_INCONSISTENT",
-                              f"refund {body.out_request_no} exists with amount {existing.refund_amount}")
+                return _error(
+                    400, "ACQ.CONTEXT_INCONSISTENT", f"refund {body.out_request_no} exists with amount {existing.refund_amount}"
+                )
             if existing.refund_status == "REFUND_FAILED":  # the caller retries a failed refund
                 existing.submissions += 1
                 provider.submit_refund(existing)
             return {"code": "10000", "msg": "Success", "refund": existing.out()}
         if amount <= 0 or trade.refunded(including_processing=True) + amount > Decimal(trade.total_amount):
-            return _error(400, "ACQ.REFUND_AMT_NOT_EQUAL_TOTAL",
-                          f"refund {body.refund_amount} exceeds trade total {trade.total_amount} less "
-                          f"{trade.refunded(including_processing=True):.2f} already refunded")
-        refund = SimRefund(out_request_no=body.out_request_no, trade_no=trade.trade_no, out_trade_no=out_trade_no,
-                           refund_amount=f"{amount:.2f}", currency=trade.currency)
+            return _error(
+                400,
+                "ACQ.REFUND_AMT_NOT_EQUAL_TOTAL",
+                f"refund {body.refund_amount} exceeds trade total {trade.total_amount} less "
+                f"{trade.refunded(including_processing=True):.2f} already refunded",
+            )
+        refund = SimRefund(
+            out_request_no=body.out_request_no,
+            trade_no=trade.trade_no,
+            out_trade_no=out_trade_no,
+            refund_amount=f"{amount:.2f}",
+            currency=trade.currency,
+        )
         trade.refunds[refund.out_request_no] = refund
-        log.info("refund %s of %s on trade %s requested (key %s)", refund.out_request_no, refund.refund_amount,
-                 trade.trade_no, idempotency_key)
+        log.info(
+            "refund %s of %s on trade %s requested (key %s)",
+            refund.out_request_no,
+            refund.refund_amount,
+            trade.trade_no,
+            idempotency_key,
+        )
         provider.submit_refund(refund)
         return {"code": "10000", "msg": "Success", "refund": refund.out()}
 
@@ -580,8 +631,11 @@ def create_app(settings: Settings) -> FastAPI:
         if bill_date > datetime.now(ZoneInfo(settings.settlement_timezone)).date():
             return _error(400, "ACQ.INVALID_PARAMETER", f"no bill for {bill_date}: the day has not started")
         lines = provider.bill(bill_date).lines(provider.all_trades())
-        return StreamingResponse(lines, media_type="text/csv; charset=utf-8", headers={
-            "content-disposition": f'attachment; filename="bill-{bill_date}.csv"'})
+        return StreamingResponse(
+            lines,
+            media_type="text/csv; charset=utf-8",
+            headers={"content-disposition": f'attachment; filename="bill-{bill_date}.csv"'},
+        )
 
     # Control API ---------------------------------------------------------------------
 
@@ -601,9 +655,16 @@ def create_app(settings: Settings) -> FastAPI:
         if not _valid_order(body.out_trade_no):
             return _error(400, "ACQ.INVALID_PARAMETER", f"order must match {ORDER_PATTERN}")
         trade = SimTrade(
-            trade_no=new_trade_no(), out_trade_no=body.out_trade_no, total_amount=body.total_amount,
-            currency=body.currency, subject="paid elsewhere", notify_url=None, time_expire=None, pay_url="",
-            trade_status="TRADE_SUCCESS", gmt_payment=_now(),
+            trade_no=new_trade_no(),
+            out_trade_no=body.out_trade_no,
+            total_amount=body.total_amount,
+            currency=body.currency,
+            subject="paid elsewhere",
+            notify_url=None,
+            time_expire=None,
+            pay_url="",
+            trade_status="TRADE_SUCCESS",
+            gmt_payment=_now(),
         )
         provider.trades[trade.out_trade_no] = trade
         provider.orders_by_trade_no[trade.trade_no] = trade.out_trade_no
@@ -663,9 +724,11 @@ def create_app(settings: Settings) -> FastAPI:
         if trade is None:
             return HTMLResponse(_page("Unknown trade", f"No trade {trade_no}.", None), status_code=404)
         payable = trade.trade_status == "WAIT_BUYER_PAY"
-        return _page(f"Pay {trade.total_amount} {trade.currency}",
-                     f"{trade.subject} — order {trade.out_trade_no}, status {trade.trade_status}.",
-                     trade if payable else None)
+        return _page(
+            f"Pay {trade.total_amount} {trade.currency}",
+            f"{trade.subject} — order {trade.out_trade_no}, status {trade.trade_status}.",
+            trade if payable else None,
+        )
 
     @app.post("/pay/{trade_no}", response_class=HTMLResponse)
     async def cashier_pay(trade_no: str):
@@ -688,6 +751,7 @@ def _page(title: str, message: str, payable: Optional[SimTrade]) -> str:
     button = (
         f'<form method="post" action="/pay/{html.escape(payable.trade_no)}"><button>Pay '
         f"{html.escape(payable.total_amount)} {html.escape(payable.currency)}</button></form>"
-        if payable else ""
+        if payable
+        else ""
     )
     return template.format(title=html.escape(title), message=html.escape(message), button=button)

@@ -22,8 +22,19 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field
 
-COLUMNS = ["支付宝交易号", "商户订单号", "业务类型", "商品名称", "创建时间", "完成时间", "币种",
-           "订单金额（元）", "商家实收（元）", "退款批次号/请求号", "备注"]
+COLUMNS = [
+    "支付宝交易号",
+    "商户订单号",
+    "业务类型",
+    "商品名称",
+    "创建时间",
+    "完成时间",
+    "币种",
+    "订单金额（元）",
+    "商家实收（元）",
+    "退款批次号/请求号",
+    "备注",
+]
 PAYMENT, REFUND = "交易", "退款"
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -87,16 +98,45 @@ class DayBill:
             if trade.gmt_payment and start <= trade.gmt_payment < end and trade.out_trade_no not in adjust.drop_orders:
                 amount = adjust.amounts.get(trade.out_trade_no, trade.total_amount)
                 paid_count, paid_total = paid_count + 1, paid_total + Decimal(amount)
-                yield line([trade.trade_no, trade.out_trade_no, PAYMENT, trade.subject, self._local(trade.gmt_create),
-                            self._local(trade.gmt_payment), trade.currency, amount, amount, "", ""])
+                yield line(
+                    [
+                        trade.trade_no,
+                        trade.out_trade_no,
+                        PAYMENT,
+                        trade.subject,
+                        self._local(trade.gmt_create),
+                        self._local(trade.gmt_payment),
+                        trade.currency,
+                        amount,
+                        amount,
+                        "",
+                        "",
+                    ]
+                )
             for refund in trade.refunds.values():
-                if (refund.refund_status == "REFUND_SUCCESS" and refund.gmt_refund and start <= refund.gmt_refund < end
-                        and refund.out_request_no not in adjust.drop_refunds):
+                if (
+                    refund.refund_status == "REFUND_SUCCESS"
+                    and refund.gmt_refund
+                    and start <= refund.gmt_refund < end
+                    and refund.out_request_no not in adjust.drop_refunds
+                ):
                     amount = adjust.refund_amounts.get(refund.out_request_no, refund.refund_amount)
                     refund_count, refund_total = refund_count + 1, refund_total + Decimal(amount)
-                    yield line([trade.trade_no, trade.out_trade_no, REFUND, trade.subject,
-                                self._local(trade.gmt_create), self._local(refund.gmt_refund), trade.currency,
-                                f"-{amount}", f"-{amount}", refund.out_request_no, ""])
+                    yield line(
+                        [
+                            trade.trade_no,
+                            trade.out_trade_no,
+                            REFUND,
+                            trade.subject,
+                            self._local(trade.gmt_create),
+                            self._local(refund.gmt_refund),
+                            trade.currency,
+                            f"-{amount}",
+                            f"-{amount}",
+                            refund.out_request_no,
+                            "",
+                        ]
+                    )
         for raw in adjust.extra_lines:
             yield raw.rstrip("\n") + "\n"
         for synthetic in self.synthetic:

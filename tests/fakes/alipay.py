@@ -65,9 +65,15 @@ TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 ORDER_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 AMOUNT_RE = re.compile(r"^\d{1,9}(\.\d{1,2})?$")
 DEFAULT_RESEND = "0.5,1,1,2,2,3,4"  # Alipay's 4m,10m,10m,1h,2h,6h,15h, compressed
-METHODS = ("alipay.trade.precreate", "alipay.trade.query", "alipay.trade.close", "alipay.trade.refund",
-           "alipay.trade.fastpay.refund.query", "alipay.data.dataservice.bill.downloadurl.query",
-           "alipay.trade.page.pay")
+METHODS = (
+    "alipay.trade.precreate",
+    "alipay.trade.query",
+    "alipay.trade.close",
+    "alipay.trade.refund",
+    "alipay.trade.fastpay.refund.query",
+    "alipay.data.dataservice.bill.downloadurl.query",
+    "alipay.trade.page.pay",
+)
 
 
 # --- Keys and signatures (the fake's own, independent of the adapter's code) -----------------
@@ -78,13 +84,13 @@ def new_key() -> rsa.RSAPrivateKey:
 
 
 def private_pem(key: rsa.RSAPrivateKey) -> str:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                             serialization.NoEncryption()).decode()
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    ).decode()
 
 
 def public_pem(key: rsa.RSAPrivateKey) -> str:
-    return key.public_key().public_bytes(serialization.Encoding.PEM,
-                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
 def unsigned_string(params: dict[str, str], exclude: tuple[str, ...]) -> str:
@@ -114,8 +120,12 @@ def prepare(directory: Path, port: int, webhook_url: str) -> FakeSetup:
     ``\\n`` escapes as a console copy-paste often is)."""
     directory.mkdir(parents=True, exist_ok=True)
     app_key, alipay_key = new_key(), new_key()
-    files = {"app_private.pem": private_pem(app_key), "app_public.pem": public_pem(app_key),
-             "alipay_private.pem": private_pem(alipay_key), "alipay_public.pem": public_pem(alipay_key)}
+    files = {
+        "app_private.pem": private_pem(app_key),
+        "app_public.pem": public_pem(app_key),
+        "alipay_private.pem": private_pem(alipay_key),
+        "alipay_public.pem": public_pem(alipay_key),
+    }
     for name, text in files.items():
         (directory / name).write_text(text)
         os.chmod(directory / name, 0o600)
@@ -227,12 +237,26 @@ class FakeTrade:
         return sum((r.amount for r in self.refunds.values() if r.status in counted), Decimal(0))
 
     def out(self) -> dict[str, Any]:
-        return {"out_trade_no": self.out_trade_no, "trade_no": self.trade_no, "trade_status": self.status,
-                "total_amount": money(self.total_amount), "qr_code": self.qr_code,
-                "gmt_create": cn(self.gmt_create), "gmt_payment": cn(self.gmt_payment) or None,
-                "gmt_close": cn(self.gmt_close) or None, "time_expire": cn(self.time_expire) or None,
-                "refunds": [{"out_request_no": r.out_request_no, "refund_amount": money(r.amount),
-                             "refund_status": r.status, "submissions": r.submissions} for r in self.refunds.values()]}
+        return {
+            "out_trade_no": self.out_trade_no,
+            "trade_no": self.trade_no,
+            "trade_status": self.status,
+            "total_amount": money(self.total_amount),
+            "qr_code": self.qr_code,
+            "gmt_create": cn(self.gmt_create),
+            "gmt_payment": cn(self.gmt_payment) or None,
+            "gmt_close": cn(self.gmt_close) or None,
+            "time_expire": cn(self.time_expire) or None,
+            "refunds": [
+                {
+                    "out_request_no": r.out_request_no,
+                    "refund_amount": money(r.amount),
+                    "refund_status": r.status,
+                    "submissions": r.submissions,
+                }
+                for r in self.refunds.values()
+            ],
+        }
 
 
 class Answer(Exception):
@@ -244,8 +268,12 @@ class Answer(Exception):
 
     @property
     def msg(self) -> str:
-        return {"20000": "Service Currently Unavailable", "40001": "Missing Required Arguments",
-                "40002": "Invalid Arguments", "40004": "Business Failed"}.get(self.code, "Error")
+        return {
+            "20000": "Service Currently Unavailable",
+            "40001": "Missing Required Arguments",
+            "40002": "Invalid Arguments",
+            "40004": "Business Failed",
+        }.get(self.code, "Error")
 
 
 def not_exist() -> Answer:
@@ -318,13 +346,15 @@ class Alipay:
             if not under_way and trade.time_expire is not None and now() > trade.time_expire:
                 return "the QR code has expired"
             trade.status = "WAIT_BUYER_PAY"
-            trade.trade_no = now().astimezone(CHINA).strftime("%Y%m%d") + "22001" + "".join(
-                secrets.choice("0123456789") for _ in range(15))
+            trade.trade_no = (
+                now().astimezone(CHINA).strftime("%Y%m%d") + "22001" + "".join(secrets.choice("0123456789") for _ in range(15))
+            )
             self.by_trade_no[trade.trade_no] = trade.out_trade_no
         return None
 
-    def pay(self, trade: FakeTrade, amount: Optional[str] = None, scan_only: bool = False,
-            under_way: bool = False) -> Optional[str]:
+    def pay(
+        self, trade: FakeTrade, amount: Optional[str] = None, scan_only: bool = False, under_way: bool = False
+    ) -> Optional[str]:
         """The buyer scans (and pays). Returns why not, or None. ``under_way``: the buyer's
         payment started before time_expire and completes now."""
         if (why := self.scan(trade, under_way)) is not None:
@@ -356,29 +386,53 @@ class Alipay:
     def notification(self, trade: FakeTrade, refund: Optional[FakeRefund] = None) -> dict[str, str]:
         amount = money(trade.total_amount)
         params = {
-            "gmt_create": cn(trade.gmt_create), "charset": "utf-8", "seller_email": "shop@example.com",
-            "subject": trade.subject, "buyer_id": "2088102177846880", "invoice_amount": amount,
+            "gmt_create": cn(trade.gmt_create),
+            "charset": "utf-8",
+            "seller_email": "shop@example.com",
+            "subject": trade.subject,
+            "buyer_id": "2088102177846880",
+            "invoice_amount": amount,
             "notify_id": now().astimezone(CHINA).strftime("%Y%m%d") + "00222" + secrets.token_hex(12),
             "fund_bill_list": json.dumps([{"amount": amount, "fundChannel": "ALIPAYACCOUNT"}], separators=(",", ":")),
-            "notify_type": "trade_status_sync", "trade_status": trade.status, "receipt_amount": amount,
-            "app_id": APP_ID, "buyer_pay_amount": amount, "sign_type": "RSA2", "seller_id": PID,
-            "gmt_payment": cn(trade.gmt_payment), "notify_time": cn(now()), "version": "1.0",
-            "out_trade_no": trade.out_trade_no, "total_amount": amount, "trade_no": trade.trade_no or "",
-            "auth_app_id": APP_ID, "buyer_logon_id": "159****5620", "point_amount": "0.00",
+            "notify_type": "trade_status_sync",
+            "trade_status": trade.status,
+            "receipt_amount": amount,
+            "app_id": APP_ID,
+            "buyer_pay_amount": amount,
+            "sign_type": "RSA2",
+            "seller_id": PID,
+            "gmt_payment": cn(trade.gmt_payment),
+            "notify_time": cn(now()),
+            "version": "1.0",
+            "out_trade_no": trade.out_trade_no,
+            "total_amount": amount,
+            "trade_no": trade.trade_no or "",
+            "auth_app_id": APP_ID,
+            "buyer_logon_id": "159****5620",
+            "point_amount": "0.00",
             "gmt_close": cn(trade.gmt_close),
         }
         if refund is not None:
-            params.update({"refund_fee": money(trade.refunded()), "out_biz_no": refund.out_request_no,
-                           "gmt_refund": refund.gmt_refund.astimezone(CHINA).strftime(TIME_FORMAT) + ".123"
-                           if refund.gmt_refund else ""})
+            params.update(
+                {
+                    "refund_fee": money(trade.refunded()),
+                    "out_biz_no": refund.out_request_no,
+                    "gmt_refund": refund.gmt_refund.astimezone(CHINA).strftime(TIME_FORMAT) + ".123" if refund.gmt_refund else "",
+                }
+            )
         return sign_notification(self.key, {k: v for k, v in params.items() if v != ""})
 
     def notify(self, trade: FakeTrade, refund: Optional[FakeRefund] = None) -> None:
         params = self.notification(trade, refund)
         body = urllib.parse.urlencode(params)
         self.notifications.setdefault(trade.out_trade_no, []).append(
-            {"notify_id": params["notify_id"], "trade_status": trade.status, "body": body,
-             "refund": refund.out_request_no if refund else None})
+            {
+                "notify_id": params["notify_id"],
+                "trade_status": trade.status,
+                "body": body,
+                "refund": refund.out_request_no if refund else None,
+            }
+        )
         if self.script(trade.out_trade_no).notify == "drop":
             self.record(trade, params["notify_id"], 0, None, None, "lost (scripted)")
             return
@@ -392,8 +446,10 @@ class Alipay:
             try:
                 assert self.http is not None
                 response = await self.http.post(
-                    trade.notify_url, content=body.encode(),
-                    headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"})
+                    trade.notify_url,
+                    content=body.encode(),
+                    headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"},
+                )
                 status, answer = response.status_code, response.content[:200].decode("utf-8", "replace")
             except httpx.HTTPError as err:
                 error = f"{type(err).__name__}: {err}"
@@ -404,11 +460,20 @@ class Alipay:
                 return
             await asyncio.sleep(self.resend[attempt - 1])
 
-    def record(self, trade: FakeTrade, notify_id: str, attempt: int, status: Optional[int], answer: Optional[str],
-               error: Optional[str]) -> None:
-        self.deliveries.setdefault(trade.out_trade_no, []).append({
-            "notify_id": notify_id, "trade_status": trade.status, "attempt": attempt, "status_code": status,
-            "answer": answer, "error": error, "at": now().isoformat()})
+    def record(
+        self, trade: FakeTrade, notify_id: str, attempt: int, status: Optional[int], answer: Optional[str], error: Optional[str]
+    ) -> None:
+        self.deliveries.setdefault(trade.out_trade_no, []).append(
+            {
+                "notify_id": notify_id,
+                "trade_status": trade.status,
+                "attempt": attempt,
+                "status_code": status,
+                "answer": answer,
+                "error": error,
+                "at": now().isoformat(),
+            }
+        )
 
     # Books ---------------------------------------------------------------------------------
 
@@ -418,26 +483,65 @@ class Alipay:
         captured = sum((t.total_amount for t in trades if t.paid), Decimal(0))
         refunded = sum((t.refunded() for t in trades), Decimal(0))
         return {
-            "order": order, "currency": "CNY" if trades else None,
-            "captured_minor": int(captured * 100), "refunded_minor": int(refunded * 100),
+            "order": order,
+            "currency": "CNY" if trades else None,
+            "captured_minor": int(captured * 100),
+            "refunded_minor": int(refunded * 100),
             "net_minor": int((captured - refunded) * 100),
-            "trades": [{"trade_no": t.trade_no, "trade_status": t.status, "total_amount": money(t.total_amount),
-                        "paid": t.paid, "refunded_amount": money(t.refunded())} for t in trades],
-            "refunds": [{"out_request_no": r.out_request_no, "trade_no": t.trade_no, "out_trade_no": t.out_trade_no,
-                         "refund_amount": money(r.amount), "currency": "CNY", "refund_status": r.status,
-                         "submissions": r.submissions} for t in trades for r in t.refunds.values()],
+            "trades": [
+                {
+                    "trade_no": t.trade_no,
+                    "trade_status": t.status,
+                    "total_amount": money(t.total_amount),
+                    "paid": t.paid,
+                    "refunded_amount": money(t.refunded()),
+                }
+                for t in trades
+            ],
+            "refunds": [
+                {
+                    "out_request_no": r.out_request_no,
+                    "trade_no": t.trade_no,
+                    "out_trade_no": t.out_trade_no,
+                    "refund_amount": money(r.amount),
+                    "currency": "CNY",
+                    "refund_status": r.status,
+                    "submissions": r.submissions,
+                }
+                for t in trades
+                for r in t.refunds.values()
+            ],
         }
 
     def bill_rows(self, day: date) -> list[BillRow]:
         rows = []
         for trade in self.trades.values():
             if trade.paid and trade.gmt_payment.astimezone(CHINA).date() == day:
-                rows.append(BillRow("交易", trade.trade_no or "", trade.out_trade_no, trade.subject, trade.gmt_create,
-                                    trade.gmt_payment, trade.total_amount))
+                rows.append(
+                    BillRow(
+                        "交易",
+                        trade.trade_no or "",
+                        trade.out_trade_no,
+                        trade.subject,
+                        trade.gmt_create,
+                        trade.gmt_payment,
+                        trade.total_amount,
+                    )
+                )
             for refund in trade.refunds.values():
                 if refund.status == "REFUND_SUCCESS" and refund.gmt_refund.astimezone(CHINA).date() == day:
-                    rows.append(BillRow("退款", trade.trade_no or "", trade.out_trade_no, trade.subject,
-                                        trade.gmt_create, refund.gmt_refund, refund.amount, refund.out_request_no))
+                    rows.append(
+                        BillRow(
+                            "退款",
+                            trade.trade_no or "",
+                            trade.out_trade_no,
+                            trade.subject,
+                            trade.gmt_create,
+                            refund.gmt_refund,
+                            refund.amount,
+                            refund.out_request_no,
+                        )
+                    )
         return sorted(rows, key=lambda r: r.finished)
 
     # The API ------------------------------------------------------------------------------
@@ -467,9 +571,14 @@ class Alipay:
             if trade.total_amount != Decimal(amount):
                 raise Answer("40004", "ACQ.CONTEXT_INCONSISTENT", "交易信息被篡改", {"out_trade_no": order})
             return {"code": "10000", "msg": "Success", "out_trade_no": order, "qr_code": trade.qr_code}
-        trade = FakeTrade(out_trade_no=order, total_amount=Decimal(amount), subject=str(biz["subject"]),
-                          notify_url=params.get("notify_url", ""), time_expire=expire,
-                          qr_code=f"https://qr.alipay.com/bax{secrets.token_hex(10)}")
+        trade = FakeTrade(
+            out_trade_no=order,
+            total_amount=Decimal(amount),
+            subject=str(biz["subject"]),
+            notify_url=params.get("notify_url", ""),
+            time_expire=expire,
+            qr_code=f"https://qr.alipay.com/bax{secrets.token_hex(10)}",
+        )
         self.trades[order] = trade
         return {"code": "10000", "msg": "Success", "out_trade_no": order, "qr_code": trade.qr_code}
 
@@ -479,14 +588,29 @@ class Alipay:
             self.expire(trade)
         if trade is None or trade.status == "NOT_SCANNED":
             raise not_exist()
-        body = {"code": "10000", "msg": "Success", "buyer_logon_id": "159****5620", "buyer_pay_amount": "0.00",
-                "out_trade_no": trade.out_trade_no, "point_amount": "0.00", "receipt_amount": "0.00",
-                "total_amount": money(trade.total_amount), "trade_no": trade.trade_no, "trade_status": trade.status,
-                "buyer_user_id": "2088102177846880"}
+        body = {
+            "code": "10000",
+            "msg": "Success",
+            "buyer_logon_id": "159****5620",
+            "buyer_pay_amount": "0.00",
+            "out_trade_no": trade.out_trade_no,
+            "point_amount": "0.00",
+            "receipt_amount": "0.00",
+            "total_amount": money(trade.total_amount),
+            "trade_no": trade.trade_no,
+            "trade_status": trade.status,
+            "buyer_user_id": "2088102177846880",
+        }
         if trade.paid:
-            body.update({"send_pay_date": cn(trade.gmt_payment), "buyer_pay_amount": money(trade.total_amount),
-                         "receipt_amount": money(trade.total_amount), "invoice_amount": money(trade.total_amount),
-                         "fund_bill_list": [{"amount": money(trade.total_amount), "fund_channel": "ALIPAYACCOUNT"}]})
+            body.update(
+                {
+                    "send_pay_date": cn(trade.gmt_payment),
+                    "buyer_pay_amount": money(trade.total_amount),
+                    "receipt_amount": money(trade.total_amount),
+                    "invoice_amount": money(trade.total_amount),
+                    "fund_bill_list": [{"amount": money(trade.total_amount), "fund_channel": "ALIPAYACCOUNT"}],
+                }
+            )
         return body
 
     def close(self, biz: dict[str, Any]) -> dict[str, Any]:
@@ -499,8 +623,12 @@ class Alipay:
         if trade.status == "NOT_SCANNED":
             raise not_exist()  # no trade until scanned; the QR code lives on until time_expire
         if trade.status != "WAIT_BUYER_PAY":
-            raise Answer("40004", "ACQ.TRADE_STATUS_ERROR", "交易状态不合法",
-                         {"out_trade_no": trade.out_trade_no, "trade_no": trade.trade_no})
+            raise Answer(
+                "40004",
+                "ACQ.TRADE_STATUS_ERROR",
+                "交易状态不合法",
+                {"out_trade_no": trade.out_trade_no, "trade_no": trade.trade_no},
+            )
         trade.status, trade.gmt_close = "TRADE_CLOSED", now()
         self.notify(trade)
         return {"code": "10000", "msg": "Success", "out_trade_no": trade.out_trade_no, "trade_no": trade.trade_no}
@@ -516,10 +644,18 @@ class Alipay:
         existing = trade.refunds.get(request_no)
 
         def answer(fund_change: str) -> dict[str, Any]:
-            return {"code": "10000", "msg": "Success", "buyer_logon_id": "159****5620", "buyer_user_id":
-                    "2088102177846880", "fund_change": fund_change, "gmt_refund_pay": cn(now()),
-                    "out_trade_no": trade.out_trade_no, "refund_fee": money(trade.refunded()),
-                    "send_back_fee": "0.00", "trade_no": trade.trade_no}
+            return {
+                "code": "10000",
+                "msg": "Success",
+                "buyer_logon_id": "159****5620",
+                "buyer_user_id": "2088102177846880",
+                "fund_change": fund_change,
+                "gmt_refund_pay": cn(now()),
+                "out_trade_no": trade.out_trade_no,
+                "refund_fee": money(trade.refunded()),
+                "send_back_fee": "0.00",
+                "trade_no": trade.trade_no,
+            }
 
         if existing is not None:
             if existing.amount != Decimal(amount):
@@ -536,8 +672,9 @@ class Alipay:
         trade.refunds[request_no] = refund
         script = self.script(trade.out_trade_no)
         if script.refund == "processing":
-            self.spawn(self.later(script.refund_processing_seconds,
-                                  lambda: self.finish_refund(trade, refund, script.refund_outcome)))
+            self.spawn(
+                self.later(script.refund_processing_seconds, lambda: self.finish_refund(trade, refund, script.refund_outcome))
+            )
             return answer("N")
         self.finish_refund(trade, refund, "success")
         return answer("Y")
@@ -549,9 +686,15 @@ class Alipay:
         refund = trade.refunds.get(str(biz.get("out_request_no") or trade.out_trade_no))
         if refund is None or refund.status == "REFUND_FAILED":
             return {"code": "10000", "msg": "Success"}  # no such refund: an empty success
-        body = {"code": "10000", "msg": "Success", "out_request_no": refund.out_request_no,
-                "out_trade_no": trade.out_trade_no, "trade_no": trade.trade_no, "refund_amount": money(refund.amount),
-                "total_amount": money(trade.total_amount)}
+        body = {
+            "code": "10000",
+            "msg": "Success",
+            "out_request_no": refund.out_request_no,
+            "out_trade_no": trade.out_trade_no,
+            "trade_no": trade.trade_no,
+            "refund_amount": money(refund.amount),
+            "total_amount": money(trade.total_amount),
+        }
         if refund.status == "REFUND_SUCCESS":
             body["refund_status"] = "REFUND_SUCCESS"
             if "gmt_refund_pay" in (biz.get("query_options") or []):
@@ -568,9 +711,17 @@ class Alipay:
         if day > now().astimezone(CHINA).date():
             raise Answer("40004", "isp.bill_not_exist", "账单不存在")
         stamp = day.strftime("%Y%m%d")
-        query = urllib.parse.urlencode({"bizType": "trade", "userId": PID, "fileType": "csv.zip", "bizDates": stamp,
-                                        "downloadFileName": f"{PID}0156_{stamp}.csv.zip",
-                                        "fileId": f"/trade/{PID}/{stamp}", "timestamp": int(now().timestamp())})
+        query = urllib.parse.urlencode(
+            {
+                "bizType": "trade",
+                "userId": PID,
+                "fileType": "csv.zip",
+                "bizDates": stamp,
+                "downloadFileName": f"{PID}0156_{stamp}.csv.zip",
+                "fileId": f"/trade/{PID}/{stamp}",
+                "timestamp": int(now().timestamp()),
+            }
+        )
         return {"code": "10000", "msg": "Success", "bill_download_url": f"{base}/downloadBillFile.resource?{query}"}
 
 
@@ -624,11 +775,27 @@ def create_app(keys: Path, resend: list[float]) -> FastAPI:
         params = await params_of(request)
         method = params.get("method", "")
         if not method:
-            return render("", {"code": "40001", "msg": "Missing Required Arguments", "sub_code": "isv.missing-method",
-                               "sub_msg": "缺少方法名参数"}, None)
+            return render(
+                "",
+                {
+                    "code": "40001",
+                    "msg": "Missing Required Arguments",
+                    "sub_code": "isv.missing-method",
+                    "sub_msg": "缺少方法名参数",
+                },
+                None,
+            )
         if method not in METHODS:
-            return render("", {"code": "40002", "msg": "Invalid Arguments", "sub_code": "isv.invalid-method",
-                               "sub_msg": f"不存在的方法名: {method}"}, None)
+            return render(
+                "",
+                {
+                    "code": "40002",
+                    "msg": "Invalid Arguments",
+                    "sub_code": "isv.invalid-method",
+                    "sub_msg": f"不存在的方法名: {method}",
+                },
+                None,
+            )
         try:
             check_common(params)
             biz = json.loads(params.get("biz_content") or "{}")
@@ -636,17 +803,27 @@ def create_app(keys: Path, resend: list[float]) -> FastAPI:
                 raise ValueError
         except Answer as err:
             if method == "alipay.trade.page.pay":
-                return HTMLResponse(f"<html><body><h1>支付宝 - 错误</h1><p>错误代码: {err.sub_code}</p>"
-                                    f"<p>{err.sub_msg}</p></body></html>")
-            return render(method, {"code": err.code, "msg": err.msg, "sub_code": err.sub_code,
-                                   "sub_msg": err.sub_msg}, None)
+                return HTMLResponse(
+                    f"<html><body><h1>支付宝 - 错误</h1><p>错误代码: {err.sub_code}</p><p>{err.sub_msg}</p></body></html>"
+                )
+            return render(method, {"code": err.code, "msg": err.msg, "sub_code": err.sub_code, "sub_msg": err.sub_msg}, None)
         except ValueError:
-            return render(method, {"code": "40002", "msg": "Invalid Arguments", "sub_code": "isv.invalid-parameter",
-                                   "sub_msg": "biz_content 不是 JSON 对象"}, None)
+            return render(
+                method,
+                {
+                    "code": "40002",
+                    "msg": "Invalid Arguments",
+                    "sub_code": "isv.invalid-parameter",
+                    "sub_msg": "biz_content 不是 JSON 对象",
+                },
+                None,
+            )
         if method == "alipay.trade.page.pay":
-            return HTMLResponse(f"<html><head><meta charset='utf-8'><title>支付宝 - 网上支付 安全快速！</title></head>"
-                                f"<body><h1>收银台</h1><p>订单号 {biz.get('out_trade_no')}</p>"
-                                f"<p>应付金额 {biz.get('total_amount')} 元</p></body></html>")
+            return HTMLResponse(
+                f"<html><head><meta charset='utf-8'><title>支付宝 - 网上支付 安全快速！</title></head>"
+                f"<body><h1>收银台</h1><p>订单号 {biz.get('out_trade_no')}</p>"
+                f"<p>应付金额 {biz.get('total_amount')} 元</p></body></html>"
+            )
         order = str(biz.get("out_trade_no") or alipay.by_trade_no.get(str(biz.get("trade_no") or ""), ""))
         alipay.calls.setdefault(order, Counter())[method] += 1
         failure = alipay.failure(order, method)
@@ -697,8 +874,11 @@ def create_app(keys: Path, resend: list[float]) -> FastAPI:
         if failure.http_status >= 500:
             return HTMLResponse("<html><body>502 Bad Gateway</body></html>", status_code=failure.http_status)
         code = failure.code
-        return render(method, {"code": code, "msg": Answer(code, "", "").msg, "sub_code": failure.sub_code,
-                               "sub_msg": failure.sub_msg}, alipay.key if code in ("10000", "20000", "40004") else None)
+        return render(
+            method,
+            {"code": code, "msg": Answer(code, "", "").msg, "sub_code": failure.sub_code, "sub_msg": failure.sub_msg},
+            alipay.key if code in ("10000", "20000", "40004") else None,
+        )
 
     @app.get("/downloadBillFile.resource")
     async def download_bill(bizDates: str = Query(...), userId: str = Query(...)) -> Response:
@@ -707,11 +887,15 @@ def create_app(keys: Path, resend: list[float]) -> FastAPI:
 
         async def pieces():
             for start in range(0, len(data), 1000):  # in small pieces, as a slow download arrives
-                yield data[start:start + 1000]
+                yield data[start : start + 1000]
 
         from fastapi.responses import StreamingResponse
-        return StreamingResponse(pieces(), media_type="application/oct-stream", headers={
-            "Content-Disposition": f"attachment; filename={PID}0156_{bizDates}.csv.zip"})
+
+        return StreamingResponse(
+            pieces(),
+            media_type="application/oct-stream",
+            headers={"Content-Disposition": f"attachment; filename={PID}0156_{bizDates}.csv.zip"},
+        )
 
     # Control ----------------------------------------------------------------------------
 
@@ -749,15 +933,25 @@ def create_app(keys: Path, resend: list[float]) -> FastAPI:
     @app.get("/control/trades/{order}")
     async def trade_view(order: str):
         trade = alipay.trades.get(order)
-        return {"trade": trade.out() if trade else None, "script": alipay.script(order).model_dump(),
-                "calls": dict(alipay.calls.get(order, Counter())), "deliveries": alipay.deliveries.get(order, []),
-                "notifications": alipay.notifications.get(order, [])}
+        return {
+            "trade": trade.out() if trade else None,
+            "script": alipay.script(order).model_dump(),
+            "calls": dict(alipay.calls.get(order, Counter())),
+            "deliveries": alipay.deliveries.get(order, []),
+            "notifications": alipay.notifications.get(order, []),
+        }
 
     @app.post("/control/orphans")
     async def orphan(body: Orphan):
         """A trade paid at Alipay for an order the merchant never made (no notification)."""
-        trade = FakeTrade(out_trade_no=body.out_trade_no, total_amount=Decimal(body.total_amount),
-                          subject="paid elsewhere", notify_url="", time_expire=None, qr_code="")
+        trade = FakeTrade(
+            out_trade_no=body.out_trade_no,
+            total_amount=Decimal(body.total_amount),
+            subject="paid elsewhere",
+            notify_url="",
+            time_expire=None,
+            qr_code="",
+        )
         alipay.trades[trade.out_trade_no] = trade
         alipay.pay(trade)
         return {"trade": trade.out()}

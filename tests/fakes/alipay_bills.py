@@ -13,10 +13,33 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 CHINA = ZoneInfo("Asia/Shanghai")
-COLUMNS = ["支付宝交易号", "商户订单号", "业务类型", "商品名称", "创建时间", "完成时间", "门店编号", "门店名称", "操作员",
-           "终端号", "对方账户", "订单金额（元）", "商家实收（元）", "支付宝红包（元）", "集分宝（元）", "支付宝优惠（元）",
-           "商家优惠（元）", "券核销金额（元）", "券名称", "商家红包消费金额（元）", "卡消费金额（元）", "退款批次号/请求号",
-           "服务费（元）", "分润（元）", "备注"]
+COLUMNS = [
+    "支付宝交易号",
+    "商户订单号",
+    "业务类型",
+    "商品名称",
+    "创建时间",
+    "完成时间",
+    "门店编号",
+    "门店名称",
+    "操作员",
+    "终端号",
+    "对方账户",
+    "订单金额（元）",
+    "商家实收（元）",
+    "支付宝红包（元）",
+    "集分宝（元）",
+    "支付宝优惠（元）",
+    "商家优惠（元）",
+    "券核销金额（元）",
+    "券名称",
+    "商家红包消费金额（元）",
+    "卡消费金额（元）",
+    "退款批次号/请求号",
+    "服务费（元）",
+    "分润（元）",
+    "备注",
+]
 FEE_RATE = Decimal("0.006")
 LINE = "\r\n"
 
@@ -66,18 +89,44 @@ def detail_csv(pid: str, day: date, rows: list[BillRow], adjust: Adjustments, ex
     for row in rows:
         if row.out_trade_no in adjust.drop_orders:
             continue
-        amount = Decimal(adjust.amounts[row.out_trade_no]) if (
-            row.kind == "交易" and row.out_trade_no in adjust.amounts) else row.amount
+        amount = (
+            Decimal(adjust.amounts[row.out_trade_no])
+            if (row.kind == "交易" and row.out_trade_no in adjust.amounts)
+            else row.amount
+        )
         signed = amount if row.kind == "交易" else -amount
         fee = (amount * FEE_RATE).quantize(Decimal("0.01"))
         totals[row.kind][0] += 1
         totals[row.kind][1] += signed
-        writer.writerow([
-            f"{row.trade_no}\t", f"{row.out_trade_no}\t", f"{row.kind}\t", f"{row.subject}\t", _t(row.created),
-            _t(row.finished), "\t", "\t", "\t", "\t", "159******20\t", _money(signed), _money(signed), "0.00", "0.00",
-            "0.00", "0.00", "0.00", "\t", "0.00", "0.00", f"{row.out_request_no}\t" if row.out_request_no else "\t",
-            _money(-fee if row.kind == "交易" else fee), "0.00", "\t",
-        ])
+        writer.writerow(
+            [
+                f"{row.trade_no}\t",
+                f"{row.out_trade_no}\t",
+                f"{row.kind}\t",
+                f"{row.subject}\t",
+                _t(row.created),
+                _t(row.finished),
+                "\t",
+                "\t",
+                "\t",
+                "\t",
+                "159******20\t",
+                _money(signed),
+                _money(signed),
+                "0.00",
+                "0.00",
+                "0.00",
+                "0.00",
+                "0.00",
+                "\t",
+                "0.00",
+                "0.00",
+                f"{row.out_request_no}\t" if row.out_request_no else "\t",
+                _money(-fee if row.kind == "交易" else fee),
+                "0.00",
+                "\t",
+            ]
+        )
     for line in adjust.extra_lines:
         out.write(line + LINE)
     out.write("#-----------------------------------------业务明细列表结束------------------------------------" + LINE)
@@ -93,16 +142,20 @@ def summary_csv(pid: str, day: date, rows: list[BillRow], exported: datetime) ->
     refunds = [r for r in rows if r.kind == "退款"]
     total = sum((r.amount for r in trades), Decimal(0)) - sum((r.amount for r in refunds), Decimal(0))
     nxt = date.fromordinal(day.toordinal() + 1)
-    return LINE.join([
-        "#支付宝业务汇总查询", f"#账号：[{pid}0156]",
-        f"#起始日期：[{_cn_day(day)} 00:00:00]   终止日期：[{_cn_day(nxt)} 00:00:00]",
-        "#-----------------------------------------业务汇总列表----------------------------------------",
-        "门店编号,门店名称,交易订单总笔数,退款订单总笔数,订单金额（元）,商家实收（元）,支付宝优惠（元）,商家优惠（元）,卡消费金额（元）,"
-        "服务费（元）,分润（元）,实收净额（元）",
-        f"合计,,{len(trades)},{len(refunds)},{_money(total)},{_money(total)},0.00,0.00,0.00,0.00,0.00,{_money(total)}",
-        "#-----------------------------------------业务汇总列表结束------------------------------------",
-        f"#导出时间：[{exported.astimezone(CHINA).strftime('%Y年%m月%d日 %H:%M:%S')}]", "",
-    ])
+    return LINE.join(
+        [
+            "#支付宝业务汇总查询",
+            f"#账号：[{pid}0156]",
+            f"#起始日期：[{_cn_day(day)} 00:00:00]   终止日期：[{_cn_day(nxt)} 00:00:00]",
+            "#-----------------------------------------业务汇总列表----------------------------------------",
+            "门店编号,门店名称,交易订单总笔数,退款订单总笔数,订单金额（元）,商家实收（元）,支付宝优惠（元）,商家优惠（元）,卡消费金额（元）,"
+            "服务费（元）,分润（元）,实收净额（元）",
+            f"合计,,{len(trades)},{len(refunds)},{_money(total)},{_money(total)},0.00,0.00,0.00,0.00,0.00,{_money(total)}",
+            "#-----------------------------------------业务汇总列表结束------------------------------------",
+            f"#导出时间：[{exported.astimezone(CHINA).strftime('%Y年%m月%d日 %H:%M:%S')}]",
+            "",
+        ]
+    )
 
 
 class _GbkName(zipfile.ZipInfo):
@@ -116,8 +169,10 @@ def bill_zip(pid: str, day: date, rows: list[BillRow], adjust: Adjustments, expo
     stamp = day.strftime("%Y%m%d")
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, text in ((f"{pid}0156_{stamp}_业务明细.csv", detail_csv(pid, day, rows, adjust, exported)),
-                           (f"{pid}0156_{stamp}_业务明细(汇总).csv", summary_csv(pid, day, rows, exported))):
+        for name, text in (
+            (f"{pid}0156_{stamp}_业务明细.csv", detail_csv(pid, day, rows, adjust, exported)),
+            (f"{pid}0156_{stamp}_业务明细(汇总).csv", summary_csv(pid, day, rows, exported)),
+        ):
             info = _GbkName(name, date_time=exported.astimezone(CHINA).timetuple()[:6])
             info.compress_type = zipfile.ZIP_DEFLATED
             archive.writestr(info, text.encode("gbk"))

@@ -67,8 +67,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "authentication_error": (401, "invalid_request_error"),
     "permission_error": (403, "invalid_request_error"),
 }
-ROUTES = ("create", "retrieve", "search", "cancel", "refund_create", "refund_list", "refund_retrieve",
-          "balance_transactions")
+ROUTES = ("create", "retrieve", "search", "cancel", "refund_create", "refund_list", "refund_retrieve", "balance_transactions")
 
 
 def prepare(directory: Path, port: int, webhook_url: str) -> FakeSetup:
@@ -141,7 +140,7 @@ def _id(prefix: str) -> str:
 
 def major(amount: int, currency: str) -> str:
     exponent = EXPONENTS.get(currency.lower(), 2)
-    return f"{amount / 10 ** exponent:.{exponent}f}"
+    return f"{amount / 10**exponent:.{exponent}f}"
 
 
 class StripeError(Exception):
@@ -212,14 +211,26 @@ class Intent:
         if charge and "latest_charge" in expand:
             charge = state.charges[charge].out(state)
         return {
-            "id": self.id, "object": "payment_intent", "amount": self.amount,
-            "amount_capturable": 0, "amount_received": self.amount_received,
-            "automatic_payment_methods": {"enabled": True}, "canceled_at": self.canceled_at,
-            "cancellation_reason": self.cancellation_reason, "capture_method": "automatic",
-            "client_secret": self.client_secret, "confirmation_method": "automatic", "created": self.created,
-            "currency": self.currency, "description": self.description, "last_payment_error": None,
-            "latest_charge": charge, "livemode": False, "metadata": dict(self.metadata),
-            "payment_method_types": self.payment_method_types, "status": self.status,
+            "id": self.id,
+            "object": "payment_intent",
+            "amount": self.amount,
+            "amount_capturable": 0,
+            "amount_received": self.amount_received,
+            "automatic_payment_methods": {"enabled": True},
+            "canceled_at": self.canceled_at,
+            "cancellation_reason": self.cancellation_reason,
+            "capture_method": "automatic",
+            "client_secret": self.client_secret,
+            "confirmation_method": "automatic",
+            "created": self.created,
+            "currency": self.currency,
+            "description": self.description,
+            "last_payment_error": None,
+            "latest_charge": charge,
+            "livemode": False,
+            "metadata": dict(self.metadata),
+            "payment_method_types": self.payment_method_types,
+            "status": self.status,
         }
 
 
@@ -238,11 +249,21 @@ class Charge:
         if "payment_intent" in expand:
             intent = state.intents[intent].out(state)
         return {
-            "id": self.id, "object": "charge", "amount": self.amount, "amount_captured": self.amount,
-            "amount_refunded": self.amount_refunded, "balance_transaction": self.balance_transaction,
-            "captured": True, "created": self.created, "currency": self.currency, "livemode": False,
-            "metadata": {}, "paid": True, "payment_intent": intent,
-            "refunded": self.amount_refunded >= self.amount, "status": "succeeded",
+            "id": self.id,
+            "object": "charge",
+            "amount": self.amount,
+            "amount_captured": self.amount,
+            "amount_refunded": self.amount_refunded,
+            "balance_transaction": self.balance_transaction,
+            "captured": True,
+            "created": self.created,
+            "currency": self.currency,
+            "livemode": False,
+            "metadata": {},
+            "paid": True,
+            "payment_intent": intent,
+            "refunded": self.amount_refunded >= self.amount,
+            "status": "succeeded",
         }
 
 
@@ -264,9 +285,17 @@ class Refund:
         if "payment_intent" in expand:
             intent = state.intents[intent].out(state)
         body = {
-            "id": self.id, "object": "refund", "amount": self.amount, "balance_transaction": self.balance_transaction,
-            "charge": self.charge, "created": self.created, "currency": self.currency, "metadata": dict(self.metadata),
-            "payment_intent": intent, "reason": None, "status": self.status,
+            "id": self.id,
+            "object": "refund",
+            "amount": self.amount,
+            "balance_transaction": self.balance_transaction,
+            "charge": self.charge,
+            "created": self.created,
+            "currency": self.currency,
+            "metadata": dict(self.metadata),
+            "payment_intent": intent,
+            "reason": None,
+            "status": self.status,
         }
         if self.failure_reason:
             body["failure_reason"] = self.failure_reason
@@ -297,10 +326,20 @@ class BalanceTransaction:
             if isinstance(obj, Charge) and order in adjust.get("amounts", {}):
                 source["amount"] = int(adjust["amounts"][order])
         return {
-            "id": self.id, "object": "balance_transaction", "amount": self.amount, "available_on": self.created,
-            "created": self.created, "currency": self.currency, "description": None, "fee": 0, "fee_details": [],
-            "net": self.amount, "reporting_category": "charge" if self.type == "charge" else "refund",
-            "source": source, "status": "pending", "type": self.type,
+            "id": self.id,
+            "object": "balance_transaction",
+            "amount": self.amount,
+            "available_on": self.created,
+            "created": self.created,
+            "currency": self.currency,
+            "description": None,
+            "fee": 0,
+            "fee_details": [],
+            "net": self.amount,
+            "reporting_category": "charge" if self.type == "charge" else "refund",
+            "source": source,
+            "status": "pending",
+            "type": self.type,
         }
 
 
@@ -365,12 +404,12 @@ class State:
         async def run():
             await asyncio.sleep(seconds)
             action()
+
         self.spawn(run())
 
     # Payments --------------------------------------------------------------------------
 
-    def pay(self, intent: Intent, processing_seconds: Optional[float] = None,
-            outcome: Optional[str] = None) -> Optional[str]:
+    def pay(self, intent: Intent, processing_seconds: Optional[float] = None, outcome: Optional[str] = None) -> Optional[str]:
         """The payer pays; why not, or None."""
         if intent.status not in ("requires_payment_method", "requires_confirmation", "requires_action"):
             return f"the PaymentIntent is {intent.status}"
@@ -396,11 +435,18 @@ class State:
 
     def succeed(self, intent: Intent) -> None:
         now = _now()
-        charge = Charge(id=_id("ch"), amount=intent.amount, currency=intent.currency, payment_intent=intent.id,
-                        created=now, balance_transaction=_id("txn"))
+        charge = Charge(
+            id=_id("ch"),
+            amount=intent.amount,
+            currency=intent.currency,
+            payment_intent=intent.id,
+            created=now,
+            balance_transaction=_id("txn"),
+        )
         self.charges[charge.id] = charge
-        self.balance.append(BalanceTransaction(charge.balance_transaction, "charge", charge.amount, charge.currency,
-                                               now, charge.id))
+        self.balance.append(
+            BalanceTransaction(charge.balance_transaction, "charge", charge.amount, charge.currency, now, charge.id)
+        )
         intent.status, intent.amount_received, intent.latest_charge = "succeeded", intent.amount, charge.id
         log.info("PaymentIntent %s (%s) succeeded", intent.id, intent.order)
         self.emit("payment_intent.succeeded", intent)
@@ -428,8 +474,9 @@ class State:
             self.refund_failures_left[order] = left - 1 if left > 0 else left
             refund.status, refund.failure_reason = "failed", "lost_or_stolen_card"
             charge.amount_refunded -= refund.amount
-            self.balance.append(BalanceTransaction(_id("txn"), "refund_failure", refund.amount, refund.currency,
-                                                   _now(), refund.id))
+            self.balance.append(
+                BalanceTransaction(_id("txn"), "refund_failure", refund.amount, refund.currency, _now(), refund.id)
+            )
             self.emit("refund.failed", refund)
         else:
             refund.status = "succeeded"
@@ -447,26 +494,49 @@ class State:
             return sum(r.amount for r in refunds if r.payment_intent == intent.id and r.status == "succeeded")
 
         return {
-            "order": order, "currency": currency, "captured_minor": captured, "refunded_minor": refunded,
+            "order": order,
+            "currency": currency,
+            "captured_minor": captured,
+            "refunded_minor": refunded,
             "net_minor": captured - refunded,
-            "trades": [{"trade_no": i.id, "trade_status": i.status, "total_amount": major(i.amount, i.currency),
-                        "paid": i.status == "succeeded", "refunded_amount": major(refunded_of(i), i.currency)}
-                       for i in intents],
-            "refunds": [{"out_request_no": r.metadata.get("refund_id", r.id), "refund_id": r.id,
-                         "trade_no": r.payment_intent, "refund_amount": major(r.amount, r.currency),
-                         "currency": r.currency.upper(), "refund_status": r.status, "fail_reason": r.failure_reason}
-                        for r in refunds],
+            "trades": [
+                {
+                    "trade_no": i.id,
+                    "trade_status": i.status,
+                    "total_amount": major(i.amount, i.currency),
+                    "paid": i.status == "succeeded",
+                    "refunded_amount": major(refunded_of(i), i.currency),
+                }
+                for i in intents
+            ],
+            "refunds": [
+                {
+                    "out_request_no": r.metadata.get("refund_id", r.id),
+                    "refund_id": r.id,
+                    "trade_no": r.payment_intent,
+                    "refund_amount": major(r.amount, r.currency),
+                    "currency": r.currency.upper(),
+                    "refund_status": r.status,
+                    "fail_reason": r.failure_reason,
+                }
+                for r in refunds
+            ],
         }
 
     # Events ------------------------------------------------------------------------------
 
     def emit(self, kind: str, obj: Any) -> None:
-        order = (self.intents[obj.id].order if isinstance(obj, Intent)
-                 else self.intents[obj.payment_intent].order)
+        order = self.intents[obj.id].order if isinstance(obj, Intent) else self.intents[obj.payment_intent].order
         event = {
-            "id": _id("evt"), "object": "event", "api_version": "2025-03-31.basil", "created": _now(),
-            "data": {"object": obj.out(self)}, "livemode": False, "pending_webhooks": 1,
-            "request": {"id": None, "idempotency_key": None}, "type": kind,
+            "id": _id("evt"),
+            "object": "event",
+            "api_version": "2025-03-31.basil",
+            "created": _now(),
+            "data": {"object": obj.out(self)},
+            "livemode": False,
+            "pending_webhooks": 1,
+            "request": {"id": None, "idempotency_key": None},
+            "type": kind,
         }
         self.events[event["id"]] = event
         self.event_orders[event["id"]] = order
@@ -481,9 +551,15 @@ class State:
         for attempt in range(1, len(self.resend) + 2):
             status, error = None, None
             try:
-                response = await self.http.post(self.webhook_url, content=body, headers={
-                    "Content-Type": "application/json; charset=utf-8", "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
-                    "Stripe-Signature": sign(self.webhook_secret, body)})
+                response = await self.http.post(
+                    self.webhook_url,
+                    content=body,
+                    headers={
+                        "Content-Type": "application/json; charset=utf-8",
+                        "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
+                        "Stripe-Signature": sign(self.webhook_secret, body),
+                    },
+                )
                 status = response.status_code
                 if not response.is_success:
                     error = response.text[:200]
@@ -497,9 +573,15 @@ class State:
             await asyncio.sleep(self.resend[attempt - 1])
 
     def record(self, order: str, event: dict[str, Any], attempt: int, status: Optional[int], error: Optional[str]) -> None:
-        self.deliveries.setdefault(order, []).append({
-            "event_id": event["id"], "type": event["type"], "attempt": attempt, "status_code": status, "error": error,
-        })
+        self.deliveries.setdefault(order, []).append(
+            {
+                "event_id": event["id"],
+                "type": event["type"],
+                "attempt": attempt,
+                "status_code": status,
+                "error": error,
+            }
+        )
 
 
 # --- The application ----------------------------------------------------------------------
@@ -526,8 +608,7 @@ def create_app(state: State):
         given = request.headers.get("authorization", "")
         if given != f"Bearer {state.api_key}":
             shown = given.removeprefix("Bearer ")[:12]
-            return answer(401, StripeError(401, "invalid_request_error", None,
-                                           f"Invalid API Key provided: {shown}***").body())
+            return answer(401, StripeError(401, "invalid_request_error", None, f"Invalid API Key provided: {shown}***").body())
         return None
 
     async def form(request: Request) -> dict[str, Any]:
@@ -546,10 +627,17 @@ def create_app(state: State):
             saved = state.idempotency.get(key)
             if saved is not None:
                 if saved.fingerprint != fingerprint:
-                    return answer(400, StripeError(400, "idempotency_error", None,
-                                                   "Keys for idempotent requests can only be used with the same "
-                                                   "parameters they were first used with. Try using a key other than "
-                                                   f"'{key}' if you meant to execute a different request.").body())
+                    return answer(
+                        400,
+                        StripeError(
+                            400,
+                            "idempotency_error",
+                            None,
+                            "Keys for idempotent requests can only be used with the same "
+                            "parameters they were first used with. Try using a key other than "
+                            f"'{key}' if you meant to execute a different request.",
+                        ).body(),
+                    )
                 return answer(saved.status, saved.body, replayed=True)
         try:
             status, body = 200, handler(params)
@@ -580,8 +668,9 @@ def create_app(state: State):
     def amount(params: dict[str, Any], name: str = "amount") -> int:
         raw = params.get(name)
         if raw is None or not str(raw).isdigit() or int(raw) <= 0:
-            raise StripeError(400, "invalid_request_error", "parameter_invalid_integer",
-                              f"Invalid positive integer: {raw!r}", name)
+            raise StripeError(
+                400, "invalid_request_error", "parameter_invalid_integer", f"Invalid positive integer: {raw!r}", name
+            )
         return int(raw)
 
     @app.get("/health")
@@ -600,15 +689,28 @@ def create_app(state: State):
             value = amount(params)
             currency = str(params.get("currency", ""))
             if currency not in EXPONENTS:
-                raise StripeError(400, "invalid_request_error", "parameter_invalid_string",
-                                  f"Invalid currency: {currency}", "currency")
+                raise StripeError(
+                    400, "invalid_request_error", "parameter_invalid_string", f"Invalid currency: {currency}", "currency"
+                )
             if any(len(str(v)) > 500 for v in metadata.values()):
-                raise StripeError(400, "invalid_request_error", "parameter_invalid_string",
-                                  "Metadata values can have up to 500 characters", "metadata")
+                raise StripeError(
+                    400,
+                    "invalid_request_error",
+                    "parameter_invalid_string",
+                    "Metadata values can have up to 500 characters",
+                    "metadata",
+                )
             intent_id = _id("pi")
-            intent = Intent(id=intent_id, amount=value, currency=currency, description=params.get("description", ""),
-                            metadata=dict(metadata), client_secret=f"{intent_id}_secret_{secrets.token_hex(12)}",
-                            created=_now(), payment_method_types=params.get("payment_method_types") or ["card"])
+            intent = Intent(
+                id=intent_id,
+                amount=value,
+                currency=currency,
+                description=params.get("description", ""),
+                metadata=dict(metadata),
+                client_secret=f"{intent_id}_secret_{secrets.token_hex(12)}",
+                created=_now(),
+                payment_method_types=params.get("payment_method_types") or ["card"],
+            )
             state.intents[intent.id] = intent
             state.emit("payment_intent.created", intent)
             script = state.script(intent.order)
@@ -625,15 +727,25 @@ def create_app(state: State):
             text = str(params.get("query", ""))
             found = re.fullmatch(r"metadata\['(\w+)'\]:'((?:[^'\\]|\\.)*)'", text.strip())
             if found is None:
-                raise StripeError(400, "invalid_request_error", "parameter_invalid_string",
-                                  f"Unsupported search query: {text}", "query")
+                raise StripeError(
+                    400, "invalid_request_error", "parameter_invalid_string", f"Unsupported search query: {text}", "query"
+                )
             name, value = found.group(1), re.sub(r"\\(.)", r"\1", found.group(2))
             state.check(value if name == "order_id" else "", "search")
             sub = {e.removeprefix("data.") for e in expand_of(params)}
-            data = [i.out(state, sub) for i in sorted(state.intents.values(), key=lambda i: -i.created)
-                    if i.metadata.get(name) == value]
-            return {"object": "search_result", "data": data, "has_more": False, "next_page": None,
-                    "url": "/v1/payment_intents/search", "total_count": len(data)}
+            data = [
+                i.out(state, sub)
+                for i in sorted(state.intents.values(), key=lambda i: -i.created)
+                if i.metadata.get(name) == value
+            ]
+            return {
+                "object": "search_result",
+                "data": data,
+                "has_more": False,
+                "next_page": None,
+                "url": "/v1/payment_intents/search",
+                "total_count": len(data),
+            }
 
         return read(request, handle)
 
@@ -657,10 +769,14 @@ def create_app(state: State):
                 state.pay(intent)  # the payer was a moment faster
             if intent.status in ("succeeded", "canceled", "processing"):
                 raise StripeError(
-                    400, "invalid_request_error", "payment_intent_unexpected_state",
+                    400,
+                    "invalid_request_error",
+                    "payment_intent_unexpected_state",
                     f"You cannot cancel this PaymentIntent because it has a status of {intent.status}. Only a "
                     "PaymentIntent with one of the following statuses may be canceled: requires_payment_method, "
-                    "requires_capture, requires_confirmation, requires_action.", None)
+                    "requires_capture, requires_confirmation, requires_action.",
+                    None,
+                )
             state.cancel(intent, params.get("cancellation_reason"))
             return intent.out(state, expand_of(params))
 
@@ -677,34 +793,55 @@ def create_app(state: State):
             order = intent.order
             state.check(order, "refund_create")
             if intent.status != "succeeded" or intent.latest_charge is None:
-                raise StripeError(400, "invalid_request_error", "payment_intent_unexpected_state",
-                                  f"PaymentIntent {intent.id} has no successful charge to refund "
-                                  f"(status {intent.status}).", "payment_intent")
+                raise StripeError(
+                    400,
+                    "invalid_request_error",
+                    "payment_intent_unexpected_state",
+                    f"PaymentIntent {intent.id} has no successful charge to refund (status {intent.status}).",
+                    "payment_intent",
+                )
             charge = state.charges[intent.latest_charge]
             left = charge.amount - charge.amount_refunded
             value = amount(params) if "amount" in params else left
             if left <= 0:
-                raise StripeError(400, "invalid_request_error", "charge_already_refunded",
-                                  f"Charge {charge.id} has already been refunded.", None)
+                raise StripeError(
+                    400,
+                    "invalid_request_error",
+                    "charge_already_refunded",
+                    f"Charge {charge.id} has already been refunded.",
+                    None,
+                )
             if value > left:
-                raise StripeError(400, "invalid_request_error", "amount_too_large",
-                                  f"Refund amount ({major(value, charge.currency)}) is greater than unrefunded "
-                                  f"amount on charge ({major(left, charge.currency)})", "amount")
+                raise StripeError(
+                    400,
+                    "invalid_request_error",
+                    "amount_too_large",
+                    f"Refund amount ({major(value, charge.currency)}) is greater than unrefunded "
+                    f"amount on charge ({major(left, charge.currency)})",
+                    "amount",
+                )
             now = _now()
-            refund = Refund(id=_id("re"), amount=value, currency=charge.currency, payment_intent=intent.id,
-                            charge=charge.id, metadata=dict(params.get("metadata") or {}), created=now,
-                            balance_transaction=_id("txn"))
+            refund = Refund(
+                id=_id("re"),
+                amount=value,
+                currency=charge.currency,
+                payment_intent=intent.id,
+                charge=charge.id,
+                metadata=dict(params.get("metadata") or {}),
+                created=now,
+                balance_transaction=_id("txn"),
+            )
             state.refunds[refund.id] = refund
             charge.amount_refunded += value
-            state.balance.append(BalanceTransaction(refund.balance_transaction, "refund", -value, refund.currency,
-                                                    now, refund.id))
+            state.balance.append(
+                BalanceTransaction(refund.balance_transaction, "refund", -value, refund.currency, now, refund.id)
+            )
             state.emit("refund.created", refund)
             state.start_refund(refund, order)  # its outcome now, or pending until the scripted delay ends
             body = refund.out(state)
             if state.refund_errors_left.get(order, 0) > 0:
                 state.refund_errors_left[order] -= 1
-                raise StripeError(500, "api_error", None, "An unknown error occurred (scripted, after the refund "
-                                                         "was created)")
+                raise StripeError(500, "api_error", None, "An unknown error occurred (scripted, after the refund was created)")
             return body
 
         return await idempotent(request, params, handle)
@@ -741,8 +878,12 @@ def create_app(state: State):
             state.check("", "balance_transactions")
             created = params.get("created") or {}
             rows = sorted(state.balance, key=lambda b: (-b.created, b.id))
-            for op, test in (("gte", lambda a, b: a >= b), ("gt", lambda a, b: a > b),
-                             ("lte", lambda a, b: a <= b), ("lt", lambda a, b: a < b)):
+            for op, test in (
+                ("gte", lambda a, b: a >= b),
+                ("gt", lambda a, b: a > b),
+                ("lte", lambda a, b: a <= b),
+                ("lt", lambda a, b: a < b),
+            ):
                 if isinstance(created, dict) and op in created:
                     bound = int(created[op])
                     rows = [r for r in rows if test(r.created, bound)]
@@ -760,7 +901,7 @@ def create_app(state: State):
             ids = [out["id"] for out in rendered]
             if after not in ids:
                 raise missing("object", after, "starting_after")
-            rendered = rendered[ids.index(after) + 1:]
+            rendered = rendered[ids.index(after) + 1 :]
         return {"object": "list", "data": rendered[:limit], "has_more": len(rendered) > limit, "url": url}
 
     # Control ----------------------------------------------------------------------------------
@@ -820,8 +961,7 @@ def create_app(state: State):
         who = body.get("order") or "*"
         state.errors_left[(who, route)] = int(body.get("times", 1))
         state.error_codes[(who, route)] = str(body.get("code", "api_error"))
-        return {"route": route, "order": who, "code": state.error_codes[(who, route)],
-                "times": state.errors_left[(who, route)]}
+        return {"route": route, "order": who, "code": state.error_codes[(who, route)], "times": state.errors_left[(who, route)]}
 
     @app.post("/control/idempotency/forget")
     async def forget():

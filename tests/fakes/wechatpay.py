@@ -60,10 +60,25 @@ PUBLIC_KEY_ID = "PUB_KEY_ID_0119000091912025112300181500000"
 RESEND_SECONDS = [0.5, 0.5, 1, 2, 4, 4, 4]
 OPERATIONS = ("create", "query", "close", "refund", "refund_query", "bill")
 CODE_STATUS = {
-    "SYSTEM_ERROR": 500, "BANK_ERROR": 500, "FREQUENCY_LIMITED": 429, "PARAM_ERROR": 400, "INVALID_REQUEST": 400,
-    "ORDER_CLOSED": 400, "ORDERPAID": 400, "NOT_ENOUGH": 403, "USER_ACCOUNT_ABNORMAL": 403, "OUT_TRADE_NO_USED": 403,
-    "SIGN_ERROR": 401, "NO_AUTH": 403, "RULE_LIMIT": 403, "TRADE_ERROR": 403, "ORDER_NOT_EXIST": 404,
-    "RESOURCE_NOT_EXISTS": 404, "MCH_NOT_EXISTS": 400, "APPID_MCHID_NOT_MATCH": 400, "NO_STATEMENT_EXIST": 400,
+    "SYSTEM_ERROR": 500,
+    "BANK_ERROR": 500,
+    "FREQUENCY_LIMITED": 429,
+    "PARAM_ERROR": 400,
+    "INVALID_REQUEST": 400,
+    "ORDER_CLOSED": 400,
+    "ORDERPAID": 400,
+    "NOT_ENOUGH": 403,
+    "USER_ACCOUNT_ABNORMAL": 403,
+    "OUT_TRADE_NO_USED": 403,
+    "SIGN_ERROR": 401,
+    "NO_AUTH": 403,
+    "RULE_LIMIT": 403,
+    "TRADE_ERROR": 403,
+    "ORDER_NOT_EXIST": 404,
+    "RESOURCE_NOT_EXISTS": 404,
+    "MCH_NOT_EXISTS": 400,
+    "APPID_MCHID_NOT_MATCH": 400,
+    "NO_STATEMENT_EXIST": 400,
 }
 
 
@@ -79,15 +94,13 @@ def _new_rsa():
 def _private_pem(key) -> str:
     from cryptography.hazmat.primitives import serialization
 
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
 
 
 def _public_pem(key) -> str:
     from cryptography.hazmat.primitives import serialization
 
-    return key.public_key().public_bytes(serialization.Encoding.PEM,
-                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
 def prepare(directory: Path, port: int, webhook_url: str) -> FakeSetup:
@@ -99,15 +112,24 @@ def prepare(directory: Path, port: int, webhook_url: str) -> FakeSetup:
     serial = secrets.token_hex(20).upper()
     apiv3_key = secrets.token_hex(16)  # 32 ASCII characters
     files = {
-        "merchant_private.pem": _private_pem(merchant), "merchant_public.pem": _public_pem(merchant),
-        "platform_private.pem": _private_pem(platform), "platform_public.pem": _public_pem(platform),
+        "merchant_private.pem": _private_pem(merchant),
+        "merchant_public.pem": _public_pem(merchant),
+        "platform_private.pem": _private_pem(platform),
+        "platform_public.pem": _public_pem(platform),
         "apiv3.key": apiv3_key,
     }
     for name, text in files.items():
         (directory / name).write_text(text)
         os.chmod(directory / name, 0o600)
-    config = {"port": port, "mchid": MCHID, "appid": APPID, "merchant_serial": serial,
-              "public_key_id": PUBLIC_KEY_ID, "directory": str(directory), "webhook_url": webhook_url}
+    config = {
+        "port": port,
+        "mchid": MCHID,
+        "appid": APPID,
+        "merchant_serial": serial,
+        "public_key_id": PUBLIC_KEY_ID,
+        "directory": str(directory),
+        "webhook_url": webhook_url,
+    }
     (directory / "config.json").write_text(json.dumps(config))
     return FakeSetup(
         app_env={
@@ -140,7 +162,9 @@ class Keys:
         config = json.loads(Path(config_path).read_text())
         d = Path(config["directory"])
         return cls(
-            mchid=config["mchid"], appid=config["appid"], merchant_serial=config["merchant_serial"],
+            mchid=config["mchid"],
+            appid=config["appid"],
+            merchant_serial=config["merchant_serial"],
             public_key_id=config["public_key_id"],
             merchant_public=sign.load_public_key((d / "merchant_public.pem").read_text()),
             platform_private=sign.load_private_key((d / "platform_private.pem").read_text()),
@@ -241,13 +265,27 @@ class FakeRefund:
 
     def out(self) -> dict[str, Any]:
         return {
-            "refund_id": self.refund_id, "out_refund_no": self.out_refund_no, "transaction_id": self.transaction_id,
-            "out_trade_no": self.out_trade_no, "channel": "ORIGINAL", "user_received_account": "支付用户零钱",
-            "success_time": _rfc3339(self.success_time), "create_time": _rfc3339(self.create_time),
-            "status": self.status, "funds_account": "AVAILABLE",
-            "amount": {"total": self.total, "refund": self.refund, "payer_total": self.total,
-                       "payer_refund": self.refund, "settlement_refund": self.refund, "settlement_total": self.total,
-                       "discount_refund": 0, "currency": self.currency, "refund_fee": 0},
+            "refund_id": self.refund_id,
+            "out_refund_no": self.out_refund_no,
+            "transaction_id": self.transaction_id,
+            "out_trade_no": self.out_trade_no,
+            "channel": "ORIGINAL",
+            "user_received_account": "支付用户零钱",
+            "success_time": _rfc3339(self.success_time),
+            "create_time": _rfc3339(self.create_time),
+            "status": self.status,
+            "funds_account": "AVAILABLE",
+            "amount": {
+                "total": self.total,
+                "refund": self.refund,
+                "payer_total": self.total,
+                "payer_refund": self.refund,
+                "settlement_refund": self.refund,
+                "settlement_total": self.total,
+                "discount_refund": 0,
+                "currency": self.currency,
+                "refund_fee": 0,
+            },
         }
 
 
@@ -279,15 +317,31 @@ class FakeTrade:
 
     def out(self, mchid: str) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "appid": self.appid, "mchid": mchid, "out_trade_no": self.out_trade_no, "trade_state": self.trade_state,
-            "trade_state_desc": {"NOTPAY": "未支付", "SUCCESS": "支付成功", "REFUND": "转入退款", "CLOSED": "已关闭",
-                                 "USERPAYING": "用户支付中", "PAYERROR": "支付失败", "REVOKED": "已撤销"}[self.trade_state],
+            "appid": self.appid,
+            "mchid": mchid,
+            "out_trade_no": self.out_trade_no,
+            "trade_state": self.trade_state,
+            "trade_state_desc": {
+                "NOTPAY": "未支付",
+                "SUCCESS": "支付成功",
+                "REFUND": "转入退款",
+                "CLOSED": "已关闭",
+                "USERPAYING": "用户支付中",
+                "PAYERROR": "支付失败",
+                "REVOKED": "已撤销",
+            }[self.trade_state],
             "amount": {"total": self.total, "currency": self.currency},
             "attach": "",
         }
         if self.transaction_id:
-            body.update({"transaction_id": self.transaction_id, "trade_type": "NATIVE", "bank_type": "OTHERS",
-                         "payer": {"openid": "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"}})
+            body.update(
+                {
+                    "transaction_id": self.transaction_id,
+                    "trade_type": "NATIVE",
+                    "bank_type": "OTHERS",
+                    "payer": {"openid": "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"},
+                }
+            )
         if self.paid:
             body["success_time"] = _rfc3339(self.success_time)
             body["amount"].update({"payer_total": self.total, "payer_currency": self.currency})
@@ -313,8 +367,7 @@ class WeChatPayFake:
         self.signature_failures: list[str] = []
         self.tamper_answers = 0  # the next answers' bodies change after signing
         self.corrupt_bill_hash = 0  # the next bill answers give a wrong hash_value
-        self.resend = [float(s) for s in os.environ.get("WECHATPAY_FAKE_RESEND_SECONDS", "").split(",") if s] \
-            or RESEND_SECONDS
+        self.resend = [float(s) for s in os.environ.get("WECHATPAY_FAKE_RESEND_SECONDS", "").split(",") if s] or RESEND_SECONDS
         self.http: Optional[httpx.AsyncClient] = None
         self.tasks: set[asyncio.Task] = set()
 
@@ -339,8 +392,7 @@ class WeChatPayFake:
         if self.tamper_answers > 0 and raw:
             self.tamper_answers -= 1
             raw = raw[:-1] + b' ,"tampered":true}'
-        return Response(raw, status_code=status, headers=headers,
-                        media_type="application/json" if body is not None else None)
+        return Response(raw, status_code=status, headers=headers, media_type="application/json" if body is not None else None)
 
     def error(self, code: str, message: str, status: Optional[int] = None) -> Response:
         return self.answer(status or CODE_STATUS.get(code, 400), {"code": code, "message": message})
@@ -432,20 +484,29 @@ class WeChatPayFake:
 
     # Notifications --------------------------------------------------------------------
 
-    def notification(self, event_type: str, summary: str, resource: dict[str, Any], original_type: str,
-                     associated_data: str, *, apiv3_key: Optional[str] = None) -> bytes:
+    def notification(
+        self,
+        event_type: str,
+        summary: str,
+        resource: dict[str, Any],
+        original_type: str,
+        associated_data: str,
+        *,
+        apiv3_key: Optional[str] = None,
+    ) -> bytes:
         plaintext = json.dumps(resource, ensure_ascii=False, separators=(",", ":")).encode()
         event = {
-            "id": str(uuid.uuid4()), "create_time": _rfc3339(_now()), "resource_type": "encrypt-resource",
-            "event_type": event_type, "summary": summary,
-            "resource": sign.encrypt_resource(apiv3_key or self.keys.apiv3_key, plaintext, associated_data,
-                                              original_type),
+            "id": str(uuid.uuid4()),
+            "create_time": _rfc3339(_now()),
+            "resource_type": "encrypt-resource",
+            "event_type": event_type,
+            "summary": summary,
+            "resource": sign.encrypt_resource(apiv3_key or self.keys.apiv3_key, plaintext, associated_data, original_type),
         }
         return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
 
     def notify_transaction(self, trade: FakeTrade) -> None:
-        body = self.notification("TRANSACTION.SUCCESS", "支付成功", trade.out(self.keys.mchid), "transaction",
-                                 "transaction")
+        body = self.notification("TRANSACTION.SUCCESS", "支付成功", trade.out(self.keys.mchid), "transaction", "transaction")
         self.last_notification[trade.out_trade_no] = body
         if self.script(trade.out_trade_no).notify == "drop":
             log.info("notification for %s lost (scripted)", trade.out_trade_no)
@@ -456,12 +517,22 @@ class WeChatPayFake:
     def notify_refund(self, refund: FakeRefund) -> None:
         if not refund.notify_url:
             return
-        resource = {"mchid": self.keys.mchid, "out_trade_no": refund.out_trade_no,
-                    "transaction_id": refund.transaction_id, "out_refund_no": refund.out_refund_no,
-                    "refund_id": refund.refund_id, "refund_status": refund.status,
-                    "success_time": _rfc3339(refund.success_time), "user_received_account": "支付用户零钱",
-                    "amount": {"total": refund.total, "refund": refund.refund, "payer_total": refund.total,
-                               "payer_refund": refund.refund}}
+        resource = {
+            "mchid": self.keys.mchid,
+            "out_trade_no": refund.out_trade_no,
+            "transaction_id": refund.transaction_id,
+            "out_refund_no": refund.out_refund_no,
+            "refund_id": refund.refund_id,
+            "refund_status": refund.status,
+            "success_time": _rfc3339(refund.success_time),
+            "user_received_account": "支付用户零钱",
+            "amount": {
+                "total": refund.total,
+                "refund": refund.refund,
+                "payer_total": refund.total,
+                "payer_refund": refund.refund,
+            },
+        }
         event = f"REFUND.{refund.status}"
         body = self.notification(event, "退款状态", resource, "refund", "refund")
         self.spawn(self.deliver(refund.out_trade_no, refund.notify_url, body, event))
@@ -481,7 +552,8 @@ class WeChatPayFake:
             headers = sign.signed_headers(self.keys.platform_private, self.keys.public_key_id, body)
             status, text = await self.send(url, body, headers)
             self.deliveries.setdefault(order, []).append(
-                {"event": event, "id": event_id, "attempt": attempt + 1, "status_code": status, "answer": text[:300]})
+                {"event": event, "id": event_id, "attempt": attempt + 1, "status_code": status, "answer": text[:300]}
+            )
             if status in (200, 204):
                 return
             if attempt < len(self.resend):
@@ -498,13 +570,25 @@ class WeChatPayFake:
                 return {"error": "nothing sent yet"}
         else:
             claimed = trade.out(self.keys.mchid)
-            claimed.update({"trade_state": "SUCCESS", "success_time": _rfc3339(_now()),
-                            "transaction_id": trade.transaction_id or "4200" + _digits(24),
-                            "trade_type": "NATIVE", "bank_type": "OTHERS"})
+            claimed.update(
+                {
+                    "trade_state": "SUCCESS",
+                    "success_time": _rfc3339(_now()),
+                    "transaction_id": trade.transaction_id or "4200" + _digits(24),
+                    "trade_type": "NATIVE",
+                    "bank_type": "OTHERS",
+                }
+            )
             if craft.amount:
                 claimed["amount"] = {"total": craft.amount, "currency": trade.currency, "payer_total": craft.amount}
-            body = self.notification("TRANSACTION.SUCCESS", "支付成功", claimed, "transaction", "transaction",
-                                     apiv3_key=secrets.token_hex(16) if craft.wrong_apiv3_key else None)
+            body = self.notification(
+                "TRANSACTION.SUCCESS",
+                "支付成功",
+                claimed,
+                "transaction",
+                "transaction",
+                apiv3_key=secrets.token_hex(16) if craft.wrong_apiv3_key else None,
+            )
         key = _new_rsa() if craft.wrong_key else self.keys.platform_private
         timestamp = int(time.time()) - 3600 if craft.stale else None
         serial = "PUB_KEY_ID_0000000000000000000000000000000000" if craft.wrong_serial else self.keys.public_key_id
@@ -537,14 +621,31 @@ class WeChatPayFake:
         captured = sum(t.total for t in trades if t.paid)
         refunded = sum(t.refunded() for t in trades)
         return {
-            "order": order, "currency": trade.currency if trade else None,
-            "captured_minor": captured, "refunded_minor": refunded, "net_minor": captured - refunded,
-            "trades": [{"trade_no": t.transaction_id, "trade_status": t.trade_state,
-                        "total_amount": f"{t.total / 100:.2f}", "paid": t.paid,
-                        "refunded_amount": f"{t.refunded() / 100:.2f}"} for t in trades],
-            "refunds": [{"out_request_no": r.out_refund_no, "refund_amount": f"{r.refund / 100:.2f}",
-                         "refund_status": r.status, "refund_id": r.refund_id} for t in trades
-                        for r in t.refunds.values()],
+            "order": order,
+            "currency": trade.currency if trade else None,
+            "captured_minor": captured,
+            "refunded_minor": refunded,
+            "net_minor": captured - refunded,
+            "trades": [
+                {
+                    "trade_no": t.transaction_id,
+                    "trade_status": t.trade_state,
+                    "total_amount": f"{t.total / 100:.2f}",
+                    "paid": t.paid,
+                    "refunded_amount": f"{t.refunded() / 100:.2f}",
+                }
+                for t in trades
+            ],
+            "refunds": [
+                {
+                    "out_request_no": r.out_refund_no,
+                    "refund_amount": f"{r.refund / 100:.2f}",
+                    "refund_status": r.status,
+                    "refund_id": r.refund_id,
+                }
+                for t in trades
+                for r in t.refunds.values()
+            ],
         }
 
     def bill_rows(self, day: date) -> list[dict[str, str]]:
@@ -558,30 +659,68 @@ class WeChatPayFake:
             return f"{fen / 100:.2f}"
 
         for trade in self.trades.values():
-            base = {"公众账号ID": trade.appid, "商户号": self.keys.mchid, "特约商户号": "0", "设备号": "",
-                    "微信订单号": trade.transaction_id or "", "商户订单号": trade.out_trade_no,
-                    "用户标识": "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o", "交易类型": "NATIVE", "付款银行": "OTHERS",
-                    "货币种类": trade.currency, "代金券金额": "0.00", "充值券退款金额": "0.00",
-                    "商品名称": trade.description.replace(",", " "), "商户数据包": "", "费率": "0.60%",
-                    "费率备注": ""}
+            base = {
+                "公众账号ID": trade.appid,
+                "商户号": self.keys.mchid,
+                "特约商户号": "0",
+                "设备号": "",
+                "微信订单号": trade.transaction_id or "",
+                "商户订单号": trade.out_trade_no,
+                "用户标识": "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o",
+                "交易类型": "NATIVE",
+                "付款银行": "OTHERS",
+                "货币种类": trade.currency,
+                "代金券金额": "0.00",
+                "充值券退款金额": "0.00",
+                "商品名称": trade.description.replace(",", " "),
+                "商户数据包": "",
+                "费率": "0.60%",
+                "费率备注": "",
+            }
             if trade.paid and on_day(trade.success_time) and trade.out_trade_no not in adjust.drop_orders:
                 total = adjust.amounts.get(trade.out_trade_no, trade.total)
-                rows.append((trade.success_time, {
-                    **base, "交易时间": trade.success_time.astimezone(CHINA).strftime("%Y-%m-%d %H:%M:%S"),
-                    "交易状态": "SUCCESS", "应结订单金额": yuan(total), "微信退款单号": "0", "商户退款单号": "0",
-                    "退款金额": "0.00", "退款类型": "", "退款状态": "", "手续费": yuan(round(total * 0.006)),
-                    "订单金额": yuan(total), "申请退款金额": "0.00"}))
+                rows.append(
+                    (
+                        trade.success_time,
+                        {
+                            **base,
+                            "交易时间": trade.success_time.astimezone(CHINA).strftime("%Y-%m-%d %H:%M:%S"),
+                            "交易状态": "SUCCESS",
+                            "应结订单金额": yuan(total),
+                            "微信退款单号": "0",
+                            "商户退款单号": "0",
+                            "退款金额": "0.00",
+                            "退款类型": "",
+                            "退款状态": "",
+                            "手续费": yuan(round(total * 0.006)),
+                            "订单金额": yuan(total),
+                            "申请退款金额": "0.00",
+                        },
+                    )
+                )
             for refund in trade.refunds.values():
-                if refund.status != "SUCCESS" or not on_day(refund.success_time) \
-                        or refund.out_refund_no in adjust.drop_refunds:
+                if refund.status != "SUCCESS" or not on_day(refund.success_time) or refund.out_refund_no in adjust.drop_refunds:
                     continue
                 amount = adjust.refund_amounts.get(refund.out_refund_no, refund.refund)
-                rows.append((refund.success_time, {
-                    **base, "交易时间": refund.success_time.astimezone(CHINA).strftime("%Y-%m-%d %H:%M:%S"),
-                    "交易状态": "REFUND", "应结订单金额": yuan(trade.total), "微信退款单号": refund.refund_id,
-                    "商户退款单号": refund.out_refund_no, "退款金额": yuan(amount), "退款类型": "ORIGINAL",
-                    "退款状态": "SUCCESS", "手续费": "-" + yuan(round(amount * 0.006)) if amount >= 200 else "0.00",
-                    "订单金额": yuan(trade.total), "申请退款金额": yuan(amount)}))
+                rows.append(
+                    (
+                        refund.success_time,
+                        {
+                            **base,
+                            "交易时间": refund.success_time.astimezone(CHINA).strftime("%Y-%m-%d %H:%M:%S"),
+                            "交易状态": "REFUND",
+                            "应结订单金额": yuan(trade.total),
+                            "微信退款单号": refund.refund_id,
+                            "商户退款单号": refund.out_refund_no,
+                            "退款金额": yuan(amount),
+                            "退款类型": "ORIGINAL",
+                            "退款状态": "SUCCESS",
+                            "手续费": "-" + yuan(round(amount * 0.006)) if amount >= 200 else "0.00",
+                            "订单金额": yuan(trade.total),
+                            "申请退款金额": yuan(amount),
+                        },
+                    )
+                )
         return [row for _, row in sorted(rows, key=lambda item: item[0])]
 
 
@@ -661,10 +800,17 @@ def make_app(fake: WeChatPayFake) -> FastAPI:
         trade = fake.trades.get(order)
         if trade is None:
             trade = FakeTrade(
-                out_trade_no=order, appid=body.appid, mchid=body.mchid, description=body.description,
-                notify_url=body.notify_url, total=body.amount.total, currency=body.amount.currency,
-                time_expire=body.time_expire, code_url=f"weixin://wxpay/bizpayurl?pr={secrets.token_urlsafe(6)}",
-                request=signature)
+                out_trade_no=order,
+                appid=body.appid,
+                mchid=body.mchid,
+                description=body.description,
+                notify_url=body.notify_url,
+                total=body.amount.total,
+                currency=body.amount.currency,
+                time_expire=body.time_expire,
+                code_url=f"weixin://wxpay/bizpayurl?pr={secrets.token_urlsafe(6)}",
+                request=signature,
+            )
             fake.trades[order] = trade
             script = fake.script(order)
             if script.pay == "immediately":
@@ -763,9 +909,16 @@ def make_app(fake: WeChatPayFake) -> FastAPI:
         if trade.refunded(including_processing=True) + body.amount.refund > trade.total:
             return fake.error("PARAM_ERROR", "申请退款金额超过订单可退金额")
         created = FakeRefund(
-            out_refund_no=body.out_refund_no, refund_id="50" + _digits(27), transaction_id=trade.transaction_id or "",
-            out_trade_no=trade.out_trade_no, refund=body.amount.refund, total=trade.total,
-            currency=trade.currency, reason=body.reason or "", notify_url=body.notify_url)
+            out_refund_no=body.out_refund_no,
+            refund_id="50" + _digits(27),
+            transaction_id=trade.transaction_id or "",
+            out_trade_no=trade.out_trade_no,
+            refund=body.amount.refund,
+            total=trade.total,
+            currency=trade.currency,
+            reason=body.reason or "",
+            notify_url=body.notify_url,
+        )
         trade.refunds[created.out_refund_no] = created
         fake.refunds[created.out_refund_no] = created
         delay = max(fake.script(trade.out_trade_no).refund_processing_seconds, 0.05)
@@ -786,8 +939,9 @@ def make_app(fake: WeChatPayFake) -> FastAPI:
         return fake.answer(200, found.out())
 
     @app.get("/v3/bill/tradebill")
-    async def tradebill(request: Request, bill_date: str = Query(...), bill_type: str = Query("ALL"),
-                        tar_type: Optional[str] = Query(None)) -> Response:
+    async def tradebill(
+        request: Request, bill_date: str = Query(...), bill_type: str = Query("ALL"), tar_type: Optional[str] = Query(None)
+    ) -> Response:
         if (refused := await fake.verify_request(request)) is not None:
             return refused
         if (fault := fake.fault(None, "bill")) is not None:
@@ -808,8 +962,14 @@ def make_app(fake: WeChatPayFake) -> FastAPI:
         if fake.corrupt_bill_hash > 0:
             fake.corrupt_bill_hash -= 1
             digest.update(b"corrupt")
-        return fake.answer(200, {"hash_type": "SHA1", "hash_value": digest.hexdigest(),
-                                 "download_url": f"{fake.base_url}/v3/billdownload/file?token={token}"})
+        return fake.answer(
+            200,
+            {
+                "hash_type": "SHA1",
+                "hash_value": digest.hexdigest(),
+                "download_url": f"{fake.base_url}/v3/billdownload/file?token={token}",
+            },
+        )
 
     @app.get("/v3/billdownload/file")
     async def download(request: Request, token: str = Query(...)) -> Response:
@@ -868,10 +1028,12 @@ def make_app(fake: WeChatPayFake) -> FastAPI:
     @app.get("/control/trades/{order}")
     async def show(order: str) -> dict[str, Any]:
         trade = fake.trades.get(order)
-        return {"trade": trade.out(fake.keys.mchid) if trade else None,
-                "refunds": [r.out() for r in trade.refunds.values()] if trade else [],
-                "calls": fake.calls.get(order, {o: 0 for o in OPERATIONS}),
-                "deliveries": fake.deliveries.get(order, [])}
+        return {
+            "trade": trade.out(fake.keys.mchid) if trade else None,
+            "refunds": [r.out() for r in trade.refunds.values()] if trade else [],
+            "calls": fake.calls.get(order, {o: 0 for o in OPERATIONS}),
+            "deliveries": fake.deliveries.get(order, []),
+        }
 
     @app.post("/control/notify/{order}")
     async def craft(order: str, body: Craft) -> dict[str, Any]:

@@ -52,12 +52,15 @@ def upgrade() -> None:
             BEGIN
                 RAISE EXCEPTION 'the audit table is append-only';
             END $$""")
-        op.execute("CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit "
-                   "FOR EACH ROW EXECUTE FUNCTION audit_append_only()")
+        op.execute(
+            "CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit FOR EACH ROW EXECUTE FUNCTION audit_append_only()"
+        )
     else:
         for event in ("UPDATE", "DELETE"):
-            op.execute(f"CREATE TRIGGER audit_no_{event.lower()} BEFORE {event} ON audit "
-                       "BEGIN SELECT RAISE(ABORT, 'the audit table is append-only'); END")
+            op.execute(
+                f"CREATE TRIGGER audit_no_{event.lower()} BEFORE {event} ON audit "
+                "BEGIN SELECT RAISE(ABORT, 'the audit table is append-only'); END"
+            )
 
 
 def downgrade() -> None:
