@@ -206,7 +206,7 @@ async def test_one_trace_from_checkout_through_the_workflow_to_the_provider(api,
     ]
     expected = {
         "checkout",
-        "StartWorkflow:PaymentWorkflow",
+        "StartUpdateWithStartWorkflow:PaymentWorkflow",  # the checkout starts it and waits in one request
         "RunWorkflow:PaymentWorkflow",
         "StartActivity:create_trade",
         "RunActivity:create_trade",
