@@ -161,7 +161,7 @@ async def test_each_class_of_difference_is_found_and_repaired_once(api, sim, fin
         assert view["review_reason"] == "settlement_mismatch" and events(view, "review opened"), view
     await wait_status(api, duplicate_id, "SUCCEEDED")  # the extra charge refunded, the order still paid
     [alert] = await mails_to(mailbox, "ops@paysentinel.test", 1) and [
-        m for m in mailbox.to("ops@paysentinel.test") if f"reconciliation {today}" in m["Subject"]
+        m for m in mailbox.to("ops@paysentinel.test") if f"reconciliation {today} (simulator)" in m["Subject"]
     ]
     assert "need a person" in alert["Subject"]
 
@@ -180,7 +180,7 @@ async def test_each_class_of_difference_is_found_and_repaired_once(api, sim, fin
     assert second["report"]["unresolved"] <= first["report"]["unresolved"]
     await asyncio.sleep(2)
     assert {order: await ledger(sim, order) for order in orders.values()} == books
-    assert len([m for m in mailbox.to("ops@paysentinel.test") if f"reconciliation {today}" in m["Subject"]]) == 1
+    assert len([m for m in mailbox.to("ops@paysentinel.test") if f"reconciliation {today} (simulator)" in m["Subject"]]) == 1
 
 
 async def _refund_done(api, payment_id: str) -> bool:
@@ -322,7 +322,7 @@ async def test_a_bill_that_cannot_be_read_fails_the_run_and_says_why(sim, financ
     assert (await reconcile(finance, client, day, passes=2))["report"]["error"] is None
 
     def about_the_day() -> list:
-        return [m["Subject"] for m in mailbox.to("ops@paysentinel.test") if f"reconciliation {day} " in m["Subject"]]
+        return [m["Subject"] for m in mailbox.to("ops@paysentinel.test") if f"reconciliation {day} (simulator)" in m["Subject"]]
 
     await wait_for(lambda: asyncio.sleep(0, len(about_the_day()) == 2), what="the all-clear")
     assert about_the_day()[1].endswith("resolved, no longer failing")
