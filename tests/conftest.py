@@ -367,6 +367,13 @@ async def api(stack: Stack, merchants: Merchants) -> AsyncIterator[httpx.AsyncCl
 
 
 @pytest.fixture
+async def finance(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    """The operator API as an operator (reconciliation runs and reports)."""
+    async with httpx.AsyncClient(base_url=stack.operator_url, headers=OPERATOR_HEADERS, timeout=60) as http:
+        yield http
+
+
+@pytest.fixture
 async def operator(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     """The operator API as alice (role operator) sees it."""
     async with httpx.AsyncClient(base_url=stack.operator_url, headers=OPERATOR_HEADERS, timeout=30) as http:

@@ -373,3 +373,30 @@ async def receiver(answers: list[int], host: str = "127.0.0.1", secret: str = ME
     finally:
         server.should_exit = True
         await task
+
+
+async def reconcile(finance: httpx.AsyncClient, client: Client, day, passes: int, provider: str = "simulator") -> dict:
+    """Start ``provider``'s reconciliation of ``day`` through the operator API and wait for its
+    report (the ``passes``-th run), once the day's last run has ended (its report is written
+    before its alerts are sent, and a request while it runs joins it)."""
+    from temporalio.client import WorkflowFailureError
+    from temporalio.service import RPCError
+
+    from workflows.reconcile import reconcile_workflow_id
+
+    try:
+        await client.get_workflow_handle(reconcile_workflow_id(provider, day)).result()
+    except (RPCError, WorkflowFailureError):
+        pass  # never run, or failed
+    response = await finance.post(f"/operator/reconciliations/{day}", params={"provider": provider})
+    assert response.status_code == 202, response.text
+
+    async def done():
+        view = await finance.get(f"/operator/reconciliations/{day}", params={"provider": provider})
+        if view.status_code != 200:
+            return None
+        body = view.json()
+        finished = body["report"]["status"] in ("DONE", "PROVISIONAL")  # PROVISIONAL: the day is not over yet
+        return body if finished and body["report"]["passes"] == passes else None
+
+    return await wait_for(done, timeout=90, what=f"{provider} reconciliation {day} pass {passes}")

@@ -16,8 +16,6 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-from temporalio.client import WorkflowFailureError
-from temporalio.service import RPCError
 
 from paysentinel.config import Settings
 from paysentinel.providers import CallbackIgnored, MalformedCallback, ProviderUnavailable
@@ -27,10 +25,11 @@ from paysentinel.providers.alipay import AlipayProvider, classify
 from paysentinel.providers.alipay_sign import notification_content, request_content, rsa2_verify, signed_part
 from paysentinel.settlement import BillFormatError
 from paysentinel.signing import SignatureError
-from tests.conftest import OPERATOR_HEADERS, Stack, new_order
+from tests.conftest import Stack, new_order
 from tests.fakes import alipay as fake
 from tests.fakes.alipay_bills import Adjustments, BillRow, bill_zip
 from tests.helpers import (
+    reconcile,
     allow_review,
     callback_rows,
     events,
@@ -40,7 +39,6 @@ from tests.helpers import (
     wait_for,
     wait_status,
 )
-from workflows.reconcile import reconcile_workflow_id
 
 CHINA = ZoneInfo("Asia/Shanghai")
 
@@ -781,32 +779,6 @@ async def test_reference_client_and_page_pay_against_the_fake(api, ali, stack, a
 # --- Reconciliation -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def finance(stack: Stack):
-    async with httpx.AsyncClient(base_url=stack.operator_url, headers=OPERATOR_HEADERS, timeout=60) as http:
-        yield http
-
-
-async def reconcile(finance, client, day, passes: int) -> dict:
-    """Reconcile Alipay's bill of ``day`` and wait for the ``passes``-th run's report."""
-    try:
-        await client.get_workflow_handle(reconcile_workflow_id("alipay", day)).result()
-    except (RPCError, WorkflowFailureError):
-        pass  # never run, or failed
-    response = await finance.post(f"/operator/reconciliations/{day}", params={"provider": "alipay"})
-    assert response.status_code == 202, response.text
-
-    async def done():
-        view = await finance.get(f"/operator/reconciliations/{day}", params={"provider": "alipay"})
-        if view.status_code != 200:
-            return None
-        body = view.json()
-        finished = body["report"]["status"] in ("DONE", "PROVISIONAL")
-        return body if finished and body["report"]["passes"] == passes else None
-
-    return await wait_for(done, timeout=90, what=f"alipay reconciliation {day} pass {passes}")
-
-
 async def test_a_days_bill_reconciles_and_differences_are_found(api, ali, finance, client):
     today = datetime.now(CHINA).date()
     orders: dict[str, str] = {}
@@ -822,7 +794,7 @@ async def test_a_days_bill_reconciles_and_differences_are_found(api, ali, financ
             await wait_for(lambda pid=payment_id: refunds_done(api, pid, 1), what="the refund")
     internal = {name: payment_id.removeprefix("payment-") for name, payment_id in orders.items()}
 
-    first = await reconcile(finance, client, today, passes=1)
+    first = await reconcile(finance, client, today, passes=1, provider="alipay")
     mine = [d for d in first["discrepancies"] if d["order_id"] in internal.values()]
     assert mine == [], mine
     assert first["report"]["rows"] >= 4 and first["bill_rows_loaded"] >= 4
@@ -839,7 +811,7 @@ async def test_a_days_bill_reconciles_and_differences_are_found(api, ali, financ
     adjust = {"amounts": {provider_order(differs): "49.00"}}
     assert (await ali.put(f"/control/bills/{today}/adjustments", json=adjust)).status_code == 200
 
-    second = await reconcile(finance, client, today, passes=2)
+    second = await reconcile(finance, client, today, passes=2, provider="alipay")
     found = {d["order_id"]: d for d in second["discrepancies"]}
     assert found[provider_order(differs)]["kind"] == "amount_differs", found.get(provider_order(differs))
     assert found[orphan]["kind"] == "unknown_order", found.get(orphan)

@@ -23,9 +23,10 @@ from paysentinel.models import CreateTradeInput, RefundInput, RefundStatus, Trad
 from paysentinel.providers import CallbackIgnored, MalformedCallback, ProviderRejected, ProviderUnavailable
 from paysentinel.providers import stripe as adapter
 from paysentinel.signing import SignatureError
-from tests.conftest import OPERATOR_HEADERS, Stack, new_order
+from tests.conftest import Stack, new_order
 from tests.fakes import stripe as fake
 from tests.helpers import (
+    reconcile,
     callback_rows,
     events,
     payment_row,
@@ -667,36 +668,6 @@ async def test_transient_errors_are_retried_and_final_ones_are_not(api, fake_str
     assert (await order_view(fake_stripe, final))["calls"]["create"] == 1
 
 
-@pytest.fixture
-async def finance(stack: Stack):
-    async with httpx.AsyncClient(base_url=stack.operator_url, headers=OPERATOR_HEADERS, timeout=60) as http:
-        yield http
-
-
-async def reconcile(finance, client, day, passes: int) -> dict:
-    from temporalio.client import WorkflowFailureError
-    from temporalio.service import RPCError
-
-    from workflows.reconcile import reconcile_workflow_id
-
-    try:
-        await client.get_workflow_handle(reconcile_workflow_id("stripe", day)).result()
-    except (RPCError, WorkflowFailureError):
-        pass
-    response = await finance.post(f"/operator/reconciliations/{day}", params={"provider": "stripe"})
-    assert response.status_code == 202, response.text
-
-    async def done():
-        view = await finance.get(f"/operator/reconciliations/{day}", params={"provider": "stripe"})
-        if view.status_code != 200:
-            return None
-        body = view.json()
-        finished = body["report"]["status"] in ("DONE", "PROVISIONAL")
-        return body if finished and body["report"]["passes"] >= passes else None
-
-    return await wait_for(done, timeout=90, what=f"stripe reconciliation {day} pass {passes}")
-
-
 async def test_a_days_balance_transactions_reconcile_and_a_difference_is_found(
     api, fake_stripe, finance, client, sessions, books
 ):
@@ -712,7 +683,7 @@ async def test_a_days_balance_transactions_reconcile_and_a_difference_is_found(
     await wait_for(lambda: refund_status(api, orders["st-rc-b"][1], refunded["refund_id"], "SUCCEEDED"), what="refund")
     mine = {order for order, _ in orders.values()}
 
-    first = await reconcile(finance, client, today, passes=1)
+    first = await reconcile(finance, client, today, passes=1, provider="stripe")
     assert first["bill_rows_loaded"] >= 3
     assert [d for d in first["discrepancies"] if d["order_id"] in mine] == []
 
@@ -720,7 +691,7 @@ async def test_a_days_balance_transactions_reconcile_and_a_difference_is_found(
     differs = orders["st-rc-a"][0]
     assert (await fake_stripe.put("/control/bills/adjustments", json={"amounts": {differs: 100}})).status_code == 200
     try:
-        second = await reconcile(finance, client, today, passes=first["report"]["passes"] + 1)
+        second = await reconcile(finance, client, today, passes=first["report"]["passes"] + 1, provider="stripe")
     finally:
         await fake_stripe.put("/control/bills/adjustments", json={})
     found = [d for d in second["discrepancies"] if d["order_id"] in mine]

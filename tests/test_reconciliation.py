@@ -11,46 +11,17 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
-from temporalio.service import RPCError
+from temporalio.client import WorkflowExecutionStatus
 
 from sqlalchemy import select
 from temporalio.testing import ActivityEnvironment
 
 from paysentinel import db
-from tests.conftest import OPERATOR_HEADERS, Stack, new_order
-from tests.helpers import events, mails_to, payment_row, provider_order, script, start_payment, wait_for, wait_status
-from workflows.reconcile import RECONCILE_SCHEDULE_ID, reconcile_workflow_id
+from tests.conftest import new_order
+from tests.helpers import events, mails_to, reconcile, payment_row, provider_order, script, start_payment, wait_for, wait_status
+from workflows.reconcile import RECONCILE_SCHEDULE_ID
 
 TZ = ZoneInfo("Asia/Shanghai")  # PAYSENTINEL_SETTLEMENT_TIMEZONE (default)
-
-
-@pytest.fixture
-async def finance(stack: Stack):
-    async with httpx.AsyncClient(base_url=stack.operator_url, headers=OPERATOR_HEADERS, timeout=60) as http:
-        yield http
-
-
-async def reconcile(finance: httpx.AsyncClient, client, day, passes: int) -> dict:
-    """Start the day's reconciliation and wait for its report (the ``passes``-th run), once
-    the day's last run has ended (its report is written before its alerts are sent, and a
-    request while it runs joins it)."""
-    try:
-        await client.get_workflow_handle(reconcile_workflow_id("simulator", day)).result()
-    except (RPCError, WorkflowFailureError):
-        pass  # never run, or failed
-    response = await finance.post(f"/operator/reconciliations/{day}")
-    assert response.status_code == 202, response.text
-
-    async def done():
-        view = await finance.get(f"/operator/reconciliations/{day}")
-        if view.status_code != 200:
-            return None
-        body = view.json()
-        finished = body["report"]["status"] in ("DONE", "PROVISIONAL")  # PROVISIONAL: the day is not over yet
-        return body if finished and body["report"]["passes"] == passes else None
-
-    return await wait_for(done, timeout=90, what=f"reconciliation {day} pass {passes}")
 
 
 async def ledger(sim: httpx.AsyncClient, order: str) -> dict:
