@@ -10,56 +10,19 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
+
+from paysentinel.providers.rsa_keys import load_private_key, load_public_key, sign_sha256, verify_sha256
+
+__all__ = ["load_private_key", "load_public_key"]  # the app's and Alipay's keys, as PEM or bare base64
 
 CHINA = ZoneInfo("Asia/Shanghai")  # Alipay's clock: every time it sends or expects
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
-
-
-def _key_text(text: str) -> str:
-    return text.strip().replace("\\r", "").replace("\\n", "\n")
-
-
-def load_private_key(text: str) -> RSAPrivateKey:
-    """The app's private key: PEM (PKCS#1 or PKCS#8; literal ``\\n`` escapes accepted) or the
-    bare base64 PKCS#8 body Alipay's key tool prints."""
-    text = _key_text(text)
-    try:
-        if "-----BEGIN" in text:
-            key = serialization.load_pem_private_key(text.encode(), password=None)
-        else:
-            key = serialization.load_der_private_key(base64.b64decode("".join(text.split())), password=None)
-    except (ValueError, TypeError, binascii.Error) as err:
-        raise ValueError(f"not an RSA private key: {err}") from None
-    if not isinstance(key, RSAPrivateKey):
-        raise ValueError("not an RSA private key")
-    return key
-
-
-def load_public_key(text: str) -> RSAPublicKey:
-    """Alipay's public key: PEM (literal ``\\n`` escapes accepted) or the bare base64
-    SubjectPublicKeyInfo the open platform console shows."""
-    text = _key_text(text)
-    try:
-        if "-----BEGIN" in text:
-            key = serialization.load_pem_public_key(text.encode())
-        else:
-            key = serialization.load_der_public_key(base64.b64decode("".join(text.split())))
-    except (ValueError, TypeError, binascii.Error) as err:
-        raise ValueError(f"not an RSA public key: {err}") from None
-    if not isinstance(key, RSAPublicKey):
-        raise ValueError("not an RSA public key")
-    return key
 
 
 def content_to_sign(params: Mapping[str, object], exclude: tuple[str, ...] = ("sign",)) -> str:
@@ -79,16 +42,11 @@ def notification_content(params: Mapping[str, object]) -> str:
 
 
 def rsa2_sign(key: RSAPrivateKey, content: str) -> str:
-    return base64.b64encode(key.sign(content.encode("utf-8"), padding.PKCS1v15(), hashes.SHA256())).decode()
+    return sign_sha256(key, content.encode("utf-8"))
 
 
 def rsa2_verify(key: RSAPublicKey, content: str, signature: str) -> bool:
-    try:
-        raw = base64.b64decode(signature.strip(), validate=False)
-        key.verify(raw, content.encode("utf-8"), padding.PKCS1v15(), hashes.SHA256())
-        return True
-    except (InvalidSignature, binascii.Error, ValueError):
-        return False
+    return verify_sha256(key, content.encode("utf-8"), signature)
 
 
 def sign_params(key: RSAPrivateKey, params: Mapping[str, str]) -> dict[str, str]:

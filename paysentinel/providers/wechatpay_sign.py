@@ -20,12 +20,14 @@ import time
 from collections.abc import Mapping
 from typing import Optional
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from paysentinel.providers.rsa_keys import key_text, load_private_key, load_public_key, sign_sha256, verify_sha256
 from paysentinel.signing import SignatureError
+
+__all__ = ["load_private_key", "load_public_key"]  # the merchant's key; WeChat Pay's key or certificate
 
 SCHEMA = "WECHATPAY2-SHA256-RSA2048"
 AEAD = "AEAD_AES_256_GCM"
@@ -35,30 +37,7 @@ class DecryptionError(ValueError):
     """A notification resource that the APIv3 key does not open."""
 
 
-def pem_text(value: str) -> str:
-    """A PEM given inline may carry literal ``\\n`` escapes (one-line environment variables)."""
-    return value.replace("\\n", "\n").strip() + "\n"
-
-
-def load_private_key(pem: str) -> rsa.RSAPrivateKey:
-    key = serialization.load_pem_private_key(pem_text(pem).encode(), password=None)
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise ValueError("the merchant private key is not an RSA key")
-    return key
-
-
-def load_public_key(pem: str) -> rsa.RSAPublicKey:
-    text = pem_text(pem)
-    key: object
-    if "BEGIN CERTIFICATE" in text:  # platform-certificate mode: the certificate's key
-        from cryptography import x509
-
-        key = x509.load_pem_x509_certificate(text.encode()).public_key()
-    else:
-        key = serialization.load_pem_public_key(text.encode())
-    if not isinstance(key, rsa.RSAPublicKey):
-        raise ValueError("the WeChat Pay public key is not an RSA key")
-    return key
+pem_text = key_text  # a PEM given inline may carry literal ``\\n`` escapes
 
 
 def new_nonce() -> str:
@@ -73,16 +52,8 @@ def response_message(timestamp: str, nonce: str, body: bytes) -> bytes:
     return f"{timestamp}\n{nonce}\n".encode() + body + b"\n"
 
 
-def rsa_sign(key: rsa.RSAPrivateKey, message: bytes) -> str:
-    return base64.b64encode(key.sign(message, padding.PKCS1v15(), hashes.SHA256())).decode()
-
-
-def rsa_verify(key: rsa.RSAPublicKey, message: bytes, signature: str) -> bool:
-    try:
-        key.verify(base64.b64decode(signature, validate=True), message, padding.PKCS1v15(), hashes.SHA256())
-        return True
-    except (InvalidSignature, ValueError):
-        return False
+rsa_sign = sign_sha256
+rsa_verify = verify_sha256
 
 
 def authorization(
