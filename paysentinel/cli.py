@@ -325,7 +325,7 @@ def temporal_cli() -> None:
 
 cluster_app = typer.Typer(
     help="A Temporal cluster on this machine: the Temporal server as separate frontend, "
-    "history, matching and worker processes on its own PostgreSQL, frontend with mTLS.",
+    "history, matching and worker processes on its own PostgreSQL, frontend with mTLS, and the Temporal Web UI.",
     no_args_is_help=True,
 )
 app.add_typer(cluster_app, name="cluster")
@@ -346,6 +346,12 @@ def cluster_up(
     namespace: str = typer.Option("default", help="The namespace to register"),
     frontend_port: int = typer.Option(7233, help="The frontend's gRPC port (clients connect here, mTLS)"),
     postgres_port: int = typer.Option(5433, help="The port of Temporal's own PostgreSQL"),
+    ui_port: int = typer.Option(8080, help="The Temporal Web UI's port (HTTP, loopback)"),
+    ui_codec_endpoint: Optional[str] = typer.Option(
+        None,
+        help="Where the Web UI decodes payloads (default: the operator API's /codec; '' for none)",
+        show_default=False,
+    ),
 ) -> None:
     """Build (first time) and start the cluster in the background; write cluster.env for clients."""
     from rich.markup import escape
@@ -367,9 +373,17 @@ def cluster_up(
     except (tc.ClusterError, TemporalCliUnavailable) as err:
         console.print("[red]cannot obtain the Temporal server:[/red]", escape(str(err)), soft_wrap=True)
         raise typer.Exit(1) from err
-    ports = tc.ClusterPorts(frontend=frontend_port, frontend_http=frontend_port + 10, postgres=postgres_port)
+    ports = tc.ClusterPorts(frontend=frontend_port, frontend_http=frontend_port + 10, postgres=postgres_port, ui=ui_port)
+    codec = _codec_endpoint(settings) if ui_codec_endpoint is None else ui_codec_endpoint
     cluster = tc.TemporalCluster(
-        binaries, cli, directory, ports=ports, namespace=namespace, pg_dir=tc.default_pg_dir(directory), log=say
+        binaries,
+        cli,
+        directory,
+        ports=ports,
+        namespace=namespace,
+        pg_dir=tc.default_pg_dir(directory),
+        log=say,
+        ui_codec_endpoint=codec or None,
     )
     try:
         asyncio.run(cluster.up())
@@ -382,6 +396,13 @@ def cluster_up(
     env_file = directory / "cluster.env"
     env_file.write_text(tc.env_file_text(cluster))
     _cluster_table(directory)
+    console.print(f"Temporal Web UI: [bold]{cluster.ui_url}[/bold]", soft_wrap=True)
+    if codec and cluster.ui_url not in settings.effective_codec_cors_origins:
+        console.print(
+            f"[dim]For decoded payloads in it, start the operator API with "
+            f"PAYSENTINEL_CODEC_CORS_ORIGINS={cluster.ui_url} (its codec endpoint: {codec}).[/dim]",
+            soft_wrap=True,
+        )
     console.print(
         f"Point paysentinel at it: [bold]set -a; . {env_file}; set +a[/bold], then "
         "`paysentinel up --parts worker,api,webhooks,operator,simulator` (as many of each as you like).",
@@ -417,13 +438,22 @@ def _cluster_table(directory) -> bool:
         f"127.0.0.1:{state.ports.postgres} (temporal, temporal_visibility; data {state.pg_dir})",
         "running" if pg_up else "[red]stopped[/red]",
     )
+    ui_pid = state.pids.get(tc.UI, 0)
+    ui_alive = bool(ui_pid) and tc.pid_alive(ui_pid)
+    healthy &= ui_alive
+    table.add_row(
+        "temporal web ui",
+        str(ui_pid),
+        f"http://127.0.0.1:{state.ports.ui}",
+        "running" if ui_alive else "[red]stopped[/red]",
+    )
     console.print(table)
     return healthy
 
 
 @cluster_app.command("build")
 def cluster_build() -> None:
-    """Build (first time) or find the cached Temporal server and schema tool; print where they are."""
+    """Build (first time) or find the cached Temporal server, schema tool and Web UI server; print where they are."""
     from rich.markup import escape
 
     from paysentinel import cluster as tc
@@ -436,6 +466,7 @@ def cluster_build() -> None:
         console.print("[red]cannot obtain the Temporal server:[/red]", escape(str(err)), soft_wrap=True)
         raise typer.Exit(1) from err
     print(binaries.server.parent)
+    print(binaries.ui_server.parent)
 
 
 @cluster_app.command("status")
@@ -452,7 +483,7 @@ def cluster_status(state_dir: Optional[str] = STATE_DIR_OPTION) -> None:
 
 @cluster_app.command("down")
 def cluster_down(state_dir: Optional[str] = STATE_DIR_OPTION) -> None:
-    """Stop the cluster's services (by pid) and its PostgreSQL; the data stays for the next `up`."""
+    """Stop the cluster's Web UI and services (by pid) and its PostgreSQL; the data stays for the next `up`."""
     from paysentinel import cluster as tc
 
     directory = _cluster_dir(state_dir)
@@ -461,9 +492,9 @@ def cluster_down(state_dir: Optional[str] = STATE_DIR_OPTION) -> None:
         console.print(f"no cluster in {directory}")
         return
     state = tc.ClusterState.load(path)
-    for service in reversed(tc.SERVICES):
-        if service in state.pids:
-            tc.stop_pid(state.pids[service])
+    for process in reversed(tc.PROCESSES):
+        if process in state.pids:
+            tc.stop_pid(state.pids[process])
     tc.TemporalPostgres(Path(state.pg_dir), state.ports.postgres).stop()
     state.pids = {}
     state.save(path)

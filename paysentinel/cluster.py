@@ -10,12 +10,16 @@ What it runs (all on loopback):
   ``server --root <state> --config config --env cluster --allow-no-auth start --service <name>``;
 - the frontend with mutual TLS: a certificate authority, a server certificate for
   127.0.0.1/localhost and a client certificate, made per cluster with ``cryptography``;
-  clients (and Temporal's own system worker) present the client certificate.
+  clients (and Temporal's own system worker) present the client certificate;
+- the Temporal Web UI server ``v2.42.1`` (``go install github.com/temporalio/ui-server/v2/cmd/server``,
+  the version the Temporal CLI v1.5.1 embeds), one more process started after the services:
+  ``server --root <state> --config ui-config --env cluster start``, serving the UI and its
+  HTTP API on loopback and calling the frontend with the client certificate.
 
 Then the namespace is registered with the Temporal CLI (``temporal operator namespace
 create``) and paysentinel's search attributes through the operator service.
 
-``paysentinel cluster up|down|status`` runs it in the background (pids in ``cluster.json``);
+``paysentinel cluster up|down|status|build`` runs it in the background (pids in ``cluster.json``);
 the tests use :class:`TemporalCluster` directly. Every wait is bounded; processes are stopped
 by their pid.
 """
@@ -56,6 +60,12 @@ TEMPORAL_DB_USER = "temporal"
 DATABASES = {"temporal": "temporal", "temporal_visibility": "visibility"}  # database -> schema directory
 TLS_SERVER_NAME = "localhost"
 COMMAND_TIMEOUT_SECONDS = 120.0
+UI_SERVER_VERSION = "v2.42.1"  # the Web UI server the Temporal CLI v1.5.1 embeds
+UI_SERVER_MODULE = "github.com/temporalio/ui-server/v2"
+UI = "ui"  # the Web UI server among the cluster's processes (its log, its pid in cluster.json)
+PROCESSES = (*SERVICES, UI)  # the order they start in
+CONFIG_ENV = "cluster"  # --env: the server reads config/cluster.yaml, the Web UI server ui-config/cluster.yaml
+UI_CONFIG_DIR = "ui-config"
 
 # What the server needs for paysentinel beyond its defaults (the dev server turns these on too).
 DYNAMIC_CONFIG = {
@@ -79,27 +89,68 @@ class ServerBinaries:
     server: Path
     sql_tool: Path
     schema_dir: Path  # .../schema/postgresql/v12
+    ui_server: Path  # the Temporal Web UI server
 
 
 def server_cache_dir(cache_dir: Path) -> Path:
     return Path(cache_dir) / f"temporal-server-{TEMPORAL_SERVER_VERSION}"
 
 
+def ui_server_cache_dir(cache_dir: Path) -> Path:
+    return Path(cache_dir) / f"temporal-ui-server-{UI_SERVER_VERSION}"
+
+
 def ensure_server_binaries(cache_dir: Path, log: Callable[[str], None] = print) -> ServerBinaries:
-    """The Temporal server, its SQL schema tool and the PostgreSQL schema files, built with
-    ``go install`` the first time and kept in ``cache_dir/temporal-server-<version>``."""
-    home = server_cache_dir(cache_dir)
-    found = ServerBinaries(home / "bin" / "server", home / "bin" / "temporal-sql-tool", home / SCHEMA)
-    if _complete(found):
-        log(f"Temporal server {TEMPORAL_SERVER_VERSION}: using cached binaries in {home}")
-        return found
+    """The Temporal server, its SQL schema tool, the PostgreSQL schema files and the Web UI
+    server, built with ``go install`` the first time and kept in
+    ``cache_dir/temporal-server-<version>`` and ``cache_dir/temporal-ui-server-<version>``."""
+    server, sql_tool, schema_dir = _ensure_temporal_server(cache_dir, log)
+    return ServerBinaries(server, sql_tool, schema_dir, ensure_ui_server(cache_dir, log))
+
+
+def _find_go(missing: str, otherwise: str) -> str:
     go = shutil.which("go") or shutil.which("go", path=os.pathsep.join(GO_FALLBACK_DIRS))
     if go is None:
         raise ClusterError(
-            f"the Temporal server {TEMPORAL_SERVER_VERSION} is not in {home} and `go` is not on PATH to build it; "
-            "install Go (https://go.dev/dl/, 1.24 or newer), or place the binaries `server` and "
-            f"`temporal-sql-tool` in {home / 'bin'} and the module's {SCHEMA} in {home / SCHEMA}"
+            f"{missing} and `go` is not on PATH to build it; install Go (https://go.dev/dl/, 1.24 or newer), or {otherwise}"
         )
+    return go
+
+
+def ensure_ui_server(cache_dir: Path, log: Callable[[str], None] = print) -> Path:
+    """The Temporal Web UI server (``go install github.com/temporalio/ui-server/v2/cmd/server``,
+    the UI's assets embedded), built the first time into ``cache_dir/temporal-ui-server-<version>/server``."""
+    home = ui_server_cache_dir(cache_dir)
+    binary = home / "server"
+    if os.access(binary, os.X_OK):
+        log(f"Temporal Web UI server {UI_SERVER_VERSION}: using the cached binary in {home}")
+        return binary
+    go = _find_go(f"the Temporal Web UI server {UI_SERVER_VERSION} is not in {home}", f"place the binary `server` in {home}")
+    target = f"{UI_SERVER_MODULE}/cmd/server@{UI_SERVER_VERSION}"
+    log(f"Temporal Web UI server: building `go install {target}` (a minute or two the first time) ...")
+    started = time.monotonic()
+    build = home / "build"
+    try:
+        _go_install(go, target, build, log)
+    except Exception as exc:  # noqa: BLE001 - said to the user with what to do
+        raise ClusterError(f"go install {target} failed: {_describe(exc)}") from exc
+    os.replace(build / "server", binary)  # its own directory: the Temporal server's binary is `server` too
+    build.rmdir()
+    log(f"Temporal Web UI server: built in {time.monotonic() - started:.0f}s")
+    return binary
+
+
+def _ensure_temporal_server(cache_dir: Path, log: Callable[[str], None]) -> tuple[Path, Path, Path]:
+    home = server_cache_dir(cache_dir)
+    found = (home / "bin" / "server", home / "bin" / "temporal-sql-tool", home / SCHEMA)
+    if _complete(*found):
+        log(f"Temporal server {TEMPORAL_SERVER_VERSION}: using cached binaries in {home}")
+        return found
+    go = _find_go(
+        f"the Temporal server {TEMPORAL_SERVER_VERSION} is not in {home}",
+        f"place the binaries `server` and `temporal-sql-tool` in {home / 'bin'} and the module's {SCHEMA} in {home / SCHEMA}",
+    )
+    server, sql_tool, schema_dir = found
     build = home / "build"
     for name, package in SERVER_TARGETS.items():
         target = f"{TEMPORAL_SERVER_MODULE}/{package}@{TEMPORAL_SERVER_VERSION}"
@@ -116,25 +167,25 @@ def ensure_server_binaries(cache_dir: Path, log: Callable[[str], None] = print) 
     source = Path(modcache) / f"{TEMPORAL_SERVER_MODULE}@{TEMPORAL_SERVER_VERSION}" / SCHEMA
     if not source.is_dir():
         raise ClusterError(f"the schema files are not in the Go module cache at {source}")
-    if found.schema_dir.exists():
-        shutil.rmtree(found.schema_dir)
-    shutil.copytree(source, found.schema_dir)
-    for path in [found.schema_dir, *found.schema_dir.rglob("*")]:  # the module cache is read-only; our copy need not be
+    if schema_dir.exists():
+        shutil.rmtree(schema_dir)
+    shutil.copytree(source, schema_dir)
+    for path in [schema_dir, *schema_dir.rglob("*")]:  # the module cache is read-only; our copy need not be
         path.chmod(0o755 if path.is_dir() else 0o644)
-    found.server.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(build / "server", found.server)
-    os.replace(build / "sql", found.sql_tool)
-    if not _complete(found):
+    server.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(build / "server", server)
+    os.replace(build / "sql", sql_tool)
+    if not _complete(*found):
         raise ClusterError(f"after the build, {home} still lacks a binary or the schema")
     return found
 
 
-def _complete(binaries: ServerBinaries) -> bool:
+def _complete(server: Path, sql_tool: Path, schema_dir: Path) -> bool:
     return (
-        os.access(binaries.server, os.X_OK)
-        and os.access(binaries.sql_tool, os.X_OK)
-        and (binaries.schema_dir / "temporal" / "versioned").is_dir()
-        and (binaries.schema_dir / "visibility" / "versioned").is_dir()
+        os.access(server, os.X_OK)
+        and os.access(sql_tool, os.X_OK)
+        and (schema_dir / "temporal" / "versioned").is_dir()
+        and (schema_dir / "visibility" / "versioned").is_dir()
     )
 
 
@@ -365,6 +416,7 @@ class ClusterPorts:
     matching_membership: int = 6935
     worker_membership: int = 6939
     postgres: int = 5433
+    ui: int = 8080  # the Temporal Web UI server (HTTP)
 
     @classmethod
     def free(cls) -> ClusterPorts:
@@ -383,9 +435,19 @@ class ClusterPorts:
     def membership(self, service: str) -> int:
         return getattr(self, f"{service}_membership")
 
-    def listening(self, service: str) -> int:
-        """The port that shows the service is up (the worker service serves no gRPC, only membership)."""
-        return self.membership(service) if service == "worker" else self.grpc(service)
+    def listening(self, process: str) -> int:
+        """The port that shows the process is up (the worker service serves no gRPC, only membership)."""
+        if process == UI:
+            return self.ui
+        return self.membership(process) if process == "worker" else self.grpc(process)
+
+    def bound(self, process: str) -> tuple[int, ...]:
+        """Every port the process listens on."""
+        return (self.ui,) if process == UI else (self.grpc(process), self.membership(process))
+
+
+def _label(process: str) -> str:
+    return "the Temporal Web UI server" if process == UI else f"Temporal's {process} service"
 
 
 def _free_port_below(limit: int, taken: set[int], attempts: int = 200) -> int:
@@ -435,6 +497,7 @@ class TemporalCluster:
         pg_dir: Path | None = None,
         log: Callable[[str], None] = print,
         num_history_shards: int = 4,
+        ui_codec_endpoint: str | None = None,
     ) -> None:
         self.binaries = binaries
         self.cli = Path(cli)
@@ -447,6 +510,7 @@ class TemporalCluster:
         self.certs = Certificates(
             *(self.state_dir / "tls" / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key"))
         )
+        self.ui_codec_endpoint = ui_codec_endpoint  # the Web UI decodes payloads there (the operator API's /codec)
         self.processes: dict[str, subprocess.Popen] = {}
 
     # -- what clients need --
@@ -454,6 +518,10 @@ class TemporalCluster:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.ports.frontend}"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.ui}"
 
     def client_env(self) -> dict[str, str]:
         """The TEMPORAL_* variables a paysentinel process (or the Temporal CLI) connects with."""
@@ -466,8 +534,8 @@ class TemporalCluster:
             "TEMPORAL_TLS_SERVER_NAME": TLS_SERVER_NAME,
         }
 
-    def log_file(self, service: str) -> Path:
-        return self.state_dir / "logs" / f"{service}.log"
+    def log_file(self, process: str) -> Path:
+        return self.state_dir / "logs" / f"{process}.log"
 
     # -- set-up --
 
@@ -587,12 +655,46 @@ class TemporalCluster:
             "dynamicConfigClient": {"filepath": str(self.state_dir / "config" / "dynamicconfig.yaml"), "pollInterval": "10s"},
         }
 
+    def ui_config(self) -> dict:
+        """The Web UI server's configuration (ui-server's config/development.yaml has every key):
+        on loopback, calling the frontend over mTLS with the cluster's client certificate."""
+        config: dict = {
+            "temporalGrpcAddress": self.address,
+            "host": "127.0.0.1",
+            "port": self.ports.ui,
+            "publicPath": "",
+            "enableUi": True,
+            "defaultNamespace": self.namespace,
+            "showTemporalSystemNamespace": False,
+            "notifyOnNewVersion": False,
+            "auth": {"enabled": False},
+            "cors": {
+                "allowOrigins": [self.ui_url, f"http://localhost:{self.ports.ui}"],
+                "unsafeAllowAllOrigins": False,
+                "cookieInsecure": True,  # plain HTTP on loopback: the CSRF cookie must reach the browser
+            },
+            "tls": {
+                "caFile": str(self.certs.ca),
+                "certFile": str(self.certs.client_cert),
+                "keyFile": str(self.certs.client_key),
+                "serverName": TLS_SERVER_NAME,
+                "enableHostVerification": True,
+            },
+        }
+        if self.ui_codec_endpoint:
+            # Called from the browser; the operator API's codec sign-in is a cookie, hence the credentials.
+            config["codec"] = {"endpoint": self.ui_codec_endpoint, "passAccessToken": False, "includeCredentials": True}
+        return config
+
     def write_config(self) -> Path:
         directory = self.state_dir / "config"
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "dynamicconfig.yaml").write_text(yaml.safe_dump(DYNAMIC_CONFIG))
         path = directory / "cluster.yaml"
         path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        ui_directory = self.state_dir / UI_CONFIG_DIR
+        ui_directory.mkdir(parents=True, exist_ok=True)
+        (ui_directory / f"{CONFIG_ENV}.yaml").write_text(yaml.safe_dump(self.ui_config(), sort_keys=False))
         return path
 
     # -- the service processes --
@@ -605,20 +707,34 @@ class TemporalCluster:
             "--config",
             "config",
             "--env",
-            "cluster",
+            CONFIG_ENV,
             "--allow-no-auth",
             "start",
             "--service",
             service,
         ]
 
+    def ui_command(self) -> list[str]:
+        """The Web UI server reads ``<root>/<config>/<env>.yaml``."""
+        return [
+            str(self.binaries.ui_server),
+            "--root",
+            str(self.state_dir),
+            "--config",
+            UI_CONFIG_DIR,
+            "--env",
+            CONFIG_ENV,
+            "start",
+        ]
+
     def start_service(self, service: str) -> subprocess.Popen:
-        for port in (self.ports.grpc(service), self.ports.membership(service)):
+        """Start one of the cluster's processes: a Temporal service or the Web UI server (``ui``)."""
+        for port in self.ports.bound(service):
             if port_in_use("127.0.0.1", port):
-                raise ClusterError(f"port {port} for Temporal's {service} service is in use")
+                raise ClusterError(f"port {port} for {_label(service)} is in use")
         with open(self.log_file(service), "ab") as log:
             process = subprocess.Popen(
-                self.service_command(service),
+                self.ui_command() if service == UI else self.service_command(service),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -653,10 +769,11 @@ class TemporalCluster:
             time.sleep(0.2)
 
     def start(self) -> None:
-        """One service after the other (the first initialises the cluster's metadata in the database)."""
-        for service in SERVICES:
-            self.start_service(service)
-            self.wait_listening(service)
+        """One service after the other (the first initialises the cluster's metadata in the
+        database), then the Web UI server."""
+        for process in PROCESSES:
+            self.start_service(process)
+            self.wait_listening(process)
 
     def wait_listening(self, service: str, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
@@ -665,14 +782,14 @@ class TemporalCluster:
             self._check_alive()
             if time.monotonic() > deadline:
                 raise ClusterError(
-                    f"Temporal's {service} service does not listen on {port} after {timeout:.0f}s; "
+                    f"{_label(service)} does not listen on {port} after {timeout:.0f}s; "
                     f"its log ({self.log_file(service)}) ends with:\n{self.log_tail(service)}"
                 )
             time.sleep(0.2)
 
     def stop(self) -> None:
-        for service in reversed(SERVICES):
-            self.stop_service(service)
+        for process in reversed(PROCESSES):
+            self.stop_service(process)
 
     def log_tail(self, service: str, lines: int = 15) -> str:
         try:
@@ -685,7 +802,7 @@ class TemporalCluster:
         for service, process in self.processes.items():
             if process.poll() is not None:
                 raise ClusterError(
-                    f"Temporal's {service} service exited with code {process.returncode}; "
+                    f"{_label(service)} exited with code {process.returncode}; "
                     f"its log ({self.log_file(service)}) ends with:\n{self.log_tail(service)}"
                 )
 
@@ -883,4 +1000,6 @@ __all__ = [
     "make_certificates",
     "SEARCH_ATTRIBUTES",
     "TEMPORAL_SERVER_VERSION",
+    "UI_SERVER_VERSION",
+    "ensure_ui_server",
 ]

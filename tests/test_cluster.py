@@ -31,7 +31,9 @@ import httpx
 import pytest
 
 from paysentinel.cluster import (
+    PROCESSES,
     SERVICES,
+    UI,
     ClusterError,
     ClusterPorts,
     ServerBinaries,
@@ -144,7 +146,7 @@ async def temporal_cluster(server_binaries: ServerBinaries, temporal_cli: Path) 
         await cluster.up(timeout=180)
     except ClusterError as err:
         await asyncio.to_thread(cluster.down)
-        logs = {service: cluster.log_tail(service, 5) for service in SERVICES}
+        logs = {process: cluster.log_tail(process, 5) for process in PROCESSES}
         shutil.rmtree(state, ignore_errors=True)
         pytest.fail(
             f"the Temporal cluster did not start: {err}\n" + "\n".join(f"{s}: {t}" for s, t in logs.items()), pytrace=False
@@ -449,11 +451,13 @@ async def statuses(apis: Apis, orders: list[str]) -> dict[str, str]:
 
 def test_each_temporal_service_is_its_own_process(temporal_cluster: TemporalCluster):
     pids = {service: process.pid for service, process in temporal_cluster.processes.items()}
-    assert set(pids) == set(SERVICES) and len(set(pids.values())) == 4
+    assert set(pids) == set(PROCESSES) and len(set(pids.values())) == 5  # the four services and the Web UI server
     assert all(process.poll() is None for process in temporal_cluster.processes.values())
     for service in SERVICES:
         command = Path(f"/proc/{pids[service]}/cmdline").read_bytes().split(b"\0")
         assert command[-2:] == [b"--service", service.encode()] or command[-3:-1] == [b"--service", service.encode()]
+    ui_command = Path(f"/proc/{pids[UI]}/cmdline").read_bytes().split(b"\0")
+    assert ui_command[0] == str(temporal_cluster.binaries.ui_server).encode() and b"start" in ui_command
     assert temporal_cluster.postgres.running
 
 
@@ -513,6 +517,35 @@ async def test_payments_through_both_api_replicas(cluster_stack, apis, csim, cse
     while (found := (await cclient.count_workflows(f"PaymentStatus = 'SUCCEEDED' AND ({query})")).count) < 4:
         assert time.monotonic() < deadline, f"visibility shows {found} of 4"
         await asyncio.sleep(0.5)
+
+
+async def test_the_web_ui_shows_a_payment_run_on_the_cluster(cluster_stack, apis, csim):
+    """The Web UI server serves the UI and, through its HTTP API, lists the payment's workflow:
+    it reached the frontend over mTLS with the cluster's client certificate."""
+    cluster = cluster_stack.cluster
+    [order] = await start_payments(apis, csim, 1, "cl-ui", pay="immediately")
+    workflow_id = payment_id_for(order)
+    await wait_status(apis.next(), workflow_id, "SUCCEEDED", timeout=60)
+    async with httpx.AsyncClient(base_url=cluster.ui_url, timeout=15) as ui:
+        page = await ui.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), page.text[:500]
+        assert '<div id="svelte">' in page.text and "/_app/immutable/" in page.text, page.text[:500]
+        settings = (await ui.get("/api/v1/settings")).json()
+        assert settings["DefaultNamespace"] == cluster.namespace, settings
+        listed: list[str] = []
+        deadline = time.monotonic() + 30  # visibility is written after the run, within a second or two
+        while workflow_id not in listed:
+            assert time.monotonic() < deadline, f"the Web UI does not list {workflow_id}; it lists {listed}"
+            response = await ui.get(
+                f"/api/v1/namespaces/{cluster.namespace}/workflows", params={"query": f"WorkflowId = '{workflow_id}'"}
+            )
+            assert response.status_code == 200, response.text
+            listed = [run["execution"]["workflowId"] for run in response.json().get("executions", [])]
+            if workflow_id not in listed:
+                await asyncio.sleep(0.5)
+        described = await ui.get(f"/api/v1/namespaces/{cluster.namespace}/workflows/{workflow_id}")
+        assert described.status_code == 200, described.text
+        assert described.json()["workflowExecutionInfo"]["type"]["name"], described.text
 
 
 # --- Faults -----------------------------------------------------------------------------------------
