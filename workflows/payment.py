@@ -15,7 +15,19 @@ a person (ManualReviewWorkflow). Every child's outcome is handled, failure inclu
 recorded on the timeline, alerted once, and routed (a refund child is started again
 with the same provider refund id; a review is opened again; after that, a person).
 
-This module is the orchestration only: which activity, child workflow or timer comes
+Where things live. This module: ``PaymentWorkflow`` (the registered type; it runs each
+payment on the code of the release that started it) and ``Payment``, the 0.3.0 main
+line read top to bottom: its messages, ``run``, creating the trade, awaiting the
+outcome, expiry, late events, the status (transition, save, converge), the provider
+calls and small helpers. ``Payment`` inherits two parts kept apart:
+
+- workflows/payment_results.py (``ProviderResults``): applying a provider's answer (a
+  callback, a bill finding, a query, a close): paid, closed, unchanged, a claimed amount
+  confirmed with the provider, a wrong amount to review, a second charge returned;
+- workflows/payment_children.py (``ChildWorkflows``): refunds and manual reviews as child
+  workflows, their failures, and the notifications and alerts run alongside the main line.
+
+These modules are the orchestration only: which activity, child workflow or timer comes
 next. What the payment knows and what a provider's answer means for it (the money
 rules, refund ids, the words the customer gets) live in paysentinel/rules.py (and the
 per-trade arithmetic in paysentinel/ledger.py); what others see of it (the view, the
@@ -40,18 +52,16 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta
-from typing import Any, Awaitable, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ChildWorkflowError, WorkflowAlreadyStartedError
-from temporalio.workflow import ParentClosePolicy
+from temporalio.exceptions import ActivityError
 
 from workflows.common import before_run_ends, cause, db_local, provider_local, rejection_code
-from workflows.payment_notify import alert_child, failure, notification, send
-from workflows.refund import RefundWorkflow, refund_workflow_id
+from workflows.payment_children import ChildWorkflows
+from workflows.payment_results import ProviderResults
 from workflows.releases.payment_0_1_0 import PaymentWorkflow_0_1_0
 from workflows.releases.payment_0_2_0 import Payment as Payment_0_2_0
-from workflows.review import ManualReviewWorkflow, review_workflow_id
 
 with workflow.unsafe.imports_passed_through():
     import email_validator  # noqa: F401  (pydantic loads it lazily to validate EmailStr)
@@ -60,20 +70,15 @@ with workflow.unsafe.imports_passed_through():
     from activities.payment import PaymentActivities
     from paysentinel.ledger import snapshot_seq
     from paysentinel.models import (
-        REVIEW_ACTIONS,
         CreateTradeInput,
-        NotifyKind,
         PaymentInput,
         PaymentStatus,
         PaymentView,
         ProviderCallback,
         RecordPaymentInput,
         RefundCommand,
-        RefundInput,
-        RefundStatus,
         RefundView,
         ReviewAction,
-        ReviewInput,
         ReviewOutcome,
         ReviewReason,
         RiskVerdict,
@@ -92,21 +97,11 @@ with workflow.unsafe.imports_passed_through():
         status_attributes,
     )
     from paysentinel.rules import (
-        IN_REVIEW_WORDS,
         OPEN,
         RISK_HOLD,
-        Disposition,
-        Meaning,
         PaymentBook,
-        child_suffix,
-        confirms,
-        customer_reason,
         merchant_refund_key,
-        mismatch_evidence,
         money,
-        refund_id_for,
-        review_number,
-        settlement_evidence,
         status_unknown_evidence,
     )
 
@@ -116,21 +111,8 @@ with workflow.unsafe.imports_passed_through():
 RELEASE_0_3_0 = "payment-0.3.0"
 RELEASE_0_2_0 = "payment-0.2.0"
 
-# A failed refund is retried by a review's deadline default this many times; after that
-# its review has no deadline: a person must decide.
-AUTOMATIC_REFUND_ROUNDS = 2
-NO_DEADLINE_SECONDS = 10 * 365 * 86400.0
-# A child workflow that fails (terminated, timed out, id clash) is started again this
-# many times in all; then a refund goes to a person, a review applies its safe default.
-CHILD_ATTEMPTS = 3
-# How often the provider is asked to confirm a claimed amount before a person is asked.
-CONFIRM_ROUNDS = 3
 # After a review closed a payment the provider could not confirm, ask it at most this often.
 UNCONFIRMED_QUERY_MAX_SECONDS = 3600.0
-
-
-async def _result(handle: workflow.ChildWorkflowHandle) -> Any:
-    return await handle
 
 
 @workflow.defn
@@ -186,8 +168,11 @@ class PaymentWorkflow:
         return (self._impl or Payment(self._input))._view()
 
 
-class Payment:
-    """The payment's lifecycle as of release 0.3.0 (what PaymentWorkflow runs for new payments)."""
+class Payment(ProviderResults, ChildWorkflows):
+    """The payment's lifecycle as of release 0.3.0 (what PaymentWorkflow runs for new payments).
+
+    Provider results are applied by ProviderResults (workflows/payment_results.py), refunds
+    and reviews run by ChildWorkflows (workflows/payment_children.py)."""
 
     def __init__(self, input: PaymentInput) -> None:
         self._input = input
@@ -471,381 +456,6 @@ class Payment:
                 "provider confirmed",
                 f"the provider reports {trade.status.value if trade.status else 'no trade'}; nothing was paid",
             )
-
-    # --- Results from the provider -----------------------------------------------------
-
-    async def _process_inbox(self) -> None:
-        while self._inbox:
-            event = self._inbox.pop(0)
-            self._note(
-                event.source,
-                f"{event.trade_status.value} for trade {event.trade_no}, "
-                f"{self._money(event.amount_minor, event.currency)} (event {event.event_id})",
-            )
-            self._book.callback_at = event.received_at
-            await self._apply_trade(
-                Trade(
-                    order_id=event.order_id,
-                    trade_no=event.trade_no,
-                    status=event.trade_status,
-                    amount_minor=event.amount_minor,
-                    currency=event.currency,
-                    paid_at=event.paid_at,
-                ),
-                event.source,
-            )
-            self._book.callback_at = None
-
-    async def _apply_trade(self, trade: Trade, source: str) -> None:
-        """Act on what a provider result means for this payment (paysentinel/rules.py); never move backwards."""
-        request, trade_no = self._request, trade.trade_no or ""
-        meaning = self._book.meaning(trade, source, request.amount_minor, request.currency)
-        if meaning is Meaning.NO_TRADE:
-            self._note(f"{source}: no trade", "the provider has no trade for this order yet")
-        elif meaning is Meaning.CLOSED:
-            await self._transition(PaymentStatus.CLOSED, "closed", f"closed at the provider ({source}); nothing was paid")
-        elif meaning is Meaning.NO_CHANGE:
-            assert trade.status is not None
-            self._note(f"{source}: no change", f"provider reports {trade.status.value}; payment stays {self._book.status.value}")
-        elif meaning is Meaning.SETTLEMENT_DIFFERS:
-            evidence = settlement_evidence(trade, self._book.captured[trade_no], request.currency)
-            self._spawn(self._settlement_review(trade_no, evidence), "settlement review")
-        elif meaning is Meaning.ALREADY_PAID:
-            self._note(f"{source}: no change", f"trade {trade_no} is already recorded as paid")
-        elif meaning is Meaning.PAID:
-            self._book.captured[trade_no] = trade.amount_minor or 0
-            await self._accept_or_return(trade_no, trade.paid_at, source)
-        else:
-            evidence = mismatch_evidence(source, trade, request.amount_minor, request.currency)
-            self._book.deciding.add(trade_no)
-            if meaning is Meaning.AMOUNT_DIFFERS:
-                self._book.captured[trade_no] = trade.amount_minor or 0
-                self._spawn(self._decide_mismatch(trade_no, trade.paid_at, evidence), "amount mismatch review")
-                return
-            # A callback's amount is a claim: only the provider's own answer says what it took.
-            found = await self._confirm(trade_no)
-            if found is None:
-                self._spawn(self._amount_unknown(trade, evidence), "amount check")
-                return
-            await self._confirmed(trade, found, evidence)
-
-    async def _confirmed(self, claim: Trade, found: Trade, evidence: str) -> None:
-        """The provider answered about a claimed trade: what it says is what was taken."""
-        request, trade_no = self._request, claim.trade_no or ""
-        if not confirms(found, trade_no):
-            self._book.deciding.discard(trade_no)
-            self._note(
-                "claim not confirmed",
-                f"{evidence}; the provider reports {found.status.value if found.status else 'no such trade'}: nothing captured",
-            )
-            return
-        self._book.captured[trade_no] = found.amount_minor or 0
-        if found.amount_minor == request.amount_minor and found.currency == request.currency:
-            self._book.deciding.discard(trade_no)
-            self._note(
-                "amount confirmed", f"{evidence}; the provider took {self._money(found.amount_minor or 0)}, the order amount"
-            )
-            await self._accept_or_return(trade_no, found.paid_at or claim.paid_at, "query")
-            return
-        evidence += f"; the provider's query says {self._money(found.amount_minor or 0, found.currency)}"
-        self._spawn(self._decide_mismatch(trade_no, found.paid_at or claim.paid_at, evidence), "amount mismatch review")
-
-    async def _accept_or_return(self, trade_no: str, paid_at: Optional[datetime], source: str) -> None:
-        """A confirmed capture of the right amount: the order's payment, or money to give back."""
-        book = self._book
-        disposition = book.disposition()
-        if disposition is Disposition.ACCEPT:
-            book.accept(trade_no, paid_at or workflow.now())
-            await self._settle("paid", f"confirmed by {source}, trade {trade_no}")
-        elif disposition is Disposition.DUPLICATE:
-            self._note("duplicate charge", f"second paid trade {trade_no} for the order (paid with {book.accepted})")
-            self._start_refund(
-                trade_no,
-                book.captured[trade_no],
-                f"dup-{trade_no}",
-                f"duplicate charge: the order is already paid with trade {book.accepted}",
-                "system",
-            )
-        else:
-            self._note("paid after close", f"{source} reports trade {trade_no} paid after the payment was {book.base.value}")
-            self._start_refund(
-                trade_no, book.captured[trade_no], f"late-{trade_no}", f"paid after the payment was {book.base.value}", "system"
-            )
-
-    async def _confirm(self, trade_no: str) -> Optional[Trade]:
-        """The provider's own record of the trade, asked on the backoff; None while it cannot say."""
-        for attempt in range(CONFIRM_ROUNDS):
-            found = await self._query_trade(0, trade_no)
-            if found is not None:
-                return found
-            if attempt + 1 < CONFIRM_ROUNDS:
-                await workflow.sleep(self._backoff(attempt), summary=f"confirm trade {trade_no} again")
-        return None
-
-    async def _amount_unknown(self, trade: Trade, evidence: str) -> None:
-        """The provider cannot say what it took: nothing is accepted or refunded on the claim.
-        A person is told; every decision asks the provider again."""
-        trade_no, rounds = trade.trade_no or "", 0
-        while True:
-            rounds += 1
-            outcome = await self._review(
-                ReviewReason.AMOUNT_MISMATCH,
-                f"{evidence}; the provider could not be asked what it took, so nothing is refunded or accepted "
-                "until it answers (any decision asks it again)",
-                deadline_seconds=None if rounds <= AUTOMATIC_REFUND_ROUNDS else NO_DEADLINE_SECONDS,
-            )
-            self._note("amount still unknown", f"{outcome.action.value} by {outcome.operator}; asking the provider")
-            found = await self._confirm(trade_no)
-            if found is not None:
-                await self._confirmed(trade, found, evidence)
-                return
-
-    async def _decide_mismatch(self, trade_no: str, paid_at: Optional[datetime], evidence: str) -> None:
-        outcome = await self._review(ReviewReason.AMOUNT_MISMATCH, evidence)
-        self._book.deciding.discard(trade_no)
-        captured = self._book.captured[trade_no]
-        if outcome.action is ReviewAction.APPROVE and self._book.accepted is None:
-            self._book.accept(trade_no, paid_at or workflow.now())
-            await self._settle("accepted", f"{self._money(captured)} accepted by {outcome.operator}")
-            return
-        if outcome.action is ReviewAction.APPROVE:
-            # The order is already paid with another trade: approving cannot keep a second charge.
-            self._note(
-                "approval cannot stand",
-                f"the order is paid with trade {self._book.accepted}; trade {trade_no} "
-                f"({self._money(captured)}) is a second charge and goes back",
-            )
-            reason = f"duplicate charge: the order is already paid with trade {self._book.accepted}"
-        else:
-            if self._book.accepted is None and self._book.base in OPEN:
-                self._book.base = PaymentStatus.CLOSED
-            reason = f"amount mismatch, {outcome.action.value} by {outcome.operator}: {outcome.reason}"
-        self._start_refund(trade_no, captured, f"review-{review_number(outcome.review_id)}", reason, outcome.operator)
-
-    async def _settlement_review(self, trade_no: str, evidence: str) -> None:
-        outcome = await self._review(ReviewReason.SETTLEMENT_MISMATCH, evidence)
-        if outcome.action is ReviewAction.REFUND and (amount := self._book.settlement_refund(trade_no)) > 0:
-            self._start_refund(
-                trade_no,
-                amount,
-                f"review-{review_number(outcome.review_id)}",
-                f"settlement mismatch, refund by {outcome.operator}: {outcome.reason}",
-                outcome.operator,
-            )
-            return
-        await self._settle("settlement checked", f"{outcome.action.value} by {outcome.operator}: {outcome.reason}")
-
-    # --- Refunds and reviews (child workflows) -----------------------------------------
-
-    def _start_refund(self, trade_no: str, amount: int, key: str, reason: str, requested_by: str) -> RefundView:
-        view = RefundView(
-            refund_id=refund_id_for(self._request.order_id, key),
-            trade_no=trade_no,
-            amount_minor=amount,
-            status=RefundStatus.PROCESSING,
-            reason=reason,
-            requested_by=requested_by,
-        )
-        self._book.refunds[key] = view
-        self._spawn(self._run_refund(key, view, round=0), f"refund {view.refund_id}")
-        return view
-
-    async def _run_refund(self, key: str, view: RefundView, round: int) -> None:
-        request, timing = self._request, self._input.timing
-        await self._settle("refund started", f"{self._money(view.amount_minor)} of trade {view.trade_no}: {view.reason}")
-        self._tell(NotifyKind.REFUND_STARTED, f"refund-{key}-{round}", customer_reason(view), view.amount_minor)
-        result: Optional[RefundView] = None
-        for attempt in range(CHILD_ATTEMPTS):
-            suffix = child_suffix(key) + (f"-again{round}" if round else "") + (f"-retry{attempt}" if attempt else "")
-            child_id = refund_workflow_id(self._input.payment_id, suffix)
-            try:
-                result = await workflow.execute_child_workflow(
-                    RefundWorkflow.run,
-                    RefundInput(
-                        payment_id=self._input.payment_id,
-                        provider=request.provider,
-                        order_id=request.order_id,
-                        trade_no=view.trade_no,
-                        refund_id=view.refund_id,
-                        amount_minor=view.amount_minor,
-                        currency=request.currency,
-                        reason=view.reason,
-                        requested_by=view.requested_by,
-                        timing=timing,
-                    ),
-                    id=child_id,
-                    parent_close_policy=ParentClosePolicy.ABANDON,
-                    static_summary=f"Refund {self._money(view.amount_minor)} of order {request.order_id}",
-                )
-                break
-            except (ChildWorkflowError, WorkflowAlreadyStartedError) as err:
-                await self._child_failed(f"refund workflow {child_id}", err)
-                if attempt + 1 < CHILD_ATTEMPTS:
-                    self._note("refund again", f"a new refund workflow with the same provider refund id {view.refund_id}")
-        if result is None:
-            result = view.model_copy(
-                update={
-                    "status": RefundStatus.FAILED,
-                    "detail": f"its refund workflow failed {CHILD_ATTEMPTS} times; the provider may have refunded it "
-                    f"(refund id {view.refund_id}): a person must check",
-                }
-            )
-        self._book.refunds[key] = result
-        if result.status is RefundStatus.SUCCEEDED:
-            self._book.refunded[view.trade_no] = self._book.refunded.get(view.trade_no, 0) + view.amount_minor
-            await self._settle("refunded", f"{self._money(view.amount_minor)} of trade {view.trade_no}")
-            self._tell(
-                NotifyKind.REFUNDED,
-                f"refund-{key}-done",
-                f"the refund of {self._money(view.amount_minor)} was completed",
-                view.amount_minor,
-            )
-            return
-        self._note("refund failed", result.detail or "")
-        outcome = await self._review(
-            ReviewReason.REFUND_FAILED,
-            f"refund {view.refund_id} of {self._money(view.amount_minor)} (round {round + 1}): {result.detail}",
-            deadline_seconds=None if round < AUTOMATIC_REFUND_ROUNDS else NO_DEADLINE_SECONDS,
-        )
-        if outcome.action is ReviewAction.REFUND:
-            retry = view.model_copy(update={"status": RefundStatus.PROCESSING, "detail": None})
-            self._book.refunds[key] = retry
-            await self._run_refund(key, retry, round + 1)
-        else:
-            # A person decided the money stays: recorded, so the books balance on purpose.
-            self._book.kept[view.trade_no] = self._book.kept.get(view.trade_no, 0) + view.amount_minor
-            await self._settle(
-                "refund abandoned",
-                f"by {outcome.operator}: {outcome.reason}; "
-                f"{self._money(view.amount_minor)} of trade {view.trade_no} stays with the merchant",
-            )
-
-    async def _review(
-        self,
-        reason: ReviewReason,
-        evidence: str,
-        deadline_seconds: Optional[float] = None,
-        watch: Optional[Callable[[int], Awaitable[Optional[ReviewOutcome]]]] = None,
-    ) -> ReviewOutcome:
-        """Open a manual review (a child workflow) and wait for its decision. A review
-        workflow that fails is opened again; after CHILD_ATTEMPTS the safe default applies.
-        With ``watch``, the provider is looked at on the backoff meanwhile; an outcome it
-        returns settles the review."""
-        timing = self._input.timing
-        for _ in range(CHILD_ATTEMPTS):
-            self._book.reviews += 1
-            review_id = review_workflow_id(self._input.payment_id, self._book.reviews)
-            self._book.open_reviews[review_id] = reason.value
-            self._book.review_reason = reason.value
-            await self._settle("review opened", f"{reason.value}: {evidence}", review_reason=reason.value)
-            self._tell(
-                NotifyKind.IN_REVIEW,
-                f"review-{self._book.reviews}",
-                IN_REVIEW_WORDS,
-                sum(self._book.captured.values()) or self._request.amount_minor,
-            )
-            try:
-                handle = await workflow.start_child_workflow(
-                    ManualReviewWorkflow.run,
-                    ReviewInput(
-                        review_id=review_id,
-                        payment_id=self._input.payment_id,
-                        order_id=self._request.order_id,
-                        reason=reason,
-                        evidence=evidence,
-                        amount_minor=self._request.amount_minor,
-                        currency=self._request.currency,
-                        captured_minor=sum(self._book.captured.values()),
-                        escalate_after_seconds=timing.review_escalate_seconds,
-                        deadline_seconds=deadline_seconds or timing.review_deadline_seconds,
-                    ),
-                    id=review_id,
-                    parent_close_policy=ParentClosePolicy.ABANDON,
-                    static_summary=f"Review of order {self._request.order_id}: {reason.value}",
-                )
-                self._review_handles[review_id] = handle
-                decided = asyncio.create_task(_result(handle))
-                if watch is not None:
-                    await self._watch_review(handle, decided, watch)
-                outcome: ReviewOutcome = await decided
-            except (ChildWorkflowError, WorkflowAlreadyStartedError) as err:
-                del self._book.open_reviews[review_id]
-                await self._child_failed(f"review workflow {review_id}", err)
-                evidence = f"{evidence} (review {review_id} failed: {failure(err)}; opened again)"
-                continue
-            finally:
-                self._review_handles.pop(review_id, None)
-            del self._book.open_reviews[review_id]
-            self._note("review decided", f"{outcome.action.value} by {outcome.operator}: {outcome.reason}")
-            return outcome
-        default = REVIEW_ACTIONS[reason][1]
-        self._note("review default", f"{CHILD_ATTEMPTS} review workflows failed; the safe default '{default.value}' applies")
-        return ReviewOutcome(
-            review_id=review_workflow_id(self._input.payment_id, self._book.reviews),
-            action=default,
-            operator="system",
-            reason=f"{CHILD_ATTEMPTS} review workflows failed: safe default applied",
-            by_deadline=True,
-        )
-
-    async def _watch_review(
-        self,
-        handle: workflow.ChildWorkflowHandle,
-        decided: asyncio.Task,
-        watch: Callable[[int], Awaitable[Optional[ReviewOutcome]]],
-    ) -> None:
-        attempt = 0
-        while not decided.done():
-            delay = self._backoff(attempt)
-            try:
-                await workflow.wait_condition(
-                    lambda: decided.done() or bool(self._inbox),
-                    timeout=delay,
-                    timeout_summary=f"look at the provider again in {delay:g}s",
-                )
-            except asyncio.TimeoutError:
-                attempt += 1
-            if decided.done():
-                return
-            outcome = await watch(attempt)
-            if outcome is not None and not decided.done():
-                await handle.signal(ManualReviewWorkflow.settle, outcome.model_copy(update={"review_id": handle.id}))
-                return
-
-    async def _child_failed(self, what: str, err: BaseException) -> None:
-        """A child workflow failed: on the timeline, and operators are alerted once per payment."""
-        detail = f"{what} {failure(err)}"
-        self._note("child workflow failed", detail)
-        self._book.alerted = True
-        await self._alert_child(
-            breach=True, detail=f"payment {self._input.payment_id} (order {self._request.order_id}): {detail}"
-        )
-
-    async def _alert_child(self, breach: bool, detail: str) -> None:
-        await alert_child(self._input.payment_id, breach, detail)
-
-    def _tell(self, kind: NotifyKind, key: str, detail: str, amount_minor: int) -> None:
-        """Tell the customer and the merchant, alongside the main line; once per ``key``."""
-        told = notification(self._input.payment_id, self._request, kind, key, detail, amount_minor)
-        if told is not None:
-            self._spawn(send(told, self._input.timing, self._note), f"notify {kind.value}")
-
-    def _spawn(self, work: Awaitable[None], what: str) -> None:
-        """Run a refund, review or notification alongside the main line; the workflow
-        waits for it before ending. Whatever it raises is recorded and alerted."""
-        self._busy += 1
-
-        async def run() -> None:
-            try:
-                await work
-            except (ActivityError, ChildWorkflowError) as err:
-                self._note(f"{what} failed", failure(err))
-                self._book.alerted = True
-                await self._alert_child(breach=True, detail=f"payment {self._input.payment_id}: {what} failed: {failure(err)}")
-            finally:
-                self._busy -= 1
-
-        asyncio.create_task(run())
 
     # --- Status -------------------------------------------------------------------------
 

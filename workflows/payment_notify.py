@@ -2,7 +2,8 @@
 (one notification per event, by e-mail and/or the merchant's webhook) and the operators
 (an alert once per payment when a child workflow failed, an all-clear when they are done).
 
-Used by workflows/payment.py; every call here is a local activity of the payment.
+Used by the payment's child-workflow part (workflows/payment_children.py); every call
+here is a local activity of the payment.
 """
 
 from __future__ import annotations
