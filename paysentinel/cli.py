@@ -151,7 +151,7 @@ def _codec_endpoint(settings: Settings) -> str:
 def _print_where(settings: Settings, parts: list[str], server, merchant_key: str = "", processes: bool = False) -> None:
     table = Table(title="paysentinel is running (Ctrl-C stops everything)", show_header=True)
     table.add_column("part")
-    table.add_column("where")
+    table.add_column("where", overflow="fold")  # a long path or URL wraps; nothing is cut short
     if server is not None:
         table.add_row("Temporal dev server", f"{server.address}  (state: {server.db_filename})")
         table.add_row("Temporal Web UI", server.ui_url or "-")
@@ -196,9 +196,11 @@ def _print_where(settings: Settings, parts: list[str], server, merchant_key: str
         )
     table.add_row("app database", settings.effective_database_url)
     if merchant_key:
-        # The key on a line of its own, so a narrow terminal never breaks it.
-        table.add_row("merchant key", f"{merchant_key}\n(merchant demo; shown because this is the development profile)")
+        table.add_row("merchant key", "merchant demo, every scope: below (shown because this is the development profile)")
     console.print(table)
+    if merchant_key:
+        # Outside the table, unwrapped, so no terminal width breaks or cuts it.
+        console.print(f"Merchant key: {merchant_key}", soft_wrap=True, highlight=False)
     console.print("Try it: [bold]paysentinel demo[/bold] in another terminal.")
 
 

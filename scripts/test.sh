@@ -35,4 +35,6 @@ echo "==> Chromium (for the Web UI test)"
 bash scripts/ensure-chromium.sh
 
 echo "==> Tests"
-exec "$PYTHON" -m pytest "$@"
+# Test files run in parallel, each file whole in one pytest worker (each worker has its own
+# Temporal dev server, system and database). PAYSENTINEL_TEST_WORKERS=0 runs them one by one.
+exec "$PYTHON" -m pytest -n "${PAYSENTINEL_TEST_WORKERS:-3}" --dist loadfile "$@"
