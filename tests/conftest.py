@@ -395,6 +395,27 @@ async def sessions(database_url: str):
     await engine.dispose()
 
 
+# --- Order: the longest test files first, so parallel workers (scripts/test.sh) end together ---
+
+LONGEST_FIRST = (
+    "test_cluster.py",
+    "test_reconciliation.py",
+    "test_demo_providers.py",
+    "test_replay.py",
+    "test_provider_wechatpay.py",
+    "test_provider_alipay.py",
+    "test_provider_stripe.py",
+    "test_refunds_reviews_e2e.py",
+    "test_money_safety.py",
+    "test_workflow_branches.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
 # --- The books check after every scenario on the running stack ----------------------------
 
 _REPORTS = pytest.StashKey[dict]()
