@@ -57,6 +57,11 @@ from tests.helpers import (
 )
 
 BOOKS_TIMEOUT = 90.0  # an activity on a killed worker is retried after its 15 s start-to-close timeout
+# A provider call that hangs stays in flight this long before the worker gives up on it (under the
+# provider calls' 15 s start-to-close timeout), and the simulator holds a hanging call longer: long
+# enough to kill a worker in the middle of four such calls at once.
+PROVIDER_TIMEOUT_SECONDS = 12.0
+SIMULATOR_HANG_SECONDS = 30.0
 
 
 # --- A round-robin TCP balancer (what a Kubernetes Service is to the replicas) ---------------------
@@ -292,6 +297,8 @@ def cluster_stack(temporal_cluster: TemporalCluster, cluster_database_url: str, 
     base = {
         **{k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_")},
         **TEST_TIMINGS,
+        "PAYSENTINEL_PROVIDER_TIMEOUT_SECONDS": str(PROVIDER_TIMEOUT_SECONDS),
+        "PAYSENTINEL_SIMULATOR_HANG_SECONDS": str(SIMULATOR_HANG_SECONDS),
         **temporal_cluster.client_env(),  # address, namespace, mTLS files: the SDK's environment configuration
         "PAYSENTINEL_DATABASE_URL": cluster_database_url,
         "PAYSENTINEL_TASK_QUEUE": task_queue,
@@ -551,50 +558,140 @@ async def test_the_web_ui_shows_a_payment_run_on_the_cluster(cluster_stack, apis
 # --- Faults -----------------------------------------------------------------------------------------
 
 
-async def _history_identities(client, orders: list[str]) -> dict[str, int]:
+async def _history_identities(client, order: str) -> dict[str, int]:
     """How many workflow tasks (which run the payment's local activities) and activity tasks each
-    worker identity completed or started for these payments."""
+    worker identity started or completed for this payment: every run of its workflow (a paid
+    payment continues as new after the resend window) and its child workflows (refunds, reviews)."""
     seen: dict[str, int] = {}
-    for order in orders:  # every run: a paid payment continues as new after the resend window
-        async for run in client.list_workflows(f"WorkflowId = '{payment_id_for(order)}'"):
-            async for event in client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history_events():
-                for kind in ("workflow_task_completed_event_attributes", "activity_task_started_event_attributes"):
-                    if event.HasField(kind):
-                        identity = getattr(event, kind).identity
-                        seen[identity] = seen.get(identity, 0) + 1
+    runs = [(run.id, run.run_id) async for run in client.list_workflows(f"WorkflowId = '{payment_id_for(order)}'")]
+    kinds = (
+        "workflow_task_started_event_attributes",
+        "workflow_task_completed_event_attributes",
+        "activity_task_started_event_attributes",
+    )
+    while runs:
+        workflow_id, run_id = runs.pop()
+        async for event in client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history_events():
+            for kind in kinds:
+                if event.HasField(kind):
+                    identity = getattr(event, kind).identity
+                    seen[identity] = seen.get(identity, 0) + 1
+            if event.HasField("start_child_workflow_execution_initiated_event_attributes"):
+                runs.append((event.start_child_workflow_execution_initiated_event_attributes.workflow_id, None))
     return seen
 
 
-async def test_worker_replica_killed_with_sigkill_mid_activities(cluster_stack, apis, csim, csessions, cclient):
-    """kill -9 one worker while payments are in flight (callbacks, duplicate charges being refunded):
-    the other worker finishes them; no trade created twice, no refund made twice."""
+async def _calls(sim: httpx.AsyncClient, order: str) -> dict[str, int]:
+    """The provider calls the simulator received for the order, per operation."""
+    return (await sim.get(f"/control/trades/{provider_order(order)}")).json()["calls"]
+
+
+async def test_worker_killed_with_sigkill_in_the_middle_of_create_query_close_and_refund(
+    cluster_stack, apis, csim, csessions, cclient
+):
+    """kill -9 the worker while it is in the middle of a create, a query, a close and a refund at
+    the provider: the other worker was stopped, so the victim held four payments, each scripted to
+    hang once on one of those calls; the kill comes once the simulator has received all four and
+    before any was answered or given up on. The other worker, started just before the kill, makes
+    each call again: no trade created twice, no refund made twice, the paid payments SUCCEEDED and
+    the unpaid one CLOSED."""
     victim, survivor = cluster_stack.of("worker")
-    paid = await start_payments(apis, csim, 4, "cl-kill-paid", pay="after_delay", pay_delay_seconds=1.0)
-    twice = await start_payments(
-        apis,
-        csim,
-        4,
-        "cl-kill-twice",
-        pay="immediately",
-        second_charge=True,
-        second_charge_delay_seconds=0.5,
-        refund_delay_seconds=1.0,
-    )
-    await asyncio.sleep(1.0)
-    victim.kill()
-    started = time.monotonic()
+    victim_pid = victim.process.pid if victim.process else 0
+    await asyncio.to_thread(survivor.stop)
+    hung: dict[str, str] = {}  # order -> the provider call that hangs once
+    sent: dict[str, float] = {}  # order -> when its payment was started (its call cannot arrive before)
+    checkouts: list[asyncio.Task] = []
     try:
-        await books_balance(csim, csessions, paid)
-        await books_balance(csim, csessions, twice, trades_per_order=2, refunds_per_order=1)
-        await assert_all_succeeded(apis, paid + twice)
-        settled = time.monotonic() - started
-        identities = await _history_identities(cclient, paid + twice)
-        print(f"\n[worker kill -9: settled {settled:.1f}s after the kill; tasks by worker: {identities}]", file=sys.stderr)
-        victim_identity = f"{victim.process.pid}@"
-        assert any(i.startswith(victim_identity) for i in identities), "the killed worker ran none of these payments' tasks"
+
+        async def begin(prefix: str, operation: str, expires_in_seconds: float | None = None, **behaviour) -> str:
+            order = new_order(prefix)
+            await script(csim, order, **behaviour, faults={operation: {"mode": "hang", "times": 1}})
+            hung[order], sent[order] = operation, time.monotonic()
+            extra = {"expires_in_seconds": expires_in_seconds} if expires_in_seconds else {}
+            # Not awaited here: the checkout of the order whose create hangs answers after its wait.
+            checkouts.append(asyncio.create_task(start_payment(apis.next(), order, **extra)))
+            return order
+
+        # (c) The payer never pays: the trade is closed at the end of the time to live (5 s, the
+        # least the API takes). Started first, so that the four hanging calls arrive close together.
+        closing = await begin("cl-kc", "close", pay="never", expires_in_seconds=5)
+        await asyncio.sleep(3.0)
+        # (a) The create hangs. A long time to live: the payer pays once the trade exists.
+        creating = await begin("cl-ka", "create", pay="immediately", expires_in_seconds=120)
+        # (b) The payer pays, the callback is lost: the payment queries, and the query hangs. A long
+        # time to live: after the kill the payment queries again (rather than closing the trade).
+        querying = await begin("cl-kq", "query", pay="immediately", callback="drop", expires_in_seconds=120)
+        # (d) The payer pays twice: the payment refunds the second charge, and the refund hangs.
+        refunding = await begin("cl-kr", "refund", pay="immediately", second_charge=True, second_charge_delay_seconds=0.5)
+
+        # Until the simulator has received every hanging call; ``not_before`` is the last moment
+        # each one had not arrived yet.
+        not_before = dict(sent)
+        waiting = dict(hung)
+        deadline = time.monotonic() + 30
+        while waiting:
+            for order, operation in list(waiting.items()):
+                asked = time.monotonic()
+                if (await _calls(csim, order))[operation] >= 1:
+                    del waiting[order]
+                else:
+                    not_before[order] = asked
+            assert time.monotonic() < deadline, f"the hanging calls did not all arrive: still waiting for {waiting}"
+            if waiting:
+                await asyncio.sleep(0.1)
+
+        survivor.start()
+        at_kill = {order: await _calls(csim, order) for order in hung}
+        killed = time.monotonic()
+        victim.kill()
+        # Each call was still in the middle at the kill: the simulator holds it SIMULATOR_HANG_SECONDS
+        # and had received it once only (no retry yet), and the victim gives up on a call only
+        # PROVIDER_TIMEOUT_SECONDS after sending it, which it did after ``not_before`` (1 s margin).
+        in_flight = {order: killed - not_before[order] for order in hung}
+        for order, operation in hung.items():
+            assert at_kill[order][operation] == 1, f"{operation} of {order} was retried before the kill: {at_kill[order]}"
+            assert in_flight[order] < PROVIDER_TIMEOUT_SECONDS - 1, (
+                f"the {operation} of {order} may have been given up on before the kill ({in_flight[order]:.1f}s in flight)"
+            )
+        await asyncio.to_thread(_wait_polling, cluster_stack, [survivor])
+        polling = time.monotonic() - killed
+
+        await books_balance(csim, csessions, [creating, querying, closing])
+        await books_balance(csim, csessions, [refunding], trades_per_order=2, refunds_per_order=1)
+        settled = time.monotonic() - killed
+        await assert_all_succeeded(apis, [creating, querying, refunding])
+        assert (await statuses(apis, [closing])) == {closing: "CLOSED"}
+        for checkout in await asyncio.gather(*checkouts):
+            assert checkout.status_code in (200, 201, 202), checkout.text
+        # The survivor made each hanging call again (the victim's was never answered).
+        again = {order: (await _calls(csim, order))[operation] for order, operation in hung.items()}
+        assert all(calls >= 2 for calls in again.values()), again
+        # The victim ran each payment up to the kill, the survivor the rest.
+        assert survivor.process is not None
+        by_worker = {order: await _history_identities(cclient, order) for order in hung}
+        for order, identities in by_worker.items():
+            assert any(i.startswith(f"{victim_pid}@") for i in identities), (order, "the victim ran none", identities)
+            assert any(i.startswith(f"{survivor.process.pid}@") for i in identities), (order, "the survivor ran none", identities)
+        tasks: dict[str, int] = {}
+        for identities in by_worker.values():
+            for identity, number in identities.items():
+                name = "victim" if identity.startswith(f"{victim_pid}@") else "survivor"
+                tasks[name] = tasks.get(name, 0) + number
+        flight = ", ".join(f"{hung[o]} {in_flight[o]:.1f}s" for o in hung)
+        made = ", ".join(f"{hung[o]} {again[o]}" for o in hung)
+        print(
+            f"\n[worker kill -9 mid-call: the hanging calls in flight at the kill (for at most): {flight}; survivor polling {polling:.1f}s after the kill; "
+            f"books balanced {settled:.1f}s after it; calls received: {made}; tasks by worker: {tasks}]",
+            file=sys.stderr,
+        )
     finally:
-        victim.start()
-        _wait_polling(cluster_stack, [victim])
+        for checkout in checkouts:
+            if not checkout.done():
+                checkout.cancel()
+        for worker in (survivor, victim):
+            if worker.process is None or worker.process.poll() is not None:
+                worker.start()
+        await asyncio.to_thread(_wait_polling, cluster_stack, [survivor, victim])
 
 
 async def test_both_workers_down_for_a_while_then_back(cluster_stack, apis, csim, csessions):
@@ -630,6 +727,59 @@ async def test_history_service_restarted_while_payments_wait_for_callbacks(clust
     await assert_all_succeeded(apis, orders)
     print(
         f"\n[history restart: {restarted:.1f}s; books balanced {time.monotonic() - started:.1f}s after it began]", file=sys.stderr
+    )
+
+
+async def test_history_service_restarted_while_a_refund_is_processing(cluster_stack, apis, csim, csessions):
+    """A merchant refunds a paid payment; the provider keeps the refund processing for 4 s, and the
+    history service restarts meanwhile: the refund is made once and recorded as succeeded."""
+    from sqlalchemy import select
+
+    from paysentinel import db
+
+    cluster = cluster_stack.cluster
+    [order] = await start_payments(apis, csim, 1, "cl-hist-refund", pay="immediately", refund_delay_seconds=4.0)
+    payment_id = payment_id_for(order)
+    await wait_status(apis.next(), payment_id, "SUCCEEDED", timeout=60)
+    asked = time.monotonic()
+    response = await apis.next().post(
+        f"/payments/{payment_id}/refunds",
+        json={"amount_minor": 9990, "reason": "customer returned the goods"},
+        headers={"Idempotency-Key": "return-1"},
+    )
+    assert response.status_code == 202, response.text
+    deadline = time.monotonic() + 30
+    while (await _calls(csim, order))["refund"] < 1:
+        assert time.monotonic() < deadline, "the refund did not reach the provider"
+        await asyncio.sleep(0.1)
+    arrived = time.monotonic() - asked
+    ledger = (await csim.get(f"/control/ledger/{provider_order(order)}")).json()
+    assert [r["refund_status"] for r in ledger["refunds"]] == ["REFUND_PROCESSING"], ledger
+    started = time.monotonic()
+    await asyncio.to_thread(cluster.restart_service, "history")
+    restarted = time.monotonic() - started
+    ledgers = await books_balance(csim, csessions, [order], refunds_per_order=1)
+    ledger = ledgers[provider_order(order)]
+    [made] = ledger["refunds"]
+    assert (made["refund_status"], made["refund_amount"], made["submissions"]) == ("REFUND_SUCCESS", "99.90", 1), made
+    assert (ledger["captured_minor"], ledger["refunded_minor"]) == (9990, 9990), ledger
+    deadline = time.monotonic() + 30
+    while True:
+        async with csessions() as session:
+            rows = (await session.scalars(select(db.Refund).where(db.Refund.payment_id == payment_id))).all()
+        if [row.status for row in rows] == ["SUCCEEDED"]:
+            break
+        assert time.monotonic() < deadline, [(row.refund_id, row.status, row.detail) for row in rows]
+        await asyncio.sleep(0.2)
+    [row] = rows
+    assert (row.refund_id, row.amount_minor) == (made["out_request_no"], 9990), (row.refund_id, row.amount_minor, made)
+    view = (await apis.next().get(f"/payments/{payment_id}")).json()
+    assert [r["status"] for r in view["refunds"]] == ["SUCCEEDED"], view
+    print(
+        f"\n[history restart during a refund: the refund reached the provider {arrived:.1f}s after it was asked for; "
+        f"history restarted in {restarted:.1f}s; refunded once, recorded SUCCEEDED {time.monotonic() - started:.1f}s "
+        f"after the restart began; payment {view['status']}; refund calls received {(await _calls(csim, order))['refund']}]",
+        file=sys.stderr,
     )
 
 
