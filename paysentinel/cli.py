@@ -497,7 +497,7 @@ def cluster_down(state_dir: Optional[str] = STATE_DIR_OPTION) -> None:
     for process in reversed(tc.PROCESSES):
         if process in state.pids:
             tc.stop_pid(state.pids[process])
-    tc.TemporalPostgres(Path(state.pg_dir), state.ports.postgres).stop()
+    tc.LocalPostgres(Path(state.pg_dir), state.ports.postgres).stop()
     state.pids = {}
     state.save(path)
     console.print(f"the Temporal cluster in {directory} is stopped")

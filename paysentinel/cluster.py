@@ -306,14 +306,16 @@ def _pg_bin() -> Path:
     return versions[-1].parent
 
 
-class TemporalPostgres:
-    """A PostgreSQL instance of Temporal's own (``initdb`` + ``pg_ctl``) on a loopback port.
+class LocalPostgres:
+    """A PostgreSQL instance of its own (``initdb`` + ``pg_ctl``) on a loopback port, with one
+    superuser (``user``, trusted on loopback): Temporal's own databases run on one.
 
     As root the server runs as the ``postgres`` user (PostgreSQL refuses root)."""
 
-    def __init__(self, data_dir: Path, port: int, log: Callable[[str], None] = print) -> None:
+    def __init__(self, data_dir: Path, port: int, log: Callable[[str], None] = print, user: str = TEMPORAL_DB_USER) -> None:
         self.data_dir = Path(data_dir)
         self.port = port
+        self.user = user
         self.log = log
         self.bin = _pg_bin()
 
@@ -353,7 +355,7 @@ class TemporalPostgres:
                 "-D",
                 str(self.data_dir),
                 "-U",
-                TEMPORAL_DB_USER,
+                self.user,
                 "--auth=trust",
                 "-E",
                 "UTF8",
@@ -383,7 +385,7 @@ class TemporalPostgres:
                 str(int(timeout)),
                 "start",
             ],
-            f"starting Temporal's PostgreSQL on port {self.port}",
+            f"starting PostgreSQL on port {self.port} ({self.data_dir})",
             timeout + 10,
         )
 
@@ -392,7 +394,7 @@ class TemporalPostgres:
             return
         self._run(
             [str(self.bin / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "-t", str(int(timeout)), "stop"],
-            "stopping Temporal's PostgreSQL",
+            f"stopping PostgreSQL on port {self.port} ({self.data_dir})",
             timeout + 10,
         )
 
@@ -506,7 +508,7 @@ class TemporalCluster:
         self.namespace = namespace
         self.log = log
         self.num_history_shards = num_history_shards
-        self.postgres = TemporalPostgres(pg_dir or self.state_dir / "postgres", self.ports.postgres, log)
+        self.postgres = LocalPostgres(pg_dir or self.state_dir / "postgres", self.ports.postgres, log)
         self.certs = Certificates(
             *(self.state_dir / "tls" / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key"))
         )

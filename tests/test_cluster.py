@@ -36,6 +36,7 @@ from paysentinel.cluster import (
     UI,
     ClusterError,
     ClusterPorts,
+    LocalPostgres,
     ServerBinaries,
     TemporalCluster,
     ensure_server_binaries,
@@ -164,31 +165,41 @@ async def temporal_cluster(server_binaries: ServerBinaries, temporal_cli: Path) 
         shutil.rmtree(state, ignore_errors=True)
 
 
-async def _fresh_database() -> tuple[str, object]:
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
-    from tests.conftest import DEFAULT_TEST_DATABASE
-
-    base = make_url(os.environ.get("PAYSENTINEL_TEST_DATABASE_URL", DEFAULT_TEST_DATABASE))
-    admin = await asyncpg.connect(base.set(drivername="postgresql").render_as_string(hide_password=False), timeout=10)
-    name = f"paysentinel_c{uuid.uuid4().hex[:10]}"
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    return base.set(database=name).render_as_string(hide_password=False), (admin, name)
+@pytest.fixture(scope="session")
+def app_postgres() -> Iterator[LocalPostgres]:
+    """The application's PostgreSQL for the cluster tier: an instance of its own (apart from the
+    shared test server and from Temporal's), so a test can restart it as a real outage."""
+    state = Path(tempfile.mkdtemp(prefix="paysentinel-app-pg-"))
+    state.chmod(0o755)  # reachable by the postgres user the server runs as when we are root
+    instance = LocalPostgres(state / "data", free_port(), log=lambda line: print(line, file=sys.stderr), user="paysentinel")
+    try:
+        instance.init()
+        instance.start()
+    except ClusterError as err:
+        shutil.rmtree(state, ignore_errors=True)
+        pytest.fail(f"the application's PostgreSQL for the cluster tier did not start: {err}", pytrace=False)
+    try:
+        yield instance
+    finally:
+        instance.stop(mode="immediate")
+        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-async def cluster_database_url() -> AsyncIterator[str]:
-    """The application database of the cluster tier (its own, so schedules there touch nothing else)."""
+async def cluster_database_url(app_postgres: LocalPostgres) -> str:
+    """The application database of the cluster tier, migrated with Alembic."""
+    import asyncpg
+
     from paysentinel import db
 
-    url, (admin, name) = await _fresh_database()
-    await asyncio.to_thread(db.upgrade, url)
+    admin = await asyncpg.connect(f"postgresql://paysentinel@127.0.0.1:{app_postgres.port}/postgres", timeout=10)
     try:
-        yield url
+        await admin.execute('CREATE DATABASE "paysentinel"')
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+    url = f"postgresql+asyncpg://paysentinel@127.0.0.1:{app_postgres.port}/paysentinel"
+    await asyncio.to_thread(db.upgrade, url)
+    return url
 
 
 @dataclass
@@ -798,27 +809,6 @@ async def test_temporal_postgres_restarted(cluster_stack, apis, csim, csessions)
     )
 
 
-async def _database_connections(url: str, allow: bool) -> None:
-    """Refuse (or allow again) new connections to the application database and end the open ones:
-    the database is unavailable to every replica, the rest of the PostgreSQL server is not."""
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
-    target = make_url(url)
-    admin = await asyncpg.connect(
-        target.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False), timeout=10
-    )
-    try:
-        await admin.execute(f'ALTER DATABASE "{target.database}" WITH ALLOW_CONNECTIONS {str(allow).lower()}')
-        if not allow:
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-                target.database,
-            )
-    finally:
-        await admin.close()
-
-
 async def _deliveries(sim: httpx.AsyncClient, order: str) -> list[dict]:
     return (await sim.get(f"/control/trades/{provider_order(order)}")).json()["deliveries"]
 
@@ -836,12 +826,13 @@ async def _a_delivery_accepted(sim: httpx.AsyncClient, order: str, after: Callab
         await asyncio.sleep(0.5)
 
 
-async def test_app_database_unavailable_while_callbacks_arrive(cluster_stack, apis, csim, csessions):
-    """The webhook receivers answer 503 while the application database is unavailable; the
-    provider's resends are accepted once it is back."""
-    # The payers pay 3 s after their trades were made: after the database has gone away.
+async def test_app_postgres_restarted_while_callbacks_arrive(cluster_stack, app_postgres, apis, csim, csessions):
+    """The application's PostgreSQL goes down (``pg_ctl stop``) while the payers pay and is started
+    again: the webhook receivers answer 503 meanwhile, the provider's resends are accepted after."""
+    # The payers pay 3 s after their trades were made: after the database has gone down.
     orders = await start_payments(apis, csim, 3, "cl-appdb", pay="after_delay", pay_delay_seconds=3.0)
-    await _database_connections(cluster_stack.database_url, allow=False)
+    began = time.monotonic()
+    await asyncio.to_thread(app_postgres.stop)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -851,11 +842,17 @@ async def test_app_database_unavailable_while_callbacks_arrive(cluster_stack, ap
             assert time.monotonic() < deadline, f"not every callback was answered 503: {seen}"
             await asyncio.sleep(0.2)
     finally:
-        await _database_connections(cluster_stack.database_url, allow=True)
+        await asyncio.to_thread(app_postgres.start)
+    down = time.monotonic() - began
     await books_balance(csim, csessions, orders)
     await assert_all_succeeded(apis, orders)
     for order in orders:  # a resend after the outage was accepted
         await _a_delivery_accepted(csim, order, after=lambda codes: codes.index(503))
+    print(
+        f"\n[application PostgreSQL down {down:.1f}s; books balanced and resends accepted "
+        f"{time.monotonic() - began - down:.1f}s after its start]",
+        file=sys.stderr,
+    )
 
 
 async def test_webhook_receiver_replica_killed_mid_request(cluster_stack, apis, csim, csessions):
