@@ -71,7 +71,10 @@ async def test_operator_finds_a_payment_by_order_id_in_the_web_ui(api, sim, clie
             listed = await page.get_by_role("link", name=re.compile(r"^payment-")).all_inner_texts()
             assert listed and set(listed) == {payment_id}, listed
 
-            await row.click()
+            # The payment's first run holds its checkout (and its summary): open that one.
+            description = await client.get_workflow_handle(payment_id).describe()
+            first_run = description.raw_description.workflow_execution_info.first_run_id
+            await page.locator(f'a[href*="{first_run}"]').first.click()
             await page.get_by_text(f"Payment for order {internal}").first.wait_for(timeout=30_000)
             await page.get_by_text("create_trade").first.wait_for(timeout=30_000)
             # The payment's input, decoded by the codec endpoint: the customer's e-mail in clear.
