@@ -110,6 +110,9 @@ with workflow.unsafe.imports_passed_through():
 # run records the first marker it is asked about (and only that one).
 RELEASE_0_3_0 = "payment-0.3.0"
 RELEASE_0_2_0 = "payment-0.2.0"
+# A refund or callback that arrives while a run is ending is finished in that run (before,
+# the run could continue as new or complete with the refund it had just started left behind).
+FINISH_LATE_ARRIVALS = "payment-finish-late-arrivals"
 
 # After a review closed a payment the provider could not confirm, ask it at most this often.
 UNCONFIRMED_QUERY_MAX_SECONDS = 3600.0
@@ -265,7 +268,7 @@ class Payment(ProviderResults, ChildWorkflows):
                 "the resend window is over; refunds stay possible until "
                 f"{self._refund_window_end().isoformat()} on the current release",
             )
-            await before_run_ends()
+            await self._end_run()
             workflow.continue_as_new(input.model_copy(update={"resume": carried_state(self._book)}))
         return await self._complete()
 
@@ -280,9 +283,22 @@ class Payment(ProviderResults, ChildWorkflows):
         if self._book.alerted:
             await self._alert_child(breach=False, detail="all child workflows of the payment have finished")
         self._note("completed", f"final status {self._book.status.value}")
+        await self._end_run()
+        return self._view()
+
+    def _quiet(self) -> bool:
+        return workflow.all_handlers_finished() and self._busy == 0 and not self._inbox
+
+    async def _end_run(self) -> None:
+        """Right before the run completes or continues as new. A refund or a callback can
+        arrive while it ends (``before_run_ends`` may wait on a timer): it is finished in this
+        run, never left behind in it."""
         await workflow.wait_condition(workflow.all_handlers_finished)
         await before_run_ends()
-        return self._view()
+        while not self._quiet() and workflow.patched(FINISH_LATE_ARRIVALS):
+            await workflow.wait_condition(lambda: bool(self._inbox) or self._quiet())
+            await self._process_inbox()
+            await before_run_ends()
 
     def _set_expiry(self) -> None:
         ttl = self._request.expires_in_seconds or self._input.timing.payment_ttl_seconds
