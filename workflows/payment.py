@@ -262,7 +262,6 @@ class Payment(ProviderResults, ChildWorkflows):
         self._book.final_at = workflow.now()
         await self._serve_late_events(workflow.now() + timedelta(seconds=input.timing.resend_window_seconds))
         if self._refund_window_left() > 0:
-            await workflow.wait_condition(workflow.all_handlers_finished)
             self._note(
                 "refund phase",
                 "the resend window is over; refunds stay possible until "
