@@ -68,9 +68,12 @@ class NotificationActivities:
 
         The customer and the merchant read the merchant's own order id, not the internal
         order number ``<merchant>-<order>`` the workflow carries."""
+        sent: list[str] = []
+        if not (n.email and self._channels.smtp_host) and not n.webhook_url:
+            activity.logger.info("payment %s: %s notification: no channel to send it on", n.payment_id, n.kind.value)
+            return sent
         n = await self._as_merchant_sees_it(n)
         subject, body = compose(n)
-        sent = []
         if n.email and self._channels.smtp_host:
             if await self._claim(n.key, "email", n.email, subject, n.payment_id, n.kind.value):
                 await asyncio.to_thread(self._send_email, n.key, n.email, subject, body)

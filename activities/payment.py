@@ -108,10 +108,7 @@ class PaymentActivities:
             "applied" if result.applied else "already newer",
         )
         if result.applied:
-            async with self._sessions() as session:
-                row = await session.get(db.Payment, record.payment_id)
-            if row is not None:
-                metrics.count_transition(record, row, finished=result.finished)
+            metrics.count_transition(record, result.provider, result.created_at, finished=result.finished)
         return result.applied
 
     @activity.defn

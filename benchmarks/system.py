@@ -105,6 +105,14 @@ class Infrastructure:
     workdir: Path
     payload_keys: str
     sessions: object = None  # async_sessionmaker on database_url
+    server_pid: int | None = None  # the dev server we started, if any
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds of the Temporal dev server we started and of this benchmark process."""
+        used = {"benchmark": process_cpu_seconds(os.getpid())}
+        if self.server_pid is not None:
+            used["temporal"] = process_cpu_seconds(self.server_pid)
+        return used
 
     async def client(self):
         from paysentinel.temporal import connect
@@ -147,7 +155,7 @@ async def infrastructure(args: argparse.Namespace):
         keys = format_keys([("bench", os.urandom(32))])
         if server is not None:
             async with server:
-                yield Infrastructure(server.address, url, key, workdir, keys, sessions)
+                yield Infrastructure(server.address, url, key, workdir, keys, sessions, server.pid)
         else:
             yield Infrastructure(args.temporal_address, url, key, workdir, keys, sessions)
     finally:
@@ -189,6 +197,16 @@ class System:
                 found[name] = int(value.split()[0]) / 1024
         return found["VmRSS"], found["VmHWM"]
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) used so far by each part: the worker, api, webhooks and
+        simulator with --processes (``up`` is the parent), or ``up`` alone in one process."""
+        used = {"up": process_cpu_seconds(self.process.pid)}
+        if self.layout == "processes":
+            for child in Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split():
+                args = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                used[args[3].decode() if len(args) > 3 else child] = process_cpu_seconds(int(child))
+        return used
+
     def sdk_metric(self, name: str) -> float:
         """The sum of a Temporal SDK worker metric over its labels (this task queue's, where labelled)."""
         total = 0.0
@@ -196,6 +214,12 @@ class System:
             if line.startswith(name) and (f'task_queue="{self.task_queue}' in line or "task_queue=" not in line):
                 total += float(line.rsplit(" ", 1)[1])
         return total
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def operator_entry(token: str) -> str:

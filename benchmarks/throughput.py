@@ -76,6 +76,13 @@ async def happy_rate(s, watch: StatusWatch, concurrency: int, count: int) -> tup
     return len(latencies) / wall, latencies, failed
 
 
+def cpu_per_payment(before: dict[str, float], after: dict[str, float], payments: int) -> str:
+    """CPU milliseconds per payment of each process (the benchmark's clients and watcher included)."""
+    used = {name: (after[name] - before.get(name, 0.0)) * 1000 / max(payments, 1) for name in after}
+    parts = ", ".join(f"{name} {value:.0f}" for name, value in sorted(used.items(), key=lambda item: -item[1]))
+    return f"CPU per payment {sum(used.values()):.0f} ms ({parts})"
+
+
 async def noop_rate(client, task_queue: str, concurrency: int, count: int) -> float:
     remaining = list(range(count))
 
@@ -150,7 +157,9 @@ async def main() -> None:
                 async with system(infra, layout, extra_env) as s:
                     await happy_rate(s, watch, 4, 8)  # warm up
                     for level in levels:
+                        before = {**s.cpu_seconds(), **infra.cpu_seconds()}
                         rate, latencies, failed = await happy_rate(s, watch, level, args.payments)
+                        after = {**s.cpu_seconds(), **infra.cpu_seconds()}
                         base = await noop_rate(client, noop_queue, level, args.payments)
                         rows.append((layout, level, rate, base, latencies, failed))
                         print(
@@ -159,6 +168,7 @@ async def main() -> None:
                             f"{base:.1f} workflows/s; ratio {rate / base:.2f}",
                             flush=True,
                         )
+                        print(f"[{layout}] concurrency {level}: {cpu_per_payment(before, after, len(latencies))}", flush=True)
                     for clients in (8, 64):
                         figures = await post_latency(s, watch, clients, args.posts)
                         print(

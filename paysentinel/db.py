@@ -12,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from sqlalchemy.engine import make_url
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -375,11 +376,24 @@ def insert_ignoring_duplicates(session: AsyncSession, table, rows: list[dict]):
     return session.execute(insert(table).on_conflict_do_nothing(), rows)
 
 
-def make_engine(url: str) -> AsyncEngine:
+def make_engine(url: str, *, pre_ping: bool = True) -> AsyncEngine:
+    """The engine for the application database. ``pre_ping``: test each pooled connection with
+    a round trip before use (callers that retry on a dropped connection, like activities, can
+    skip it). A PostgreSQL server on this machine is reached without TLS unless the URL asks
+    for it (``sslmode``/``ssl``): encrypting loopback traffic costs CPU and protects nothing."""
     if url.startswith("sqlite"):
         Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
         return create_async_engine(url, connect_args={"timeout": 30})
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    connect_args: dict[str, object] = {}
+    parsed = make_url(url)
+    if parsed.host in LOOPBACK_HOSTS and not {"ssl", "sslmode"} & set(parsed.query):
+        connect_args["ssl"] = False
+    return create_async_engine(
+        url, pool_size=10, max_overflow=10, pool_pre_ping=pre_ping, pool_recycle=1800, connect_args=connect_args
+    )
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -471,28 +485,35 @@ async def claim_order(
 class Applied:
     applied: bool  # the snapshot was newer than the stored one and was written
     finished: bool  # this write recorded the payment's outcome for the first time
+    provider: str | None = None  # of the written row (for metrics), when applied
+    created_at: datetime | None = None
 
 
 async def apply_record(sessions: async_sessionmaker[AsyncSession], record: PaymentRecord) -> Applied:
-    """Write the workflow's snapshot if it is newer than the stored one."""
+    """Write the workflow's snapshot if it is newer than the stored one (one transaction)."""
     values = record.model_dump(exclude={"payment_id", "seq", "event", "callback_received_at", "outcome"}, exclude_none=True)
     values["status"] = record.status.value
     async with sessions() as session:
-        result = await session.execute(
-            update(Payment)
-            .where(Payment.payment_id == record.payment_id, Payment.status_seq < record.seq)
-            .values(**values, status_seq=record.seq, updated_at=utcnow())
-        )
-        finished = None
-        applied = getattr(result, "rowcount", 0) == 1  # an UPDATE's result is a CursorResult
-        if applied and record.outcome is not None:
-            finished = await session.execute(
+        written = (
+            await session.execute(
+                update(Payment)
+                .where(Payment.payment_id == record.payment_id, Payment.status_seq < record.seq)
+                .values(**values, status_seq=record.seq, updated_at=utcnow())
+                .returning(Payment.provider, Payment.created_at)
+            )
+        ).first()
+        finished = False
+        if written is not None and record.outcome is not None:
+            result = await session.execute(
                 update(Payment)
                 .where(Payment.payment_id == record.payment_id, Payment.finished_at.is_(None))
                 .values(outcome=record.outcome.value, finished_at=utcnow())
             )
+            finished = getattr(result, "rowcount", 0) == 1  # an UPDATE's result is a CursorResult
         await session.commit()
-        return Applied(applied, finished is not None and getattr(finished, "rowcount", 0) == 1)
+    if written is None:
+        return Applied(False, False)
+    return Applied(True, finished, written.provider, written.created_at)
 
 
 async def save_refund(sessions: async_sessionmaker[AsyncSession], record: RefundRecord) -> None:

@@ -328,6 +328,10 @@ class DevServer:
         return f"{self.ip}:{self.port}"
 
     @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
     def ui_url(self) -> str | None:
         return None if self.ui_port is None else f"http://{self.ip}:{self.ui_port}"
 

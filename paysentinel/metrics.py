@@ -17,7 +17,6 @@ from prometheus_client import Counter, Gauge, Histogram
 from paysentinel.models import STUCK_KINDS
 
 if TYPE_CHECKING:
-    from paysentinel.db import Payment
     from paysentinel.models import PaymentRecord
 
 payments_started = Counter("paysentinel_payments_started_total", "Payments whose trade was created", ["provider"])
@@ -69,15 +68,16 @@ def publish_stuck(counts: dict[str, int]) -> None:
         stuck_payments.labels(kind).set(counts.get(kind, 0))
 
 
-def count_transition(record: "PaymentRecord", row: "Payment", *, finished: bool) -> None:
+def count_transition(record: "PaymentRecord", provider: str | None, created_at: datetime | None, *, finished: bool) -> None:
     """Count one applied transition (``finished``: it recorded the payment's outcome)."""
     now = datetime.now(timezone.utc)
     transitions.labels(record.status.value).inc()
     if record.event == "trade created":
-        payments_started.labels(row.provider).inc()
+        payments_started.labels(provider or "").inc()
     if finished and record.outcome is not None:
-        payments_final.labels(record.outcome.value, row.provider).inc()
-        time_to_final.labels(record.outcome.value).observe((now - row.created_at).total_seconds())
+        payments_final.labels(record.outcome.value, provider or "").inc()
+        if created_at is not None:
+            time_to_final.labels(record.outcome.value).observe((now - created_at).total_seconds())
     if record.event == "review opened" and record.review_reason:
         payments_reviewed.labels(record.review_reason).inc()
     if record.callback_received_at is not None:

@@ -192,7 +192,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
         log.info("worker metrics on http://%s:%s/metrics", settings.host, settings.metrics_port)
     await schedule_monitor(client, settings)
     await schedule_reconciliation(client, settings)
-    engine = db.make_engine(settings.effective_database_url)
+    # Activities retry a write that met a dropped connection (the pool then reconnects), so
+    # they skip the round trip that tests each pooled connection first.
+    engine = db.make_engine(settings.effective_database_url, pre_ping=False)
     timeout = httpx.Timeout(settings.provider_timeout_seconds)
     async with httpx.AsyncClient(timeout=timeout) as http:
         risk = RiskRules(

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
@@ -60,8 +60,10 @@ from temporalio.exceptions import ActivityError
 from workflows.common import before_run_ends, cause, db_local, provider_local, rejection_code
 from workflows.payment_children import ChildWorkflows
 from workflows.payment_results import ProviderResults
-from workflows.releases.payment_0_1_0 import PaymentWorkflow_0_1_0
-from workflows.releases.payment_0_2_0 import Payment as Payment_0_2_0
+
+if TYPE_CHECKING:
+    from workflows.releases.payment_0_1_0 import PaymentWorkflow_0_1_0
+    from workflows.releases.payment_0_2_0 import Payment as Payment_0_2_0
 
 with workflow.unsafe.imports_passed_through():
     import email_validator  # noqa: F401  (pydantic loads it lazily to validate EmailStr)
@@ -128,12 +130,19 @@ class PaymentWorkflow:
         self._impl: Union[Payment, Payment_0_2_0, PaymentWorkflow_0_1_0, None] = None
 
     def _current(self) -> Any:
+        # The frozen releases are imported only by the payments that run on them: the sandbox
+        # imports this module afresh for every payment it starts or replays, and their code
+        # would cost each new payment time and memory for nothing.
         if self._impl is None:
             if workflow.patched(RELEASE_0_3_0):
                 self._impl = Payment(self._input)
             elif workflow.patched(RELEASE_0_2_0):
+                from workflows.releases.payment_0_2_0 import Payment as Payment_0_2_0
+
                 self._impl = Payment_0_2_0(self._input)
             else:
+                from workflows.releases.payment_0_1_0 import PaymentWorkflow_0_1_0
+
                 self._impl = PaymentWorkflow_0_1_0(self._input)
         return self._impl
 
