@@ -9,6 +9,10 @@ from __future__ import annotations
 
 PAYMENT_WORKFLOW = "PaymentWorkflow"
 REFUND_WORKFLOW = "RefundWorkflow"
+REVIEW_WORKFLOW = "ManualReviewWorkflow"
+
+# ManualReviewWorkflow's signal that settles a review without a person (the payment learned the answer).
+REVIEW_SETTLE_SIGNAL = "settle"
 
 # PaymentWorkflow's signal for a difference the daily reconciliation found.
 SETTLEMENT_SIGNAL = "settlement"
@@ -17,3 +21,11 @@ SETTLEMENT_SIGNAL = "settlement"
 def payment_workflow_id(order_id: str) -> str:
     """The business key: one payment workflow per merchant order."""
     return f"payment-{order_id}"
+
+
+def refund_workflow_id(payment_id: str, key: str) -> str:
+    return f"{payment_id}-refund-{key}"
+
+
+def review_workflow_id(payment_id: str, number: int) -> str:
+    return f"{payment_id}-review-{number}"

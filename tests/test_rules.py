@@ -66,12 +66,16 @@ def test_merchant_keys_have_their_own_namespace():
 def test_names_match_the_workflow_definitions():
     from workflows.payment import PaymentWorkflow
     from workflows.refund import RefundWorkflow
+    from workflows.review import ManualReviewWorkflow
 
     payment = workflow._Definition.from_class(PaymentWorkflow)
     assert payment is not None and payment.name == names.PAYMENT_WORKFLOW
     assert names.SETTLEMENT_SIGNAL in payment.signals
     refund_defn = workflow._Definition.from_class(RefundWorkflow)
     assert refund_defn is not None and refund_defn.name == names.REFUND_WORKFLOW
+    review_defn = workflow._Definition.from_class(ManualReviewWorkflow)
+    assert review_defn is not None and review_defn.name == names.REVIEW_WORKFLOW
+    assert names.REVIEW_SETTLE_SIGNAL in review_defn.signals
     assert names.payment_workflow_id("o-1") == "payment-o-1"
 
 

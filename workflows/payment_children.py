@@ -21,10 +21,17 @@ from temporalio.exceptions import ActivityError, ChildWorkflowError, WorkflowAlr
 from temporalio.workflow import ParentClosePolicy
 
 from workflows.payment_notify import alert_child, failure, notification, send
-from workflows.refund import RefundWorkflow, refund_workflow_id
-from workflows.review import ManualReviewWorkflow, review_workflow_id
 
 with workflow.unsafe.imports_passed_through():
+    # The children are started by their type names, so the sandbox does not import the refund
+    # and review workflow modules into every payment it starts or replays.
+    from paysentinel.names import (
+        REFUND_WORKFLOW,
+        REVIEW_SETTLE_SIGNAL,
+        REVIEW_WORKFLOW,
+        refund_workflow_id,
+        review_workflow_id,
+    )
     from paysentinel.models import (
         REVIEW_ACTIONS,
         NotifyKind,
@@ -104,7 +111,7 @@ class ChildWorkflows:
             child_id = refund_workflow_id(self._input.payment_id, suffix)
             try:
                 result = await workflow.execute_child_workflow(
-                    RefundWorkflow.run,
+                    REFUND_WORKFLOW,
                     RefundInput(
                         payment_id=self._input.payment_id,
                         provider=request.provider,
@@ -118,6 +125,7 @@ class ChildWorkflows:
                         timing=timing,
                     ),
                     id=child_id,
+                    result_type=RefundView,
                     parent_close_policy=ParentClosePolicy.ABANDON,
                     static_summary=f"Refund {self._money(view.amount_minor)} of order {request.order_id}",
                 )
@@ -192,7 +200,7 @@ class ChildWorkflows:
             )
             try:
                 handle = await workflow.start_child_workflow(
-                    ManualReviewWorkflow.run,
+                    REVIEW_WORKFLOW,
                     ReviewInput(
                         review_id=review_id,
                         payment_id=self._input.payment_id,
@@ -206,6 +214,7 @@ class ChildWorkflows:
                         deadline_seconds=deadline_seconds or timing.review_deadline_seconds,
                     ),
                     id=review_id,
+                    result_type=ReviewOutcome,
                     parent_close_policy=ParentClosePolicy.ABANDON,
                     static_summary=f"Review of order {self._request.order_id}: {reason.value}",
                 )
@@ -255,7 +264,7 @@ class ChildWorkflows:
                 return
             outcome = await watch(attempt)
             if outcome is not None and not decided.done():
-                await handle.signal(ManualReviewWorkflow.settle, outcome.model_copy(update={"review_id": handle.id}))
+                await handle.signal(REVIEW_SETTLE_SIGNAL, outcome.model_copy(update={"review_id": handle.id}))
                 return
 
     async def _settlement_review(self, trade_no: str, evidence: str) -> None:

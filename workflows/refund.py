@@ -16,15 +16,12 @@ from temporalio.exceptions import ActivityError
 from workflows.common import cause, db_call, provider_call, rejection_code
 
 with workflow.unsafe.imports_passed_through():
+    from paysentinel.names import refund_workflow_id as refund_workflow_id  # the child's id, defined with the other names
     from activities.payment import PaymentActivities
     from paysentinel.models import ProviderRefund, RefundInput, RefundRecord, RefundStatus, RefundView
 
 # How many status queries one submission gets before it is submitted again.
 QUERIES_PER_SUBMISSION = 8
-
-
-def refund_workflow_id(payment_id: str, key: str) -> str:
-    return f"{payment_id}-refund-{key}"
 
 
 @workflow.defn

@@ -17,6 +17,7 @@ from temporalio import workflow
 from workflows.common import db_call
 
 with workflow.unsafe.imports_passed_through():
+    from paysentinel.names import review_workflow_id as review_workflow_id  # the child's id, defined with the other names
     from activities.payment import PaymentActivities
     from paysentinel.models import (
         REVIEW_ACTIONS,
@@ -26,10 +27,6 @@ with workflow.unsafe.imports_passed_through():
         ReviewOutcome,
         ReviewView,
     )
-
-
-def review_workflow_id(payment_id: str, number: int) -> str:
-    return f"{payment_id}-review-{number}"
 
 
 @workflow.defn
