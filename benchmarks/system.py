@@ -112,6 +112,8 @@ class Infrastructure:
         used = {"benchmark": process_cpu_seconds(os.getpid())}
         if self.server_pid is not None:
             used["temporal"] = process_cpu_seconds(self.server_pid)
+        if not self.database_url.startswith("sqlite") and (postgres := postgres_cpu_seconds()) is not None:
+            used["postgresql"] = postgres
         return used
 
     async def client(self):
@@ -216,10 +218,26 @@ class System:
         return total
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of one process so far (all its threads)."""
+def process_cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU seconds of one process so far (all its threads; ``children``: and
+    of its children that have exited)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds() -> float | None:
+    """CPU seconds of the PostgreSQL server on this machine (every ``postgres`` process, and the
+    backends that have exited), or None when none runs here. Other databases' work counts too."""
+    total, found = 0.0, False
+    for stat in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if stat.read_text().strip() == "postgres":
+                total += process_cpu_seconds(int(stat.parent.name), children=True)
+                found = True
+        except (OSError, ValueError):
+            continue  # the process ended meanwhile
+    return total if found else None
 
 
 def operator_entry(token: str) -> str:

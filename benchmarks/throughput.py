@@ -76,11 +76,12 @@ async def happy_rate(s, watch: StatusWatch, concurrency: int, count: int) -> tup
     return len(latencies) / wall, latencies, failed
 
 
-def cpu_per_payment(before: dict[str, float], after: dict[str, float], payments: int) -> str:
-    """CPU milliseconds per payment of each process (the benchmark's clients and watcher included)."""
+def cpu_per_payment(before: dict[str, float], after: dict[str, float], payments: int, what: str = "payment") -> str:
+    """CPU milliseconds per payment of each process (the benchmark's clients and watcher included;
+    for the no-op workflows, the benchmark process runs their worker)."""
     used = {name: (after[name] - before.get(name, 0.0)) * 1000 / max(payments, 1) for name in after}
     parts = ", ".join(f"{name} {value:.0f}" for name, value in sorted(used.items(), key=lambda item: -item[1]))
-    return f"CPU per payment {sum(used.values()):.0f} ms ({parts})"
+    return f"CPU per {what} {sum(used.values()):.0f} ms ({parts})"
 
 
 async def noop_rate(client, task_queue: str, concurrency: int, count: int) -> float:
@@ -160,7 +161,9 @@ async def main() -> None:
                         before = {**s.cpu_seconds(), **infra.cpu_seconds()}
                         rate, latencies, failed = await happy_rate(s, watch, level, args.payments)
                         after = {**s.cpu_seconds(), **infra.cpu_seconds()}
+                        noop_before = infra.cpu_seconds()
                         base = await noop_rate(client, noop_queue, level, args.payments)
+                        noop_cpu = cpu_per_payment(noop_before, infra.cpu_seconds(), args.payments, "no-op workflow")
                         rows.append((layout, level, rate, base, latencies, failed))
                         print(
                             f"[{layout}] concurrency {level}: {rate:.1f} payments/s (POST -> SUCCEEDED p50 "
@@ -169,6 +172,7 @@ async def main() -> None:
                             flush=True,
                         )
                         print(f"[{layout}] concurrency {level}: {cpu_per_payment(before, after, len(latencies))}", flush=True)
+                        print(f"[{layout}] concurrency {level}: {noop_cpu}", flush=True)
                     for clients in (8, 64):
                         figures = await post_latency(s, watch, clients, args.posts)
                         print(

@@ -1,7 +1,8 @@
 """Benchmark: many payments waiting at once, and a happy-path payment while they wait.
 
 Starts N payments (time to live one hour, the payer never pays) at once from many clients
-(each retrying a 429/503 after its Retry-After, up to ten times), then prints: failed starts
+(each retrying a 429/503 after its Retry-After, up to ``--retries`` times, as a merchant's
+checkout would), then prints: failed starts
 (and refusals retried), how many are left CREATED (a started payment reaches PENDING once
 its trade is created), the worker's resident memory, the Temporal SDK's workflow cache and
 its forced evictions, and POST -> SUCCEEDED of happy-path payments one after another while
@@ -40,7 +41,7 @@ from sqlalchemy import func, select
 from paysentinel import db
 
 
-async def start_waiting(s, count: int, clients: int) -> tuple[list[str], int, int, dict[int, int], float]:
+async def start_waiting(s, count: int, clients: int, retries: int) -> tuple[list[str], int, int, dict[int, int], float]:
     """(payment ids, failed starts, refusals retried, final answers, seconds)."""
     orders = [new_order("wait") for _ in range(count)]
     ids: list[str] = []
@@ -51,7 +52,7 @@ async def start_waiting(s, count: int, clients: int) -> tuple[list[str], int, in
         nonlocal failed, retried
         for order in mine:
             try:
-                response, refusals = await post_payment(api, order, retries=10, expires_in_seconds=3600)
+                response, refusals = await post_payment(api, order, retries=retries, expires_in_seconds=3600)
             except httpx.HTTPError:
                 failed += 1
                 continue
@@ -85,6 +86,7 @@ async def main() -> None:
     parser.add_argument("--happy", type=int, default=20, help="happy-path payments timed while they wait")
     parser.add_argument("--settle", type=float, default=300, help="longest wait for none to be CREATED (s)")
     parser.add_argument("--happy-timeout", type=float, default=120, help="longest wait for a happy payment (s)")
+    parser.add_argument("--retries", type=int, default=100, help="how often a client retries a 429/503 (after Retry-After)")
     parser.add_argument("--cache", type=int, help="the worker's workflow cache (PAYSENTINEL_WORKER_MAX_CACHED_WORKFLOWS)")
     add_options(parser)
     args = parser.parse_args()
@@ -100,7 +102,7 @@ async def main() -> None:
         for layout in layouts(args.layout):
             async with system(infra, layout, {**extra, **extra_env}) as s:
                 rss_idle, _ = s.worker_rss_mib()
-                ids, failed, retried, answers, took = await start_waiting(s, args.waiting, args.clients)
+                ids, failed, retried, answers, took = await start_waiting(s, args.waiting, args.clients, args.retries)
                 print(
                     f"[{layout}] started {len(ids)} in {took:.0f}s ({len(ids) / took:.1f}/s); failed starts "
                     f"{failed}; 429/503 answers retried {retried}; final answers {dict(sorted(answers.items()))}",

@@ -190,7 +190,9 @@ class Settings(BaseSettings):
 
     # Payment timing (the workflow receives these in its input, so they are in its history).
     callback_timeout_seconds: float = 10.0
-    query_backoff_seconds: Annotated[list[float], NoDecode] = [5, 10, 30, 60, 120, 300]
+    # Pauses between queries of a payment still waiting for its payer (the last repeats). They
+    # grow to 30 minutes, so a payment with hours to live costs a query or two an hour.
+    query_backoff_seconds: Annotated[list[float], NoDecode] = [5, 10, 30, 60, 120, 300, 600, 1800]
     payment_ttl_seconds: float = 900.0
     resend_window_seconds: float = 25 * 3600.0
     close_attempts: int = 5

@@ -44,10 +44,11 @@ async def read_limited(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def store(res: Resources, event: ProviderCallback, raw: bytes) -> db.Callback | None:
-    """Insert the callback; returns None when this event id was already settled."""
+async def store(res: Resources, event: ProviderCallback, raw: bytes) -> tuple[db.Callback | None, db.Payment | None]:
+    """Insert the callback and find its payment, in one transaction. The callback is None when
+    this event id was already settled (then nothing else is read)."""
     async with res.sessions() as session:
-        row = db.Callback(
+        row: db.Callback | None = db.Callback(
             provider=event.provider,
             event_id=event.event_id,
             order_id=event.order_id,
@@ -59,15 +60,21 @@ async def store(res: Resources, event: ProviderCallback, raw: bytes) -> db.Callb
         )
         session.add(row)
         try:
-            await session.commit()
-            return row
+            await session.flush()
         except IntegrityError:
             await session.rollback()
-        existing = await session.scalar(
-            select(db.Callback).where(db.Callback.provider == event.provider, db.Callback.event_id == event.event_id)
+            existing = await session.scalar(
+                select(db.Callback).where(db.Callback.provider == event.provider, db.Callback.event_id == event.event_id)
+            )
+            # A resend of an event whose delivery failed earlier is delivered again.
+            row = existing if existing is not None and existing.delivery == "pending" else None
+            if row is None:
+                return None, None
+        payment = await session.scalar(
+            select(db.Payment).where(db.Payment.order_id == event.order_id, db.Payment.provider == event.provider)
         )
-        # A resend of an event whose delivery failed earlier is delivered again.
-        return existing if existing is not None and existing.delivery == "pending" else None
+        await session.commit()
+        return row, payment
 
 
 async def mark(res: Resources, row_id: int, **values: object) -> None:
@@ -77,13 +84,9 @@ async def mark(res: Resources, row_id: int, **values: object) -> None:
 
 
 async def deliver(res: Resources, event: ProviderCallback, raw: bytes) -> CallbackOutcome:
-    row = await store(res, event, raw)
+    row, payment = await store(res, event, raw)
     if row is None:
         return CallbackOutcome(result="duplicate", event_id=event.event_id)
-    async with res.sessions() as session:
-        payment = await session.scalar(
-            select(db.Payment).where(db.Payment.order_id == event.order_id, db.Payment.provider == event.provider)
-        )
     if payment is None:
         await mark(res, row.id, delivery="unknown_payment")
         log.warning("verified callback %s for unknown order %s stored for review", event.event_id, event.order_id)
