@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from sqlalchemy.engine import make_url
 from sqlalchemy import (
@@ -20,6 +20,7 @@ from sqlalchemy import (
     Float,
     Integer,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -490,23 +491,26 @@ class Applied:
 
 
 async def apply_record(sessions: async_sessionmaker[AsyncSession], record: PaymentRecord) -> Applied:
-    """Write the workflow's snapshot if it is newer than the stored one (one transaction)."""
+    """Write the workflow's snapshot if it is newer than the stored one (one transaction; plain
+    SQL statements on the table, which SQLAlchemy runs far cheaper than ORM-enabled updates)."""
     values = record.model_dump(exclude={"payment_id", "seq", "event", "callback_received_at", "outcome"}, exclude_none=True)
     values["status"] = record.status.value
+    payments = cast(Table, Payment.__table__)
+    table = payments.c
     async with sessions() as session:
         written = (
             await session.execute(
-                update(Payment)
-                .where(Payment.payment_id == record.payment_id, Payment.status_seq < record.seq)
+                update(payments)
+                .where(table.payment_id == record.payment_id, table.status_seq < record.seq)
                 .values(**values, status_seq=record.seq, updated_at=utcnow())
-                .returning(Payment.provider, Payment.created_at)
+                .returning(table.provider, table.created_at)
             )
         ).first()
         finished = False
         if written is not None and record.outcome is not None:
             result = await session.execute(
-                update(Payment)
-                .where(Payment.payment_id == record.payment_id, Payment.finished_at.is_(None))
+                update(payments)
+                .where(table.payment_id == record.payment_id, table.finished_at.is_(None))
                 .values(outcome=record.outcome.value, finished_at=utcnow())
             )
             finished = getattr(result, "rowcount", 0) == 1  # an UPDATE's result is a CursorResult
