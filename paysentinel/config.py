@@ -209,8 +209,8 @@ class Settings(BaseSettings):
 
     # Worker tuning. A waiting payment is cheap while its workflow stays in the worker's cache;
     # one evicted from it is replayed from its first event at its next timer. Each cached payment
-    # costs about 0.5 MiB of worker memory with the isolated sandbox, 0.2 MiB with the shared one
-    # (benchmarks/waiting_payments.py): 2,000 keeps an isolated worker near 1 GiB.
+    # costs about 0.4 MiB of worker memory with the isolated sandbox, 0.17 MiB with the shared one
+    # (benchmarks/waiting_payments.py): 2,000 keeps an isolated worker under 1 GiB.
     worker_max_cached_workflows: int = Field(2_000, ge=0)
     worker_max_concurrent_workflow_tasks: int = Field(100, ge=2)  # the Temporal SDK's defaults
     worker_max_concurrent_activities: int = Field(100, ge=1)
@@ -219,10 +219,12 @@ class Settings(BaseSettings):
     # PYTHONDONTWRITEBYTECODE is set, so it is not compiled from source every time.
     worker_bytecode_cache: bool = True
     # "isolated": each payment's workflow imports the workflow modules afresh inside the sandbox,
-    # which then refuses non-deterministic calls in them (about 0.3 MiB and 10-40 ms per payment
-    # started or replayed). "shared": the workflow modules are passed through the sandbox, one copy
-    # for every payment (about 15 KiB and 3 ms), but the sandbox no longer checks their calls; the
-    # release histories' replay (tests/test_replay.py) runs isolated and still does.
+    # which then refuses non-deterministic calls in them (about 75 KiB and 6 ms per payment started
+    # or replayed, benchmarks/sandbox_cost.py). "shared": the workflow modules are passed through
+    # the sandbox, one copy for every payment (about 12 KiB and 0.5 ms), but the sandbox no longer
+    # checks their calls; the tests and the release histories' replay (tests/test_replay.py) run
+    # isolated and still do. With thousands of payments waiting, "shared" starts and replays them
+    # at about twice the rate in less than half the memory (README, "Performance").
     worker_sandbox: Literal["isolated", "shared"] = "isolated"
 
     # Refunds and manual reviews.
