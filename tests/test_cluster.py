@@ -2,7 +2,7 @@
 
 One cluster per session (its own fixtures; the dev-server ``stack`` is not involved): the
 Temporal server v1.29.1 as separate frontend, history, matching and worker processes on a
-PostgreSQL instance of its own, frontend with mTLS (paysentinel/cluster.py), and against it two
+PostgreSQL instance of its own, frontend with mTLS (paysentinel/cluster/), and against it two
 workers, two checkout APIs and two webhook receivers, each its own process, behind a round-robin
 TCP balancer for the provider's callbacks, on a fresh application database. Every fault test
 ends with the provider's ledger equal to our database and nothing left open.
