@@ -85,7 +85,7 @@ async def main() -> None:
         client = await infra.client()
         watch = StatusWatch(infra.sessions, interval=0.005)
         for layout in layouts(args.layout):
-            async with system(infra, layout, extra_env) as s:
+            async with system(infra, layout, extra_env, workers=args.workers) as s:
                 orders = [new_order("cb") for _ in range(args.payments)]
                 ids = {}
                 async with (

@@ -80,6 +80,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         help="`paysentinel up` in one process, each part in its own (--processes), or both",
     )
     parser.add_argument(
+        "--workers", type=int, default=1, help="with the processes layout: worker processes (`paysentinel up --workers`)"
+    )
+    parser.add_argument(
         "--env",
         action="append",
         default=[],
@@ -206,7 +209,8 @@ class System:
         if self.layout == "processes":
             for child in Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split():
                 args = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-                used[args[3].decode() if len(args) > 3 else child] = process_cpu_seconds(int(child))
+                part = args[3].decode() if len(args) > 3 else child  # --workers N: their sum
+                used[part] = used.get(part, 0.0) + process_cpu_seconds(int(child))
         return used
 
     def sdk_metric(self, name: str) -> float:
@@ -246,7 +250,11 @@ def operator_entry(token: str) -> str:
 
 @asynccontextmanager
 async def system(
-    infra: Infrastructure, layout: str, extra_env: dict[str, str] | None = None, parts: str = "simulator,worker,api,webhooks"
+    infra: Infrastructure,
+    layout: str,
+    extra_env: dict[str, str] | None = None,
+    parts: str = "simulator,worker,api,webhooks",
+    workers: int = 1,
 ):
     ports = {name: free_port() for name in ("api", "webhook", "simulator", "sdk", "metrics", "operator")}
     task_queue = f"bench-{uuid.uuid4().hex[:8]}"
@@ -280,6 +288,8 @@ async def system(
     command = [sys.executable, "-m", "paysentinel.cli", "up", "--parts", parts]
     if layout == "processes":
         command.append("--processes")
+        if workers > 1:
+            command += ["--workers", str(workers)]
     with open(log_file, "ab") as log:
         process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     sys_ = System(

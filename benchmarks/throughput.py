@@ -155,7 +155,7 @@ async def main() -> None:
         async with Worker(client, task_queue=noop_queue, workflows=[NoopWorkflow], activities=[noop_activity]):
             watch = StatusWatch(infra.sessions)
             for layout in layouts(args.layout):
-                async with system(infra, layout, extra_env) as s:
+                async with system(infra, layout, extra_env, workers=args.workers) as s:
                     await happy_rate(s, watch, 4, 8)  # warm up
                     for level in levels:
                         before = {**s.cpu_seconds(), **infra.cpu_seconds()}

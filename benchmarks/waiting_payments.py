@@ -100,7 +100,7 @@ async def main() -> None:
     async with infrastructure(args) as infra:
         watch = StatusWatch(infra.sessions, interval=0.02)
         for layout in layouts(args.layout):
-            async with system(infra, layout, {**extra, **extra_env}) as s:
+            async with system(infra, layout, {**extra, **extra_env}, workers=args.workers) as s:
                 rss_idle, _ = s.worker_rss_mib()
                 ids, failed, retried, answers, took = await start_waiting(s, args.waiting, args.clients, args.retries)
                 print(

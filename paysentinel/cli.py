@@ -56,11 +56,11 @@ def _secured(settings: Settings, parts: list[str]) -> Settings:
         raise typer.Exit(1) from err
 
 
-def _run(settings: Settings, parts: list[str], processes: bool = False, verbose: bool = False) -> None:
+def _run(settings: Settings, parts: list[str], processes: bool = False, verbose: bool = False, workers: int = 1) -> None:
     settings = _secured(settings, parts)
     try:
-        if processes and len(parts) > 1:
-            asyncio.run(run_processes(settings, parts, verbose=verbose))
+        if processes and (len(parts) > 1 or workers > 1):
+            asyncio.run(run_processes(settings, parts, verbose=verbose, workers=workers))
         else:
             asyncio.run(run_parts(settings, parts))
     except RuntimeError as err:
@@ -78,6 +78,14 @@ def up(
         help="Each part in a process of its own (the worker does not share an event loop with the HTTP "
         "servers; stopping stops them all, a part that exits stops the rest), or all in this one",
     ),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        min=1,
+        max=32,
+        help="With --processes: run the worker as this many processes on the task queue (a worker process uses "
+        "one core at most); the k-th extra one serves its metrics on the metrics ports + 100·k",
+    ),
 ) -> None:
     """Run the whole system locally: Temporal dev server (unless TEMPORAL_ADDRESS is set),
     the provider simulator, the worker, the checkout API, the webhook receiver and the operator API."""
@@ -87,6 +95,8 @@ def up(
     unknown = sorted(set(chosen) - set(PARTS))
     if unknown:
         raise typer.BadParameter(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    if workers > 1 and not (processes and "worker" in chosen):
+        raise typer.BadParameter("--workers needs --processes and the worker among the parts", param_hint="--workers")
     settings = _secured(settings, chosen)
     server = None
     from paysentinel.temporal import configured_address
@@ -123,9 +133,9 @@ def up(
             raise typer.Exit(1) from err
     _migrate(settings)
     merchant_key = _development_merchant_key(settings, chosen)
-    _print_where(settings, chosen, server, merchant_key, processes)
+    _print_where(settings, chosen, server, merchant_key, processes, workers)
     try:
-        _run(settings, chosen, processes, verbose)
+        _run(settings, chosen, processes, verbose, workers)
     finally:
         if server is not None:
             console.print("stopping the Temporal dev server")
@@ -148,7 +158,9 @@ def _codec_endpoint(settings: Settings) -> str:
     return endpoint_url(settings)
 
 
-def _print_where(settings: Settings, parts: list[str], server, merchant_key: str = "", processes: bool = False) -> None:
+def _print_where(
+    settings: Settings, parts: list[str], server, merchant_key: str = "", processes: bool = False, workers: int = 1
+) -> None:
     table = Table(title="paysentinel is running (Ctrl-C stops everything)", show_header=True)
     table.add_column("part")
     table.add_column("where", overflow="fold")  # a long path or URL wraps; nothing is cut short
@@ -179,10 +191,12 @@ def _print_where(settings: Settings, parts: list[str], server, merchant_key: str
         table.add_row("metrics", f"http://{settings.host}:{settings.api_port}/metrics  (Prometheus)")
     elif "operator" in parts:
         table.add_row("metrics", f"http://{settings.host}:{settings.operator_port}/metrics  (Prometheus)")
-    if "worker" in parts and processes and len(parts) > 1:
+    if "worker" in parts and processes and (len(parts) > 1 or workers > 1):
         table.add_row(
             "processes", f"each part in its own; the worker's metrics on http://{settings.host}:{settings.metrics_port}/metrics"
         )
+    if "worker" in parts and processes and workers > 1:
+        table.add_row("worker processes", f"{workers} on task queue {settings.task_queue} (metrics ports + 100 for each more)")
     if "worker" in parts and settings.sdk_metrics_port:
         table.add_row("worker metrics", f"http://{settings.host}:{settings.sdk_metrics_port}/metrics  (Temporal SDK)")
     if "worker" in parts and settings.monitor_interval_seconds > 0:

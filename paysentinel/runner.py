@@ -114,13 +114,46 @@ def child_command(part: str, parts: list[str], verbose: bool = False) -> list[st
     return [sys.executable, "-m", "paysentinel.runner", part, "--of", ",".join(parts), *(["--verbose"] if verbose else [])]
 
 
+# The k-th extra worker process (k = 1, 2, ...) serves its metrics on the configured ports + k * this.
+WORKER_PORT_STEP = 100
+
+
+def worker_env(settings: Settings, k: int) -> dict[str, str]:
+    """The environment of the k-th extra worker process: the same settings, metrics ports of its own
+    (a port of 0 stays 0)."""
+    step = WORKER_PORT_STEP * k
+    return {
+        **os.environ,
+        "PAYSENTINEL_METRICS_PORT": str(settings.metrics_port + step if settings.metrics_port else 0),
+        "PAYSENTINEL_SDK_METRICS_PORT": str(settings.sdk_metrics_port + step if settings.sdk_metrics_port else 0),
+    }
+
+
+def process_plan(settings: Settings, parts: list[str], workers: int = 1) -> dict[str, tuple[str, dict[str, str] | None]]:
+    """Each child process to start: its name -> (part, environment or None for ours). With
+    ``workers`` > 1 the worker runs as that many processes on the task queue ("worker",
+    "worker-2", ...): a worker is one Python process, so one core at most."""
+    plan: dict[str, tuple[str, dict[str, str] | None]] = {}
+    for part in parts:
+        plan[part] = (part, None)
+        if part == "worker":
+            for k in range(1, workers):
+                plan[f"worker-{k + 1}"] = ("worker", worker_env(settings, k))
+    return plan
+
+
 async def run_processes(
-    settings: Settings, parts: list[str], stop: asyncio.Event | None = None, verbose: bool = False, stop_timeout: float = 15
+    settings: Settings,
+    parts: list[str],
+    stop: asyncio.Event | None = None,
+    verbose: bool = False,
+    stop_timeout: float = 15,
+    workers: int = 1,
 ) -> None:
-    """Run each named part as a child process (``python -m paysentinel.runner PART``) until
-    SIGINT/SIGTERM (or ``stop``). A child that exits stops the others and raises RuntimeError
-    naming it; stopping sends each child SIGTERM by its pid, then SIGKILL after ``stop_timeout``."""
-    del settings  # the children read the same environment
+    """Run each named part as a child process (``python -m paysentinel.runner PART``), the worker
+    as ``workers`` of them, until SIGINT/SIGTERM (or ``stop``). A child that exits stops the others
+    and raises RuntimeError naming it; stopping sends each child SIGTERM by its pid, then SIGKILL
+    after ``stop_timeout``. The children read the same environment (see ``process_plan``)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -129,13 +162,14 @@ async def run_processes(
     children: dict[str, asyncio.subprocess.Process] = {}
     failure: str | None = None
     try:
-        for part in parts:
-            children[part] = await asyncio.create_subprocess_exec(
+        for name, (part, env) in process_plan(settings, parts, workers).items():
+            children[name] = await asyncio.create_subprocess_exec(
                 *child_command(part, parts, verbose),
                 stdin=asyncio.subprocess.DEVNULL,
+                env=env,
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
-            log.info("%s runs as process %d", part, children[part].pid)
+            log.info("%s runs as process %d", name, children[name].pid)
         exits = {asyncio.create_task(child.wait(), name=part): part for part, child in children.items()}
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({stopper, *exits}, return_when=asyncio.FIRST_COMPLETED)

@@ -165,3 +165,88 @@ def test_up_with_processes_stops_its_children_and_reports_one_that_dies(stack: S
         assert f"(pid {children[0]}) exited with status -9" in log, log[-2000:]
     finally:
         stop_process(up)
+
+
+async def test_up_runs_the_worker_as_several_processes_on_one_task_queue(stack: Stack, client, tmp_path: Path):
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
+    task_queue = f"workers-{new_order('q')}"
+    simulator_port = free_port()
+    env = {
+        **stack.env,
+        "PAYSENTINEL_TASK_QUEUE": task_queue,
+        "PAYSENTINEL_SIMULATOR_PORT": str(simulator_port),
+        "PAYSENTINEL_SDK_METRICS_PORT": "0",
+        "PAYSENTINEL_METRICS_PORT": "0",
+        "PAYSENTINEL_MONITOR_INTERVAL_SECONDS": "0",
+        "PAYSENTINEL_RECONCILE_ENABLED": "false",
+    }
+    log_file = tmp_path / "up.log"
+    import subprocess
+    import sys
+
+    with open(log_file, "ab") as log:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "paysentinel.cli", "up", "--processes", "--workers", "2", "--parts", "simulator,worker"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        _wait_healthy([f"http://127.0.0.1:{simulator_port}"], up, log_file)
+        children = _children(up.pid)
+        assert len(children) == 3, children  # the simulator and two workers
+        request = DescribeTaskQueueRequest(
+            namespace=client.namespace,
+            task_queue=TaskQueue(name=task_queue),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+        )
+        pollers: set[str] = set()
+        deadline = time.monotonic() + 60
+        while len(pollers) < 2 and time.monotonic() < deadline:
+            described = await client.workflow_service.describe_task_queue(request)
+            pollers = {poller.identity for poller in described.pollers}
+            await asyncio.sleep(0.5)
+        worker_pids = {str(pid) for pid in children}
+        assert len(pollers) == 2 and {identity.split("@")[0] for identity in pollers} <= worker_pids, (
+            pollers,
+            log_file.read_text()[-2000:],
+        )
+        assert "worker processes" in log_file.read_text()
+    finally:
+        stop_process(up)
+    assert up.returncode == 0
+    _wait_gone(children)
+
+
+def test_workers_need_processes(tmp_path: Path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "paysentinel.cli", "up", "--workers", "2", "--parts", "worker"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PAYSENTINEL_DATA_DIR": str(tmp_path)},
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--workers needs --processes" in result.stdout + result.stderr
+
+
+def test_extra_workers_get_metrics_ports_of_their_own():
+    from paysentinel.config import Settings
+    from paysentinel.runner import process_plan
+
+    plan = process_plan(Settings(sdk_metrics_port=8003, metrics_port=8005), ["simulator", "worker", "api"], workers=3)
+    assert list(plan) == ["simulator", "worker", "worker-2", "worker-3", "api"]
+    assert plan["worker"][1] is None and plan["api"] == ("api", None)
+    assert plan["worker-3"][0] == "worker"
+    extra = plan["worker-3"][1]
+    assert extra is not None
+    assert (extra["PAYSENTINEL_SDK_METRICS_PORT"], extra["PAYSENTINEL_METRICS_PORT"]) == ("8203", "8205")
+    none = process_plan(Settings(sdk_metrics_port=0, metrics_port=0), ["worker"], workers=2)["worker-2"][1]
+    assert none is not None and (none["PAYSENTINEL_SDK_METRICS_PORT"], none["PAYSENTINEL_METRICS_PORT"]) == ("0", "0")
