@@ -178,29 +178,34 @@ class System:
     api_url: str
     webhook_url: str
     simulator_url: str
-    sdk_metrics_url: str
+    sdk_metrics_url: str  # the first worker's; the k-th extra one's port is WORKER_PORT_STEP * k higher
     task_queue: str
     process: subprocess.Popen
     log_file: Path
     headers: dict[str, str] = field(default_factory=dict)
+    workers: int = 1
 
-    def worker_pid(self) -> int:
-        """The process the worker runs in (the child running it with --processes)."""
+    def worker_pids(self) -> list[int]:
+        """The processes the worker runs in (its children with --processes, --workers of them)."""
         if self.layout == "one-process":
-            return self.process.pid
-        for child in Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split():
-            if b"\0worker\0" in Path(f"/proc/{child}/cmdline").read_bytes():
-                return int(child)
-        raise RuntimeError("no worker process found")
+            return [self.process.pid]
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        pids = [int(child) for child in children if b"\0worker\0" in Path(f"/proc/{child}/cmdline").read_bytes()]
+        if not pids:
+            raise RuntimeError("no worker process found")
+        return pids
 
-    def worker_rss_mib(self) -> tuple[float, float]:
-        """(current, peak) resident memory of the worker's process, MiB."""
-        found = {}
-        for line in Path(f"/proc/{self.worker_pid()}/status").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                found[name] = int(value.split()[0]) / 1024
-        return found["VmRSS"], found["VmHWM"]
+    def worker_rss_mib(self) -> list[tuple[float, float]]:
+        """(current, peak) resident memory of each worker process, MiB."""
+        sizes = []
+        for pid in self.worker_pids():
+            found = {}
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "VmHWM"):
+                    found[name] = int(value.split()[0]) / 1024
+            sizes.append((found["VmRSS"], found["VmHWM"]))
+        return sizes
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds (user + system) used so far by each part: the worker, api, webhooks and
@@ -214,11 +219,17 @@ class System:
         return used
 
     def sdk_metric(self, name: str) -> float:
-        """The sum of a Temporal SDK worker metric over its labels (this task queue's, where labelled)."""
+        """The sum of a Temporal SDK worker metric over its labels (this task queue's, where
+        labelled) and over the worker processes."""
+        from paysentinel.runner import WORKER_PORT_STEP
+
+        base = httpx.URL(self.sdk_metrics_url)
         total = 0.0
-        for line in httpx.get(self.sdk_metrics_url, timeout=5).text.splitlines():
-            if line.startswith(name) and (f'task_queue="{self.task_queue}' in line or "task_queue=" not in line):
-                total += float(line.rsplit(" ", 1)[1])
+        for k in range(self.workers):
+            url = base.copy_with(port=(base.port or 0) + WORKER_PORT_STEP * k)
+            for line in httpx.get(url, timeout=5).text.splitlines():
+                if line.startswith(name) and (f'task_queue="{self.task_queue}' in line or "task_queue=" not in line):
+                    total += float(line.rsplit(" ", 1)[1])
         return total
 
 
@@ -302,6 +313,7 @@ async def system(
         process,
         log_file,
         {"Authorization": f"Bearer {infra.key}"},
+        workers if layout == "processes" else 1,
     )
     try:
         await asyncio.to_thread(_wait_healthy, [sys_.api_url, sys_.webhook_url, sys_.simulator_url], process, log_file)

@@ -101,7 +101,7 @@ async def main() -> None:
         watch = StatusWatch(infra.sessions, interval=0.02)
         for layout in layouts(args.layout):
             async with system(infra, layout, {**extra, **extra_env}, workers=args.workers) as s:
-                rss_idle, _ = s.worker_rss_mib()
+                rss_idle = sum(current for current, _ in s.worker_rss_mib())
                 ids, failed, retried, answers, took = await start_waiting(s, args.waiting, args.clients, args.retries)
                 print(
                     f"[{layout}] started {len(ids)} in {took:.0f}s ({len(ids) / took:.1f}/s); failed starts "
@@ -145,13 +145,16 @@ async def main() -> None:
 
 
 def memory(s, layout: str, rss_idle: float, waiting: int, when: str) -> None:
-    rss, peak = s.worker_rss_mib()
+    """The workers' memory (each process, and above their idle size per waiting payment) and cache."""
+    sizes = s.worker_rss_mib()
+    rss = sum(current for current, _ in sizes)
+    each = ", ".join(f"{current:.0f} (peak {peak:.0f})" for current, peak in sizes)
     cached = s.sdk_metric("temporal_sticky_cache_size")
     evicted = s.sdk_metric("temporal_sticky_cache_total_forced_eviction")
     print(
-        f"[{layout}] {when}: worker RSS {rss:.0f} MiB (peak {peak:.0f} MiB, {rss_idle:.0f} MiB before); "
+        f"[{layout}] {when}: worker RSS {each} MiB in {len(sizes)} process(es), {rss_idle:.0f} MiB before; "
         f"{(rss - rss_idle) * 1024 / max(1, waiting):.0f} KiB per waiting payment; workflow cache "
-        f"{cached:.0f}, forced evictions {evicted:.0f}",
+        f"{cached:.0f}, forced evictions {evicted:.0f} (all workers)",
         flush=True,
     )
 
