@@ -18,9 +18,12 @@ with the same provider refund id; a review is opened again; after that, a person
 Where things live. This module: ``PaymentWorkflow`` (the registered type; it runs each
 payment on the code of the release that started it) and ``Payment``, the 0.3.0 main
 line read top to bottom: its messages, ``run``, creating the trade, awaiting the
-outcome, expiry, late events, the status (transition, save, converge), the provider
-calls and small helpers. ``Payment`` inherits two parts kept apart:
+outcome and late events. ``Payment`` inherits the parts kept apart:
 
+- workflows/payment_state.py (``PaymentState``): the fields, the timeline, the status
+  (transition, save, converge) and the provider calls (query, close);
+- workflows/payment_expiry.py (``Expiry``): the deadline with no answer: close at the
+  provider, a review when the provider cannot say;
 - workflows/payment_results.py (``ProviderResults``): applying a provider's answer (a
   callback, a bill finding, a query, a close): paid, closed, unchanged, a claimed amount
   confirmed with the provider, a wrong amount to review, a second charge returned;
@@ -50,7 +53,6 @@ workflows/releases/).
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -59,6 +61,7 @@ from temporalio.exceptions import ActivityError
 
 from workflows.common import before_run_ends, cause, db_local, provider_local, rejection_code
 from workflows.payment_children import ChildWorkflows
+from workflows.payment_expiry import Expiry
 from workflows.payment_results import ProviderResults
 
 if TYPE_CHECKING:
@@ -70,7 +73,6 @@ with workflow.unsafe.imports_passed_through():
     import idna.uts46data  # noqa: F401
 
     from activities.payment import PaymentActivities
-    from paysentinel.ledger import snapshot_seq
     from paysentinel.models import (
         CreateTradeInput,
         PaymentInput,
@@ -81,30 +83,20 @@ with workflow.unsafe.imports_passed_through():
         RefundCommand,
         RefundView,
         ReviewAction,
-        ReviewOutcome,
         ReviewReason,
         RiskVerdict,
         SettlementFinding,
-        TimelineEntry,
         Trade,
-        TradeRef,
         TradeStatus,
     )
     from paysentinel.projection import (
         PAYMENT_STATUS,
         carried_state,
-        payment_record,
-        payment_view,
-        restored_book,
-        status_attributes,
     )
     from paysentinel.rules import (
         OPEN,
         RISK_HOLD,
-        PaymentBook,
         merchant_refund_key,
-        money,
-        status_unknown_evidence,
     )
 
 # The markers of the releases: each run records the one of the release that started it.
@@ -180,20 +172,13 @@ class PaymentWorkflow:
         return (self._impl or Payment(self._input))._view()
 
 
-class Payment(ProviderResults, ChildWorkflows):
+class Payment(Expiry, ProviderResults, ChildWorkflows):
     """The payment's lifecycle as of release 0.3.0 (what PaymentWorkflow runs for new payments).
 
-    Provider results are applied by ProviderResults (workflows/payment_results.py), refunds
+    Its fields, status changes and provider calls are PaymentState's
+    (workflows/payment_state.py); the deadline is Expiry's (workflows/payment_expiry.py);
+    provider results are applied by ProviderResults (workflows/payment_results.py), refunds
     and reviews run by ChildWorkflows (workflows/payment_children.py)."""
-
-    def __init__(self, input: PaymentInput) -> None:
-        self._input = input
-        self._request = input.request
-        # What the payment knows (the money, the refunds, the timeline): see paysentinel/rules.py.
-        self._book = PaymentBook() if input.resume is None else restored_book(input.resume)
-        self._inbox: list[ProviderCallback] = []  # callbacks and bill findings not yet applied
-        self._review_handles: dict[str, workflow.ChildWorkflowHandle] = {}
-        self._busy = 0  # refunds, reviews and notifications still running
 
     # --- Messages -------------------------------------------------------------------
 
@@ -392,59 +377,6 @@ class Payment(ProviderResults, ChildWorkflows):
         if self._book.undecided():
             await self._expire()
 
-    async def _expire(self) -> None:
-        """Time to live is over: close at the provider before declaring the payment unpaid."""
-        self._note("expired", "time to live ended; closing the trade at the provider")
-        trade = await self._close_trade(attempts=self._input.timing.close_attempts)
-        await self._process_inbox()
-        if not self._book.undecided():
-            return
-        if trade is not None and not trade.exists:
-            await self._transition(PaymentStatus.CLOSED, "closed", "the provider has no such trade; nothing was paid")
-            return
-        if trade is not None:
-            await self._apply_trade(trade, "close")
-            if not self._book.undecided():
-                return
-        evidence = status_unknown_evidence(trade)
-        # While a person looks, keep asking the provider and applying callbacks: a payment
-        # the provider confirms settles the review as paid (the payer paid in time).
-        outcome = await self._review(ReviewReason.STATUS_UNKNOWN, evidence, watch=self._watch_status)
-        if self._book.accepted is not None or not self._book.undecided():
-            await self._settle("review settled", f"the provider answered while the review was open: {outcome.reason}")
-            return
-        if outcome.action is ReviewAction.MARK_PAID and self._book.trade_no:
-            self._book.captured[self._book.trade_no] = self._request.amount_minor
-            self._book.accept(self._book.trade_no, workflow.now())
-            await self._settle("marked paid", f"by {outcome.operator}: {outcome.reason}")
-        else:
-            self._book.base = PaymentStatus.CLOSED
-            self._book.unconfirmed = trade is None
-            await self._settle("closed", f"by {outcome.operator}: {outcome.reason}")
-
-    async def _watch_status(self, attempt: int) -> Optional[ReviewOutcome]:
-        """One look at the provider while a status_unknown review is open; an outcome settles it."""
-        await self._process_inbox()
-        if self._book.undecided():
-            trade = await self._query_trade(attempt + 1)
-            if trade is not None:
-                await self._apply_trade(trade, f"query during review #{attempt + 1}")
-        if self._book.accepted is not None:
-            return ReviewOutcome(
-                review_id="",
-                action=ReviewAction.MARK_PAID,
-                operator="system",
-                reason=f"the provider confirmed trade {self._book.accepted} paid",
-            )
-        if not self._book.undecided():
-            return ReviewOutcome(
-                review_id="",
-                action=ReviewAction.REJECT,
-                operator="system",
-                reason="the provider confirmed the trade closed, nothing paid",
-            )
-        return None
-
     async def _serve_late_events(self, listen_end: datetime) -> None:
         """Providers resend callbacks for hours; until ``listen_end`` late events are applied.
         A payment closed without the provider's confirmation keeps asking it on the backoff."""
@@ -464,151 +396,3 @@ class Payment(ProviderResults, ChildWorkflows):
             else:  # the window is over; let running refunds and reviews finish
                 await workflow.wait_condition(lambda: bool(self._inbox) or self._busy == 0)
             await self._process_inbox()
-
-    async def _close_unconfirmed(self, attempt: int) -> None:
-        """A review closed the payment while the provider was unreachable: close the trade
-        there too, and learn whether money was taken (a close that reveals a payment)."""
-        trade = await self._close_trade(attempts=1)
-        if trade is None:
-            return
-        if trade.exists and trade.status is not None and trade.status.is_paid:
-            self._book.unconfirmed = False
-            await self._apply_trade(trade, f"close after review #{attempt}")
-        elif not trade.exists or trade.status is TradeStatus.TRADE_CLOSED:
-            self._book.unconfirmed = False
-            self._note(
-                "provider confirmed",
-                f"the provider reports {trade.status.value if trade.status else 'no trade'}; nothing was paid",
-            )
-
-    # --- Status -------------------------------------------------------------------------
-
-    async def _settle(self, event: str, detail: str, review_reason: Optional[str] = None) -> None:
-        await self._transition(self._book.money_status(), event, detail, review_reason)
-        self._rebalance()
-
-    def _rebalance(self) -> None:
-        """Keep the invariant: money on a trade the order is not paid with goes back."""
-        for trade_no, amount in self._book.excess().items():
-            self._note(
-                "books out of balance",
-                f"trade {trade_no} holds {self._money(amount)} the order does not account for; returning it",
-            )
-            number = self._book.refunds_of(trade_no)
-            self._start_refund(
-                trade_no,
-                amount,
-                f"excess-{trade_no}-{number}",
-                f"duplicate charge: money on trade {trade_no} the order is not paid with",
-                "system",
-            )
-
-    async def _transition(self, status: PaymentStatus, event: str, detail: str, review_reason: Optional[str] = None) -> None:
-        previous = self._book.apply_status(status, detail, review_reason)
-        self._note(event, f"-> {status.value}: {detail}")
-        workflow.upsert_search_attributes(status_attributes(status, review_reason))
-        tell = self._book.to_tell(previous)
-        if tell is not None:
-            kind, words = tell
-            self._book.told.add(kind)
-            self._tell(kind, kind.value, words, self._request.amount_minor)
-        await self._save(event)
-
-    async def _save(self, event: str) -> bool:
-        """Write the whole snapshot; ordered by the workflow's clock, so the newest always wins."""
-        self._book.seq = snapshot_seq(self._book.seq, int(workflow.now().timestamp() * 1_000_000))
-        try:
-            record = payment_record(self._book, self._input.payment_id, event)
-            await db_local(PaymentActivities.save_payment_state, record, f"save {self._book.status.value}")
-            self._book.dirty = False
-            return True
-        except ActivityError as err:
-            self._book.dirty = True
-            self._note("database sync failed", f"{cause(err)}; the payment writes its state again until it succeeds")
-            return False
-
-    async def _converge(self) -> None:
-        """Before the workflow ends, the row must show its final state."""
-        attempt = 0
-        while self._book.dirty:
-            delay = self._backoff(attempt)
-            await workflow.sleep(delay, summary=f"write the payment's state again in {delay:g}s")
-            attempt += 1
-            await self._save("sync")
-
-    # --- The refund phase (continue-as-new) --------------------------------------------
-
-    def _refund_window_end(self) -> datetime:
-        assert self._book.final_at is not None
-        return self._book.final_at + timedelta(seconds=self._input.timing.refund_window_seconds)
-
-    def _refund_window_left(self) -> float:
-        if self._book.accepted is None:
-            return 0.0
-        return (self._refund_window_end() - workflow.now()).total_seconds()
-
-    # --- Provider calls --------------------------------------------------------------
-
-    async def _query_trade(self, number: int, trade_no: Optional[str] = None) -> Optional[Trade]:
-        label = f"query trade #{number}" if number else f"query trade {trade_no or ''}".strip()
-        ref = self._ref("query").model_copy(update={"trade_no": trade_no})
-        try:
-            return await provider_local(PaymentActivities.query_trade, ref, self._input.timing, label)
-        except ActivityError as err:
-            self._note(f"query #{number} failed" if number else "query failed", cause(err))
-            return None
-
-    async def _close_trade(self, attempts: int) -> Optional[Trade]:
-        """Close with bounded rounds of bounded retries. None when the provider never answered."""
-        for number in range(1, attempts + 1):
-            try:
-                return await provider_local(
-                    PaymentActivities.close_trade, self._ref("close"), self._input.timing, f"close trade #{number}"
-                )
-            except ActivityError as err:
-                self._note(f"close #{number} failed", cause(err))
-                if number < attempts:
-                    delay = self._backoff(number - 1)
-                    await self._wait_for_callback(delay, f"retry close in {delay:g}s")
-                    await self._process_inbox()
-                    if not self._book.undecided():
-                        return None
-        return None
-
-    def _ref(self, purpose: str) -> TradeRef:
-        return TradeRef(
-            provider=self._request.provider,
-            order_id=self._request.order_id,
-            idempotency_key=f"{workflow.info().workflow_id}:{purpose}",
-            created_trade_no=self._book.trade_no,
-        )
-
-    # --- Helpers --------------------------------------------------------------------
-
-    def _backoff(self, attempt: int) -> float:
-        backoff = self._input.timing.query_backoff_seconds
-        return backoff[min(attempt, len(backoff) - 1)]
-
-    async def _wait_for_callback(self, seconds: float, summary: str) -> bool:
-        """True when a callback is waiting, False when ``seconds`` passed first."""
-        if self._inbox or seconds <= 0:
-            return bool(self._inbox)
-        try:
-            await workflow.wait_condition(lambda: bool(self._inbox), timeout=seconds, timeout_summary=summary)
-            return True
-        except asyncio.TimeoutError:
-            return False
-
-    def _seconds_left(self) -> float:
-        assert self._book.expires_at is not None
-        return max(0.0, (self._book.expires_at - workflow.now()).total_seconds())
-
-    def _money(self, amount_minor: int, currency: Optional[str] = None) -> str:
-        return money(amount_minor, currency or self._request.currency)
-
-    def _note(self, event: str, detail: str = "") -> None:
-        self._book.timeline.append(TimelineEntry(at=workflow.now(), event=event, detail=detail))
-        workflow.logger.info("%s: %s %s", self._input.payment_id, event, detail)
-
-    def _view(self) -> PaymentView:
-        return payment_view(self._book, self._input.payment_id, self._request)

@@ -14,13 +14,14 @@ reviews and refunds it calls for through these methods.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ChildWorkflowError, WorkflowAlreadyStartedError
 from temporalio.workflow import ParentClosePolicy
 
 from workflows.payment_notify import alert_child, failure, notification, send
+from workflows.payment_state import PaymentState
 
 with workflow.unsafe.imports_passed_through():
     # The children are started by their type names, so the sandbox does not import the refund
@@ -35,9 +36,6 @@ with workflow.unsafe.imports_passed_through():
     from paysentinel.models import (
         REVIEW_ACTIONS,
         NotifyKind,
-        PaymentInput,
-        PaymentOrder,
-        ProviderCallback,
         RefundInput,
         RefundStatus,
         RefundView,
@@ -48,7 +46,6 @@ with workflow.unsafe.imports_passed_through():
     )
     from paysentinel.rules import (
         IN_REVIEW_WORDS,
-        PaymentBook,
         child_suffix,
         customer_reason,
         refund_id_for,
@@ -68,23 +65,8 @@ async def _result(handle: workflow.ChildWorkflowHandle) -> Any:
     return await handle
 
 
-class ChildWorkflows:
+class ChildWorkflows(PaymentState):
     """Refunds and reviews of a payment (child workflows), and what runs alongside its main line."""
-
-    # Set by Payment.__init__ (workflows/payment.py).
-    _input: PaymentInput
-    _request: PaymentOrder
-    _book: PaymentBook
-    _inbox: list[ProviderCallback]
-    _review_handles: dict[str, workflow.ChildWorkflowHandle]
-    _busy: int
-
-    if TYPE_CHECKING:
-        # From Payment (workflows/payment.py): the timeline, amounts, the backoff, the status.
-        def _note(self, event: str, detail: str = "") -> None: ...
-        def _money(self, amount_minor: int, currency: Optional[str] = None) -> str: ...
-        def _backoff(self, attempt: int) -> float: ...
-        async def _settle(self, event: str, detail: str, review_reason: Optional[str] = None) -> None: ...
 
     # --- Refunds --------------------------------------------------------------------------
 

@@ -18,13 +18,11 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Optional
 from temporalio import workflow
 
 from workflows.payment_children import AUTOMATIC_REFUND_ROUNDS, NO_DEADLINE_SECONDS
+from workflows.payment_state import PaymentState
 
 with workflow.unsafe.imports_passed_through():
     from paysentinel.models import (
-        PaymentOrder,
         PaymentStatus,
-        ProviderCallback,
-        RefundView,
         ReviewAction,
         ReviewOutcome,
         ReviewReason,
@@ -34,7 +32,6 @@ with workflow.unsafe.imports_passed_through():
         OPEN,
         Disposition,
         Meaning,
-        PaymentBook,
         confirms,
         mismatch_evidence,
         review_number,
@@ -45,26 +42,10 @@ with workflow.unsafe.imports_passed_through():
 CONFIRM_ROUNDS = 3
 
 
-class ProviderResults:
+class ProviderResults(PaymentState):
     """Applies provider results (callbacks, bill findings, queries, closes) to a payment."""
 
-    # Set by Payment.__init__ (workflows/payment.py).
-    _request: PaymentOrder
-    _book: PaymentBook
-    _inbox: list[ProviderCallback]
-
     if TYPE_CHECKING:
-        # From Payment (workflows/payment.py): the timeline, amounts, the backoff, the status.
-        def _note(self, event: str, detail: str = "") -> None: ...
-        def _money(self, amount_minor: int, currency: Optional[str] = None) -> str: ...
-        def _backoff(self, attempt: int) -> float: ...
-        async def _settle(self, event: str, detail: str, review_reason: Optional[str] = None) -> None: ...
-        async def _transition(
-            self, status: PaymentStatus, event: str, detail: str, review_reason: Optional[str] = None
-        ) -> None: ...
-        # ... and a query at the provider.
-        async def _query_trade(self, number: int, trade_no: Optional[str] = None) -> Optional[Trade]: ...
-
         # From ChildWorkflows (workflows/payment_children.py): reviews, refunds, work alongside.
         async def _review(
             self,
@@ -73,7 +54,6 @@ class ProviderResults:
             deadline_seconds: Optional[float] = None,
             watch: Optional[Callable[[int], Awaitable[Optional[ReviewOutcome]]]] = None,
         ) -> ReviewOutcome: ...
-        def _start_refund(self, trade_no: str, amount: int, key: str, reason: str, requested_by: str) -> RefundView: ...
         async def _settlement_review(self, trade_no: str, evidence: str) -> None: ...
         def _spawn(self, work: Awaitable[None], what: str) -> None: ...
 
