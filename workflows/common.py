@@ -10,6 +10,7 @@ scheduled/started/completed events and a workflow task each); ``db_call`` and
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any, Awaitable, Callable, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -32,8 +33,15 @@ DB_RETRY = RetryPolicy(
 )
 DB_OUTAGE_LIMIT = timedelta(hours=6)
 
+# Every activity is a method of an activities class taking one argument; the helpers below
+# take the method itself, so the argument is checked and the result typed (for mypy).
+Owner = TypeVar("Owner")
+Arg = TypeVar("Arg")
+Result = TypeVar("Result")
+ActivityMethod = Callable[[Owner, Arg], Awaitable[Result]]
 
-async def provider_call(activity, arg, timing: PaymentTiming, summary: str):
+
+async def provider_call(activity: ActivityMethod[Owner, Arg, Result], arg: Arg, timing: PaymentTiming, summary: str) -> Result:
     """A provider call: transient failures retried with backoff up to a limit, rejections never."""
     return await workflow.execute_activity_method(
         activity,
@@ -91,7 +99,7 @@ async def before_run_ends() -> None:
         await workflow.sleep(0.01, summary="end the run in a workflow task of its own")
 
 
-async def _local(activity, arg, **options):
+async def _local(activity: ActivityMethod[Owner, Arg, Result], arg: Arg, **options: Any) -> Result:
     """A local activity; its failure raised as an ``ActivityError`` whose cause is the
     activity's error, as for an ordinary activity (so callers handle both alike)."""
     info = workflow.info()
@@ -114,14 +122,14 @@ async def _local(activity, arg, **options):
         _LOCAL_RAN_AT[info.run_id] = info.get_current_history_length()
 
 
-async def provider_local(activity, arg, timing: PaymentTiming, summary: str):
+async def provider_local(activity: ActivityMethod[Owner, Arg, Result], arg: Arg, timing: PaymentTiming, summary: str) -> Result:
     """A provider call as a local activity: the same timeouts and retries as ``provider_call``."""
     return await _local(
         activity, arg, start_to_close_timeout=PROVIDER_TIMEOUT, retry_policy=provider_retry(timing), summary=summary
     )
 
 
-async def db_local(activity, arg, summary: str):
+async def db_local(activity: ActivityMethod[Owner, Arg, Result], arg: Arg, summary: str) -> Result:
     """A database write as a local activity: idempotent, retried through an outage up to DB_OUTAGE_LIMIT."""
     return await _local(
         activity,
@@ -133,12 +141,12 @@ async def db_local(activity, arg, summary: str):
     )
 
 
-async def notify_local(activity, arg, timing: PaymentTiming, summary: str):
+async def notify_local(activity: ActivityMethod[Owner, Arg, Result], arg: Arg, timing: PaymentTiming, summary: str) -> Result:
     """A notification (e-mail, merchant webhook) as a local activity; each channel is sent once."""
     return await _local(activity, arg, start_to_close_timeout=NOTIFY_TIMEOUT, retry_policy=notify_retry(timing), summary=summary)
 
 
-async def db_call(activity, arg, summary: str):
+async def db_call(activity: ActivityMethod[Owner, Arg, Result], arg: Arg, summary: str) -> Result:
     """A database write: idempotent, so retried a bounded number of times."""
     return await workflow.execute_activity_method(
         activity,
@@ -150,7 +158,7 @@ async def db_call(activity, arg, summary: str):
     )
 
 
-async def notify_call(activity, arg, timing: PaymentTiming, summary: str):
+async def notify_call(activity: ActivityMethod[Owner, Arg, Result], arg: Arg, timing: PaymentTiming, summary: str) -> Result:
     """A notification as an activity (releases before 0.3.0)."""
     return await workflow.execute_activity_method(
         activity,
