@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Table, or_, select, update
+from sqlalchemy import Table, case, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -89,32 +89,33 @@ class Applied:
 
 
 async def apply_record(sessions: async_sessionmaker[AsyncSession], record: PaymentRecord) -> Applied:
-    """Write the workflow's snapshot if it is newer than the stored one (one transaction; plain
-    SQL statements on the table, which SQLAlchemy runs far cheaper than ORM-enabled updates)."""
-    values = record.model_dump(exclude={"payment_id", "seq", "event", "callback_received_at", "outcome"}, exclude_none=True)
+    """Write the workflow's snapshot if it is newer than the stored one: one ``UPDATE`` on the
+    table (plain SQL, which SQLAlchemy runs far cheaper than an ORM-enabled update). The first
+    snapshot with an outcome also records the outcome and when it was reached."""
+    values: dict[str, object] = record.model_dump(
+        exclude={"payment_id", "seq", "event", "callback_received_at", "outcome"}, exclude_none=True
+    )
     values["status"] = record.status.value
     payments = cast(Table, Payment.__table__)
     table = payments.c
+    now = utcnow()
+    if record.outcome is not None:
+        # SET expressions read the row as it was, so both see whether it had finished before.
+        values["outcome"] = case((table.finished_at.is_(None), record.outcome.value), else_=table.outcome)
+        values["finished_at"] = func.coalesce(table.finished_at, literal(now, table.finished_at.type))
     async with sessions() as session:
         written = (
             await session.execute(
                 update(payments)
                 .where(table.payment_id == record.payment_id, table.status_seq < record.seq)
-                .values(**values, status_seq=record.seq, updated_at=utcnow())
-                .returning(table.provider, table.created_at)
+                .values(**values, status_seq=record.seq, updated_at=now)
+                .returning(table.provider, table.created_at, table.finished_at)
             )
         ).first()
-        finished = False
-        if written is not None and record.outcome is not None:
-            result = await session.execute(
-                update(payments)
-                .where(table.payment_id == record.payment_id, table.finished_at.is_(None))
-                .values(outcome=record.outcome.value, finished_at=utcnow())
-            )
-            finished = getattr(result, "rowcount", 0) == 1  # an UPDATE's result is a CursorResult
         await session.commit()
     if written is None:
         return Applied(False, False)
+    finished = record.outcome is not None and written.finished_at == now
     return Applied(True, finished, written.provider, written.created_at)
 
 
