@@ -3,12 +3,13 @@ and manual reviews (ManualReviewWorkflow), what happens when one fails (recorded
 once, started again; then a person or a review's safe default), and the notifications
 and alerts sent on the way.
 
-``ChildWorkflows`` is a part of ``Payment``, the 0.3.0 main line in workflows/payment.py
-(start there): Payment inherits it, and the main line calls ``_review`` (risk rules,
-provider risk hold, status unknown), ``_start_refund`` (a merchant's refund, money the
-order does not account for), ``_tell``, ``_spawn`` and ``_alert_child``. What a provider's
-answer means for the payment is applied in workflows/payment_results.py, which opens the
-reviews and refunds it calls for through these methods.
+``ChildWorkflows`` is a part of ``Payment``, the 0.3.0 main line in
+workflows/payment_lifecycle.py (start there): Payment inherits it, and the main line calls
+``_review`` (risk rules, provider risk hold, status unknown), ``_start_refund`` (a
+merchant's refund, money the order does not account for), ``_tell``, ``_spawn`` and
+``_alert_child``. What a provider's answer means for the payment is applied in
+workflows/payment_results.py, which opens the reviews and refunds it calls for through
+these methods.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ asked (an answer settles the review). A payment a person closed without the prov
 confirmation keeps closing the trade there (``_close_unconfirmed``, from the main line's
 late-event window) until the provider confirms.
 
-``Expiry`` is a part of ``Payment``, the 0.3.0 main line in workflows/payment.py (start
-there): the main line calls ``_expire`` when the payment is still undecided at its deadline.
+``Expiry`` is a part of ``Payment``, the 0.3.0 main line in workflows/payment_lifecycle.py
+(start there): the main line calls ``_expire`` when the payment is still undecided at its
+deadline.
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ paid, closed or unchanged; a claimed amount is confirmed with the provider befor
 counts; a wrong amount goes to a review; a second charge or a payment after close is
 refunded.
 
-``ProviderResults`` is a part of ``Payment``, the 0.3.0 main line in workflows/payment.py
-(start there): Payment inherits it, and the main line calls ``_process_inbox`` (callbacks
-and bill findings waiting) and ``_apply_trade`` (a query's or a close's answer). The
-reviews and refunds it calls for run as child workflows, in workflows/payment_children.py.
+``ProviderResults`` is a part of ``Payment``, the 0.3.0 main line in
+workflows/payment_lifecycle.py (start there): Payment inherits it, and the main line calls
+``_process_inbox`` (callbacks and bill findings waiting) and ``_apply_trade`` (a query's
+or a close's answer). The reviews and refunds it calls for run as child workflows, in
+workflows/payment_children.py.
 """
 
 from __future__ import annotations

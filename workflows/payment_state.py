@@ -1,13 +1,14 @@
 """What every part of a payment shares: its fields, the timeline, the status and the
 provider calls the main line, the provider results and the children all use.
 
-``PaymentState`` is the base of ``Payment``, the 0.3.0 main line in workflows/payment.py
-(start there). A status change goes through ``_transition``: the book (paysentinel/rules.py)
-takes the new status, the timeline and the search attributes show it, the customer and the
-merchant are told where the rules say so, and the row is written (a local activity). A write
-that fails marks the book dirty; ``_converge`` writes it again before the run ends. The
-provider calls (query, close) are local activities with bounded retries
-(workflows/common.py); a call that never succeeds returns None and is noted, never raised.
+``PaymentState`` is the base of ``Payment``, the 0.3.0 main line in
+workflows/payment_lifecycle.py (start there). A status change goes through
+``_transition``: the book (paysentinel/rules.py) takes the new status, the timeline and
+the search attributes show it, the customer and the merchant are told where the rules say
+so, and the row is written (a local activity). A write that fails marks the book dirty;
+``_converge`` writes it again before the run ends. The provider calls (query, close) are
+local activities with bounded retries (workflows/common.py); a call that never succeeds
+returns None and is noted, never raised.
 """
 
 from __future__ import annotations
