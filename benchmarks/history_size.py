@@ -41,7 +41,7 @@ from temporalio.worker import Worker  # noqa: E402
 from paysentinel.models import (  # noqa: E402
     PaymentOrder,
     CreateTradeInput,
-    Customer,
+    OrderCustomer,
     Incident,
     IncidentInput,
     NotificationInput,
@@ -206,7 +206,9 @@ async def scenario(client: Client, name: str, scale: float, how: str) -> tuple[i
     order = f"hs-{name}-{uuid.uuid4().hex[:8]}"
     payment_input = PaymentInput(
         payment_id=f"payment-{order}",
-        request=PaymentOrder(order_id=order, amount_minor=1000, currency="CNY", customer=Customer(email="payer@example.com")),
+        request=PaymentOrder(
+            order_id=order, amount_minor=1000, currency="CNY", customer=OrderCustomer(email="payer@example.com")
+        ),
         notify_url="http://127.0.0.1:1/webhooks/simulator",
         timing=timing(scale, 60 if name == "never" else 900),  # never: a 60 s time to live
     )
