@@ -9,7 +9,7 @@ import pytest
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 
-from paysentinel import devserver
+from paysentinel import devserver, temporal_cli
 from paysentinel.config import Settings
 from paysentinel.devserver import (
     SEARCH_ATTRIBUTES,
@@ -50,7 +50,7 @@ def empty_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path_dir = tmp_path / "path"
     path_dir.mkdir()
     monkeypatch.setenv("PATH", str(path_dir))
-    monkeypatch.setattr(devserver, "GO_FALLBACK_DIRS", ())
+    monkeypatch.setattr(temporal_cli, "GO_FALLBACK_DIRS", ())
     return path_dir
 
 
@@ -59,7 +59,7 @@ def no_sdk_download(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(dest_dir: Path, timeout: float) -> Path:
         raise RuntimeError("no network in this test")
 
-    monkeypatch.setattr(devserver, "_download_with_sdk", fail)
+    monkeypatch.setattr(temporal_cli, "_download_with_sdk", fail)
 
 
 def test_cli_on_path_wins_over_cache(tmp_path: Path, empty_path: Path) -> None:
@@ -98,7 +98,7 @@ def test_sdk_download_is_linked_into_cache(tmp_path: Path, empty_path: Path, mon
         seen.update(dest_dir=dest_dir, timeout=timeout)
         return fake_cli(dest_dir / "temporal-sdk-python-1.35.0", "temporal version 1.5.1-sdk")
 
-    monkeypatch.setattr(devserver, "_download_with_sdk", download)
+    monkeypatch.setattr(temporal_cli, "_download_with_sdk", download)
     cache = tmp_path / "cache"
 
     cli = ensure_temporal_cli(cache, log=lambda _: None)
@@ -114,9 +114,9 @@ def test_sdk_download_finds_the_file_even_if_the_server_failed(tmp_path: Path, m
         (dest_dir / "temporal-other.downloading").write_text("partial")
         raise RuntimeError("server did not start")
 
-    monkeypatch.setattr(devserver, "_start_and_stop_sdk_server", download_then_fail)
+    monkeypatch.setattr(temporal_cli, "_start_and_stop_sdk_server", download_then_fail)
 
-    found = devserver._download_with_sdk(tmp_path / "dl", timeout=5)
+    found = temporal_cli._download_with_sdk(tmp_path / "dl", timeout=5)
 
     assert found == tmp_path / "dl" / "temporal-sdk-python-1.35.0"
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from paysentinel.devserver import GO_FALLBACK_DIRS, _describe, _go_install
+from paysentinel.temporal_cli import GO_FALLBACK_DIRS, _describe, _go_install
 from paysentinel.cluster.common import (
     SCHEMA,
     SERVER_TARGETS,
