@@ -31,7 +31,7 @@ from temporalio.api.common.v1 import Payloads
 from paysentinel.codec import EncryptionCodec, PayloadKeyError, keys_for
 from paysentinel.config import Settings
 from starters.common import resources
-from starters.operator_api import operator
+from starters.operator_auth import operator
 
 COOKIE = "paysentinel_codec"
 SESSION_SECONDS = 8 * 3600
