@@ -62,172 +62,41 @@ from paysentinel.models import (
     RefundInput,
     RefundStatus,
     Trade,
-    TradeStatus,
 )
 from paysentinel.providers.base import (
     CallbackIgnored,
     CallbackReply,
     MalformedCallback,
     ProviderRejected,
-    ProviderUnavailable,
     json_reply,
 )
-from paysentinel.settlement import PAYMENT, REFUND, BillFormatError, SettlementRow
+from paysentinel.settlement import REFUND, BillFormatError, SettlementRow
 from paysentinel.signing import SignatureError
+
+from paysentinel.providers.stripe_objects import (
+    BILL_PAGE_SIZE,
+    BILL_PAYMENT_TYPES,
+    DESCRIPTION_MAX,
+    EVENT_STATUSES,
+    METADATA_VALUE_MAX,
+    REFUND_KEY_ROUNDS,
+    REFUND_STATUSES,
+    RESOURCE_MISSING,
+    STRIPE_CURRENCIES,
+    UNEXPECTED_STATE,
+    classify,
+    error_code,
+    from_unix,
+    header_value,
+    is_our_refund,
+    order_of,
+    pick_refund,
+    refund_of,
+    trade_of,
+)
 
 log = logging.getLogger("paysentinel.providers.stripe")
 T = TypeVar("T")
-
-# --- What Stripe's answers mean ---------------------------------------------------------
-
-# PaymentIntent status -> trade status. We capture automatically, so ``requires_capture``
-# (an authorisation waiting for a manual capture) is not a payment.
-TRADE_STATUSES = {
-    "requires_payment_method": TradeStatus.WAIT_BUYER_PAY,
-    "requires_confirmation": TradeStatus.WAIT_BUYER_PAY,
-    "requires_action": TradeStatus.WAIT_BUYER_PAY,
-    "requires_capture": TradeStatus.WAIT_BUYER_PAY,
-    "processing": TradeStatus.PAYING,  # the payer's payment is under way: cannot be cancelled
-    "succeeded": TradeStatus.TRADE_SUCCESS,
-    "canceled": TradeStatus.TRADE_CLOSED,
-}
-
-REFUND_STATUSES = {
-    "pending": RefundStatus.PROCESSING,
-    "requires_action": RefundStatus.PROCESSING,
-    "succeeded": RefundStatus.SUCCEEDED,
-    "failed": RefundStatus.FAILED,
-    "canceled": RefundStatus.FAILED,
-}
-
-# Webhook event type -> trade status it reports; other verified events are acknowledged.
-EVENT_STATUSES = {
-    "payment_intent.succeeded": TradeStatus.TRADE_SUCCESS,
-    "payment_intent.processing": TradeStatus.PAYING,
-    "payment_intent.canceled": TradeStatus.TRADE_CLOSED,
-}
-
-# Errors, transient (ProviderUnavailable: Temporal retries) or final (ProviderRejected):
-#
-#   APIConnectionError (timeout, connection refused/reset)        transient
-#   RateLimitError (HTTP 429, incl. code lock_timeout / rate_limit) transient
-#   APIError with HTTP >= 500, 409 (idempotent request in flight)  transient
-#   any error whose code is in TRANSIENT_CODES                     transient
-#   CardError (402: card_declined, ...)                            final, its code
-#   InvalidRequestError (400/404: charge_already_refunded,
-#     amount_too_large, resource_missing, ...)                     final, its code
-#   IdempotencyError (a key reused with other parameters)          final, idempotency_error
-#   AuthenticationError (401) / PermissionError (403)              final
-TRANSIENT_CODES = frozenset({"lock_timeout", "rate_limit", "idempotency_key_in_use", "api_error"})
-TRANSIENT_HTTP = frozenset({409})
-
-# Stripe's answers whose meaning the adapter handles itself.
-UNEXPECTED_STATE = "payment_intent_unexpected_state"
-RESOURCE_MISSING = "resource_missing"
-
-# Currencies Stripe settles, among the ones we accept (same minor-unit exponent as ISO 4217).
-STRIPE_CURRENCIES = frozenset({"CNY", "USD", "EUR", "GBP", "HKD", "SGD", "JPY", "KRW"})
-METADATA_VALUE_MAX = 500  # characters in a metadata value
-DESCRIPTION_MAX = 1000
-BILL_PAGE_SIZE = 100
-BILL_PAYMENT_TYPES = {"charge": PAYMENT, "payment": PAYMENT, "refund": REFUND, "payment_refund": REFUND}
-# A create answered with a 5xx is saved under its key by Stripe and replayed: after one, the
-# refund is looked for and, when absent, created under the next derived key (at most this many).
-REFUND_KEY_ROUNDS = 3
-
-
-def _code(err: stripe_sdk.StripeError) -> str:
-    """The error's code (``lock_timeout``, ``resource_missing``...) or its type."""
-    code = getattr(err, "code", None)
-    body = err.json_body if isinstance(err.json_body, dict) else {}
-    detail = body.get("error") if isinstance(body.get("error"), dict) else None
-    detail = detail or {}
-    return str(code or detail.get("code") or detail.get("type") or type(err).__name__)
-
-
-def classify(err: stripe_sdk.StripeError, what: str) -> Exception:
-    """The library's exception as ours: ProviderUnavailable (transient) or ProviderRejected."""
-    code = _code(err)
-    status = err.http_status
-    message = f"{what}: HTTP {status} {code}: {err.user_message or err}"
-    if isinstance(err, (stripe_sdk.APIConnectionError, stripe_sdk.RateLimitError)) or code in TRANSIENT_CODES:
-        return ProviderUnavailable(message)
-    if isinstance(err, stripe_sdk.APIError) and (status is None or status >= 500 or status in TRANSIENT_HTTP):
-        return ProviderUnavailable(message)
-    if isinstance(err, stripe_sdk.CardError):
-        return ProviderRejected(getattr(err, "code", None) or "card_error", message)
-    if isinstance(err, stripe_sdk.IdempotencyError):
-        return ProviderRejected("idempotency_error", message)
-    if isinstance(err, stripe_sdk.AuthenticationError):
-        return ProviderRejected("authentication_error", message)
-    if isinstance(err, stripe_sdk.PermissionError):
-        return ProviderRejected("permission_error", message)
-    return ProviderRejected(code, message)
-
-
-def _when(seconds: Any) -> Optional[datetime]:
-    return datetime.fromtimestamp(int(seconds), timezone.utc) if seconds else None
-
-
-def _order_of(intent: Mapping[str, Any]) -> Optional[str]:
-    metadata = intent.get("metadata") or {}
-    return metadata.get("order_id") if isinstance(metadata, Mapping) else None
-
-
-def trade_of(intent: Mapping[str, Any], order_id: Optional[str] = None) -> Trade:
-    """A PaymentIntent (a dict) as our trade."""
-    status = TRADE_STATUSES.get(intent["status"])
-    if status is None:
-        raise ProviderRejected("unknown_status", f"PaymentIntent {intent['id']} has status {intent['status']!r}")
-    charge = intent.get("latest_charge")
-    paid_at = None
-    if status.is_paid:
-        paid_at = _when(charge.get("created")) if isinstance(charge, Mapping) else None
-    return Trade(
-        order_id=_order_of(intent) or order_id or "",
-        trade_no=intent["id"],
-        status=status,
-        amount_minor=int(intent["amount_received"] if status.is_paid else intent["amount"]),
-        currency=str(intent["currency"]).upper(),
-        pay_url=intent.get("client_secret"),
-        paid_at=paid_at,
-    )
-
-
-def refund_of(refund: Mapping[str, Any], refund_id: str) -> ProviderRefund:
-    status = REFUND_STATUSES.get(refund["status"])
-    if status is None:
-        raise ProviderRejected("unknown_status", f"refund {refund['id']} has status {refund['status']!r}")
-    intent = refund.get("payment_intent")
-    return ProviderRefund(
-        refund_id=refund_id,
-        trade_no=intent["id"] if isinstance(intent, Mapping) else str(intent or ""),
-        amount_minor=int(refund["amount"]),
-        status=status,
-        fail_reason=refund.get("failure_reason") if status is RefundStatus.FAILED else None,
-    )
-
-
-def _ours(refund: Mapping[str, Any], refund_id: str) -> bool:
-    return (refund.get("metadata") or {}).get("refund_id") == refund_id
-
-
-def pick_refund(refunds: list[dict[str, Any]], refund_id: str) -> Optional[dict[str, Any]]:
-    """Of a PaymentIntent's refunds, the one standing for our refund id: a live one (pending,
-    requires_action, succeeded) when there is one, else the newest failed one."""
-    mine = sorted((r for r in refunds if _ours(r, refund_id)), key=lambda r: (r.get("created") or 0, r["id"]))
-    live = [r for r in mine if REFUND_STATUSES.get(r["status"]) is not RefundStatus.FAILED]
-    if live:
-        return live[-1]
-    return mine[-1] if mine else None
-
-
-def _header(headers: Mapping[str, str], name: str) -> Optional[str]:
-    value = headers.get(name)
-    if value is None:
-        lowered = name.lower()
-        value = next((v for k, v in headers.items() if k.lower() == lowered), None)
-    return value
 
 
 class StripeProvider:
@@ -282,7 +151,7 @@ class StripeProvider:
         try:
             intent = await self._v1.payment_intents.retrieve_async(intent_id, params={"expand": ["latest_charge"]})
         except stripe_sdk.InvalidRequestError as err:
-            if _code(err) == RESOURCE_MISSING:
+            if error_code(err) == RESOURCE_MISSING:
                 return None
             raise classify(err, f"retrieve {intent_id}") from err
         except stripe_sdk.StripeError as err:
@@ -302,8 +171,8 @@ class StripeProvider:
     async def _find(self, order_id: str, trade_no: Optional[str]) -> Optional[dict[str, Any]]:
         if trade_no:
             intent = await self._retrieve(trade_no)
-            if intent is not None and _order_of(intent) not in (None, order_id):
-                raise ProviderRejected("order_mismatch", f"PaymentIntent {trade_no} belongs to order {_order_of(intent)}")
+            if intent is not None and order_of(intent) not in (None, order_id):
+                raise ProviderRejected("order_mismatch", f"PaymentIntent {trade_no} belongs to order {order_of(intent)}")
             return intent
         intents = await self._search(order_id)
         if not intents:
@@ -332,7 +201,7 @@ class StripeProvider:
                 intent["id"], params={"cancellation_reason": "abandoned"}, options={"idempotency_key": idempotency_key}
             )
         except stripe_sdk.InvalidRequestError as err:
-            if _code(err) != UNEXPECTED_STATE:
+            if error_code(err) != UNEXPECTED_STATE:
                 raise classify(err, f"cancel {intent['id']}") from err
             # The payer was faster (succeeded), the payment is under way (processing), or it
             # was cancelled already: what it is now is the answer.
@@ -365,7 +234,7 @@ class StripeProvider:
 
     async def refund(self, request: RefundInput, idempotency_key: str) -> ProviderRefund:
         refund_id = request.refund_id
-        known = [r for r in await self._refunds(request.trade_no) if _ours(r, refund_id)]
+        known = [r for r in await self._refunds(request.trade_no) if is_our_refund(r, refund_id)]
         found = pick_refund(known, refund_id)
         if found is not None and REFUND_STATUSES.get(found["status"]) is not RefundStatus.FAILED:
             return refund_of(found, refund_id)  # submitted before (maybe beyond Stripe's 24-hour key memory)
@@ -449,7 +318,7 @@ class StripeProvider:
             if intent is None:
                 return None  # a charge or refund not made through a PaymentIntent: not ours
             raise BillFormatError(f"balance transaction {transaction.get('id')}: payment_intent not expanded")
-        order_id = _order_of(intent)
+        order_id = order_of(intent)
         if not order_id:
             return None  # not made by us
         if kind == REFUND and REFUND_STATUSES.get(source.get("status", "")) is RefundStatus.FAILED:
@@ -463,7 +332,7 @@ class StripeProvider:
                 refund_no=((source.get("metadata") or {}).get("refund_id") or source["id"]) if kind == REFUND else "",
                 amount_minor=abs(int(source["amount"])),
                 currency=currency,
-                at=_when(transaction["created"]) or datetime.now(timezone.utc),
+                at=from_unix(transaction["created"]) or datetime.now(timezone.utc),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise BillFormatError(f"balance transaction {transaction.get('id')}: {err!r}") from err
@@ -472,7 +341,7 @@ class StripeProvider:
 
     def verify(self, headers: Mapping[str, str], body: bytes) -> None:
         """Check ``Stripe-Signature`` over the raw body; raises SignatureError."""
-        header = _header(headers, "Stripe-Signature")
+        header = header_value(headers, "Stripe-Signature")
         try:
             payload = body.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -504,7 +373,7 @@ class StripeProvider:
                 raise ValueError(f"data.object is a {intent.get('object')!r}, not a payment_intent")
             if not isinstance(intent["id"], str) or not intent.get("status"):
                 raise ValueError("the PaymentIntent has no id or status")
-            order_id = _order_of(intent)
+            order_id = order_of(intent)
             if not order_id:
                 raise CallbackIgnored(
                     f"event {event_id}: PaymentIntent {intent.get('id')} has no metadata order_id (not created by us)"
@@ -518,7 +387,7 @@ class StripeProvider:
                 trade_status=status,
                 amount_minor=int(amount),
                 currency=str(intent["currency"]).upper(),
-                paid_at=_when(event.get("created")) if status.is_paid else None,
+                paid_at=from_unix(event.get("created")) if status.is_paid else None,
                 received_at=datetime.now(timezone.utc),
             )
         except CallbackIgnored:
