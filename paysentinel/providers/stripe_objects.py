@@ -2,6 +2,8 @@
 are transient and which are rejections, and Stripe's PaymentIntents and refunds read as our
 trades and refunds. The adapter that makes the calls is paysentinel/providers/stripe.py."""
 
+from __future__ import annotations
+
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, Optional
