@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+
 from temporalio import converter, workflow
 from temporalio.api.common.v1.message_pb2 import Payloads
 from temporalio.api.failure.v1.message_pb2 import Failure
@@ -51,3 +53,17 @@ async def test_the_shortcut_gives_the_sdk_answers():
     assert ours.get_serialization_context(None) == converter.WorkflowSerializationContext(
         namespace=_fake_info.namespace, workflow_id=_fake_info.workflow_id
     )
+
+
+async def test_sandboxes_share_the_workflow_code_but_not_its_modules_or_restrictions():
+    runner = workflow_runner("isolated")
+    first, second = runner.create_instance(details()), runner.create_instance(details())
+    one, other = (i.globals_and_locals["__temporal_workflow_class"] for i in (first, second))
+    assert one is not other and one is not PaymentWorkflow, "each sandbox imports the workflow modules afresh"
+    payment, payment_too = one.run.__globals__["Payment"], other.run.__globals__["Payment"]
+    assert payment is not payment_too
+    assert payment.run.__globals__ is not payment_too.run.__globals__  # module globals of their own
+    assert payment.run.__code__ is payment_too.run.__code__  # the same compiled code, loaded once
+    # Under the sandbox's restrictions as before: the module sees the restricted datetime.
+    assert payment.run.__globals__["datetime"] is not datetime.datetime
+    assert type(payment.run.__globals__["datetime"]).__name__ == "_RestrictedProxy"

@@ -24,7 +24,7 @@ from paysentinel.devserver import ensure_search_attributes
 from paysentinel.models import MonitorInput
 from paysentinel.providers import SUPPORTED_PROVIDERS, build_providers
 from paysentinel.temporal import configured_address, connect, remove_schedule
-from workers.sandbox import ContextShortcutSandbox
+from workers.sandbox import ContextShortcutSandbox, share_workflow_code
 from workflows.monitor import MONITOR_SCHEDULE_ID, MonitorWorkflow, ensure_monitor_schedule
 from workflows.payment import PaymentWorkflow
 from workflows.reconcile import (
@@ -69,6 +69,7 @@ def workflow_runner(sandbox: str = "isolated") -> SandboxedWorkflowRunner:
     """The sandbox: ``isolated`` imports the workflow modules afresh for each workflow (and so
     checks their calls), ``shared`` passes them through as well (see Settings.worker_sandbox)."""
     modules = PASSTHROUGH_MODULES + (("workflows",) if sandbox == "shared" else ())
+    share_workflow_code()  # each sandbox still runs the workflow modules afresh
     return ContextShortcutSandbox(restrictions=SandboxRestrictions.default.with_passthrough_modules(*modules))
 
 
