@@ -20,14 +20,10 @@ from paysentinel.models import (
     PaymentView,
     ReconcileReport,
 )
-from starters.common import (
-    Resources,
-    resources,
-)
+from starters.common import Resources, resources
+from starters.operator_auth import Operator, audit, operator, refuse_role
 from workflows.payment import PaymentWorkflow
 from workflows.reconcile import ReconciliationWorkflow, reconcile_input, reconcile_workflow_id
-
-from starters.operator_auth import Operator, audit, operator, refuse_role
 
 log = logging.getLogger("paysentinel.operator")
 router = APIRouter(prefix="/operator", tags=["operator"])

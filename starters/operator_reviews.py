@@ -23,14 +23,9 @@ from paysentinel.models import (
     ReviewView,
     to_major,
 )
-from starters.common import (
-    Resources,
-    resources,
-    update_error,
-)
-from workflows.review import ManualReviewWorkflow
-
+from starters.common import Resources, resources, update_error
 from starters.operator_auth import Operator, audit, operator, refuse_role
+from workflows.review import ManualReviewWorkflow
 
 log = logging.getLogger("paysentinel.operator")
 router = APIRouter(prefix="/operator", tags=["operator"])

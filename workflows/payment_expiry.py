@@ -12,31 +12,19 @@ deadline.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Awaitable, Callable, Optional
+from typing import Optional
 
 from temporalio import workflow
 
 from workflows.payment_state import PaymentState
 
 with workflow.unsafe.imports_passed_through():
-    from paysentinel.models import PaymentStatus, ReviewAction, ReviewOutcome, ReviewReason, Trade, TradeStatus
+    from paysentinel.models import PaymentStatus, ReviewAction, ReviewOutcome, ReviewReason, TradeStatus
     from paysentinel.rules import status_unknown_evidence
 
 
 class Expiry(PaymentState):
     """Closing an unpaid payment at its deadline, and a review when the provider cannot say."""
-
-    if TYPE_CHECKING:
-        # From ProviderResults (workflows/payment_results.py) and ChildWorkflows
-        # (workflows/payment_children.py), which Payment also inherits.
-        async def _apply_trade(self, trade: Trade, source: str) -> None: ...
-        async def _review(
-            self,
-            reason: ReviewReason,
-            evidence: str,
-            deadline_seconds: Optional[float] = None,
-            watch: Optional[Callable[[int], Awaitable[Optional[ReviewOutcome]]]] = None,
-        ) -> ReviewOutcome: ...
 
     async def _expire(self) -> None:
         """Time to live is over: close at the provider before declaring the payment unpaid."""

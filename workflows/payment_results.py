@@ -14,7 +14,7 @@ workflows/payment_children.py.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Awaitable, Callable, Optional
+from typing import Optional
 
 from temporalio import workflow
 
@@ -25,7 +25,6 @@ with workflow.unsafe.imports_passed_through():
     from paysentinel.models import (
         PaymentStatus,
         ReviewAction,
-        ReviewOutcome,
         ReviewReason,
         Trade,
     )
@@ -45,18 +44,6 @@ CONFIRM_ROUNDS = 3
 
 class ProviderResults(PaymentState):
     """Applies provider results (callbacks, bill findings, queries, closes) to a payment."""
-
-    if TYPE_CHECKING:
-        # From ChildWorkflows (workflows/payment_children.py): reviews, refunds, work alongside.
-        async def _review(
-            self,
-            reason: ReviewReason,
-            evidence: str,
-            deadline_seconds: Optional[float] = None,
-            watch: Optional[Callable[[int], Awaitable[Optional[ReviewOutcome]]]] = None,
-        ) -> ReviewOutcome: ...
-        async def _settlement_review(self, trade_no: str, evidence: str) -> None: ...
-        def _spawn(self, work: Awaitable[None], what: str) -> None: ...
 
     async def _process_inbox(self) -> None:
         while self._inbox:

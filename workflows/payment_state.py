@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Awaitable, Callable, Optional
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
@@ -32,6 +32,8 @@ with workflow.unsafe.imports_passed_through():
         PaymentView,
         ProviderCallback,
         RefundView,
+        ReviewOutcome,
+        ReviewReason,
         TimelineEntry,
         Trade,
         TradeRef,
@@ -53,11 +55,23 @@ class PaymentState:
         self._busy = 0  # refunds, reviews and notifications still running
 
     if TYPE_CHECKING:
-        # From ChildWorkflows (workflows/payment_children.py) and ProviderResults
-        # (workflows/payment_results.py), which Payment also inherits.
+        # The parts Payment inherits call each other through these (declared once, here).
+        # From ChildWorkflows (workflows/payment_children.py): reviews, refunds, work alongside.
         def _tell(self, kind: NotifyKind, key: str, detail: str, amount_minor: int) -> None: ...
         def _start_refund(self, trade_no: str, amount: int, key: str, reason: str, requested_by: str) -> RefundView: ...
+        async def _review(
+            self,
+            reason: ReviewReason,
+            evidence: str,
+            deadline_seconds: Optional[float] = None,
+            watch: Optional[Callable[[int], Awaitable[Optional[ReviewOutcome]]]] = None,
+        ) -> ReviewOutcome: ...
+        async def _settlement_review(self, trade_no: str, evidence: str) -> None: ...
+        def _spawn(self, work: Awaitable[None], what: str) -> None: ...
+
+        # From ProviderResults (workflows/payment_results.py): a provider's answers applied.
         async def _process_inbox(self) -> None: ...
+        async def _apply_trade(self, trade: Trade, source: str) -> None: ...
 
     # --- Status -------------------------------------------------------------------------
 

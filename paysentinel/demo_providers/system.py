@@ -18,6 +18,7 @@ from typing import Optional
 import httpx
 from rich.console import Console
 
+from paysentinel.cluster.commands import pid_alive
 
 FAKE_PROVIDERS = ("alipay", "wechatpay", "stripe")
 PROVIDERS = ("simulator", *FAKE_PROVIDERS)
@@ -95,16 +96,6 @@ def _children(pid: int) -> list[int]:
         if len(fields) > 1 and fields[1] == str(pid):
             found.append(int(entry.name))
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _stop(process: subprocess.Popen, timeout: float = 30) -> None:
@@ -249,12 +240,12 @@ class System:
                     self.up.wait()
                     forced.append(f"paysentinel up (pid {self.up.pid})")
         for pid, cmdline in self.helpers:
-            if _alive(pid) and self._cmdline(pid) == cmdline:
+            if pid_alive(pid) and self._cmdline(pid) == cmdline:
                 os.kill(pid, signal.SIGTERM)
                 deadline = time.monotonic() + 10
-                while _alive(pid) and self._cmdline(pid) == cmdline and time.monotonic() < deadline:
+                while pid_alive(pid) and self._cmdline(pid) == cmdline and time.monotonic() < deadline:
                     time.sleep(0.2)
-                if _alive(pid) and self._cmdline(pid) == cmdline:
+                if pid_alive(pid) and self._cmdline(pid) == cmdline:
                     os.kill(pid, signal.SIGKILL)
                 forced.append(f"{cmdline.split(' ')[0]} (pid {pid})")
         if self.fake is not None:
